@@ -1,0 +1,5 @@
+//! Device models: the buses that route exits, the legacy devices (serial, i8042 reset, the exit
+//! and phase ports) and the virtio-mmio devices. Nothing here creates VMs or vCPUs.
+
+pub mod bus;
+pub mod virtio;
