@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Runs every bootbox test: formatting and lints, the unit and device tests (tiny guests on this
+# machine's /dev/kvm), a bounded fuzz run of the 9p server, and the end-to-end tests that boot
+# the real guest kernel with the real VMM.
+#
+# End-to-end tests run directly when this machine's KVM is hardware-accelerated (vmx/svm in
+# /proc/cpuinfo) and otherwise inside the nested test host (scripts/testhost.sh). Force one
+# with BOOTBOX_E2E=direct|nested, or skip them with BOOTBOX_E2E=skip (the summary says so).
+#
+#   scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+fuzz_secs="${BOOTBOX_FUZZ_SECS:-60}"
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --release -- -D warnings
+
+step "build (release)"
+cargo build --workspace --release --bins
+
+step "unit, device and 9p tests (tiny guests run on this machine's /dev/kvm)"
+cargo test --workspace --release
+
+if [ -x target/release/p9-fuzz ]; then
+    step "fuzzing the 9p decoder and server for ${fuzz_secs}s"
+    target/release/p9-fuzz --seconds "$fuzz_secs"
+fi
+
+step "guest kernel (cached outside the work tree)"
+kernel=$(scripts/build-kernel.sh)
+echo "kernel: $kernel"
+
+mode="${BOOTBOX_E2E:-auto}"
+if [ "$mode" = auto ]; then
+    if grep -qwE 'vmx|svm' /proc/cpuinfo; then mode=direct; else mode=nested; fi
+fi
+
+step "end-to-end tests ($mode KVM)"
+e2e_bin=$(cargo test --release -p appliance --test e2e --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "e2e":
+        print(m["executable"])')
+[ -n "$e2e_bin" ] || { echo "could not build the end-to-end test binary" >&2; exit 1; }
+e2e_env=(BOOTBOX_KERNEL="$kernel" BOOTBOX_BIN="$PWD/target/release/bootbox" BOOTBOX_INIT="$PWD/target/release/bootbox-init" BOOTBOX_CACHE=/tmp/bootbox-e2e-cache)
+case "$mode" in
+    direct)
+        env "${e2e_env[@]}" "$e2e_bin" --ignored --test-threads=1
+        ;;
+    nested)
+        tools=()
+        for t in sh bash find ls stat cat sha256sum md5sum du grep file tar head tail wc sort xargs env sleep dd mkdir touch rm cp mv ln readlink true false echo printf yes cmp diff; do
+            p=$(command -v "$t" || true)
+            case "$p" in /*) tools+=(--mirror "$p") ;; esac
+        done
+        for f in /usr/share/misc/magic.mgc /usr/lib/file/magic.mgc /etc/ld.so.conf /etc/ld.so.conf.d; do
+            [ -e "$f" ] && tools+=(--mirror "$f")
+        done
+        scripts/testhost.sh --timeout 2400 \
+            --mirror "$e2e_bin" --mirror "$PWD/target/release/bootbox" --mirror "$PWD/target/release/bootbox-init" \
+            --mirror "$kernel" "${tools[@]}" \
+            -- env "${e2e_env[@]}" "$e2e_bin" --ignored --test-threads=1
+        ;;
+    skip)
+        echo "end-to-end tests skipped (BOOTBOX_E2E=skip)"
+        ;;
+    *) echo "BOOTBOX_E2E must be auto, direct, nested or skip" >&2; exit 2 ;;
+esac
+step "all tests passed"

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Runs a command inside the nested test host: a software-emulated x86 machine (qemu TCG,
+# `-cpu max`, which emulates AMD SVM) booting the distribution's kernel with kvm-amd loaded,
+# so a VMM inside it gets a /dev/kvm that can boot a real Linux guest. Used when this
+# machine's own KVM has no hardware virtualisation (see README: "How the tests pick KVM").
+#
+#   scripts/testhost.sh [--timeout SECS] [--mem MiB] [--mirror PATH]... -- COMMAND [ARGS...]
+#
+# Every --mirror PATH (file or directory) is copied into the test host at the same absolute
+# path, and every ELF executable among them brings its shared libraries, so absolute paths
+# baked into test binaries keep working inside. COMMAND runs as root with the output on the
+# serial console, which is streamed here; this script exits with COMMAND's exit status
+# (or 124 when the test host times out, 125 when it failed to start).
+set -euo pipefail
+
+timeout_secs=1800
+mem_mib=4096
+mirrors=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --timeout) timeout_secs="$2"; shift 2 ;;
+        --mem) mem_mib="$2"; shift 2 ;;
+        --mirror) mirrors+=("$2"); shift 2 ;;
+        --) shift; break ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        *) echo "testhost: unknown argument '$1' (try --help)" >&2; exit 125 ;;
+    esac
+done
+[ $# -gt 0 ] || { echo "testhost: no command given (try --help)" >&2; exit 125; }
+
+die() { echo "testhost: $*" >&2; exit 125; }
+command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 missing: apt-get install qemu-system-x86"
+command -v busybox >/dev/null || die "busybox missing: apt-get install busybox-static"
+busybox_bin=$(command -v busybox)
+file -L "$busybox_bin" 2>/dev/null | grep -q 'statically linked' || [ -x /bin/busybox ] || die "need a static busybox: apt-get install busybox-static"
+
+# The test host kernel: the newest Debian kernel image that has kvm-amd beside it.
+host_kernel=""
+for k in $(ls -1 /boot/vmlinuz-* 2>/dev/null | sort -V -r); do
+    ver=${k#/boot/vmlinuz-}
+    if [ -n "$(find "/lib/modules/$ver" -name 'kvm-amd.ko*' 2>/dev/null | head -n1)" ]; then
+        host_kernel=$k
+        break
+    fi
+done
+[ -n "$host_kernel" ] || die "no /boot/vmlinuz-* with a kvm-amd module: apt-get install linux-image-amd64"
+
+stage=$(mktemp -d "${TMPDIR:-/tmp}/bootbox-testhost.XXXXXX")
+trap 'rm -rf "$stage"' EXIT
+root="$stage/root"
+mkdir -p "$root"/{proc,sys,dev,tmp,run,root,etc,modules,usr}
+# Mirror the host's merged-/usr layout so absolute library paths resolve as they do here.
+for d in bin sbin lib lib64; do
+    if [ -L "/$d" ]; then
+        ln -s "$(readlink "/$d")" "$root/$d"
+        mkdir -p "$root/$(readlink -f "/$d")"
+    else
+        mkdir -p "$root/$d"
+    fi
+done
+
+cp "$busybox_bin" "$root/bin/busybox"
+
+# Modules in load order; Debian may ship them compressed.
+for m in irqbypass ccp kvm kvm-amd; do
+    f=$(find "/lib/modules/$ver" -name "$m.ko*" | head -n1)
+    [ -n "$f" ] || die "module $m not found under /lib/modules/$ver"
+    case "$f" in
+        *.xz) xz -dc "$f" >"$root/modules/$m.ko" ;;
+        *.zst) zstd -qdc "$f" >"$root/modules/$m.ko" ;;
+        *.gz) gzip -dc "$f" >"$root/modules/$m.ko" ;;
+        *) cp "$f" "$root/modules/$m.ko" ;;
+    esac
+done
+
+# Copies one path (and, for ELF files, its shared libraries) to the same place in the root.
+copy_path() {
+    local p="$1"
+    [ -e "$p" ] || die "--mirror $p: no such file or directory"
+    mkdir -p "$root$(dirname "$p")"
+    cp -a --parents "$p" "$root/" 2>/dev/null || cp -a "$p" "$root$p"
+    if [ -L "$p" ]; then copy_path "$(readlink -f "$p")"; fi
+}
+copy_libs() {
+    local f="$1"
+    # ldd is fine here: this is test infrastructure, not the appliance builder.
+    local libs
+    libs=$(ldd "$f" 2>/dev/null | awk '/=> \// { print $3 } /^\t\/[^ ]+ \(/ { print $1 }') || true
+    for lib in $libs; do
+        [ -e "$root$lib" ] || copy_path "$lib"
+    done
+}
+for m in "${mirrors[@]}"; do
+    copy_path "$m"
+done
+while IFS= read -r -d '' f; do
+    if head -c 4 "$f" 2>/dev/null | grep -q 'ELF'; then copy_libs "$f"; fi
+done < <(find "$root" -path "$root/modules" -prune -o -type f -perm -u+x -print0)
+
+# The command, quoted for the init script.
+cmd=$(printf '%q ' "$@")
+cat >"$root/init" <<INIT
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/usr/local/bin:/usr/bin:/usr/sbin:/bin:/sbin HOME=/root TMPDIR=/tmp
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+for m in irqbypass ccp kvm kvm-amd; do
+    insmod /modules/\$m.ko || echo "testhost: insmod \$m failed"
+done
+[ -c /dev/kvm ] || echo "testhost: /dev/kvm did not appear"
+echo "testhost: up after \$(cut -d' ' -f1 /proc/uptime)s, running: $cmd"
+cd /root
+$cmd
+echo "BOOTBOX-TESTHOST-EXIT=\$?"
+poweroff -f
+INIT
+chmod +x "$root/init"
+
+(cd "$root" && find . -print0 | cpio --null -o -H newc --quiet) >"$stage/testhost.cpio"
+echo "testhost: $(du -m "$stage/testhost.cpio" | cut -f1) MiB initramfs, kernel $host_kernel" >&2
+
+log="$stage/console.log"
+set +e
+timeout --foreground "$timeout_secs" qemu-system-x86_64 \
+    -M q35 -cpu max -smp 1 -m "$mem_mib" -nographic -no-reboot -nic none -vga none \
+    -kernel "$host_kernel" -initrd "$stage/testhost.cpio" \
+    -append "console=ttyS0 panic=-1 quiet loglevel=3" </dev/null | tee "$log"
+qemu_status=${PIPESTATUS[0]}
+set -e
+status=$(tr -d '\r' <"$log" | sed -n 's/^BOOTBOX-TESTHOST-EXIT=\([0-9]*\)$/\1/p' | tail -n1)
+if [ -n "$status" ]; then
+    exit "$status"
+fi
+if [ "$qemu_status" = 124 ]; then
+    echo "testhost: timed out after ${timeout_secs}s" >&2
+    exit 124
+fi
+echo "testhost: the command did not report an exit status (qemu exit $qemu_status)" >&2
+exit 125
