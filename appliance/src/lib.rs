@@ -1,0 +1,23 @@
+//! bootbox appliance builder: turns host programs into a cached, supermin-style initramfs
+//! (static init + tools + their ELF closures, as an uncompressed newc cpio) and encodes the
+//! per-run job the guest init executes.
+//!
+//! - [`elf`]: ELF header parsing and the shared-library closure (no `ldd`).
+//! - [`tree`]: the appliance file tree with host symlinks preserved.
+//! - [`cpio`]: deterministic newc writer.
+//! - [`cache`]: content-keyed cache of base appliances ([`prepare`], [`find_init`]).
+//! - [`job`] / [`jobspec`]: the job description and its `/bootbox/job` archive.
+//! - [`sha256`]: hashing for cache keys.
+
+pub mod cache;
+pub mod cpio;
+pub mod elf;
+pub mod job;
+pub mod jobspec;
+pub mod sha256;
+pub mod tree;
+
+pub use cache::{
+    default_cache_dir, find_init, prepare, ApplianceError, ApplianceSpec, Prepared, DEFAULT_TOOLS,
+};
+pub use job::{default_mount_point, Job, JobSpecError, ShareMount};

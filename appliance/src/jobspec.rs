@@ -1,0 +1,459 @@
+//! The job description handed from the host to the guest init, and its wire format.
+//!
+//! This file has no dependencies beyond `std` on purpose: the `appliance` library uses it as
+//! a normal module and the guest init (`bootbox-init`) includes the very same source with
+//! `#[path = ...] mod jobspec;`, so encoder and decoder can never drift apart.
+//!
+//! Wire format (all integers little-endian):
+//!
+//! ```text
+//! magic  "BBJOB\0"            6 bytes
+//! version u16                 (currently 1)
+//! argc u32, then argc strings
+//! envc u32, then envc pairs of strings (key, value)
+//! has_cwd u8 (0/1), then one string if 1
+//! sharec u32, then per share: tag string, mount point string, read_only u8 (0/1)
+//! ```
+//!
+//! A string is `len u32` followed by `len` bytes of UTF-8. Strings must not contain NUL (they
+//! become C strings in the guest); env keys must be non-empty and contain no `=`; share tags
+//! and mount points are checked as well. Trailing bytes after the last share are an error.
+
+use std::fmt;
+
+/// Magic bytes that start every encoded job.
+pub const JOB_MAGIC: &[u8; 6] = b"BBJOB\0";
+/// Current wire format version.
+pub const JOB_VERSION: u16 = 1;
+/// Where the job file lives inside the appliance.
+pub const JOB_PATH: &str = "/bootbox/job";
+/// Upper bound on any single count or string length accepted by the decoder.
+const MAX_ITEMS: u32 = 1 << 16;
+const MAX_STRING: u32 = 1 << 20;
+
+/// One virtio-9p share the guest mounts before the job starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareMount {
+    /// The 9p mount tag the device advertises.
+    pub tag: String,
+    /// Absolute path in the guest where the share is mounted.
+    pub mount_point: String,
+    /// Mount read-only (MS_RDONLY, cached) instead of read-write (uncached).
+    pub read_only: bool,
+}
+
+/// What the guest runs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Job {
+    /// Program and arguments; empty means an interactive shell on the serial console.
+    pub argv: Vec<String>,
+    /// Extra environment variables for the job (the init adds PATH, HOME, TERM defaults).
+    pub env: Vec<(String, String)>,
+    /// Working directory of the job; `None` means `/`.
+    pub cwd: Option<String>,
+    /// Shares to mount before the job starts.
+    pub shares: Vec<ShareMount>,
+}
+
+/// Why a job could not be encoded or decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobSpecError {
+    /// The input does not start with the job magic.
+    BadMagic,
+    /// The input was written by an incompatible version.
+    UnsupportedVersion(u16),
+    /// The input ended in the middle of a field.
+    Truncated,
+    /// Bytes were left over after the last field.
+    TrailingBytes(usize),
+    /// A count or length is beyond the accepted limits.
+    TooLarge(&'static str),
+    /// A string is not valid UTF-8.
+    NotUtf8(&'static str),
+    /// A string contains a NUL byte, which cannot be passed to the guest.
+    ContainsNul(&'static str),
+    /// A field value is not acceptable (message says which and why).
+    Invalid(String),
+}
+
+impl fmt::Display for JobSpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JobSpecError::BadMagic => write!(f, "job file does not start with the bootbox job magic"),
+            JobSpecError::UnsupportedVersion(v) => write!(
+                f,
+                "job file format version {v} is not supported (expected {JOB_VERSION}); rebuild the appliance and the init together"
+            ),
+            JobSpecError::Truncated => write!(f, "job file is truncated"),
+            JobSpecError::TrailingBytes(n) => write!(f, "job file has {n} unexpected trailing bytes"),
+            JobSpecError::TooLarge(what) => write!(f, "job file: {what} is too large"),
+            JobSpecError::NotUtf8(what) => write!(f, "job file: {what} is not valid UTF-8"),
+            JobSpecError::ContainsNul(what) => {
+                write!(f, "{what} contains a NUL byte, which cannot be passed to a program")
+            }
+            JobSpecError::Invalid(msg) => write!(f, "{msg}"),
+        }
+    }
+}
+
+impl std::error::Error for JobSpecError {}
+
+/// The mount point the host picks for a share: `/share` when it is the only one,
+/// `/share/TAG` when there are several.
+pub fn default_mount_point(tag: &str, share_count: usize) -> String {
+    if share_count <= 1 {
+        "/share".to_string()
+    } else {
+        format!("/share/{tag}")
+    }
+}
+
+fn check_str(s: &str, what: &'static str) -> Result<(), JobSpecError> {
+    if s.as_bytes().contains(&0) {
+        return Err(JobSpecError::ContainsNul(what));
+    }
+    if s.len() > MAX_STRING as usize {
+        return Err(JobSpecError::TooLarge(what));
+    }
+    Ok(())
+}
+
+fn check_abs_path(p: &str, what: &str) -> Result<(), JobSpecError> {
+    if !p.starts_with('/') {
+        return Err(JobSpecError::Invalid(format!(
+            "{what} {p:?} must be an absolute path"
+        )));
+    }
+    if p.split('/').any(|c| c == "..") {
+        return Err(JobSpecError::Invalid(format!(
+            "{what} {p:?} must not contain '..'"
+        )));
+    }
+    Ok(())
+}
+
+impl Job {
+    /// Checks every field; both `encode` and `decode` call this.
+    pub fn validate(&self) -> Result<(), JobSpecError> {
+        if self.argv.len() > MAX_ITEMS as usize {
+            return Err(JobSpecError::TooLarge("argument list"));
+        }
+        for a in &self.argv {
+            check_str(a, "a command argument")?;
+        }
+        if let Some(first) = self.argv.first() {
+            if first.is_empty() {
+                return Err(JobSpecError::Invalid("the command name is empty".into()));
+            }
+        }
+        if self.env.len() > MAX_ITEMS as usize {
+            return Err(JobSpecError::TooLarge("environment"));
+        }
+        for (k, v) in &self.env {
+            check_str(k, "an environment variable name")?;
+            check_str(v, "an environment variable value")?;
+            if k.is_empty() || k.contains('=') {
+                return Err(JobSpecError::Invalid(format!(
+                    "environment variable name {k:?} must be non-empty and contain no '='"
+                )));
+            }
+        }
+        if let Some(cwd) = &self.cwd {
+            check_str(cwd, "the working directory")?;
+            check_abs_path(cwd, "working directory")?;
+        }
+        if self.shares.len() > MAX_ITEMS as usize {
+            return Err(JobSpecError::TooLarge("share list"));
+        }
+        for s in &self.shares {
+            check_str(&s.tag, "a share tag")?;
+            check_str(&s.mount_point, "a share mount point")?;
+            if s.tag.is_empty() || s.tag.contains(['/', ',']) || s.tag.len() > 255 {
+                return Err(JobSpecError::Invalid(format!(
+                    "share tag {:?} must be 1..255 bytes without '/' or ','",
+                    s.tag
+                )));
+            }
+            check_abs_path(&s.mount_point, "share mount point")?;
+            if s.mount_point == "/" {
+                return Err(JobSpecError::Invalid(
+                    "a share cannot be mounted on / (pick a directory like /share)".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Encodes the job in the wire format described in the module docs.
+    pub fn encode(&self) -> Result<Vec<u8>, JobSpecError> {
+        self.validate()?;
+        let mut out = Vec::with_capacity(64);
+        out.extend_from_slice(JOB_MAGIC);
+        out.extend_from_slice(&JOB_VERSION.to_le_bytes());
+        put_u32(&mut out, self.argv.len());
+        for a in &self.argv {
+            put_str(&mut out, a);
+        }
+        put_u32(&mut out, self.env.len());
+        for (k, v) in &self.env {
+            put_str(&mut out, k);
+            put_str(&mut out, v);
+        }
+        match &self.cwd {
+            Some(c) => {
+                out.push(1);
+                put_str(&mut out, c);
+            }
+            None => out.push(0),
+        }
+        put_u32(&mut out, self.shares.len());
+        for s in &self.shares {
+            put_str(&mut out, &s.tag);
+            put_str(&mut out, &s.mount_point);
+            out.push(u8::from(s.read_only));
+        }
+        Ok(out)
+    }
+
+    /// Decodes and validates a job; never panics on malformed input.
+    pub fn decode(bytes: &[u8]) -> Result<Job, JobSpecError> {
+        let mut r = Reader { buf: bytes, pos: 0 };
+        if r.take(JOB_MAGIC.len())? != JOB_MAGIC {
+            return Err(JobSpecError::BadMagic);
+        }
+        let v = r.take(2)?;
+        let version = u16::from_le_bytes([v[0], v[1]]);
+        if version != JOB_VERSION {
+            return Err(JobSpecError::UnsupportedVersion(version));
+        }
+        let argc = r.count("argument count")?;
+        let mut argv = Vec::new();
+        for _ in 0..argc {
+            argv.push(r.string("a command argument")?);
+        }
+        let envc = r.count("environment count")?;
+        let mut env = Vec::new();
+        for _ in 0..envc {
+            let k = r.string("an environment variable name")?;
+            let v = r.string("an environment variable value")?;
+            env.push((k, v));
+        }
+        let cwd = match r.flag("working directory flag")? {
+            true => Some(r.string("the working directory")?),
+            false => None,
+        };
+        let sharec = r.count("share count")?;
+        let mut shares = Vec::new();
+        for _ in 0..sharec {
+            let tag = r.string("a share tag")?;
+            let mount_point = r.string("a share mount point")?;
+            let read_only = r.flag("share read-only flag")?;
+            shares.push(ShareMount {
+                tag,
+                mount_point,
+                read_only,
+            });
+        }
+        if r.pos != bytes.len() {
+            return Err(JobSpecError::TrailingBytes(bytes.len() - r.pos));
+        }
+        let job = Job {
+            argv,
+            env,
+            cwd,
+            shares,
+        };
+        job.validate()?;
+        Ok(job)
+    }
+}
+
+fn put_u32(out: &mut Vec<u8>, n: usize) {
+    // validate() bounds every count and length far below u32::MAX.
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    out.extend_from_slice(&n.to_le_bytes());
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_u32(out, s.len());
+    out.extend_from_slice(s.as_bytes());
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], JobSpecError> {
+        let end = self.pos.checked_add(n).ok_or(JobSpecError::Truncated)?;
+        let s = self.buf.get(self.pos..end).ok_or(JobSpecError::Truncated)?;
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn u32(&mut self) -> Result<u32, JobSpecError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn count(&mut self, what: &'static str) -> Result<u32, JobSpecError> {
+        let n = self.u32()?;
+        if n > MAX_ITEMS {
+            return Err(JobSpecError::TooLarge(what));
+        }
+        Ok(n)
+    }
+
+    fn flag(&mut self, what: &'static str) -> Result<bool, JobSpecError> {
+        match self.take(1)?[0] {
+            0 => Ok(false),
+            1 => Ok(true),
+            b => Err(JobSpecError::Invalid(format!(
+                "job file: {what} has invalid value {b}"
+            ))),
+        }
+    }
+
+    fn string(&mut self, what: &'static str) -> Result<String, JobSpecError> {
+        let n = self.u32()?;
+        if n > MAX_STRING {
+            return Err(JobSpecError::TooLarge(what));
+        }
+        let b = self.take(n as usize)?;
+        if b.contains(&0) {
+            return Err(JobSpecError::ContainsNul(what));
+        }
+        String::from_utf8(b.to_vec()).map_err(|_| JobSpecError::NotUtf8(what))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hostile() -> Job {
+        Job {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo 'a\nb' \"$X\"; printf '\\0'".into(),
+                String::new(),
+                "ünïcødé ✓ 🚀".into(),
+                " leading space".into(),
+            ],
+            env: vec![
+                ("X".into(), "multi\nline\r\nvalue=with=equals".into()),
+                ("EMPTY".into(), String::new()),
+                ("UNI_ñ".into(), "日本語".into()),
+            ],
+            cwd: Some("/share/dir with spaces/ü".into()),
+            shares: vec![
+                ShareMount {
+                    tag: "data".into(),
+                    mount_point: "/share/data".into(),
+                    read_only: true,
+                },
+                ShareMount {
+                    tag: "out".into(),
+                    mount_point: "/share/out".into(),
+                    read_only: false,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trip_hostile_strings() {
+        let job = hostile();
+        let bytes = job.encode().unwrap();
+        assert_eq!(&bytes[..6], JOB_MAGIC);
+        assert_eq!(Job::decode(&bytes).unwrap(), job);
+    }
+
+    #[test]
+    fn round_trip_interactive_empty_job() {
+        let job = Job::default();
+        let bytes = job.encode().unwrap();
+        assert_eq!(Job::decode(&bytes).unwrap(), job);
+    }
+
+    #[test]
+    fn nul_bytes_are_refused_when_encoding() {
+        let mut job = hostile();
+        job.argv.push("a\0b".into());
+        assert_eq!(
+            job.encode(),
+            Err(JobSpecError::ContainsNul("a command argument"))
+        );
+        let mut job = hostile();
+        job.env.push(("K".into(), "v\0".into()));
+        assert!(matches!(job.encode(), Err(JobSpecError::ContainsNul(_))));
+    }
+
+    #[test]
+    fn bad_env_key_and_paths_are_refused() {
+        let mut job = hostile();
+        job.env.push(("A=B".into(), "v".into()));
+        assert!(matches!(job.encode(), Err(JobSpecError::Invalid(_))));
+        let mut job = hostile();
+        job.cwd = Some("relative".into());
+        assert!(matches!(job.encode(), Err(JobSpecError::Invalid(_))));
+        let mut job = hostile();
+        job.shares[0].mount_point = "/share/../etc".into();
+        assert!(matches!(job.encode(), Err(JobSpecError::Invalid(_))));
+        let mut job = hostile();
+        job.shares[0].tag = "a,b".into();
+        assert!(matches!(job.encode(), Err(JobSpecError::Invalid(_))));
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_not_a_panic() {
+        let bytes = hostile().encode().unwrap();
+        for n in 0..bytes.len() {
+            assert!(
+                Job::decode(&bytes[..n]).is_err(),
+                "prefix of {n} bytes decoded"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(Job::decode(&longer), Err(JobSpecError::TrailingBytes(1)));
+    }
+
+    #[test]
+    fn corrupted_input_is_rejected() {
+        let bytes = hostile().encode().unwrap();
+        let mut bad = bytes.clone();
+        bad[0] = b'X';
+        assert_eq!(Job::decode(&bad), Err(JobSpecError::BadMagic));
+        let mut bad = bytes.clone();
+        bad[6] = 9;
+        assert_eq!(Job::decode(&bad), Err(JobSpecError::UnsupportedVersion(9)));
+        // A huge argument count must not allocate or panic.
+        let mut bad = bytes.clone();
+        bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(Job::decode(&bad), Err(JobSpecError::TooLarge(_))));
+        // A NUL smuggled into a string on the wire is refused.
+        let job = Job {
+            argv: vec!["ab".into()],
+            ..Job::default()
+        };
+        let mut bad = job.encode().unwrap();
+        let pos = bad.iter().position(|&b| b == b'b').unwrap();
+        bad[pos] = 0;
+        assert!(matches!(
+            Job::decode(&bad),
+            Err(JobSpecError::ContainsNul(_))
+        ));
+        // Invalid UTF-8.
+        bad[pos] = 0xff;
+        assert!(matches!(Job::decode(&bad), Err(JobSpecError::NotUtf8(_))));
+    }
+
+    #[test]
+    fn default_mount_points() {
+        assert_eq!(default_mount_point("x", 1), "/share");
+        assert_eq!(default_mount_point("x", 2), "/share/x");
+    }
+}
