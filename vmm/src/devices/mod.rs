@@ -2,4 +2,8 @@
 //! and phase ports) and the virtio-mmio devices. Nothing here creates VMs or vCPUs.
 
 pub mod bus;
+pub mod exit_port;
+pub mod i8042;
+pub mod phase_port;
+pub mod serial;
 pub mod virtio;

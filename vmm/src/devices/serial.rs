@@ -1,0 +1,238 @@
+//! COM1: a 16550A UART (vm-superio) whose interrupt is an eventfd wired to GSI 4, and the
+//! console behind it. The console sends output to a sink (host stdout, an in-memory capture, or
+//! nowhere), always keeps the last lines for error reports, and notes when the first byte came.
+
+use crate::devices::bus::BusDevice;
+use crate::phases::PhaseLog;
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Lines of console output kept for error reports.
+pub const TAIL_LINES: usize = 50;
+/// Longest line kept in the tail (longer lines are cut).
+const MAX_LINE: usize = 512;
+
+/// Where guest console output goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ConsoleSink {
+    /// Host stdout.
+    #[default]
+    Stdout,
+    /// An in-memory buffer, returned in the run outcome.
+    Capture,
+    /// Discarded (the tail is still kept).
+    Off,
+}
+
+#[derive(Default)]
+struct Tail {
+    lines: VecDeque<String>,
+    partial: Vec<u8>,
+}
+
+impl Tail {
+    fn push(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            match b {
+                b'\n' => {
+                    let line = String::from_utf8_lossy(&self.partial).into_owned();
+                    self.partial.clear();
+                    if self.lines.len() == TAIL_LINES {
+                        self.lines.pop_front();
+                    }
+                    self.lines.push_back(line);
+                }
+                b'\r' => {}
+                _ if self.partial.len() < MAX_LINE => self.partial.push(b),
+                _ => {}
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.lines.iter().cloned().collect();
+        if !self.partial.is_empty() {
+            v.push(String::from_utf8_lossy(&self.partial).into_owned());
+        }
+        if v.len() > TAIL_LINES {
+            v.remove(0);
+        }
+        v
+    }
+}
+
+/// The guest console: sink, capture buffer, tail of recent lines. Cheap to share.
+pub struct Console {
+    sink: ConsoleSink,
+    capture: Mutex<Vec<u8>>,
+    tail: Mutex<Tail>,
+    seen_first_byte: AtomicBool,
+    phases: PhaseLog,
+}
+
+impl Console {
+    pub fn new(sink: ConsoleSink, phases: PhaseLog) -> Arc<Self> {
+        Arc::new(Console {
+            sink,
+            capture: Mutex::new(Vec::new()),
+            tail: Mutex::new(Tail::default()),
+            seen_first_byte: AtomicBool::new(false),
+            phases,
+        })
+    }
+
+    /// Takes guest output bytes.
+    pub fn output(&self, bytes: &[u8]) -> io::Result<()> {
+        if !self.seen_first_byte.swap(true, Ordering::Relaxed) {
+            self.phases.record("first console byte");
+        }
+        if let Ok(mut t) = self.tail.lock() {
+            t.push(bytes);
+        }
+        match self.sink {
+            ConsoleSink::Stdout => io::stdout().write_all(bytes),
+            ConsoleSink::Capture => {
+                if let Ok(mut c) = self.capture.lock() {
+                    c.extend_from_slice(bytes);
+                }
+                Ok(())
+            }
+            ConsoleSink::Off => Ok(()),
+        }
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if self.sink == ConsoleSink::Stdout {
+            io::stdout().flush()
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The last [`TAIL_LINES`] lines (an unfinished last line included).
+    pub fn tail(&self) -> Vec<String> {
+        self.tail.lock().map(|t| t.snapshot()).unwrap_or_default()
+    }
+
+    /// Everything captured so far (empty unless the sink is [`ConsoleSink::Capture`]).
+    pub fn captured(&self) -> Vec<u8> {
+        self.capture.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
+/// `io::Write` adapter handed to the UART.
+pub struct ConsoleWriter(pub Arc<Console>);
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.output(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Interrupt line of the UART: an eventfd registered as an irqfd.
+pub struct EventFdTrigger(pub EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// COM1 on the port I/O bus.
+pub struct SerialDevice {
+    uart: Mutex<Serial<EventFdTrigger, vm_superio::serial::NoEvents, ConsoleWriter>>,
+}
+
+impl SerialDevice {
+    pub fn new(irq: EventFd, console: Arc<Console>) -> Self {
+        SerialDevice {
+            uart: Mutex::new(Serial::new(EventFdTrigger(irq), ConsoleWriter(console))),
+        }
+    }
+
+    /// Queues host input for the guest; returns how many bytes fit.
+    pub fn enqueue_input(&self, bytes: &[u8]) -> usize {
+        match self.uart.lock() {
+            Ok(mut u) => u.enqueue_raw_bytes(bytes).unwrap_or(0),
+            Err(_) => 0,
+        }
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        let Ok(mut u) = self.uart.lock() else {
+            return data.fill(0xff);
+        };
+        for b in data.iter_mut() {
+            *b = u.read(offset as u8);
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        let Ok(mut u) = self.uart.lock() else { return };
+        for b in data {
+            // Output errors (stdout closed) must not stop the guest.
+            let _ = u.write(offset as u8, *b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn output_is_captured_tailed_and_timestamped() {
+        let phases = PhaseLog::new(Instant::now());
+        let console = Console::new(ConsoleSink::Capture, phases.clone());
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = SerialDevice::new(irq.try_clone().unwrap(), console.clone());
+        for b in b"hi\r\nthere" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(console.captured(), b"hi\r\nthere");
+        assert_eq!(console.tail(), vec!["hi".to_string(), "there".to_string()]);
+        assert!(phases.get("first console byte").is_some());
+        // Line status register: transmitter empty.
+        let mut lsr = [0u8];
+        dev.read(5, &mut lsr);
+        assert_ne!(lsr[0] & 0x20, 0);
+    }
+
+    #[test]
+    fn input_raises_the_interrupt_and_is_readable() {
+        let console = Console::new(ConsoleSink::Off, PhaseLog::new(Instant::now()));
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = SerialDevice::new(irq.try_clone().unwrap(), console);
+        dev.write(1, &[1]); // IER: received-data interrupt on
+        assert_eq!(dev.enqueue_input(b"ok"), 2);
+        assert_eq!(irq.read().unwrap(), 1);
+        let mut b = [0u8];
+        dev.read(0, &mut b);
+        assert_eq!(b[0], b'o');
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        let console = Console::new(ConsoleSink::Off, PhaseLog::new(Instant::now()));
+        for i in 0..120 {
+            console.output(format!("line {i}\n").as_bytes()).unwrap();
+        }
+        let t = console.tail();
+        assert_eq!(t.len(), TAIL_LINES);
+        assert_eq!(t.first().unwrap(), "line 70");
+        assert_eq!(t.last().unwrap(), "line 119");
+        assert!(console.captured().is_empty());
+    }
+}

@@ -1,0 +1,581 @@
+//! The public face of the monitor: [`VmConfig`] in, [`Vm::new`] to create the KVM VM with its
+//! memory, irqchip and legacy devices, [`Vm::add_virtio_device`] for virtio-mmio devices, and
+//! [`Vm::run`] to load the kernel, start the vCPUs and wait for the guest to finish.
+
+use crate::boot::{self, layout, loader};
+use crate::devices::bus::{Bus, BusDevice};
+use crate::devices::exit_port::ExitPort;
+use crate::devices::i8042::{I8042, I8042_LEN};
+use crate::devices::phase_port::PhasePort;
+use crate::devices::serial::{Console, SerialDevice};
+use crate::devices::virtio::{MmioTransport, VirtioDevice};
+use crate::memory;
+use crate::phases::PhaseLog;
+use crate::stats::{self, Stats};
+use crate::vcpu::{self, RunControl, VcpuContext};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+pub use crate::devices::serial::ConsoleSink;
+
+/// One piece of the initrd; the pieces are concatenated in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InitrdPart {
+    File(PathBuf),
+    Bytes(Vec<u8>),
+}
+
+/// What to boot and how.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// ELF vmlinux (PVH note preferred) or bzImage.
+    pub kernel: PathBuf,
+    pub initrd: Vec<InitrdPart>,
+    /// Kernel command line; `virtio_mmio.device=` entries are appended for added devices.
+    pub cmdline: String,
+    pub mem_mib: u32,
+    pub vcpus: u8,
+    pub console: ConsoleSink,
+    /// Forward host stdin to the serial port.
+    pub stdin: bool,
+    /// End the run with [`GuestExit::Timeout`] after this long.
+    pub timeout: Option<Duration>,
+    /// Count VM exits and device time (see [`stats::Report`]).
+    pub stats: bool,
+}
+
+impl VmConfig {
+    /// A config with 256 MiB, one vCPU, console on stdout, no initrd, no stdin, no timeout.
+    pub fn new(kernel: impl Into<PathBuf>, cmdline: impl Into<String>) -> Self {
+        VmConfig {
+            kernel: kernel.into(),
+            initrd: Vec::new(),
+            cmdline: cmdline.into(),
+            mem_mib: 256,
+            vcpus: 1,
+            console: ConsoleSink::Stdout,
+            stdin: false,
+            timeout: None,
+            stats: false,
+        }
+    }
+}
+
+/// How the guest ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest wrote this status to the exit port.
+    Status(u8),
+    /// i8042 reset or a guest reboot without a status.
+    Reset,
+    /// [`VmConfig::timeout`] elapsed.
+    Timeout,
+    /// [`StopHandle::stop`] was called.
+    Stopped,
+}
+
+/// The result of a finished run.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub exit: GuestExit,
+    pub phases: PhaseLog,
+    /// The last console lines (for reporting failures).
+    pub console_tail: Vec<String>,
+    /// Everything the guest printed, when the console sink is [`ConsoleSink::Capture`].
+    pub console_output: Vec<u8>,
+    pub stats: Option<stats::Report>,
+    /// Whether KVM runs on hardware virtualisation (see [`kvm_is_hardware_accelerated`]).
+    pub kvm_hardware: bool,
+}
+
+/// Errors of the monitor. Each message says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("/dev/kvm does not exist: load the kvm module (modprobe kvm_intel or kvm_amd) or run on a KVM host")]
+    KvmMissing,
+    #[error("permission denied opening /dev/kvm: add yourself to group kvm (and log in again) or run as root")]
+    KvmPermission,
+    #[error("KVM: {what} failed: {source}; is this a working KVM host?")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error("{mib} MiB of guest memory is too small: {what} needs at least {needed_mib} MiB; give the VM more memory")]
+    MemoryTooSmall {
+        mib: u32,
+        needed_mib: u64,
+        what: &'static str,
+    },
+    #[error("kernel {path}: {reason}")]
+    BadKernel { path: PathBuf, reason: String },
+    #[error("initrd part {path}: {reason}")]
+    Initrd { path: PathBuf, reason: String },
+    #[error("the initrd ({size} bytes) does not fit next to the kernel in {mem_mib} MiB of guest memory; give the VM at least {needed_mib} MiB")]
+    InitrdTooLarge {
+        size: u64,
+        mem_mib: u64,
+        needed_mib: u64,
+    },
+    #[error("kernel command line: {0}")]
+    Cmdline(String),
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+    #[error("setting up the boot structures: {0}")]
+    Boot(String),
+    #[error("setting up vCPU {cpu}: {what} failed: {source}; the host KVM lacks something bootbox needs")]
+    VcpuSetup {
+        cpu: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("virtio device {name}: {reason}")]
+    Device { name: &'static str, reason: String },
+    #[error("the guest triple-faulted (KVM_EXIT_SHUTDOWN) on {location}; the kernel crashed before it could report anything - check the kernel configuration and the console output")]
+    TripleFault { location: String },
+    #[error("KVM internal error on {location}: suberror {suberror} ({meaning}), data {data:#x?}; the guest hit something KVM cannot emulate (without hardware virtualisation, run on a host with VT-x/AMD-V)")]
+    InternalError {
+        location: String,
+        suberror: u32,
+        meaning: &'static str,
+        data: Vec<u64>,
+    },
+    #[error("KVM could not enter the guest on {location}: hardware entry failure reason {reason:#x}; the initial vCPU state is not valid on this host")]
+    FailEntry { location: String, reason: u64 },
+    #[error("the guest halted for good on {location} without writing an exit status; it has nothing left to run")]
+    GuestHalted { location: String },
+    #[error("KVM_RUN failed on vCPU {cpu}: {source}")]
+    VcpuRun { cpu: u8, source: kvm_ioctls::Error },
+    #[error("unexpected VM exit {exit} on {location}")]
+    UnexpectedExit { exit: String, location: String },
+    #[error("monitor thread setup: {0}")]
+    Thread(String),
+}
+
+/// Whether this host's KVM uses hardware virtualisation (VT-x / AMD-V), judged from the
+/// `vmx`/`svm` CPU flags in /proc/cpuinfo.
+pub fn kvm_is_hardware_accelerated() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|s| cpuinfo_has_virt(&s))
+}
+
+fn cpuinfo_has_virt(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+}
+
+/// Ends a run from another thread (for Ctrl-C handling). Cheap to clone.
+#[derive(Clone)]
+pub struct StopHandle(Arc<RunControl>);
+
+impl StopHandle {
+    /// Ends the run with [`GuestExit::Stopped`] (no effect once the run has an outcome).
+    pub fn stop(&self) {
+        self.0.finish(Ok(GuestExit::Stopped));
+    }
+}
+
+/// Read access to the console while or after the VM runs (also when `run` fails).
+#[derive(Clone)]
+pub struct ConsoleHandle(Arc<Console>);
+
+impl ConsoleHandle {
+    /// The last console lines.
+    pub fn tail(&self) -> Vec<String> {
+        self.0.tail()
+    }
+    /// Captured output (with [`ConsoleSink::Capture`]).
+    pub fn captured(&self) -> Vec<u8> {
+        self.0.captured()
+    }
+}
+
+/// A created, not yet running VM.
+pub struct Vm {
+    config: VmConfig,
+    phases: PhaseLog,
+    kvm: Kvm,
+    fd: VmFd,
+    mem: GuestMemoryMmap,
+    pio: Bus,
+    mmio: Bus,
+    control: Arc<RunControl>,
+    console: Arc<Console>,
+    serial: Arc<SerialDevice>,
+    virtio_cmdline: Vec<String>,
+    virtio_count: u32,
+}
+
+fn open_kvm() -> Result<Kvm, VmError> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT | libc::ENXIO | libc::ENODEV => VmError::KvmMissing,
+        libc::EACCES | libc::EPERM => VmError::KvmPermission,
+        _ => VmError::Kvm {
+            what: "opening /dev/kvm",
+            source: e,
+        },
+    })
+}
+
+impl Vm {
+    /// Opens /dev/kvm, creates the VM with its memory, irqchip, PIT and legacy devices.
+    pub fn new(config: VmConfig, phases: PhaseLog) -> Result<Vm, VmError> {
+        if config.vcpus == 0 || config.vcpus > layout::MAX_VCPUS {
+            return Err(VmError::Config(format!(
+                "{} vCPUs requested; use 1 to {}",
+                config.vcpus,
+                layout::MAX_VCPUS
+            )));
+        }
+        let kvm = open_kvm()?;
+        let kvm_err = |what| move |source| VmError::Kvm { what, source };
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        phases.record("kvm vm created");
+        fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let mem = memory::create_guest_memory(config.mem_mib)?;
+        memory::register_with_kvm(&fd, &mem)?;
+        phases.record("memory ready");
+
+        let control = RunControl::new()?;
+        let console = Console::new(config.console, phases.clone());
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmError::Thread(format!("cannot create an eventfd: {e}")))?;
+        fd.register_irqfd(&serial_irq, layout::COM1_GSI)
+            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let serial = Arc::new(SerialDevice::new(serial_irq, console.clone()));
+
+        let mut pio = Bus::new();
+        let devices: [(u64, u64, &'static str, Arc<dyn BusDevice>); 4] = [
+            (
+                layout::COM1_PORT,
+                layout::COM1_LEN,
+                "serial",
+                serial.clone(),
+            ),
+            (
+                layout::I8042_DATA_PORT,
+                I8042_LEN,
+                "i8042",
+                Arc::new(I8042::new(control.clone())),
+            ),
+            (
+                layout::EXIT_PORT,
+                1,
+                "exit-port",
+                Arc::new(ExitPort::new(control.clone())),
+            ),
+            (
+                layout::PHASE_PORT,
+                1,
+                "phase-port",
+                Arc::new(PhasePort::new(phases.clone())),
+            ),
+        ];
+        for (base, len, name, dev) in devices {
+            pio.insert(base, len, name, dev)
+                .map_err(|e| VmError::Config(format!("{name}: {e}")))?;
+        }
+        Ok(Vm {
+            config,
+            phases,
+            kvm,
+            fd,
+            mem,
+            pio,
+            mmio: Bus::new(),
+            control,
+            console,
+            serial,
+            virtio_cmdline: Vec::new(),
+            virtio_count: 0,
+        })
+    }
+
+    /// Guest memory (for device models that need it before the run).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Puts `device` in the next virtio-mmio slot, wires its ioeventfd/irqfd, maps it and
+    /// announces it on the kernel command line. Returns the slot's (base, GSI).
+    pub fn add_virtio_device(
+        &mut self,
+        name: &'static str,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<(u64, u32), VmError> {
+        let dev_err = |reason: String| VmError::Device { name, reason };
+        let (base, gsi) = layout::virtio_mmio_slot(self.virtio_count).ok_or_else(|| {
+            dev_err(format!(
+                "no free virtio-mmio slot (at most {})",
+                layout::VIRTIO_MMIO_MAX_DEVICES
+            ))
+        })?;
+        let transport =
+            MmioTransport::new(device, self.mem.clone()).map_err(|e| dev_err(e.to_string()))?;
+        transport
+            .register(&self.fd, base, gsi)
+            .map_err(|e| dev_err(e.to_string()))?;
+        self.mmio
+            .insert(base, layout::VIRTIO_MMIO_SIZE, name, Arc::new(transport))
+            .map_err(|e| dev_err(e.to_string()))?;
+        self.virtio_count += 1;
+        self.virtio_cmdline
+            .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        Ok((base, gsi))
+    }
+
+    /// A handle that ends the run from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.control.clone())
+    }
+
+    /// A handle to the console's tail and capture, usable after `run` returned an error.
+    pub fn console_handle(&self) -> ConsoleHandle {
+        ConsoleHandle(self.console.clone())
+    }
+
+    /// The command line the kernel will get (config + virtio device entries).
+    pub fn kernel_cmdline(&self) -> String {
+        let mut c = self.config.cmdline.trim().to_string();
+        for extra in &self.virtio_cmdline {
+            if !c.is_empty() {
+                c.push(' ');
+            }
+            c.push_str(extra);
+        }
+        c
+    }
+
+    /// Loads kernel, initrd and command line, builds the boot structures, runs the vCPUs until
+    /// the guest exits (exit port, reset), fails, times out or is stopped, and tears down.
+    pub fn run(self) -> Result<RunOutcome, VmError> {
+        let kernel = loader::load_kernel(&self.mem, &self.config.kernel)?;
+        self.phases.record("kernel loaded");
+        let initrd = loader::load_initrd(&self.mem, &self.config.initrd, kernel.end)?;
+        if initrd.is_some() {
+            self.phases.record("initrd loaded");
+        }
+        let cmdline_len = loader::load_cmdline(&self.mem, &self.kernel_cmdline())?;
+        let mem_bytes = u64::from(self.config.mem_mib) << 20;
+        let vcpus = self.config.vcpus;
+        let boot_info =
+            boot::write_boot_structures(&self.mem, &kernel, cmdline_len, initrd, mem_bytes, vcpus)?;
+
+        let supported = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmError::Kvm {
+                what: "KVM_GET_SUPPORTED_CPUID",
+                source,
+            })?;
+        let mut vcpu_fds = Vec::with_capacity(usize::from(vcpus));
+        for id in 0..vcpus {
+            let vcpu = self
+                .fd
+                .create_vcpu(u64::from(id))
+                .map_err(|source| VmError::VcpuSetup {
+                    cpu: id,
+                    what: "KVM_CREATE_VCPU",
+                    source,
+                })?;
+            boot::configure_vcpu(&vcpu, id, vcpus, &boot_info, &supported)?;
+            vcpu_fds.push(vcpu);
+        }
+        vcpu::install_kick_handler()?;
+
+        let stat_names: Vec<(&'static str, bool)> = self
+            .pio
+            .names()
+            .map(|(n, _, _)| (n, false))
+            .chain(self.mmio.names().map(|(n, _, _)| (n, true)))
+            .collect();
+        let stats = Arc::new(Stats::new(self.config.stats, stat_names));
+        let ctx = VcpuContext {
+            pio: Arc::new(self.pio),
+            mmio: Arc::new(self.mmio),
+            control: self.control.clone(),
+            stats: stats.clone(),
+            phases: self.phases.clone(),
+            running: Arc::new(AtomicUsize::new(usize::from(vcpus))),
+        };
+
+        let event_loop = spawn_event_loop(
+            self.control.clone(),
+            self.config.stdin.then(|| self.serial.clone()),
+            self.config.timeout,
+        )?;
+        let mut handles: Vec<JoinHandle<()>> = Vec::with_capacity(vcpu_fds.len());
+        for (id, mut vcpu) in vcpu_fds.into_iter().enumerate() {
+            let ctx = ctx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu::run_loop(&mut vcpu, id as u8, &ctx));
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    self.control
+                        .finish(Err(VmError::Thread(format!("cannot start vCPU {id}: {e}"))));
+                    break;
+                }
+            }
+        }
+
+        let outcome = self.control.wait();
+        vcpu::kick_and_join(handles);
+        let _ = event_loop.join();
+        self.phases.record("vm exit");
+        let exit = outcome?;
+        Ok(RunOutcome {
+            exit,
+            phases: self.phases.clone(),
+            console_tail: self.console.tail(),
+            console_output: self.console.captured(),
+            stats: stats.report(),
+            kvm_hardware: kvm_is_hardware_accelerated(),
+        })
+    }
+}
+
+/// Wakes on stop requests and the run timeout.
+struct ControlSubscriber {
+    control: Arc<RunControl>,
+    timer: Option<TimerFd>,
+}
+
+impl MutEventSubscriber for ControlSubscriber {
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(&self.control.wake, EventSet::IN));
+        if let Some(t) = &self.timer {
+            let _ = ops.add(Events::new(t, EventSet::IN));
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if let Some(t) = &mut self.timer {
+            if events.fd() == t.as_raw_fd() {
+                let _ = t.wait();
+                self.control.finish(Ok(GuestExit::Timeout));
+            }
+        }
+    }
+}
+
+/// Forwards host stdin to the serial port.
+struct StdinSubscriber {
+    serial: Arc<SerialDevice>,
+}
+
+impl MutEventSubscriber for StdinSubscriber {
+    fn init(&mut self, ops: &mut EventOps) {
+        // Fails for stdin that cannot be polled (a regular file): then there is no input.
+        let _ = ops.add(Events::new_raw(libc::STDIN_FILENO, EventSet::IN));
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 64];
+        // SAFETY: reading into a stack buffer of the given length from fd 0.
+        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 || events.event_set().contains(EventSet::HANG_UP) && n <= 0 {
+            // EOF or error: stop watching stdin so the loop does not spin.
+            let _ = ops.remove(Events::new_raw(libc::STDIN_FILENO, EventSet::IN));
+            return;
+        }
+        self.serial.enqueue_input(&buf[..n as usize]);
+    }
+}
+
+fn spawn_event_loop(
+    control: Arc<RunControl>,
+    stdin: Option<Arc<SerialDevice>>,
+    timeout: Option<Duration>,
+) -> Result<JoinHandle<()>, VmError> {
+    let timer = match timeout {
+        Some(d) => {
+            let mut t = TimerFd::new()
+                .map_err(|e| VmError::Thread(format!("cannot create the timeout timer: {e}")))?;
+            t.reset(d.max(Duration::from_nanos(1)), None)
+                .map_err(|e| VmError::Thread(format!("cannot arm the timeout timer: {e}")))?;
+            Some(t)
+        }
+        None => None,
+    };
+    let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
+        .map_err(|e| VmError::Thread(format!("cannot create the event loop: {e}")))?;
+    use event_manager::SubscriberOps;
+    em.add_subscriber(Box::new(ControlSubscriber {
+        control: control.clone(),
+        timer,
+    }));
+    if let Some(serial) = stdin {
+        em.add_subscriber(Box::new(StdinSubscriber { serial }));
+    }
+    std::thread::Builder::new()
+        .name("vmm-events".into())
+        .spawn(move || {
+            while !control.is_stopping() {
+                if let Err(e) = em.run_with_timeout(500) {
+                    control.finish(Err(VmError::Thread(format!("event loop failed: {e}"))));
+                }
+            }
+        })
+        .map_err(|e| VmError::Thread(format!("cannot start the event loop: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hardware_detection_reads_cpu_flags() {
+        assert!(cpuinfo_has_virt(
+            "processor: 0\nflags\t\t: fpu vme vmx sse\n"
+        ));
+        assert!(cpuinfo_has_virt("flags : fpu svm\n"));
+        assert!(!cpuinfo_has_virt("flags : fpu vme sse4_2 vmxnot\n"));
+        assert!(!cpuinfo_has_virt(""));
+    }
+
+    #[test]
+    fn config_defaults_and_cmdline_assembly() {
+        let c = VmConfig::new("/boot/vmlinux", "console=ttyS0");
+        assert_eq!(
+            (c.mem_mib, c.vcpus, c.console),
+            (256, 1, ConsoleSink::Stdout)
+        );
+        assert!(!c.stdin && !c.stats && c.timeout.is_none());
+    }
+
+    #[test]
+    fn bad_vcpu_counts_are_refused() {
+        let mut c = VmConfig::new("/nonexistent", "");
+        c.vcpus = 0;
+        let err = Vm::new(c, PhaseLog::new(std::time::Instant::now()))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("vCPUs"), "{err}");
+    }
+}
