@@ -1,0 +1,411 @@
+//! virtio-9p (device 9): carries 9P2000.L messages between the guest's `9p` filesystem and a
+//! [`p9::Server`]. The device owns only the transport side: one request queue, the mount tag
+//! in config space, and the reply area over the chain's guest buffers. The protocol is the
+//! server's business.
+//!
+//! Each notification pops every available chain and hands each to the worker pool, so requests
+//! are served concurrently and complete out of order. A worker gathers the device-readable
+//! bytes into a Vec, lets the server answer into a [`GuestReply`] spanning the device-writable
+//! buffers (file reads land there with one `preadv`, no bounce buffer), then takes the queue
+//! lock only to add the used element and decide on the interrupt.
+
+use super::chain::{self, Buffer, Chain, ChainError};
+use super::mmio::{ActivateContext, QueueHandler, VirtioDevice, VirtioError};
+use super::{DeviceStats, Interrupt, TYPE_9P, VIRTIO_RING_F_INDIRECT_DESC};
+use p9::{ReplyBuf, Server, WorkerPool};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// Longest accepted mount tag, in bytes.
+pub const MAX_TAG_LEN: usize = 36;
+/// Feature bit: the config space carries a mount tag.
+pub const VIRTIO_9P_MOUNT_TAG: u32 = 0;
+/// Largest request (device-readable part of a chain) accepted; far above any msize.
+pub const MAX_REQUEST_BYTES: u64 = 64 << 20;
+
+const QUEUE_SIZE: u16 = 256;
+/// How long a reset or shutdown waits for in-flight requests before abandoning them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A virtio-9p device exporting one [`p9::Server`] under a mount tag.
+pub struct Virtio9p {
+    config: Vec<u8>,
+    server: Arc<dyn RequestHandler>,
+    pool: Arc<WorkerPool>,
+}
+
+/// What the device needs from a 9P server: one reply per request, callable from many threads.
+/// [`p9::Server`] is the real one; tests substitute handlers that block or reorder.
+pub(crate) trait RequestHandler: Send + Sync {
+    /// Answers `request` into `reply`, returning the reply length.
+    fn handle(&self, request: &[u8], reply: &mut dyn ReplyBuf) -> usize;
+}
+
+impl RequestHandler for Server {
+    fn handle(&self, request: &[u8], reply: &mut dyn ReplyBuf) -> usize {
+        Server::handle(self, request, reply)
+    }
+}
+
+impl Virtio9p {
+    /// A device the guest mounts with `mount -t 9p -o trans=virtio <tag> <dir>`. `tag` must be
+    /// 1 to [`MAX_TAG_LEN`] bytes.
+    pub fn new(tag: &str, server: Arc<Server>, pool: Arc<WorkerPool>) -> Result<Self, VirtioError> {
+        Self::with_handler(tag, server, pool)
+    }
+
+    pub(crate) fn with_handler(
+        tag: &str,
+        server: Arc<dyn RequestHandler>,
+        pool: Arc<WorkerPool>,
+    ) -> Result<Self, VirtioError> {
+        if tag.is_empty() || tag.len() > MAX_TAG_LEN || tag.contains('\0') {
+            return Err(VirtioError::BadTag(tag.to_string()));
+        }
+        let mut config = Vec::with_capacity(2 + tag.len());
+        // The length fits: MAX_TAG_LEN < u16::MAX.
+        config.extend_from_slice(&(tag.len() as u16).to_le_bytes());
+        config.extend_from_slice(tag.as_bytes());
+        Ok(Self {
+            config,
+            server,
+            pool,
+        })
+    }
+}
+
+impl VirtioDevice for Virtio9p {
+    fn device_type(&self) -> u32 {
+        TYPE_9P
+    }
+
+    fn name(&self) -> &'static str {
+        "9p"
+    }
+
+    fn device_features(&self) -> u64 {
+        1 << VIRTIO_9P_MOUNT_TAG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| self.config.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<Box<dyn QueueHandler>, VirtioError> {
+        let indirect_ok = ctx.has_feature(VIRTIO_RING_F_INDIRECT_DESC);
+        let Some(queue) = ctx.queues.into_iter().next().filter(|q| q.ready()) else {
+            return Err(VirtioError::Activate {
+                device: "9p",
+                reason: "the driver did not set up the request queue".into(),
+            });
+        };
+        Ok(Box::new(P9Handler {
+            shared: Arc::new(Shared {
+                mem: ctx.mem,
+                queue: Mutex::new(queue),
+                interrupt: ctx.interrupt,
+                stats: ctx.stats,
+                server: self.server.clone(),
+                inflight: Mutex::new(0),
+                idle: Condvar::new(),
+            }),
+            pool: self.pool.clone(),
+            indirect_ok,
+            heads: Vec::with_capacity(usize::from(QUEUE_SIZE)),
+        }))
+    }
+}
+
+struct Shared {
+    mem: Arc<GuestMemoryMmap>,
+    queue: Mutex<Queue>,
+    interrupt: Arc<Interrupt>,
+    stats: Arc<DeviceStats>,
+    server: Arc<dyn RequestHandler>,
+    inflight: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl Shared {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn error(&self, e: &ChainError) {
+        self.interrupt.device_error("9p", e);
+    }
+
+    /// Serves one request on a worker thread.
+    fn serve(&self, chain: &Chain) {
+        let timer = self.stats.start();
+        let mut request = Vec::new();
+        if let Err(e) = chain.gather(&self.mem, &mut request) {
+            self.error(&e);
+            return;
+        }
+        let mut reply = GuestReply::new(&self.mem, &chain.writable);
+        let written = self
+            .server
+            .handle(&request, &mut reply)
+            .min(reply.capacity());
+        // `written` <= the writable length, which the walker bounded by u32::MAX.
+        let written = u32::try_from(written).unwrap_or(u32::MAX);
+        {
+            let mut queue = self.queue();
+            if self.interrupt.is_broken() {
+                return;
+            }
+            let mem = &*self.mem;
+            let result = queue
+                .add_used(mem, chain.head, written)
+                .and_then(|()| queue.needs_notification(mem));
+            match result {
+                Ok(true) => self.interrupt.signal_used(),
+                Ok(false) => {}
+                Err(e) => self.error(&ChainError::Ring(e.to_string())),
+            }
+        }
+        self.stats.chain(chain.readable_len + u64::from(written));
+        self.stats.finish(timer);
+    }
+
+    fn done(&self) {
+        let mut n = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.idle.notify_all();
+        }
+    }
+}
+
+struct P9Handler {
+    shared: Arc<Shared>,
+    pool: Arc<WorkerPool>,
+    indirect_ok: bool,
+    heads: Vec<u16>,
+}
+
+impl P9Handler {
+    fn drain(&mut self) -> Result<(), ChainError> {
+        let shared = &self.shared;
+        let mem = &*shared.mem;
+        let ring = |e: virtio_queue::Error| ChainError::Ring(e.to_string());
+        loop {
+            let (desc_table, size) = {
+                let mut queue = shared.queue();
+                queue.disable_notification(mem).map_err(ring)?;
+                chain::pop_available(&mut queue, mem, &mut self.heads)?;
+                if self.heads.is_empty() {
+                    if queue.enable_notification(mem).map_err(ring)? {
+                        continue; // more arrived while notifications were off
+                    }
+                    return Ok(());
+                }
+                (GuestAddress(queue.desc_table()), queue.size())
+            };
+            for &head in &self.heads {
+                let chain = chain::walk(mem, desc_table, size, head, self.indirect_ok)?;
+                if chain.readable_len > MAX_REQUEST_BYTES {
+                    return Err(ChainError::TooLong {
+                        limit: MAX_REQUEST_BYTES,
+                    });
+                }
+                *shared.inflight.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+                let job_shared = shared.clone();
+                self.pool.submit(Box::new(move || {
+                    job_shared.serve(&chain);
+                    job_shared.done();
+                }));
+            }
+        }
+    }
+}
+
+impl QueueHandler for P9Handler {
+    fn notify(&mut self, queue: usize) {
+        if queue != 0 || self.shared.interrupt.is_broken() {
+            return;
+        }
+        if let Err(e) = self.drain() {
+            self.shared.error(&e);
+        }
+    }
+}
+
+impl Drop for P9Handler {
+    /// Waits for in-flight requests so none touches guest memory after a reset completes.
+    fn drop(&mut self) {
+        let n = self
+            .shared
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let (n, timeout) = self
+            .shared
+            .idle
+            .wait_timeout_while(n, DRAIN_TIMEOUT, |n| *n > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        if timeout.timed_out() {
+            log::error!(
+                "virtio-9p: {} requests still running after {DRAIN_TIMEOUT:?}; abandoning them",
+                *n
+            );
+        }
+    }
+}
+
+/// The reply area of one request: the device-writable buffers of its chain, in order, seen as
+/// one contiguous range of `capacity()` bytes.
+pub struct GuestReply<'a> {
+    mem: &'a GuestMemoryMmap,
+    bufs: &'a [Buffer],
+    capacity: usize,
+}
+
+impl<'a> GuestReply<'a> {
+    /// A reply area over `bufs` (validated by the chain walker to lie in guest memory).
+    pub fn new(mem: &'a GuestMemoryMmap, bufs: &'a [Buffer]) -> Self {
+        let capacity = bufs.iter().map(|b| b.len as usize).sum();
+        Self {
+            mem,
+            bufs,
+            capacity,
+        }
+    }
+
+    fn check(&self, offset: usize, len: usize) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.capacity => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "reply of {len} bytes at {offset} exceeds the guest's {}-byte reply buffers",
+                    self.capacity
+                ),
+            )),
+        }
+    }
+
+    /// Calls `f(addr, len)` for each piece of guest memory making up `[offset, offset + len)`.
+    fn for_each_piece(
+        &self,
+        mut offset: usize,
+        mut len: usize,
+        mut f: impl FnMut(GuestAddress, usize) -> io::Result<bool>,
+    ) -> io::Result<()> {
+        for b in self.bufs {
+            if len == 0 {
+                break;
+            }
+            let blen = b.len as usize;
+            if offset >= blen {
+                offset -= blen;
+                continue;
+            }
+            let n = (blen - offset).min(len);
+            if !f(GuestAddress(b.addr.0 + offset as u64), n)? {
+                break;
+            }
+            len -= n;
+            offset = 0;
+        }
+        Ok(())
+    }
+}
+
+fn guest_fault(addr: GuestAddress) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("guest buffer at {:#x} is not in guest memory", addr.0),
+    )
+}
+
+impl ReplyBuf for GuestReply<'_> {
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn write_at(&mut self, offset: usize, data: &[u8]) -> io::Result<()> {
+        self.check(offset, data.len())?;
+        let mut pos = 0usize;
+        self.for_each_piece(offset, data.len(), |addr, n| {
+            self.mem
+                .write_slice(&data[pos..pos + n], addr)
+                .map_err(|_| guest_fault(addr))?;
+            pos += n;
+            Ok(true)
+        })
+    }
+
+    fn read_from(
+        &mut self,
+        offset: usize,
+        len: usize,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+    ) -> io::Result<usize> {
+        self.check(offset, len)?;
+        let file_offset = libc::off64_t::try_from(file_offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file offset too large"))?;
+        // Host pointers into guest memory for every piece. The guards keep the (dirty-tracking)
+        // bookkeeping of vm-memory correct while the kernel writes through the pointers.
+        let mut guards = Vec::new();
+        let mut iovecs: Vec<libc::iovec> = Vec::new();
+        self.for_each_piece(offset, len, |addr, n| {
+            for slice in self.mem.get_slices(addr, n) {
+                let slice = slice.map_err(|_| guest_fault(addr))?;
+                if iovecs.len() == IOV_MAX {
+                    return Ok(false); // the rest is a short read; the caller sees the count
+                }
+                let guard = slice.ptr_guard_mut();
+                iovecs.push(libc::iovec {
+                    iov_base: guard.as_ptr().cast(),
+                    iov_len: guard.len(),
+                });
+                guards.push(guard);
+            }
+            Ok(true)
+        })?;
+        loop {
+            // SAFETY: every iovec points into a live guest memory mapping (the GuestMemoryMmap
+            // borrowed by `self` outlives this call) and covers exactly the bytes of a slice
+            // that vm-memory bounds-checked; `guards` keeps the pointers valid for the call.
+            // The kernel writes at most `iov_len` bytes per entry. Guest memory is shared with
+            // the guest, which only observes the bytes once the chain is in the used ring.
+            let n = unsafe {
+                libc::preadv64(
+                    fd.as_raw_fd(),
+                    iovecs.as_ptr(),
+                    iovecs.len() as libc::c_int,
+                    file_offset,
+                )
+            };
+            if n >= 0 {
+                drop(guards);
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// The kernel's limit on iovecs per call (UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
