@@ -1,1 +1,581 @@
-fn main() {}
+//! `bootbox-init`: the static PID 1 of the bootbox appliance.
+//!
+//! It owns the guest side of the bootbox ABI: it marks boot phases on I/O port 0x610
+//! (1 = init started, 2 = shares mounted, 3 = job started, 4 = job finished), mounts the
+//! pseudo filesystems and the virtio-9p shares listed in `/bootbox/job`, runs the job with a
+//! clean environment (stdout on `/dev/hvc0`, stderr on `/dev/hvc1`, both raw; stdin
+//! `/dev/null`) or an interactive shell on the serial console, reaps every child, syncs, and
+//! reports the exit status on I/O port 0x600 (128+signal if killed, 127 command not found,
+//! 126 not executable, 125 for any failure of the init itself).
+
+#[allow(dead_code)]
+#[path = "../../src/jobspec.rs"]
+mod jobspec;
+
+use std::ffi::{CStr, CString};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+use jobspec::Job;
+
+const EXIT_PORT: u16 = 0x600;
+const PHASE_PORT: u16 = 0x610;
+const PHASE_INIT_STARTED: u8 = 1;
+const PHASE_SHARES_MOUNTED: u8 = 2;
+const PHASE_JOB_STARTED: u8 = 3;
+const PHASE_JOB_FINISHED: u8 = 4;
+/// Exit status for failures of the init itself (bad job, mount failure...).
+const STATUS_INIT_FAILURE: u8 = 125;
+const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// When this file exists the init runs as a host-side test (PID 1 of a PID namespace in a
+/// chroot of the extracted appliance): no port I/O, phases and the exit status are printed on
+/// the inherited stderr instead, and the init exits instead of rebooting.
+const TEST_MODE_FLAG: &str = "/bootbox/test-mode";
+static TEST_MODE: AtomicBool = AtomicBool::new(false);
+/// Console fd for init messages (-1 until opened).
+static CONSOLE_FD: AtomicI32 = AtomicI32::new(-1);
+/// Job stderr fd (hvc1), also used for init messages when open.
+static ERR_FD: AtomicI32 = AtomicI32::new(-1);
+/// How port writes reach the host: 0 = not set up, 1 = ioperm + `out`, 2 = `/dev/port` fd.
+static PORT_MODE: AtomicI32 = AtomicI32::new(0);
+static DEVPORT_FD: AtomicI32 = AtomicI32::new(-1);
+
+fn write_all(fd: i32, mut buf: &[u8]) {
+    while !buf.is_empty() && fd >= 0 {
+        // SAFETY: buf points to buf.len() readable bytes for the duration of the call.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        if n == 0 {
+            return;
+        }
+        buf = &buf[n as usize..];
+    }
+}
+
+/// Prints an init message on the console and, if open, on the job's stderr channel.
+fn say(msg: &str) {
+    let line = format!("bootbox-init: {msg}\n");
+    let con = CONSOLE_FD.load(Ordering::Relaxed);
+    let con = if con >= 0 { con } else { 2 };
+    write_all(con, line.as_bytes());
+    let err = ERR_FD.load(Ordering::Relaxed);
+    if err >= 0 && err != con {
+        write_all(err, line.as_bytes());
+    }
+}
+
+fn setup_ports() {
+    // SAFETY: ioperm only changes this process's I/O permission bitmap.
+    if unsafe { libc::ioperm(u64::from(EXIT_PORT), 0x20, 1) } == 0 {
+        PORT_MODE.store(1, Ordering::Relaxed);
+        return;
+    }
+    // Kernels without CONFIG_X86_IOPL_IOPERM: fall back to /dev/port (CONFIG_DEVPORT).
+    let fd = open_path(c"/dev/port", libc::O_WRONLY | libc::O_CLOEXEC);
+    if fd >= 0 {
+        DEVPORT_FD.store(fd, Ordering::Relaxed);
+        PORT_MODE.store(2, Ordering::Relaxed);
+    }
+}
+
+fn port_out(port: u16, value: u8) {
+    match PORT_MODE.load(Ordering::Relaxed) {
+        1 => {
+            // SAFETY: ioperm granted this process access to ports 0x600..0x620; the write
+            // has no memory effects in the guest (the VMM handles it).
+            unsafe {
+                std::arch::asm!("out dx, al", in("dx") port, in("al") value,
+                    options(nomem, nostack, preserves_flags));
+            }
+        }
+        2 => {
+            let fd = DEVPORT_FD.load(Ordering::Relaxed);
+            // SAFETY: writes one byte from a valid stack variable at offset `port` of /dev/port.
+            unsafe { libc::pwrite(fd, (&value as *const u8).cast(), 1, libc::off_t::from(port)) };
+        }
+        _ => {}
+    }
+}
+
+fn phase(id: u8) {
+    if TEST_MODE.load(Ordering::Relaxed) {
+        say(&format!("phase {id}"));
+    } else {
+        port_out(PHASE_PORT, id);
+    }
+}
+
+fn open_path(path: &CStr, flags: i32) -> i32 {
+    // SAFETY: path is a valid NUL-terminated string.
+    unsafe { libc::open(path.as_ptr(), flags, 0o600) }
+}
+
+fn errno_str() -> String {
+    std::io::Error::last_os_error().to_string()
+}
+
+fn cstr(s: &str) -> Result<CString, String> {
+    CString::new(s).map_err(|_| format!("{s:?} contains a NUL byte"))
+}
+
+fn mkdir_p(path: &str) -> Result<(), String> {
+    let mut cur = String::new();
+    for comp in path.split('/').filter(|c| !c.is_empty()) {
+        cur.push('/');
+        cur.push_str(comp);
+        let c = cstr(&cur)?;
+        // SAFETY: c is a valid NUL-terminated path.
+        if unsafe { libc::mkdir(c.as_ptr(), 0o755) } != 0
+            && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
+        {
+            return Err(format!("mkdir {cur}: {}", errno_str()));
+        }
+    }
+    Ok(())
+}
+
+fn mount(
+    src: &str,
+    dir: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> Result<(), String> {
+    mkdir_p(dir)?;
+    let (s, d, t, o) = (cstr(src)?, cstr(dir)?, cstr(fstype)?, cstr(data)?);
+    // SAFETY: all pointers are valid NUL-terminated strings living across the call.
+    let r = unsafe { libc::mount(s.as_ptr(), d.as_ptr(), t.as_ptr(), flags, o.as_ptr().cast()) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            return Ok(());
+        }
+        return Err(format!("mount {fstype} {src:?} on {dir}: {e}"));
+    }
+    Ok(())
+}
+
+fn mount_basics() -> Result<(), String> {
+    let nosuid = libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_NODEV;
+    if !std::path::Path::new("/proc/self").exists() {
+        mount("proc", "/proc", "proc", nosuid, "")?;
+    }
+    if !std::path::Path::new("/sys/kernel").exists() {
+        mount("sysfs", "/sys", "sysfs", nosuid, "")?;
+    }
+    if !std::path::Path::new("/dev/null").exists() {
+        mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755")?;
+    }
+    mount(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=1777",
+    )?;
+    mount(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=0755",
+    )?;
+    Ok(())
+}
+
+fn open_console() {
+    if CONSOLE_FD.load(Ordering::Relaxed) >= 0 {
+        return;
+    }
+    if TEST_MODE.load(Ordering::Relaxed) {
+        // SAFETY: dup of the inherited stderr; -1 on failure is handled by say().
+        CONSOLE_FD.store(
+            unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3) },
+            Ordering::Relaxed,
+        );
+        return;
+    }
+    for p in [c"/dev/ttyS0", c"/dev/console"] {
+        let fd = open_path(p, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        if fd >= 0 {
+            CONSOLE_FD.store(fd, Ordering::Relaxed);
+            return;
+        }
+    }
+}
+
+/// Opens a virtio-console port for output and puts it in raw mode (no newline translation).
+fn open_raw_output(path: &CStr) -> Option<i32> {
+    let fd = open_path(path, libc::O_WRONLY | libc::O_NOCTTY | libc::O_CLOEXEC);
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: termios is plain data; tcgetattr fills it for a valid fd.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is open and t is a valid termios to fill / read.
+    unsafe {
+        if libc::tcgetattr(fd, &mut t) == 0 {
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(fd, libc::TCSANOW, &t);
+        }
+    }
+    Some(fd)
+}
+
+fn read_job() -> Result<Job, String> {
+    let bytes = std::fs::read(jobspec::JOB_PATH)
+        .map_err(|e| format!("cannot read {}: {e}", jobspec::JOB_PATH))?;
+    Job::decode(&bytes).map_err(|e| format!("bad {}: {e}", jobspec::JOB_PATH))
+}
+
+fn mount_shares(job: &Job) -> Result<(), String> {
+    for s in &job.shares {
+        let (flags, cache) = if s.read_only {
+            (libc::MS_RDONLY, "loose")
+        } else {
+            (0, "none")
+        };
+        let opts = format!("trans=virtio,version=9p2000.L,msize=512000,cache={cache}");
+        mount(&s.tag, &s.mount_point, "9p", flags, &opts)?;
+    }
+    Ok(())
+}
+
+/// Everything the child needs, prepared before `fork` so the child does not allocate.
+struct Exec {
+    /// Candidate full paths to try in order (one if argv[0] has a slash).
+    candidates: Vec<CString>,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    cwd: Option<CString>,
+    name: String,
+    interactive: bool,
+}
+
+fn prepare_exec(job: &Job) -> Result<Exec, String> {
+    let interactive = job.argv.is_empty();
+    let argv_s: Vec<String> = if interactive {
+        let shell = if std::path::Path::new("/bin/bash").exists() || find_in_path("bash") {
+            "bash"
+        } else {
+            "sh"
+        };
+        vec![shell.to_string()]
+    } else {
+        job.argv.clone()
+    };
+    let name = argv_s[0].clone();
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), GUEST_PATH.into()),
+        ("HOME".into(), "/root".into()),
+    ];
+    if interactive {
+        env.push(("TERM".into(), "linux".into()));
+    }
+    for (k, v) in &job.env {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.clone(), v.clone()));
+    }
+    let path_var = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let candidates = if name.contains('/') {
+        vec![cstr(&name)?]
+    } else {
+        path_var
+            .split(':')
+            .map(|d| if d.is_empty() { "." } else { d })
+            .map(|d| cstr(&format!("{d}/{name}")))
+            .collect::<Result<_, _>>()?
+    };
+    Ok(Exec {
+        candidates,
+        argv: argv_s.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?,
+        envp: env
+            .iter()
+            .map(|(k, v)| cstr(&format!("{k}={v}")))
+            .collect::<Result<_, _>>()?,
+        cwd: job.cwd.as_deref().map(cstr).transpose()?,
+        name,
+        interactive,
+    })
+}
+
+fn find_in_path(name: &str) -> bool {
+    GUEST_PATH
+        .split(':')
+        .any(|d| std::path::Path::new(d).join(name).exists())
+}
+
+/// Runs in the forked child: sets up stdio and execs; never returns.
+fn child(exec: &Exec, out_fd: i32, err_fd: i32, null_fd: i32, tty_fd: i32) -> ! {
+    // SAFETY: plain syscalls on fds owned by this process; the child is single-threaded.
+    unsafe {
+        libc::setsid();
+        if exec.interactive {
+            libc::dup2(tty_fd, 0);
+            libc::dup2(tty_fd, 1);
+            libc::dup2(tty_fd, 2);
+            libc::ioctl(0, libc::TIOCSCTTY, 1);
+        } else {
+            libc::dup2(null_fd, 0);
+            libc::dup2(out_fd, 1);
+            libc::dup2(err_fd, 2);
+        }
+    }
+    let fail = |code: i32, msg: &[u8]| -> ! {
+        let mut line = Vec::with_capacity(64);
+        line.extend_from_slice(b"bootbox: ");
+        line.extend_from_slice(msg);
+        line.push(b'\n');
+        write_all(2, &line);
+        // SAFETY: _exit never returns and is async-signal-safe.
+        unsafe { libc::_exit(code) }
+    };
+    if let Some(cwd) = &exec.cwd {
+        // SAFETY: cwd is a valid NUL-terminated string.
+        if unsafe { libc::chdir(cwd.as_ptr()) } != 0 {
+            let mut m = cwd.as_bytes().to_vec();
+            m.extend_from_slice(b": cannot change directory: ");
+            m.extend_from_slice(errno_str().as_bytes());
+            fail(i32::from(STATUS_INIT_FAILURE), &m);
+        }
+    }
+    let mut argv: Vec<*const libc::c_char> = exec.argv.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = exec.envp.iter().map(|a| a.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    let mut denied = None;
+    for cand in &exec.candidates {
+        // SAFETY: argv/envp are NULL-terminated arrays of valid C strings that outlive the call.
+        unsafe { libc::execve(cand.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOENT) | Some(libc::ENOTDIR) => continue,
+            Some(libc::ENOEXEC) => {
+                // A script without #!: run it with sh, as shells do.
+                let mut sh_argv: Vec<*const libc::c_char> = vec![c"sh".as_ptr(), cand.as_ptr()];
+                sh_argv.extend(argv.iter().skip(1));
+                // SAFETY: as above; sh_argv ends with the NULL taken from argv.
+                unsafe { libc::execve(c"/bin/sh".as_ptr(), sh_argv.as_ptr(), envp.as_ptr()) };
+                denied = Some(e);
+            }
+            _ => {
+                if denied.is_none() {
+                    denied = Some(e);
+                }
+            }
+        }
+    }
+    let mut m = exec.name.as_bytes().to_vec();
+    match denied {
+        Some(e) => {
+            m.extend_from_slice(b": ");
+            m.extend_from_slice(e.to_string().as_bytes());
+            fail(126, &m)
+        }
+        None => {
+            m.extend_from_slice(if exec.name.contains('/') {
+                b": No such file or directory".as_slice()
+            } else {
+                b": command not found".as_slice()
+            });
+            fail(127, &m)
+        }
+    }
+}
+
+fn status_code(status: i32) -> u8 {
+    if libc::WIFEXITED(status) {
+        (libc::WEXITSTATUS(status) & 0xff) as u8
+    } else if libc::WIFSIGNALED(status) {
+        (128 + libc::WTERMSIG(status)).clamp(0, 255) as u8
+    } else {
+        STATUS_INIT_FAILURE
+    }
+}
+
+/// Waits for the job, reaping every other child on the way. After the job ends, remaining
+/// processes are killed and reaped so nothing writes to shares after the final sync.
+fn wait_job(pid: libc::pid_t) -> u8 {
+    let mut code = None;
+    while code.is_none() {
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into a valid local.
+        let r = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if r == pid {
+            code = Some(status_code(status));
+        } else if r < 0 {
+            match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                _ => code = Some(STATUS_INIT_FAILURE),
+            }
+        }
+    }
+    // SAFETY: kill(-1) signals every process except init itself; waitpid reaps them.
+    unsafe {
+        libc::kill(-1, libc::SIGKILL);
+        let mut status = 0;
+        loop {
+            let r = libc::waitpid(-1, &mut status, 0);
+            if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break;
+            }
+        }
+    }
+    code.unwrap_or(STATUS_INIT_FAILURE)
+}
+
+fn run() -> Result<u8, String> {
+    mount_basics()?;
+    open_console();
+    // The console is up now: retry /dev/port if ioperm was not available earlier.
+    if PORT_MODE.load(Ordering::Relaxed) == 0 && !TEST_MODE.load(Ordering::Relaxed) {
+        setup_ports();
+    }
+    let job = read_job()?;
+    mount_shares(&job)?;
+    phase(PHASE_SHARES_MOUNTED);
+
+    let con = CONSOLE_FD.load(Ordering::Relaxed);
+    let test = TEST_MODE.load(Ordering::Relaxed);
+    let out_fd = (!test)
+        .then(|| open_raw_output(c"/dev/hvc0"))
+        .flatten()
+        .unwrap_or(con);
+    let err_fd = (!test)
+        .then(|| open_raw_output(c"/dev/hvc1"))
+        .flatten()
+        .unwrap_or(out_fd);
+    if err_fd != con {
+        ERR_FD.store(err_fd, Ordering::Relaxed);
+    }
+    let null_fd = open_path(c"/dev/null", libc::O_RDWR | libc::O_CLOEXEC);
+    if null_fd < 0 {
+        return Err(format!("cannot open /dev/null: {}", errno_str()));
+    }
+    let tty_fd = if job.argv.is_empty() && !TEST_MODE.load(Ordering::Relaxed) {
+        open_path(
+            c"/dev/ttyS0",
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    } else {
+        -1
+    };
+    let tty_fd = if tty_fd >= 0 { tty_fd } else { con };
+    let exec = prepare_exec(&job)?;
+
+    // SAFETY: the init is single-threaded; the child only uses prepared data and syscalls.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", errno_str()));
+    }
+    if pid == 0 {
+        child(&exec, out_fd, err_fd, null_fd, tty_fd);
+    }
+    phase(PHASE_JOB_STARTED);
+    let code = wait_job(pid);
+    // Push any output still queued in the tty layers to the devices before reporting.
+    for fd in [out_fd, err_fd] {
+        if fd >= 0 {
+            // SAFETY: tcdrain on an fd we own; errors (not a tty) are harmless.
+            unsafe { libc::tcdrain(fd) };
+        }
+    }
+    Ok(code)
+}
+
+fn finish(code: u8) -> ! {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    if TEST_MODE.load(Ordering::Relaxed) {
+        say(&format!("exit status {code}"));
+        std::process::exit(i32::from(code));
+    }
+    port_out(EXIT_PORT, code);
+    // Only reached if the VMM did not stop the VM on the exit port.
+    // SAFETY: reboot ends the VM; PID 1 has CAP_SYS_BOOT.
+    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+    loop {
+        // SAFETY: pause just sleeps until a signal.
+        unsafe { libc::pause() };
+    }
+}
+
+fn main() {
+    // SAFETY: getpid has no preconditions.
+    if unsafe { libc::getpid() } != 1 {
+        eprintln!(
+            "bootbox-init: this is the init of the bootbox appliance and must run as PID 1 inside the VM; \
+             it is not meant to be started on the host"
+        );
+        std::process::exit(2);
+    }
+    if std::path::Path::new(TEST_MODE_FLAG).exists() {
+        TEST_MODE.store(true, Ordering::Relaxed);
+        open_console();
+    } else {
+        setup_ports();
+    }
+    phase(PHASE_INIT_STARTED);
+    let code = match run() {
+        Ok(code) => {
+            phase(PHASE_JOB_FINISHED);
+            code
+        }
+        Err(msg) => {
+            say(&msg);
+            STATUS_INIT_FAILURE
+        }
+    };
+    finish(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_status_mapping() {
+        assert_eq!(status_code(0), 0);
+        assert_eq!(status_code(3 << 8), 3);
+        assert_eq!(status_code(libc::SIGKILL), 128 + 9);
+    }
+
+    #[test]
+    fn exec_plan_for_a_plain_command() {
+        let job = Job {
+            argv: vec!["find".into(), "/share".into()],
+            env: vec![("PATH".into(), "/x:/y".into()), ("A".into(), "b".into())],
+            cwd: Some("/share".into()),
+            shares: vec![],
+        };
+        let e = prepare_exec(&job).unwrap();
+        assert_eq!(
+            e.candidates,
+            vec![cstr("/x/find").unwrap(), cstr("/y/find").unwrap()]
+        );
+        assert!(e.envp.contains(&cstr("HOME=/root").unwrap()));
+        assert!(e.envp.contains(&cstr("A=b").unwrap()));
+        assert!(!e
+            .envp
+            .iter()
+            .any(|v| v.as_bytes().starts_with(b"PATH=/usr")));
+        assert!(!e.interactive);
+    }
+
+    #[test]
+    fn exec_plan_for_interactive_shell_sets_term() {
+        let e = prepare_exec(&Job::default()).unwrap();
+        assert!(e.interactive);
+        assert!(e.envp.contains(&cstr("TERM=linux").unwrap()));
+        assert!(e.name == "bash" || e.name == "sh");
+    }
+}
