@@ -1,0 +1,156 @@
+//! Shared helpers for the p9 integration tests: temporary trees and direct calls to
+//! `Server::handle`.
+
+#![allow(dead_code)]
+
+use p9::wire::{self, Rmessage, Tmessage, WalkNames};
+use p9::{Config, Server, VecReply};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// A temporary directory removed on drop.
+pub struct TempTree {
+    pub path: PathBuf,
+}
+
+impl TempTree {
+    pub fn new(tag: &str) -> TempTree {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "p9-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempTree { path }
+    }
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.path.join(p)
+    }
+    pub fn file(&self, p: &str, data: &[u8]) -> PathBuf {
+        let f = self.join(p);
+        if let Some(d) = f.parent() {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(&f, data).unwrap();
+        f
+    }
+}
+
+impl Drop for TempTree {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A server plus helpers that encode requests and decode replies.
+pub struct Harness {
+    pub srv: Arc<Server>,
+    tag: u16,
+}
+
+pub const ROOT: u32 = 1;
+
+impl Harness {
+    pub fn new(root: &Path, config: Config) -> Harness {
+        let srv = Server::new(root, config).unwrap();
+        let mut h = Harness { srv, tag: 0 };
+        match h.call(&Tmessage::Version { msize: 65536, version: b"9P2000.L" }) {
+            Ok(Rmessage::Version { msize: 65536, .. }) => {}
+            other => panic!("version failed: {other:?}"),
+        }
+        match h.call(&Tmessage::Attach { fid: ROOT, afid: wire::NOFID, uname: b"root", aname: b"", n_uname: 0 }) {
+            Ok(Rmessage::Attach { .. }) => {}
+            other => panic!("attach failed: {other:?}"),
+        }
+        h
+    }
+
+    /// Sends raw bytes; returns the raw reply.
+    pub fn raw(&self, req: &[u8]) -> Vec<u8> {
+        let mut r = VecReply::new(self.srv.msize() as usize);
+        let n = self.srv.handle(req, &mut r);
+        r.as_slice()[..n].to_vec()
+    }
+
+    /// Calls with a fresh tag, checks the tag of the reply, and maps Rlerror to Err(errno).
+    pub fn call(&mut self, m: &Tmessage<'_>) -> Result<Rmessage, i32> {
+        self.tag = self.tag.wrapping_add(1) % 0xff00;
+        let mut b = Vec::new();
+        m.encode(self.tag, &mut b);
+        let rep = self.raw(&b);
+        let (tag, r) = Rmessage::decode(&rep).expect("server reply must decode");
+        assert_eq!(tag, self.tag, "reply tag must match request tag");
+        match r {
+            Rmessage::Lerror { ecode } => Err(ecode as i32),
+            r => Ok(r),
+        }
+    }
+
+    pub fn walk(&mut self, fid: u32, newfid: u32, names: &[&str]) -> Result<Vec<wire::Qid>, i32> {
+        let b: Vec<&[u8]> = names.iter().map(|s| s.as_bytes()).collect();
+        match self.call(&Tmessage::Walk { fid, newfid, names: WalkNames::new(&b).unwrap() })? {
+            Rmessage::Walk { qids } => Ok(qids),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Walks from the root to a fresh fid and returns it.
+    pub fn walk_to(&mut self, newfid: u32, path: &str) -> Result<u32, i32> {
+        let names: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let q = self.walk(ROOT, newfid, &names)?;
+        if q.len() != names.len() {
+            return Err(libc::ENOENT);
+        }
+        Ok(newfid)
+    }
+
+    pub fn getattr(&mut self, fid: u32) -> Result<wire::Attr, i32> {
+        match self.call(&Tmessage::Getattr { fid, mask: wire::GETATTR_BASIC })? {
+            Rmessage::Getattr(a) => Ok(a),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    pub fn lopen(&mut self, fid: u32, flags: u32) -> Result<wire::Qid, i32> {
+        match self.call(&Tmessage::Lopen { fid, flags })? {
+            Rmessage::Lopen { qid, .. } => Ok(qid),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    pub fn read(&mut self, fid: u32, offset: u64, count: u32) -> Result<Vec<u8>, i32> {
+        match self.call(&Tmessage::Read { fid, offset, count })? {
+            Rmessage::Read { data } => Ok(data),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    pub fn readdir_all(&mut self, fid: u32, count: u32) -> Result<Vec<wire::DirEntry>, i32> {
+        let mut all = Vec::new();
+        let mut offset = 0;
+        loop {
+            let data = match self.call(&Tmessage::Readdir { fid, offset, count })? {
+                Rmessage::Readdir { data } => data,
+                other => panic!("unexpected {other:?}"),
+            };
+            let e = wire::parse_dirents(&data).unwrap();
+            match e.last() {
+                None => return Ok(all),
+                Some(l) => offset = l.offset,
+            }
+            all.extend(e);
+        }
+    }
+
+    pub fn clunk(&mut self, fid: u32) -> Result<(), i32> {
+        self.call(&Tmessage::Clunk { fid }).map(|_| ())
+    }
+}
+
+pub fn ino(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p).unwrap().ino()
+}
