@@ -159,7 +159,7 @@ pub fn walk(
             }
             let entries = desc.len / DESC_SIZE as u32;
             if desc.len == 0
-                || u64::from(desc.len) % DESC_SIZE != 0
+                || u64::from(desc.len) & (DESC_SIZE - 1) != 0
                 || entries > MAX_CHAIN_DESCRIPTORS
             {
                 return Err(ChainError::BadIndirectLength { len: desc.len });

@@ -426,7 +426,7 @@ impl MmioTransport {
             return;
         }
         match offset {
-            REG_QUEUE_NUM => q.size = u16::try_from(value).unwrap_or(0).min(u16::MAX),
+            REG_QUEUE_NUM => q.size = u16::try_from(value).unwrap_or(0),
             REG_QUEUE_DESC_LOW => set_low(&mut q.desc, value),
             REG_QUEUE_DESC_HIGH => set_high(&mut q.desc, value),
             REG_QUEUE_AVAIL_LOW => set_low(&mut q.avail, value),
@@ -665,7 +665,7 @@ fn validate_queue(mem: &GuestMemoryMmap, q: &QueueConfig, ready: u32) -> Result<
         ("used ring", q.used, 4, 6 + 8 * n),
     ];
     for (what, addr, align, len) in areas {
-        if addr % align != 0 {
+        if addr & (align - 1) != 0 {
             return Err(format!("{what} at {addr:#x} is not {align}-byte aligned"));
         }
         if !mem.check_range(GuestAddress(addr), len as usize) {
@@ -747,7 +747,7 @@ impl BusDevice for MmioTransport {
             state.device.read_config(offset - CONFIG_SPACE, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || offset & 3 != 0 {
             log::warn!(
                 "virtio-{}: {}-byte read at register {offset:#x}; registers are 32-bit",
                 self.name,
@@ -774,7 +774,7 @@ impl BusDevice for MmioTransport {
             );
             return;
         };
-        if offset % 4 != 0 {
+        if offset & 3 != 0 {
             log::warn!(
                 "virtio-{}: unaligned register write at {offset:#x}",
                 self.name
