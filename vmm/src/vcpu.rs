@@ -20,6 +20,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 /// How a run ends: the first outcome reported wins; everything after it is ignored.
 pub struct RunControl {
     stopping: AtomicBool,
+    stop_requested: AtomicBool,
     outcome: Mutex<Option<Result<GuestExit, VmError>>>,
     cond: Condvar,
     /// Readable once the run is ending; wakes the event loop.
@@ -30,6 +31,7 @@ impl RunControl {
     pub fn new() -> Result<Arc<Self>, VmError> {
         Ok(Arc::new(RunControl {
             stopping: AtomicBool::new(false),
+            stop_requested: AtomicBool::new(false),
             outcome: Mutex::new(None),
             cond: Condvar::new(),
             wake: EventFd::new(libc::EFD_NONBLOCK)
@@ -49,6 +51,18 @@ impl RunControl {
         self.stopping.store(true, Ordering::SeqCst);
         self.cond.notify_all();
         let _ = self.wake.write(1);
+    }
+
+    /// Asks the event loop to end the run with [`GuestExit::Stopped`]. Async-signal-safe: an
+    /// atomic store and an eventfd write, no locks.
+    pub fn request_stop(&self) {
+        self.stop_requested.store(true, Ordering::SeqCst);
+        let _ = self.wake.write(1);
+    }
+
+    /// Whether [`RunControl::request_stop`] was called.
+    pub fn stop_requested(&self) -> bool {
+        self.stop_requested.load(Ordering::SeqCst)
     }
 
     /// Whether the run is ending.
@@ -323,14 +337,14 @@ mod tests {
         }
     }
 
-    /// Runs real-mode `code` at 0x1000 on a VM without in-kernel irqchip.
-    fn run_real_mode(
-        code: &[u8],
-    ) -> Option<(
+    type RealModeResult = (
         Result<GuestExit, VmError>,
         Vec<(u64, Vec<u8>)>,
         Option<crate::stats::Report>,
-    )> {
+    );
+
+    /// Runs real-mode `code` at 0x1000 on a VM without in-kernel irqchip.
+    fn run_real_mode(code: &[u8]) -> Option<RealModeResult> {
         let kvm = match Kvm::new() {
             Ok(k) => k,
             Err(e) => {

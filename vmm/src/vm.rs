@@ -182,9 +182,11 @@ fn cpuinfo_has_virt(cpuinfo: &str) -> bool {
 pub struct StopHandle(Arc<RunControl>);
 
 impl StopHandle {
-    /// Ends the run with [`GuestExit::Stopped`] (no effect once the run has an outcome).
+    /// Ends the run with [`GuestExit::Stopped`] (no effect once the run has an outcome). Only
+    /// sets a flag and writes an eventfd, so it is safe to call from a signal handler; the
+    /// VM's event loop turns the request into the outcome.
     pub fn stop(&self) {
-        self.0.finish(Ok(GuestExit::Stopped));
+        self.0.request_stop();
     }
 }
 
@@ -475,6 +477,12 @@ impl MutEventSubscriber for ControlSubscriber {
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.control.wake.as_raw_fd() {
+            let _ = self.control.wake.read();
+            if self.control.stop_requested() {
+                self.control.finish(Ok(GuestExit::Stopped));
+            }
+        }
         if let Some(t) = &mut self.timer {
             if events.fd() == t.as_raw_fd() {
                 let _ = t.wait();
@@ -495,12 +503,18 @@ impl MutEventSubscriber for StdinSubscriber {
         let _ = ops.add(Events::new_raw(libc::STDIN_FILENO, EventSet::IN));
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
+    fn process(&mut self, _events: Events, ops: &mut EventOps) {
         let mut buf = [0u8; 64];
         // SAFETY: reading into a stack buffer of the given length from fd 0.
         let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 || events.event_set().contains(EventSet::HANG_UP) && n <= 0 {
-            // EOF or error: stop watching stdin so the loop does not spin.
+        if n < 0 {
+            let errno = std::io::Error::last_os_error().raw_os_error();
+            if matches!(errno, Some(libc::EINTR) | Some(libc::EAGAIN)) {
+                return;
+            }
+        }
+        if n <= 0 {
+            // EOF or a hard error: stop watching stdin so the loop does not spin.
             let _ = ops.remove(Events::new_raw(libc::STDIN_FILENO, EventSet::IN));
             return;
         }

@@ -145,7 +145,7 @@ mod tests {
                 w[1]
             );
         }
-        assert!(MPTABLE_START + 0x400 <= 0xa0000);
+        const { assert!(MPTABLE_START + 0x400 <= 0xa0000) };
     }
 
     #[test]

@@ -1,0 +1,387 @@
+//! Tiny hand-made guests run on this machine's /dev/kvm through the public `Vm` API: a PVH ELF
+//! "kernel" (32-bit entry), an ELF without PVH note (64-bit entry with page tables and zero
+//! page) and a minimal bzImage. They exercise the real loader, boot structures, register setup,
+//! serial capture, the exit/phase ports, unmapped MMIO, reset, timeout and stop. Each test skips
+//! (saying why) only when /dev/kvm cannot be opened.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use vmm::{ConsoleSink, GuestExit, InitrdPart, PhaseLog, Vm, VmConfig, VmError};
+
+const LOAD_ADDR: u64 = 0x10_0000;
+
+fn kvm_available() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("skipping: cannot open /dev/kvm: {e}");
+            false
+        }
+    }
+}
+
+/// A tiny x86 assembler for the handful of instructions the guests use. `mov dx, imm16` etc.
+/// are encoded for 32-bit mode; the same bytes mean the same in 64-bit mode.
+#[derive(Default)]
+struct Asm(Vec<u8>);
+
+impl Asm {
+    fn out(mut self, port: u16, value: u8) -> Self {
+        self.0.extend_from_slice(&[0x66, 0xba]);
+        self.0.extend_from_slice(&port.to_le_bytes());
+        self.0.extend_from_slice(&[0xb0, value, 0xee]);
+        self
+    }
+    fn serial(mut self, text: &[u8]) -> Self {
+        for b in text {
+            self = self.out(0x3f8, *b);
+        }
+        self
+    }
+    fn raw(mut self, bytes: &[u8]) -> Self {
+        self.0.extend_from_slice(bytes);
+        self
+    }
+    /// Unless the preceding compare was equal, report `status` on the exit port.
+    fn fail_unless_equal(self, status: u8) -> Self {
+        let bail = Asm::default().out(0x600, status).0;
+        self.raw(&[0x74, bail.len() as u8]).raw(&bail)
+    }
+    fn halt_forever(self) -> Self {
+        self.raw(&[0xf4, 0xeb, 0xfd])
+    }
+}
+
+fn push_u16(v: &mut Vec<u8>, x: u16) {
+    v.extend_from_slice(&x.to_le_bytes());
+}
+fn push_u32(v: &mut Vec<u8>, x: u32) {
+    v.extend_from_slice(&x.to_le_bytes());
+}
+fn push_u64(v: &mut Vec<u8>, x: u64) {
+    v.extend_from_slice(&x.to_le_bytes());
+}
+
+/// An ELF64 executable with `code` loaded at 1 MiB; with `pvh`, a Xen PHYS32_ENTRY note
+/// pointing at the code.
+fn elf_kernel(code: &[u8], pvh: bool) -> Vec<u8> {
+    let phnum: u16 = if pvh { 2 } else { 1 };
+    let code_off = 0x1000u64;
+    let note_off = 0x800u64;
+    let mut f = Vec::new();
+    f.extend_from_slice(b"\x7fELF");
+    f.extend_from_slice(&[2, 1, 1, 0]);
+    f.extend_from_slice(&[0; 8]);
+    push_u16(&mut f, 2); // ET_EXEC
+    push_u16(&mut f, 0x3e); // x86-64
+    push_u32(&mut f, 1);
+    push_u64(&mut f, LOAD_ADDR); // e_entry
+    push_u64(&mut f, 64); // e_phoff
+    push_u64(&mut f, 0); // e_shoff
+    push_u32(&mut f, 0);
+    push_u16(&mut f, 64);
+    push_u16(&mut f, 56);
+    push_u16(&mut f, phnum);
+    push_u16(&mut f, 64);
+    push_u16(&mut f, 0);
+    push_u16(&mut f, 0);
+    // PT_LOAD
+    push_u32(&mut f, 1);
+    push_u32(&mut f, 5);
+    push_u64(&mut f, code_off);
+    push_u64(&mut f, LOAD_ADDR);
+    push_u64(&mut f, LOAD_ADDR);
+    push_u64(&mut f, code.len() as u64);
+    push_u64(&mut f, code.len() as u64 + 0x1000); // some bss
+    push_u64(&mut f, 0x1000);
+    let mut note = Vec::new();
+    push_u32(&mut note, 4); // namesz
+    push_u32(&mut note, 8); // descsz
+    push_u32(&mut note, 18); // XEN_ELFNOTE_PHYS32_ENTRY
+    note.extend_from_slice(b"Xen\0");
+    push_u64(&mut note, LOAD_ADDR);
+    if pvh {
+        push_u32(&mut f, 4); // PT_NOTE
+        push_u32(&mut f, 4);
+        push_u64(&mut f, note_off);
+        push_u64(&mut f, 0);
+        push_u64(&mut f, 0);
+        push_u64(&mut f, note.len() as u64);
+        push_u64(&mut f, note.len() as u64);
+        push_u64(&mut f, 4);
+    }
+    f.resize(note_off as usize, 0);
+    f.extend_from_slice(&note);
+    f.resize(code_off as usize, 0);
+    f.extend_from_slice(code);
+    f
+}
+
+/// A minimal bzImage: one setup sector with a boot-protocol 2.15 header, then the
+/// "protected-mode kernel" whose 64-bit entry is at offset 0x200.
+fn bzimage_kernel(code64: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; 1024];
+    f[0x1f1] = 1; // setup_sects
+    f[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    f[0x202..0x206].copy_from_slice(b"HdrS");
+    f[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    f[0x211] = 1; // loadflags: LOADED_HIGH
+    f[0x214..0x218].copy_from_slice(&(LOAD_ADDR as u32).to_le_bytes());
+    let mut kernel = vec![0xf4u8; 0x200]; // hlt sled before startup_64
+    kernel.extend_from_slice(code64);
+    f.extend_from_slice(&kernel);
+    f
+}
+
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(tag: &str, bytes: &[u8]) -> Self {
+        let p = std::env::temp_dir().join(format!("vmm-tiny-{tag}-{}", std::process::id()));
+        std::fs::write(&p, bytes).unwrap();
+        TempFile(p)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn config(kernel: &TempFile, cmdline: &str) -> VmConfig {
+    let mut c = VmConfig::new(&kernel.0, cmdline);
+    c.mem_mib = 64;
+    c.console = ConsoleSink::Capture;
+    c.timeout = Some(Duration::from_secs(60));
+    c
+}
+
+fn run(c: VmConfig) -> Result<vmm::RunOutcome, VmError> {
+    Vm::new(c, PhaseLog::new(Instant::now()))?.run()
+}
+
+/// The PVH guest: phase 1, "hi\n", checks the start info magic, prints the first two initrd
+/// bytes and the first two command-line bytes, touches unmapped MMIO, phase 3, exit 42.
+fn pvh_guest_code() -> Vec<u8> {
+    Asm::default()
+        .out(0x610, 1)
+        .serial(b"hi\n")
+        .raw(&[0x81, 0x3b, 0x78, 0xc5, 0x6e, 0x33]) // cmp dword [ebx], 0x336ec578
+        .fail_unless_equal(99)
+        .raw(&[0x66, 0xba, 0xf8, 0x03]) // mov dx, 0x3f8
+        .raw(&[0x8b, 0x73, 0x10, 0x8b, 0x36]) // mov esi, [ebx+16]; mov esi, [esi]
+        .raw(&[0x8a, 0x06, 0xee, 0x8a, 0x46, 0x01, 0xee]) // out [esi], [esi+1]
+        .raw(&[0x8b, 0x73, 0x18]) // mov esi, [ebx+24]
+        .raw(&[0x8a, 0x06, 0xee, 0x8a, 0x46, 0x01, 0xee])
+        .raw(&[0xa1, 0x00, 0x00, 0x00, 0xe0]) // mov eax, [0xe0000000]
+        .raw(&[0xa3, 0x00, 0x10, 0x00, 0xe0]) // mov [0xe0001000], eax
+        .raw(&[0x3d, 0xff, 0xff, 0xff, 0xff]) // cmp eax, 0xffffffff
+        .fail_unless_equal(98)
+        .out(0x610, 3)
+        .out(0x600, 42)
+        .halt_forever()
+        .0
+}
+
+#[test]
+fn pvh_elf_guest_runs_end_to_end() {
+    if !kvm_available() {
+        return;
+    }
+    let kernel = TempFile::new("pvh", &elf_kernel(&pvh_guest_code(), true));
+    let part = TempFile::new("initrd-part", b"o");
+    let mut c = config(&kernel, "AB console=ttyS0");
+    c.initrd = vec![
+        InitrdPart::File(part.0.clone()),
+        InitrdPart::Bytes(b"k-rest".to_vec()),
+    ];
+    c.stats = true;
+    c.vcpus = 2;
+    let out = run(c).unwrap();
+    assert_eq!(out.exit, GuestExit::Status(42));
+    assert_eq!(String::from_utf8_lossy(&out.console_output), "hi\nokAB");
+    assert_eq!(out.console_tail, vec!["hi".to_string(), "okAB".to_string()]);
+    let events = out.phases.events();
+    let guest: Vec<_> = events
+        .iter()
+        .filter(|e| e.guest)
+        .map(|e| e.name.to_string())
+        .collect();
+    assert_eq!(guest, ["init started", "job started"]);
+    let host: Vec<_> = events
+        .iter()
+        .filter(|e| !e.guest)
+        .map(|e| e.name.to_string())
+        .collect();
+    for name in [
+        "kvm vm created",
+        "memory ready",
+        "kernel loaded",
+        "initrd loaded",
+        "first KVM_RUN",
+        "first console byte",
+        "vm exit",
+    ] {
+        assert!(
+            host.iter().any(|h| h == name),
+            "missing phase {name}: {host:?}"
+        );
+    }
+    let at = |n: &str| out.phases.get(n).unwrap();
+    assert!(at("kernel loaded") <= at("first KVM_RUN"));
+    assert!(at("first KVM_RUN") <= at("init started"));
+    assert!(at("init started") <= at("first console byte"));
+    assert!(at("job started") <= at("vm exit"));
+    let stats = out.stats.unwrap();
+    assert_eq!(stats.device_count("unmapped mmio"), 2);
+    assert_eq!(stats.device_count("serial"), 7);
+    assert_eq!(stats.device_count("exit-port"), 1);
+    assert_eq!(stats.device_count("phase-port"), 2);
+    assert!(stats.to_string().contains("mmio-read"));
+    assert!(!out.kvm_hardware || vmm::kvm_is_hardware_accelerated());
+}
+
+#[test]
+fn long_mode_elf_guest_gets_the_zero_page() {
+    if !kvm_available() {
+        return;
+    }
+    let code = Asm::default()
+        // cmp dword [rsi+0x202], "HdrS"
+        .raw(&[0x81, 0xbe, 0x02, 0x02, 0x00, 0x00])
+        .raw(b"HdrS")
+        .fail_unless_equal(97)
+        // cmp byte [rsi+0x210], 0xff (type_of_loader)
+        .raw(&[0x80, 0xbe, 0x10, 0x02, 0x00, 0x00, 0xff])
+        .fail_unless_equal(96)
+        // cmp byte [rsi+0x1e8], 3 (e820 entries)
+        .raw(&[0x80, 0xbe, 0xe8, 0x01, 0x00, 0x00, 0x03])
+        .fail_unless_equal(95)
+        .serial(b"64\n")
+        .out(0x600, 7)
+        .halt_forever()
+        .0;
+    let kernel = TempFile::new("elf64", &elf_kernel(&code, false));
+    let out = run(config(&kernel, "console=ttyS0")).unwrap();
+    assert_eq!(out.exit, GuestExit::Status(7));
+    assert_eq!(out.console_output, b"64\n");
+}
+
+#[test]
+fn bzimage_guest_keeps_its_setup_header() {
+    if !kvm_available() {
+        return;
+    }
+    let code = Asm::default()
+        .raw(&[0x80, 0xbe, 0xf1, 0x01, 0x00, 0x00, 0x01]) // cmp byte [rsi+0x1f1], 1
+        .fail_unless_equal(94)
+        .out(0x600, 5)
+        .halt_forever()
+        .0;
+    let kernel = TempFile::new("bz", &bzimage_kernel(&code));
+    let out = run(config(&kernel, "console=ttyS0")).unwrap();
+    assert_eq!(out.exit, GuestExit::Status(5));
+}
+
+#[test]
+fn i8042_reset_ends_the_run() {
+    if !kvm_available() {
+        return;
+    }
+    let code = Asm::default()
+        .serial(b"bye")
+        .out(0x64, 0xfe)
+        .halt_forever()
+        .0;
+    let kernel = TempFile::new("reset", &elf_kernel(&code, true));
+    let out = run(config(&kernel, "")).unwrap();
+    assert_eq!(out.exit, GuestExit::Reset);
+    assert_eq!(out.console_tail, vec!["bye".to_string()]);
+}
+
+#[test]
+fn halted_guest_runs_into_the_timeout() {
+    if !kvm_available() {
+        return;
+    }
+    // cli; hlt: with the in-kernel irqchip KVM keeps the vCPU halted, so only the timeout ends it.
+    let code = Asm::default().serial(b"zz").raw(&[0xfa]).halt_forever().0;
+    let kernel = TempFile::new("hlt", &elf_kernel(&code, true));
+    let mut c = config(&kernel, "");
+    c.timeout = Some(Duration::from_millis(300));
+    let out = run(c).unwrap();
+    assert_eq!(out.exit, GuestExit::Timeout);
+    assert_eq!(out.console_output, b"zz");
+}
+
+#[test]
+fn stop_handle_ends_a_spinning_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let code = Asm::default().out(0x610, 1).raw(&[0xeb, 0xfe]).0; // jmp $
+    let kernel = TempFile::new("spin", &elf_kernel(&code, true));
+    let mut c = config(&kernel, "");
+    c.vcpus = 2;
+    let vm = Vm::new(c, PhaseLog::new(Instant::now())).unwrap();
+    let stop = vm.stop_handle();
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        stop.stop();
+    });
+    let out = vm.run().unwrap();
+    stopper.join().unwrap();
+    assert_eq!(out.exit, GuestExit::Stopped);
+}
+
+#[test]
+fn triple_fault_is_reported_with_the_location() {
+    if !kvm_available() {
+        return;
+    }
+    // ud2 with an IDT of one not-present gate: #UD -> #NP -> #DF -> shutdown.
+    let code = Asm::default().raw(&[0x0f, 0x0b]).0;
+    let kernel = TempFile::new("ud2", &elf_kernel(&code, true));
+    let vm = Vm::new(config(&kernel, ""), PhaseLog::new(Instant::now())).unwrap();
+    let console = vm.console_handle();
+    let err = vm.run().unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, VmError::TripleFault { .. }), "{msg}");
+    assert!(msg.contains("vCPU 0 at RIP"), "{msg}");
+    assert!(console.tail().is_empty());
+}
+
+#[test]
+fn not_a_kernel_is_a_clear_error() {
+    if !kvm_available() {
+        return;
+    }
+    let kernel = TempFile::new("junk", b"this is not a kernel, just some text\n");
+    let err = run(config(&kernel, "")).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, VmError::BadKernel { .. }), "{msg}");
+    assert!(
+        msg.contains("vmm-tiny-junk") && msg.contains("bzImage"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn initrd_that_does_not_fit_says_how_much_memory_is_needed() {
+    if !kvm_available() {
+        return;
+    }
+    let kernel = TempFile::new("small", &elf_kernel(&[0xf4], true));
+    let mut c = config(&kernel, "");
+    c.mem_mib = 32;
+    c.initrd = vec![InitrdPart::Bytes(vec![0; 40 << 20])];
+    let err = run(c).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, VmError::InitrdTooLarge { .. }), "{msg}");
+    assert!(msg.contains("at least 43 MiB"), "{msg}");
+}
