@@ -52,17 +52,9 @@ case "$mode" in
         env "${e2e_env[@]}" "$e2e_bin" --ignored --test-threads=1
         ;;
     nested)
-        tools=()
-        for t in sh bash find ls stat cat sha256sum md5sum du grep file tar head tail wc sort xargs env sleep dd mkdir touch rm cp mv ln readlink true false echo printf yes cmp diff; do
-            p=$(command -v "$t" || true)
-            case "$p" in /*) tools+=(--mirror "$p") ;; esac
-        done
-        for f in /usr/share/misc/magic.mgc /usr/lib/file/magic.mgc /etc/ld.so.conf /etc/ld.so.conf.d; do
-            [ -e "$f" ] && tools+=(--mirror "$f")
-        done
         scripts/testhost.sh --timeout 2400 \
             --mirror "$e2e_bin" --mirror "$PWD/target/release/bootbox" --mirror "$PWD/target/release/bootbox-init" \
-            --mirror "$kernel" "${tools[@]}" \
+            --mirror "$kernel" --appliance-tools \
             -- env "${e2e_env[@]}" "$e2e_bin" --ignored --test-threads=1
         ;;
     skip)

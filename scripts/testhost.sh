@@ -4,12 +4,13 @@
 # so a VMM inside it gets a /dev/kvm that can boot a real Linux guest. Used when this
 # machine's own KVM has no hardware virtualisation (see README: "How the tests pick KVM").
 #
-#   scripts/testhost.sh [--timeout SECS] [--mem MiB] [--mirror PATH]... -- COMMAND [ARGS...]
+#   scripts/testhost.sh [--timeout SECS] [--mem MiB] [--appliance-tools] [--mirror PATH]... -- COMMAND [ARGS...]
 #
 # Every --mirror PATH (file or directory) is copied into the test host at the same absolute
 # path, and every ELF executable among them brings its shared libraries, so absolute paths
 # baked into test binaries keep working inside. COMMAND runs as root with the output on the
-# serial console, which is streamed here; this script exits with COMMAND's exit status
+# serial console, which is streamed here (--appliance-tools mirrors the programs the
+# appliance builder packs); this script exits with COMMAND's exit status
 # (or 124 when the test host times out, 125 when it failed to start).
 set -euo pipefail
 
@@ -21,6 +22,18 @@ while [ $# -gt 0 ]; do
         --timeout) timeout_secs="$2"; shift 2 ;;
         --mem) mem_mib="$2"; shift 2 ;;
         --mirror) mirrors+=("$2"); shift 2 ;;
+        --appliance-tools)
+            # The host programs the appliance builder looks for, so `bootbox run` works inside.
+            for t in sh bash dash find ls stat cat sha256sum md5sum du grep file tar head tail wc sort \
+                     xargs env sleep dd mkdir touch rm cp mv ln readlink true false echo printf yes \
+                     cmp diff dmesg uniq cut tr tee; do
+                p=$(command -v "$t" || true)
+                case "$p" in /*) mirrors+=("$p") ;; esac
+            done
+            for f in /usr/share/misc/magic.mgc /usr/lib/file/magic.mgc /etc/ld.so.conf /etc/ld.so.conf.d; do
+                [ -e "$f" ] && mirrors+=("$f")
+            done
+            shift ;;
         --) shift; break ;;
         -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "testhost: unknown argument '$1' (try --help)" >&2; exit 125 ;;

@@ -1,0 +1,138 @@
+//! The command-line grammar (clap derive).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bootbox",
+    version,
+    about = "Run filesystem inspection jobs in a disposable KVM micro-VM appliance",
+    long_about = "bootbox boots a tiny Linux appliance in its own KVM monitor, shares host \
+                  directories with it over virtio-9p (read-only by default), runs a command \
+                  inside, streams its output back and exits with its status.\n\n\
+                  Example: bootbox run --share ./tree -- find /share -type f"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run COMMAND inside the appliance with the given shares mounted (no COMMAND: a shell).
+    Run(RunArgs),
+    /// Boot a kernel and initrd directly (no appliance); exits with the guest's status.
+    Boot(BootArgs),
+    /// Boot many times and print per-phase statistics (optionally against another command).
+    Bench(BenchArgs),
+    /// Check KVM access, the guest kernel and the appliance cache, and say what to fix.
+    Doctor(DoctorArgs),
+}
+
+/// Options shared by `run` and `boot`.
+#[derive(Args, Debug, Clone)]
+pub struct VmArgs {
+    /// Guest kernel (ELF vmlinux or bzImage). Default: $BOOTBOX_KERNEL, else the newest kernel
+    /// built by scripts/build-kernel.sh in the cache.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub mem: u32,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Stop the guest after this many seconds (exit status 124).
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Print the boot phase table on stderr when the VM ends.
+    #[arg(long)]
+    pub phases: bool,
+    /// Write the run record (phases, exit, stats) as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Count VM exits, device service time and 9p requests, and print them at the end.
+    #[arg(long)]
+    pub stats: bool,
+    /// Extra kernel command-line arguments.
+    #[arg(long, value_name = "ARGS")]
+    pub append: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Share a host directory: DIR[:TAG][:ro|rw] (read-only unless :rw). One share is mounted
+    /// at /share, several at /share/TAG.
+    #[arg(long = "share", value_name = "DIR[:TAG][:ro|rw]")]
+    pub shares: Vec<String>,
+    /// Add a host program (and its libraries) to the appliance.
+    #[arg(long = "with", value_name = "PROGRAM")]
+    pub with: Vec<String>,
+    /// Set an environment variable for the job (NAME=VALUE).
+    #[arg(long = "env", short = 'e', value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory of the job inside the guest (default: /share when there is one share).
+    #[arg(long)]
+    pub workdir: Option<String>,
+    /// Show the guest kernel's console on stderr.
+    #[arg(long)]
+    pub console: bool,
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// The command to run inside the appliance, and its arguments.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BootArgs {
+    /// Initrd (cpio); give it several times to concatenate archives.
+    #[arg(long)]
+    pub initrd: Vec<PathBuf>,
+    /// Kernel command line (console=ttyS0 and virtio devices are added as needed).
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1")]
+    pub cmdline: String,
+    /// Share a host directory with the guest: HOSTDIR:TAG[:ro].
+    #[arg(long = "share", value_name = "HOSTDIR:TAG[:ro]")]
+    pub shares: Vec<String>,
+    /// Do not forward the host's stdin to the serial port.
+    #[arg(long)]
+    pub no_stdin: bool,
+    #[command(flatten)]
+    pub vm: VmArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Measured runs.
+    #[arg(long, default_value_t = 10)]
+    pub runs: usize,
+    /// Unmeasured warm-up runs first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// A second command line to time, interleaved A B A B (e.g. QEMU microvm with the same
+    /// kernel and initrd). A shell command string.
+    #[arg(long, value_name = "SHELL-COMMAND")]
+    pub compare: Option<String>,
+    /// Write all samples and the summary as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Boot with initcall_debug, collect the kernel log and list the slowest initcalls.
+    #[arg(long)]
+    pub analyze: bool,
+    /// How many of the slowest initcalls to list with --analyze.
+    #[arg(long, default_value_t = 15)]
+    pub top: usize,
+    /// The bootbox arguments to benchmark, e.g. `run --share . -- true` (default: `run -- true`).
+    #[arg(last = true, value_name = "BOOTBOX-ARGS")]
+    pub target: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DoctorArgs {
+    /// Build the guest kernel if it is missing (runs scripts/build-kernel.sh).
+    #[arg(long)]
+    pub fix: bool,
+}

@@ -1,0 +1,169 @@
+//! `bootbox doctor`: checks what a run needs (KVM access and acceleration, the guest kernel,
+//! the guest init and the appliance cache) and prints what to fix.
+
+use std::path::Path;
+
+use super::args::DoctorArgs;
+use super::{kernel, launch, EXIT_LAUNCHER};
+
+struct Check {
+    ok: bool,
+    what: String,
+    fix: Option<String>,
+}
+
+fn check_kvm() -> Vec<Check> {
+    let mut out = Vec::new();
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm");
+    out.push(match kvm {
+        Ok(_) => Check {
+            ok: true,
+            what: "/dev/kvm opens read-write".into(),
+            fix: None,
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Check {
+            ok: false,
+            what: "/dev/kvm does not exist".into(),
+            fix: Some(
+                "load the KVM module (modprobe kvm_intel or kvm_amd) or run on a KVM host".into(),
+            ),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Check {
+            ok: false,
+            what: "no permission on /dev/kvm".into(),
+            fix: Some(
+                "add yourself to group kvm (sudo usermod -aG kvm $USER, then log in again)".into(),
+            ),
+        },
+        Err(e) => Check {
+            ok: false,
+            what: format!("/dev/kvm: {e}"),
+            fix: None,
+        },
+    });
+    out.push(if vmm::vm::kvm_is_hardware_accelerated() {
+        Check { ok: true, what: "KVM is hardware-accelerated (vmx/svm present)".into(), fix: None }
+    } else {
+        Check {
+            ok: false,
+            what: "KVM has no hardware virtualisation here (no vmx/svm flag): Linux guests cannot boot directly".into(),
+            fix: Some("run on a host with VT-x/AMD-V; the test suite uses the nested test host (scripts/testhost.sh)".into()),
+        }
+    });
+    out
+}
+
+fn check_kernel(fix: bool) -> Check {
+    let found = kernel::find(None);
+    match found {
+        Ok(p) if launch::looks_like_kernel(&p) => Check {
+            ok: true,
+            what: format!("guest kernel: {}", p.display()),
+            fix: None,
+        },
+        Ok(p) => Check {
+            ok: false,
+            what: format!("{} is not an ELF vmlinux or a bzImage", p.display()),
+            fix: Some("point BOOTBOX_KERNEL at a kernel built by scripts/build-kernel.sh".into()),
+        },
+        Err(e) if fix => match build_kernel() {
+            Ok(()) => check_kernel(false),
+            Err(why) => Check {
+                ok: false,
+                what: e.to_string(),
+                fix: Some(why),
+            },
+        },
+        Err(e) => Check {
+            ok: false,
+            what: e.to_string(),
+            fix: Some("run `bootbox doctor --fix` or scripts/build-kernel.sh".into()),
+        },
+    }
+}
+
+/// Runs scripts/build-kernel.sh from the source tree this binary was built in.
+fn build_kernel() -> Result<(), String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-kernel.sh");
+    if !script.is_file() {
+        return Err(format!(
+            "{} not found: build the kernel from a bootbox checkout",
+            script.display()
+        ));
+    }
+    let status = std::process::Command::new(&script)
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} failed ({status}); see its messages above",
+            script.display()
+        ))
+    }
+}
+
+fn check_appliance() -> Vec<Check> {
+    let mut out = Vec::new();
+    match appliance::find_init() {
+        Ok(p) => out.push(Check {
+            ok: true,
+            what: format!("guest init: {}", p.display()),
+            fix: None,
+        }),
+        Err(e) => out.push(Check {
+            ok: false,
+            what: e.to_string(),
+            fix: Some("cargo build --release -p bootbox-init".into()),
+        }),
+    }
+    match appliance::default_cache_dir() {
+        Ok(dir) => {
+            let app = dir.join("appliance");
+            let n = std::fs::read_dir(&app)
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .filter(|e| e.path().extension().is_some_and(|x| x == "cpio"))
+                        .count()
+                })
+                .unwrap_or(0);
+            let writable = std::fs::create_dir_all(&app).is_ok();
+            out.push(Check {
+                ok: writable,
+                what: format!("appliance cache {}: {n} cached appliance(s)", app.display()),
+                fix: (!writable)
+                    .then(|| "make the cache directory writable or set BOOTBOX_CACHE".into()),
+            });
+        }
+        Err(e) => out.push(Check {
+            ok: false,
+            what: e.to_string(),
+            fix: None,
+        }),
+    }
+    out
+}
+
+pub fn doctor(a: DoctorArgs) -> u8 {
+    let mut checks = check_kvm();
+    checks.push(check_kernel(a.fix));
+    checks.extend(check_appliance());
+    let mut all_ok = true;
+    for c in &checks {
+        println!("[{}] {}", if c.ok { " ok " } else { "FAIL" }, c.what);
+        if let Some(f) = &c.fix {
+            println!("       fix: {f}");
+        }
+        all_ok &= c.ok;
+    }
+    if all_ok {
+        println!("bootbox is ready: try `bootbox run --share . -- find /share -maxdepth 1`");
+        0
+    } else {
+        EXIT_LAUNCHER
+    }
+}

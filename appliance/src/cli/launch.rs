@@ -1,0 +1,534 @@
+//! `bootbox run` and `bootbox boot`: turn arguments into a VM (kernel, initrd parts, devices,
+//! shares), run it with Ctrl-C handling, and turn the outcome into an exit code and a report.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use appliance::{ApplianceSpec, Job, ShareMount};
+use vmm::devices::virtio::{Virtio9p, VirtioConsole};
+use vmm::phases::PhaseLog;
+use vmm::vm::{ConsoleSink, GuestExit, InitrdPart, RunOutcome, Vm, VmConfig};
+
+use super::args::{BootArgs, RunArgs, VmArgs};
+use super::report::{vmm_peak_rss_kib, Phase, RunRecord};
+use super::{kernel, EXIT_INTERRUPTED, EXIT_LAUNCHER, EXIT_TIMEOUT};
+
+/// The kernel command line the appliance boots with. `quiet` keeps the slow UART out of the
+/// boot path; panics still print (they are above the quiet level).
+pub const APPLIANCE_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 quiet rdinit=/init tsc=reliable no_timer_check";
+
+/// A launcher failure: the message (which says what to fix) and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl<E: std::error::Error> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            code: EXIT_LAUNCHER,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn fail(message: impl Into<String>) -> Failure {
+    Failure {
+        code: EXIT_LAUNCHER,
+        message: message.into(),
+    }
+}
+
+/// One host directory shared with the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    pub dir: PathBuf,
+    pub tag: String,
+    pub read_only: bool,
+}
+
+/// Parses `DIR[:TAG][:ro|rw]` (run) or `DIR:TAG[:ro]` (boot). Read-only unless `default_ro`
+/// is false and no mode is given. Tags default to the directory's name.
+pub fn parse_share(spec: &str, default_ro: bool) -> Result<Share, Failure> {
+    let mut parts: Vec<&str> = spec.split(':').collect();
+    let mut read_only = default_ro;
+    if parts.len() > 1 {
+        match *parts.last().unwrap_or(&"") {
+            "ro" => {
+                read_only = true;
+                parts.pop();
+            }
+            "rw" => {
+                read_only = false;
+                parts.pop();
+            }
+            _ => {}
+        }
+    }
+    let (dir, tag) = match parts.as_slice() {
+        [dir] => (*dir, None),
+        [dir, tag] => (*dir, Some(*tag)),
+        _ => return Err(fail(format!("--share {spec}: expected DIR[:TAG][:ro|rw]"))),
+    };
+    if dir.is_empty() {
+        return Err(fail(format!("--share {spec}: the directory is empty")));
+    }
+    let path = PathBuf::from(dir);
+    let meta = std::fs::metadata(&path)
+        .map_err(|e| fail(format!("--share {spec}: cannot use {dir}: {e}")))?;
+    if !meta.is_dir() {
+        return Err(fail(format!("--share {spec}: {dir} is not a directory")));
+    }
+    let dir = path
+        .canonicalize()
+        .map_err(|e| fail(format!("--share {spec}: cannot resolve {dir}: {e}")))?;
+    let tag = match tag {
+        Some(t) => t.to_string(),
+        None => dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(sanitize_tag)
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| "root".to_string()),
+    };
+    if tag.is_empty()
+        || tag.len() > 31
+        || !tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+    {
+        return Err(fail(format!(
+            "--share {spec}: tag '{tag}' must be 1-31 characters of letters, digits, '_', '-' or '.'"
+        )));
+    }
+    Ok(Share {
+        dir,
+        tag,
+        read_only,
+    })
+}
+
+fn sanitize_tag(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_-.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(31)
+        .collect()
+}
+
+/// Makes tags unique (`tree`, `tree-2`, ...), keeping explicit ones as given.
+fn dedupe_tags(shares: &mut [Share]) -> Result<(), Failure> {
+    let mut seen = std::collections::HashSet::new();
+    for s in shares.iter_mut() {
+        let base = s.tag.clone();
+        let mut n = 1;
+        while !seen.insert(s.tag.clone()) {
+            n += 1;
+            s.tag = format!("{}-{n}", base.chars().take(28).collect::<String>());
+        }
+    }
+    Ok(())
+}
+
+/// Blocks SIGINT/SIGTERM/SIGHUP in every thread (call before any thread starts) and returns
+/// a waiter that turns the first of them into a VM stop.
+struct Signals {
+    set: libc::sigset_t,
+}
+
+impl Signals {
+    fn block() -> Signals {
+        // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it, and
+        // pthread_sigmask only changes this thread's mask (inherited by threads spawned later).
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::sigaddset(&mut set, sig);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            Signals { set }
+        }
+    }
+
+    /// Starts a thread that waits for one of the blocked signals and calls `on_signal`.
+    fn watch(self, on_signal: impl FnOnce(i32) + Send + 'static) {
+        let set = self.set;
+        let spawned = std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: `set` is an initialised sigset_t and `sig` a valid out-pointer.
+                if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                    on_signal(sig);
+                }
+            });
+        if let Err(e) = spawned {
+            eprintln!("bootbox: warning: Ctrl-C handling is off ({e})");
+        }
+    }
+}
+
+/// A writer on a duplicate of one of our standard descriptors (unbuffered: every chain the
+/// guest sends is written through at once, in order).
+fn std_writer(fd: std::os::fd::BorrowedFd<'_>) -> Result<Box<dyn Write + Send>, Failure> {
+    let owned: OwnedFd = fd.try_clone_to_owned()?;
+    Ok(Box::new(File::from(owned)))
+}
+
+fn vm_config(kernel: PathBuf, cmdline: String, a: &VmArgs) -> Result<VmConfig, Failure> {
+    let timeout = match a.timeout {
+        Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+        Some(t) => {
+            return Err(fail(format!(
+                "--timeout {t}: give a positive number of seconds"
+            )))
+        }
+        None => None,
+    };
+    let mut cmdline = cmdline;
+    if let Some(extra) = &a.append {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    let mut c = VmConfig::new(kernel, cmdline);
+    c.mem_mib = a.mem;
+    c.vcpus = a.vcpus;
+    c.timeout = timeout;
+    c.stats = a.stats;
+    Ok(c)
+}
+
+fn add_shares(vm: &mut Vm, shares: &[Share]) -> Result<(), Failure> {
+    if shares.is_empty() {
+        return Ok(());
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 8);
+    let pool = Arc::new(p9::WorkerPool::new(threads, "9p-worker"));
+    for s in shares {
+        let config = p9::Config {
+            read_only: s.read_only,
+            ..p9::Config::default()
+        };
+        let server = p9::Server::new(&s.dir, config)
+            .map_err(|e| fail(format!("share {}: {e}", s.dir.display())))?;
+        let dev = Virtio9p::new(&s.tag, server, pool.clone())?;
+        vm.add_virtio_device("virtio-9p", Box::new(dev))?;
+    }
+    Ok(())
+}
+
+/// Runs a prepared VM with Ctrl-C handling and builds the record.
+fn execute(
+    vm: Vm,
+    signals: Signals,
+    phases: &PhaseLog,
+    what: &str,
+) -> Result<(RunOutcome, RunRecord), Failure> {
+    let stop = vm.stop_handle();
+    let console = vm.console_handle();
+    signals.watch(move |_| stop.stop());
+    let outcome = match vm.run() {
+        Ok(o) => o,
+        Err(e) => {
+            let tail = console.tail();
+            let mut message = format!("{what}: {e}");
+            if !tail.is_empty() {
+                message.push_str("\nlast console lines:\n");
+                for l in tail.iter().rev().take(20).rev() {
+                    message.push_str("  ");
+                    message.push_str(l);
+                    message.push('\n');
+                }
+            }
+            return Err(fail(message));
+        }
+    };
+    let record = RunRecord {
+        outcome: match outcome.exit {
+            GuestExit::Status(_) => "status",
+            GuestExit::Reset => "reset",
+            GuestExit::Timeout => "timeout",
+            GuestExit::Stopped => "stopped",
+        }
+        .into(),
+        kvm_hardware: outcome.kvm_hardware,
+        phases: std::iter::once(Phase {
+            name: "process start".into(),
+            start_ns: 0,
+            guest: false,
+        })
+        .chain(phases.events().into_iter().map(|e| Phase {
+            name: e.name.into_owned(),
+            start_ns: e.nanos,
+            guest: e.guest,
+        }))
+        .collect(),
+        vmm_peak_rss_kib: vmm_peak_rss_kib(),
+        stats: outcome.stats.as_ref().map(|s| s.to_string()),
+        ..Default::default()
+    };
+    Ok((outcome, record))
+}
+
+fn finish(mut record: RunRecord, code: u8, a: &VmArgs) -> u8 {
+    record.exit_code = code;
+    if a.phases {
+        eprint!("{}", record.table());
+    }
+    if let Some(s) = &record.stats {
+        eprint!("{s}");
+    }
+    if let Some(path) = &a.json {
+        if let Err(e) = record.write_json(path) {
+            eprintln!("bootbox: cannot write {}: {e}", path.display());
+            return EXIT_LAUNCHER;
+        }
+    }
+    code
+}
+
+fn report_failure(f: Failure) -> u8 {
+    eprintln!("bootbox: {}", f.message);
+    f.code
+}
+
+/// `bootbox run`.
+pub fn run(process_start: Instant, a: RunArgs) -> u8 {
+    let signals = Signals::block();
+    match run_inner(process_start, a, signals) {
+        Ok(code) => code,
+        Err(f) => report_failure(f),
+    }
+}
+
+fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8, Failure> {
+    let phases = PhaseLog::new(process_start);
+    let mut shares = a
+        .shares
+        .iter()
+        .map(|s| parse_share(s, true))
+        .collect::<Result<Vec<_>, _>>()?;
+    dedupe_tags(&mut shares)?;
+    let env = a
+        .env
+        .iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(fail(format!("--env {kv}: expected NAME=VALUE"))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let kernel = kernel::find(a.vm.kernel.as_deref())?;
+
+    let spec = ApplianceSpec {
+        init: appliance::find_init()?,
+        extra_programs: a.with.clone(),
+        cache_dir: appliance::default_cache_dir()?,
+    };
+    let prepared = appliance::prepare(&spec)?;
+    phases.record("appliance ready");
+
+    let mounts: Vec<ShareMount> = shares
+        .iter()
+        .map(|s| ShareMount {
+            tag: s.tag.clone(),
+            mount_point: appliance::default_mount_point(&s.tag, shares.len()),
+            read_only: s.read_only,
+        })
+        .collect();
+    let cwd = a
+        .workdir
+        .clone()
+        .or_else(|| (shares.len() == 1).then(|| "/share".to_string()));
+    let job = Job {
+        argv: a.command.clone(),
+        env,
+        cwd,
+        shares: mounts,
+    };
+    let job_cpio = job.to_cpio()?;
+
+    let interactive = a.command.is_empty();
+    let mut config = vm_config(kernel, APPLIANCE_CMDLINE.to_string(), &a.vm)?;
+    config.initrd = vec![
+        InitrdPart::File(prepared.path.clone()),
+        InitrdPart::Bytes(job_cpio),
+    ];
+    config.console = if a.console || interactive {
+        ConsoleSink::Stdout
+    } else {
+        ConsoleSink::Off
+    };
+    config.stdin = interactive;
+    if interactive {
+        // The shell talks through the serial console, so the kernel must not be quiet about it.
+        config.cmdline = config.cmdline.replace(" quiet", "");
+    }
+    vmm::devices::virtio::set_stats_enabled(a.vm.stats);
+
+    let mut vm = Vm::new(config, phases.clone())?;
+    // Order matters: the guest numbers consoles in probe order, so hvc0 = stdout, hvc1 = stderr.
+    vm.add_virtio_device(
+        "virtio-console (stdout)",
+        Box::new(VirtioConsole::new(std_writer(std::io::stdout().as_fd())?)),
+    )?;
+    vm.add_virtio_device(
+        "virtio-console (stderr)",
+        Box::new(VirtioConsole::new(std_writer(std::io::stderr().as_fd())?)),
+    )?;
+    add_shares(&mut vm, &shares)?;
+
+    let (outcome, mut record) = execute(vm, signals, &phases, "the appliance")?;
+    record.appliance_built = Some(prepared.built);
+    let code = match outcome.exit {
+        GuestExit::Status(s) => s,
+        GuestExit::Timeout => {
+            eprintln!(
+                "bootbox: the job did not finish within {}s; the VM was stopped",
+                a.vm.timeout.unwrap_or_default()
+            );
+            EXIT_TIMEOUT
+        }
+        GuestExit::Stopped => {
+            eprintln!("bootbox: interrupted; the VM was stopped");
+            EXIT_INTERRUPTED
+        }
+        GuestExit::Reset => {
+            eprintln!("bootbox: the appliance rebooted without reporting the job's status (a guest kernel panic?)");
+            if !outcome.console_tail.is_empty() {
+                eprintln!("last console lines:");
+                for l in &outcome.console_tail {
+                    eprintln!("  {l}");
+                }
+            }
+            EXIT_LAUNCHER
+        }
+    };
+    Ok(finish(record, code, &a.vm))
+}
+
+/// `bootbox boot`.
+pub fn boot(process_start: Instant, a: BootArgs) -> u8 {
+    let signals = Signals::block();
+    match boot_inner(process_start, a, signals) {
+        Ok(code) => code,
+        Err(f) => report_failure(f),
+    }
+}
+
+fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u8, Failure> {
+    let phases = PhaseLog::new(process_start);
+    let shares = a
+        .shares
+        .iter()
+        .map(|s| {
+            if s.split(':').count() < 2 {
+                return Err(fail(format!("--share {s}: expected HOSTDIR:TAG[:ro]")));
+            }
+            parse_share(s, false)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let kernel = kernel::find(a.vm.kernel.as_deref())?;
+    for i in &a.initrd {
+        if !i.is_file() {
+            return Err(fail(format!("--initrd {}: no such file", i.display())));
+        }
+    }
+    let mut config = vm_config(kernel, a.cmdline.clone(), &a.vm)?;
+    config.initrd = a.initrd.iter().cloned().map(InitrdPart::File).collect();
+    config.console = ConsoleSink::Stdout;
+    config.stdin = !a.no_stdin;
+    vmm::devices::virtio::set_stats_enabled(a.vm.stats);
+    let mut vm = Vm::new(config, phases.clone())?;
+    add_shares(&mut vm, &shares)?;
+    let (outcome, record) = execute(vm, signals, &phases, "the guest")?;
+    let code = match outcome.exit {
+        GuestExit::Status(s) => s,
+        GuestExit::Reset => 0,
+        GuestExit::Timeout => {
+            eprintln!(
+                "bootbox: the guest did not finish within {}s; it was stopped",
+                a.vm.timeout.unwrap_or_default()
+            );
+            EXIT_TIMEOUT
+        }
+        GuestExit::Stopped => EXIT_INTERRUPTED,
+    };
+    let _ = std::io::stdout().flush();
+    Ok(finish(record, code, &a.vm))
+}
+
+/// Whether `path` looks like something we can boot (used by `doctor`).
+pub fn looks_like_kernel(path: &Path) -> bool {
+    let mut head = [0u8; 0x210];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .unwrap_or(0);
+    (n >= 4 && &head[..4] == b"\x7fELF") || (n >= 0x206 && &head[0x202..0x206] == b"HdrS")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn share_specs_parse_with_defaults_and_modes() {
+        let dir = std::env::temp_dir();
+        let d = dir.display();
+        let s = parse_share(&format!("{d}"), true).unwrap();
+        assert!(s.read_only);
+        assert_eq!(s.dir, dir.canonicalize().unwrap());
+        let s = parse_share(&format!("{d}:data:rw"), true).unwrap();
+        assert_eq!((s.tag.as_str(), s.read_only), ("data", false));
+        let s = parse_share(&format!("{d}:rw"), true).unwrap();
+        assert!(!s.read_only);
+        let s = parse_share(&format!("{d}:tag1"), false).unwrap();
+        assert_eq!((s.tag.as_str(), s.read_only), ("tag1", false));
+    }
+
+    #[test]
+    fn bad_share_specs_say_what_is_wrong() {
+        let e = parse_share("/nonexistent/dir", true).unwrap_err();
+        assert_eq!(e.code, EXIT_LAUNCHER);
+        assert!(e.message.contains("/nonexistent/dir"), "{}", e.message);
+        let e = parse_share("/etc/passwd", true).unwrap_err();
+        assert!(e.message.contains("not a directory"), "{}", e.message);
+        let e = parse_share("/tmp:bad tag", true).unwrap_err();
+        assert!(e.message.contains("tag"), "{}", e.message);
+        assert!(parse_share("/tmp:a:b:c", true).is_err());
+    }
+
+    #[test]
+    fn duplicate_tags_are_made_unique() {
+        let mk = |t: &str| Share {
+            dir: "/tmp".into(),
+            tag: t.into(),
+            read_only: true,
+        };
+        let mut v = vec![mk("tree"), mk("tree"), mk("other"), mk("tree")];
+        dedupe_tags(&mut v).unwrap();
+        let tags: Vec<_> = v.iter().map(|s| s.tag.as_str()).collect();
+        assert_eq!(tags, ["tree", "tree-2", "other", "tree-3"]);
+    }
+
+    #[test]
+    fn recognises_kernels_by_their_headers() {
+        assert!(!looks_like_kernel(Path::new("/etc/passwd")));
+        assert!(!looks_like_kernel(Path::new("/nonexistent")));
+        let exe = std::env::current_exe().unwrap();
+        assert!(looks_like_kernel(&exe)); // an ELF file
+    }
+}
