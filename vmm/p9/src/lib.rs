@@ -9,6 +9,7 @@
 //!   tests and the `p9-bench` benchmark.
 
 pub mod client;
+pub mod fuzz;
 pub mod pool;
 pub mod reply;
 pub mod server;
