@@ -13,7 +13,7 @@
 //! [`KEEP_ENTRIES`] (least recently used first) are pruned after a build.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::BufWriter;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -134,6 +134,9 @@ pub enum ApplianceError {
     /// The guest init binary is missing.
     #[error("guest init not found ({0}); build it with `cargo build -p bootbox-init` or set BOOTBOX_INIT to its path")]
     InitNotFound(String),
+    /// The job cannot be encoded.
+    #[error("invalid job: {0}")]
+    Job(#[from] crate::jobspec::JobSpecError),
     /// No cache directory could be determined.
     #[error("no cache directory: set BOOTBOX_CACHE, XDG_CACHE_HOME or HOME")]
     NoCacheDir,
@@ -204,11 +207,68 @@ fn needs_path_link(host: &Path) -> bool {
     !GUEST_PATH_DIRS.contains(&parent)
 }
 
+/// The init's SHA-256, memoized in `<dir>/init-hash` by (path, device, inode, size, mtime,
+/// ctime): ctime cannot be set by users, so any rewrite of the file invalidates the memo, and
+/// warm runs do not rehash a multi-megabyte binary.
+fn init_content_hash(init: &Path, dir: &Path) -> Result<[u8; 32], ApplianceError> {
+    use std::os::unix::fs::MetadataExt;
+    let unreadable = |e: std::io::Error| {
+        ApplianceError::InitNotFound(format!("cannot read {}: {e}", init.display()))
+    };
+    let m = fs::metadata(init).map_err(unreadable)?;
+    let stamp = format!(
+        "{}\t{}\t{}\t{}\t{}.{}\t{}.{}",
+        init.display(),
+        m.dev(),
+        m.ino(),
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    );
+    let memo = dir.join("init-hash");
+    if let Ok(text) = fs::read_to_string(&memo) {
+        if let Some((st, hex)) = text.trim_end().rsplit_once('\n') {
+            if st == stamp {
+                if let Some(h) = parse_hex32(hex) {
+                    return Ok(h);
+                }
+            }
+        }
+    }
+    let h = sha256::hash_file(init).map_err(unreadable)?;
+    // Best effort: a failed memo write only costs a rehash next time.
+    let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let tmp = dir.join(format!(
+        ".init-hash.tmp.{}.{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    if fs::create_dir_all(dir).is_ok()
+        && fs::write(&tmp, format!("{stamp}\n{hex}\n")).is_ok()
+        && fs::rename(&tmp, &memo).is_err()
+    {
+        let _ = fs::remove_file(&tmp);
+    }
+    Ok(h)
+}
+
+fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
 /// Assembles the appliance tree for `spec` and computes its cache key.
 pub fn assemble(spec: &ApplianceSpec) -> Result<(Tree, String), ApplianceError> {
-    let init_hash = sha256::hash_file(&spec.init).map_err(|e| {
-        ApplianceError::InitNotFound(format!("cannot read {}: {e}", spec.init.display()))
-    })?;
+    let init_hash = init_content_hash(&spec.init, &spec.cache_dir.join("appliance"))?;
     let mut tree = Tree::new();
     for d in BASE_DIRS {
         tree.add_dir(d)?;
@@ -379,7 +439,7 @@ fn remove_stale_temps(dir: &Path) {
         for e in rd.flatten() {
             let name = e.file_name();
             let name = name.to_string_lossy();
-            if name.starts_with('.') && name.contains(".tmp.") {
+            if name.starts_with('.') && name.contains(".tmp.") && !name.starts_with(".init-hash") {
                 let _ = fs::remove_file(e.path());
             }
         }
@@ -400,13 +460,13 @@ fn prune(dir: &Path, keep: &Path) {
             .collect(),
         Err(_) => return,
     };
-    entries.sort_by(|a, b| b.0.cmp(&a.0));
+    entries.sort_by_key(|e| std::cmp::Reverse(e.0));
     for (_, p) in entries.into_iter().skip(KEEP_ENTRIES.saturating_sub(1)) {
         let _ = fs::remove_file(p);
     }
 }
 
-/// Writes `data` to `out` as-is; used by callers that want the archive bytes in memory.
+/// Reads a prepared archive into memory (the VMM places it in guest RAM as the initrd).
 pub fn read_archive(prepared: &Prepared) -> Result<Vec<u8>, ApplianceError> {
     let mut v = Vec::with_capacity(usize::try_from(prepared.size).unwrap_or(0));
     File::open(&prepared.path)
@@ -415,5 +475,14 @@ pub fn read_archive(prepared: &Prepared) -> Result<Vec<u8>, ApplianceError> {
     Ok(v)
 }
 
-#[allow(dead_code)]
-fn _assert_write<W: Write>(_: W) {}
+/// The complete initrd for one run: the cached base archive followed by the job archive
+/// (the kernel unpacks concatenated newc archives in order).
+pub fn initramfs(
+    prepared: &Prepared,
+    job: &crate::jobspec::Job,
+) -> Result<Vec<u8>, ApplianceError> {
+    let job_cpio = job.to_cpio()?;
+    let mut v = read_archive(prepared)?;
+    v.extend_from_slice(&job_cpio);
+    Ok(v)
+}

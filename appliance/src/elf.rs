@@ -654,7 +654,7 @@ mod tests {
         let f = dir.join("data.txt");
         std::fs::write(&f, b"just text").unwrap();
         assert!(matches!(
-            closure(&[f.clone()]),
+            closure(std::slice::from_ref(&f)),
             Err(ElfError::NotExecutable(_))
         ));
         let junk = dir.join("junk");

@@ -18,6 +18,7 @@ pub mod sha256;
 pub mod tree;
 
 pub use cache::{
-    default_cache_dir, find_init, prepare, ApplianceError, ApplianceSpec, Prepared, DEFAULT_TOOLS,
+    default_cache_dir, find_init, initramfs, prepare, read_archive, ApplianceError, ApplianceSpec,
+    Prepared, DEFAULT_TOOLS,
 };
 pub use job::{default_mount_point, Job, JobSpecError, ShareMount};

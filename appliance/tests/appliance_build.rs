@@ -88,7 +88,7 @@ fn scripts_bring_their_interpreter() {
     let script = d.0.join("hello.sh");
     std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let c = closure(&[script.clone()]).unwrap();
+    let c = closure(std::slice::from_ref(&script)).unwrap();
     assert_eq!(c.files[0], script);
     assert!(c.files.contains(&PathBuf::from("/bin/sh")));
     let real_sh = std::fs::canonicalize("/bin/sh").unwrap();
@@ -370,4 +370,26 @@ fn concurrent_prepares_build_once() {
         })
         .count();
     assert_eq!(leftovers, 0);
+}
+
+#[test]
+fn initramfs_is_base_then_job() {
+    let d = TempDir::new("initrd");
+    let init = fake_init(&d.0);
+    let p = prepare(&spec(&d.0, &init, &[])).unwrap();
+    let job = appliance::Job {
+        argv: vec!["true".into()],
+        ..appliance::Job::default()
+    };
+    let all = appliance::initramfs(&p, &job).unwrap();
+    let base = std::fs::read(&p.path).unwrap();
+    let job_cpio = job.to_cpio().unwrap();
+    assert_eq!(all.len(), base.len() + job_cpio.len());
+    assert_eq!(&all[..base.len()], base.as_slice());
+    assert_eq!(&all[base.len()..], job_cpio.as_slice());
+    assert_eq!(
+        base.len() % 4,
+        0,
+        "the job archive must start 4-byte aligned"
+    );
 }

@@ -439,6 +439,12 @@ fn run() -> Result<u8, String> {
     // The console is up now: retry /dev/port if ioperm was not available earlier.
     if PORT_MODE.load(Ordering::Relaxed) == 0 && !TEST_MODE.load(Ordering::Relaxed) {
         setup_ports();
+        if PORT_MODE.load(Ordering::Relaxed) == 0 {
+            say(
+                "cannot reach I/O ports 0x600/0x610: the kernel lacks CONFIG_X86_IOPL_IOPERM \
+                 (and /dev/port); phases and the exit status cannot be reported",
+            );
+        }
     }
     let job = read_job()?;
     mount_shares(&job)?;
