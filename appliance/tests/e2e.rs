@@ -1,0 +1,481 @@
+//! End-to-end tests: the real guest kernel booted by the real bootbox VMM, compared with what
+//! the host itself sees. They need a KVM that can boot Linux, so they are `#[ignore]`d in a
+//! plain `cargo test`; `scripts/test.sh` runs them with `--ignored`, directly on a host with
+//! hardware virtualisation or inside the nested test host otherwise, with BOOTBOX_KERNEL
+//! (and BOOTBOX_BIN / BOOTBOX_INIT / BOOTBOX_CACHE) set.
+//!
+//! The tests at the bottom that fail before any VM starts (bad arguments) need no KVM and
+//! run everywhere.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bootbox_bin() -> PathBuf {
+    std::env::var_os("BOOTBOX_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_bootbox")))
+}
+
+fn kernel() -> PathBuf {
+    let k = std::env::var_os("BOOTBOX_KERNEL")
+        .map(PathBuf::from)
+        .expect("BOOTBOX_KERNEL must name the guest kernel (scripts/test.sh sets it)");
+    assert!(k.is_file(), "BOOTBOX_KERNEL={} does not exist", k.display());
+    k
+}
+
+fn bootbox(args: &[&str]) -> Output {
+    let out = Command::new(bootbox_bin())
+        .args(args)
+        .env("BOOTBOX_KERNEL", kernel())
+        .output()
+        .expect("cannot start bootbox");
+    eprintln!(
+        "bootbox {:?} -> {:?}\n--- stderr ---\n{}",
+        args,
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A scratch directory removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("bootbox-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+    fn s(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A deterministic tree of `files` files in nested directories, with varied sizes, empty
+/// files, names with spaces, symlinks (relative, absolute, dangling) and an empty directory.
+fn generate_tree(root: &Path, files: usize) {
+    let mut seed: u64 = 0x9e3779b97f4a7c15;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for i in 0..files {
+        let dir = root
+            .join(format!("d{}", i % 37))
+            .join(format!("sub {}", i % 5));
+        std::fs::create_dir_all(&dir).unwrap();
+        let size = match i % 10 {
+            0 => 0,
+            1 => (next() % 300_000) as usize,
+            _ => (next() % 5000) as usize,
+        };
+        let data: Vec<u8> = (0..size).map(|_| next() as u8).collect();
+        std::fs::write(dir.join(format!("file-{i}.bin")), data).unwrap();
+    }
+    std::fs::create_dir_all(root.join("empty dir")).unwrap();
+    std::os::unix::fs::symlink("d0/sub 0/file-0.bin", root.join("rel-link")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", root.join("abs-link")).unwrap();
+    std::os::unix::fs::symlink("does-not-exist", root.join("dangling")).unwrap();
+}
+
+/// Runs a shell command on the host in `dir`.
+fn host_sh(dir: &Path, script: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "host: {script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs the same shell script in the appliance (cwd /share) and on the host (cwd = tree).
+fn same_in_guest_and_host(tree: &Scratch, script: &str) {
+    let guest = bootbox(&[
+        "run",
+        "--share",
+        tree.s(),
+        "--timeout",
+        "600",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert_eq!(
+        guest.status.code(),
+        Some(0),
+        "guest run of {script:?} failed"
+    );
+    let host = host_sh(tree.path(), script);
+    assert!(!host.is_empty(), "host output of {script:?} is empty");
+    let g = stdout(&guest);
+    if g != host {
+        let diff: Vec<_> = g
+            .lines()
+            .zip(host.lines())
+            .filter(|(a, b)| a != b)
+            .take(5)
+            .collect();
+        panic!(
+            "{script:?}: guest ({} lines) and host ({} lines) differ; first differences: {diff:#?}",
+            g.lines().count(),
+            host.lines().count()
+        );
+    }
+}
+
+// ---- the boot itself (bootbox boot) ----
+
+#[test]
+#[ignore = "boots a real kernel: run by scripts/test.sh"]
+fn bare_boot_reaches_init_and_returns_the_chosen_status() {
+    let scratch = Scratch::new("boot");
+    let spec = appliance::ApplianceSpec {
+        init: appliance::find_init().expect("guest init"),
+        extra_programs: vec![],
+        cache_dir: appliance::default_cache_dir().unwrap(),
+    };
+    let base = appliance::prepare(&spec).expect("appliance");
+    let job = appliance::Job {
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "echo job-ran-in-guest; exit 42".into(),
+        ],
+        ..Default::default()
+    };
+    let job_cpio = scratch.path().join("job.cpio");
+    std::fs::write(&job_cpio, job.to_cpio().unwrap()).unwrap();
+    let out = bootbox(&[
+        "boot",
+        "--initrd",
+        base.path.to_str().unwrap(),
+        "--initrd",
+        job_cpio.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 reboot=k panic=-1",
+        "--no-stdin",
+        "--timeout",
+        "600",
+    ]);
+    let console = stdout(&out);
+    assert!(
+        console.contains("Linux version 6."),
+        "no kernel banner on the console:\n{console}"
+    );
+    assert!(
+        console.contains("Run /init as init process"),
+        "init did not start:\n{console}"
+    );
+    assert!(
+        console.contains("job-ran-in-guest"),
+        "the job's output is missing:\n{console}"
+    );
+    assert_eq!(out.status.code(), Some(42));
+}
+
+// ---- jobs (bootbox run) ----
+
+#[test]
+#[ignore = "boots a real kernel: run by scripts/test.sh"]
+fn exit_statuses_propagate() {
+    for status in [0, 1, 42] {
+        let out = bootbox(&[
+            "run",
+            "--timeout",
+            "600",
+            "--",
+            "sh",
+            "-c",
+            &format!("exit {status}"),
+        ]);
+        assert_eq!(out.status.code(), Some(status), "status {status}");
+    }
+}
+
+#[test]
+#[ignore = "boots a real kernel: run by scripts/test.sh"]
+fn missing_and_unexecutable_commands_give_127_and_126() {
+    let out = bootbox(&["run", "--timeout", "600", "--", "no-such-command-xyz"]);
+    assert_eq!(out.status.code(), Some(127));
+    let out = bootbox(&["run", "--timeout", "600", "--", "/etc/passwd"]);
+    assert_eq!(out.status.code(), Some(126));
+}
+
+#[test]
+#[ignore = "boots a real kernel: run by scripts/test.sh"]
+fn find_stat_ls_and_sha256sum_match_the_host() {
+    let tree = Scratch::new("tree");
+    generate_tree(tree.path(), 3000);
+    same_in_guest_and_host(&tree, "find . | LC_ALL=C sort");
+    same_in_guest_and_host(
+        &tree,
+        "find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum",
+    );
+    same_in_guest_and_host(
+        &tree,
+        "find . -print0 | LC_ALL=C sort -z | xargs -0 stat -c '%n|%s|%a|%F|%h|%u|%g|%Y|%N'",
+    );
+    same_in_guest_and_host(&tree, "LC_ALL=C ls -lR --time-style=+%s .");
+}
+
+#[test]
+#[ignore = "boots a real kernel: run by scripts/test.sh"]
+fn stdout_and_stderr_stream_apart_and_byte_exact() {
+    let tree = Scratch::new("bigout");
+    let mk = |name: &str, len: usize, mul: u64| {
+        let data: Vec<u8> = (0..len as u64)
+            .map(|i| (i.wrapping_mul(mul) >> 3) as u8)
+            .collect();
+        std::fs::write(tree.path().join(name), &data).unwrap();
+        data
+    };
+    let out_data = mk("out.bin", 24 << 20, 2654435761);
+    let err_data = mk("err.bin", 3 << 20, 40503);
+    let out = bootbox(&[
+        "run",
+        "--share",
+        tree.s(),
+        "--timeout",
+        "900",
+        "--",
+        "sh",
+        "-c",
+        "cat out.bin; cat err.bin >&2",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        out.stdout.len() == out_data.len() && out.stdout == out_data,
+        "stdout differs ({} bytes)",
+        out.stdout.len()
+    );
+    // stderr also carries nothing but the job's bytes.
+    assert!(
+        out.stderr == err_data,
+        "stderr differs ({} bytes)",
+        out.stderr.len()
+    );
+}
+
+#[test]
+#[ignore = "boots a real kernel: run by scripts/test.sh"]
+fn a_hung_job_hits_the_timeout() {
+    let out = bootbox(&["run", "--timeout", "20", "--", "sleep", "1000"]);
+    assert_eq!(out.status.code(), Some(124));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did not finish"));
+}
+
+#[test]
+#[ignore = "boots a real kernel: run by scripts/test.sh"]
+fn read_only_shares_refuse_writes_and_rw_shares_write_through() {
+    let tree = Scratch::new("rw");
+    std::fs::write(tree.path().join("keep"), b"original").unwrap();
+    let ro = bootbox(&[
+        "run", "--share", tree.s(), "--timeout", "600", "--", "sh", "-c",
+        "echo x > new-file || echo create-refused; echo y >> keep || echo append-refused; rm keep || echo rm-refused; mkdir d || echo mkdir-refused",
+    ]);
+    assert_eq!(ro.status.code(), Some(0));
+    let said = stdout(&ro);
+    for refused in [
+        "create-refused",
+        "append-refused",
+        "rm-refused",
+        "mkdir-refused",
+    ] {
+        assert!(said.contains(refused), "{refused} missing in {said:?}");
+    }
+    assert!(!tree.path().join("new-file").exists());
+    assert!(!tree.path().join("d").exists());
+    assert_eq!(
+        std::fs::read(tree.path().join("keep")).unwrap(),
+        b"original"
+    );
+
+    let spec = format!("{}:rw", tree.s());
+    let rw = bootbox(&[
+        "run",
+        "--share",
+        &spec,
+        "--timeout",
+        "600",
+        "--",
+        "sh",
+        "-c",
+        "echo written-in-guest > new-file && mkdir sub && mv keep sub/moved",
+    ]);
+    assert_eq!(rw.status.code(), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(tree.path().join("new-file")).unwrap(),
+        "written-in-guest\n"
+    );
+    assert_eq!(
+        std::fs::read(tree.path().join("sub/moved")).unwrap(),
+        b"original"
+    );
+}
+
+#[test]
+#[ignore = "boots a real kernel: run by scripts/test.sh"]
+fn several_shares_mount_under_their_tags() {
+    let a = Scratch::new("multi-a");
+    let b = Scratch::new("multi-b");
+    std::fs::write(a.path().join("in-a"), b"A").unwrap();
+    std::fs::write(b.path().join("in-b"), b"B").unwrap();
+    let sa = format!("{}:alpha", a.s());
+    let sb = format!("{}:beta", b.s());
+    let out = bootbox(&[
+        "run",
+        "--share",
+        &sa,
+        "--share",
+        &sb,
+        "--timeout",
+        "600",
+        "--",
+        "cat",
+        "/share/alpha/in-a",
+        "/share/beta/in-b",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(stdout(&out), "AB");
+}
+
+#[test]
+#[ignore = "boots a real kernel: run by scripts/test.sh"]
+fn phases_are_recorded_and_the_second_run_reuses_the_appliance() {
+    let scratch = Scratch::new("phases");
+    let json = scratch.path().join("run.json");
+    let j = json.to_str().unwrap();
+    for _ in 0..2 {
+        let out = bootbox(&[
+            "run",
+            "--json",
+            j,
+            "--phases",
+            "--timeout",
+            "600",
+            "--share",
+            scratch.s(),
+            "--",
+            "true",
+        ]);
+        assert_eq!(out.status.code(), Some(0));
+    }
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(
+        record["appliance_built"],
+        serde_json::Value::Bool(false),
+        "the second run rebuilt the appliance"
+    );
+    let phases: Vec<(String, u64)> = record["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["start_ns"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let at = |name: &str| {
+        phases
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| *t)
+            .unwrap_or_else(|| panic!("phase {name} missing: {phases:?}"))
+    };
+    let order = [
+        "process start",
+        "kvm vm created",
+        "memory ready",
+        "kernel loaded",
+        "initrd loaded",
+        "first KVM_RUN",
+        "init started",
+        "shares mounted",
+        "job started",
+        "job finished",
+        "vm exit",
+    ];
+    for w in order.windows(2) {
+        assert!(at(w[0]) <= at(w[1]), "{} after {}: {phases:?}", w[0], w[1]);
+    }
+}
+
+#[test]
+#[ignore = "boots a real kernel: run by scripts/test.sh"]
+fn a_guest_kernel_panic_is_reported_with_the_console_tail() {
+    // No init at the given path and none at the fallback paths: the kernel panics.
+    let out = bootbox(&[
+        "run",
+        "--append",
+        "rdinit=/nonexistent init=/nonexistent",
+        "--timeout",
+        "600",
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Kernel panic"), "no panic lines in: {err}");
+}
+
+// ---- failures before any VM starts: need no KVM ----
+
+#[test]
+fn a_missing_share_is_a_launcher_error() {
+    let out = Command::new(bootbox_bin())
+        .args(["run", "--share", "/nonexistent/tree", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tree"));
+}
+
+#[test]
+fn a_file_that_is_not_a_kernel_is_refused_clearly() {
+    let out = Command::new(bootbox_bin())
+        .args(["boot", "--kernel", "/etc/passwd", "--no-stdin"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/etc/passwd"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_missing_kernel_says_how_to_build_one() {
+    let out = Command::new(bootbox_bin())
+        .args(["run", "--kernel", "/nonexistent/vmlinux", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("build-kernel.sh"));
+}
