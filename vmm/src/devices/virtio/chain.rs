@@ -216,6 +216,25 @@ pub fn walk(
 }
 
 impl Chain {
+    /// Copies the first `out.len()` readable bytes (fewer if the chain is shorter) into `out`;
+    /// returns how many were copied.
+    pub fn peek(&self, mem: &GuestMemoryMmap, out: &mut [u8]) -> Result<usize, ChainError> {
+        let mut pos = 0usize;
+        for b in &self.readable {
+            if pos == out.len() {
+                break;
+            }
+            let n = (out.len() - pos).min(b.len as usize);
+            mem.read_slice(&mut out[pos..pos + n], b.addr)
+                .map_err(|_| ChainError::BufferOutOfMemory {
+                    addr: b.addr.raw_value(),
+                    len: b.len,
+                })?;
+            pos += n;
+        }
+        Ok(pos)
+    }
+
     /// Copies every readable byte of the chain, in order, into `out` (replacing its contents).
     pub fn gather(&self, mem: &GuestMemoryMmap, out: &mut Vec<u8>) -> Result<(), ChainError> {
         let total = usize::try_from(self.readable_len).map_err(|_| ChainError::TooLong {

@@ -13,6 +13,7 @@ use super::chain::{self, Buffer, Chain, ChainError};
 use super::mmio::{ActivateContext, QueueHandler, VirtioDevice, VirtioError};
 use super::{DeviceStats, Interrupt, TYPE_9P, VIRTIO_RING_F_INDIRECT_DESC};
 use p9::{ReplyBuf, Server, WorkerPool};
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -28,6 +29,8 @@ pub const VIRTIO_9P_MOUNT_TAG: u32 = 0;
 pub const MAX_REQUEST_BYTES: u64 = 64 << 20;
 
 const QUEUE_SIZE: u16 = 256;
+/// 9P message type of Tflush (size[4] type[1] tag[2] oldtag[2]).
+const TFLUSH: u8 = 108;
 /// How long a reset or shutdown waits for in-flight requests before abandoning them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -123,6 +126,7 @@ impl VirtioDevice for Virtio9p {
                 server: self.server.clone(),
                 inflight: Mutex::new(0),
                 idle: Condvar::new(),
+                tags: Mutex::new(HashMap::new()),
             }),
             pool: self.pool.clone(),
             indirect_ok,
@@ -139,6 +143,9 @@ struct Shared {
     server: Arc<dyn RequestHandler>,
     inflight: Mutex<usize>,
     idle: Condvar,
+    /// Tags of requests being served (with a count, in case a guest reuses one), and the
+    /// Tflush chains waiting for each: 9P requires Rflush after the flushed request's reply.
+    tags: Mutex<HashMap<u16, (u32, Vec<Chain>)>>,
 }
 
 impl Shared {
@@ -150,7 +157,28 @@ impl Shared {
         self.interrupt.device_error("9p", e);
     }
 
-    /// Serves one request on a worker thread.
+    /// Serves one request on a worker thread, then any Tflush that waited for it.
+    fn serve_tracked(&self, chain: &Chain, tag: Option<u16>) {
+        self.serve(chain);
+        let Some(tag) = tag else { return };
+        let waiters = {
+            let mut tags = self.tags.lock().unwrap_or_else(|e| e.into_inner());
+            match tags.get_mut(&tag) {
+                Some(entry) if entry.0 > 1 => {
+                    entry.0 -= 1;
+                    Vec::new()
+                }
+                Some(_) => tags.remove(&tag).map(|e| e.1).unwrap_or_default(),
+                None => Vec::new(),
+            }
+        };
+        // The flushed request's reply is in the used ring now, so its Rflush may follow.
+        for flush in &waiters {
+            self.serve(flush);
+        }
+    }
+
+    /// Serves one request: gather, answer, add to the used ring, interrupt if needed.
     fn serve(&self, chain: &Chain) {
         let timer = self.stats.start();
         let mut request = Vec::new();
@@ -225,10 +253,30 @@ impl P9Handler {
                         limit: MAX_REQUEST_BYTES,
                     });
                 }
+                let mut header = [0u8; 9];
+                let n = chain.peek(mem, &mut header)?;
+                let tag = (n >= 7).then(|| u16::from_le_bytes([header[5], header[6]]));
+                let tracked = {
+                    let mut tags = shared.tags.lock().unwrap_or_else(|e| e.into_inner());
+                    if n == 9 && header[4] == TFLUSH {
+                        let oldtag = u16::from_le_bytes([header[7], header[8]]);
+                        if let Some(entry) = tags.get_mut(&oldtag) {
+                            // Answered by the worker that completes `oldtag`.
+                            entry.1.push(chain);
+                            continue;
+                        }
+                        None
+                    } else {
+                        if let Some(tag) = tag {
+                            tags.entry(tag).or_insert((0, Vec::new())).0 += 1;
+                        }
+                        tag
+                    }
+                };
                 *shared.inflight.lock().unwrap_or_else(|e| e.into_inner()) += 1;
                 let job_shared = shared.clone();
                 self.pool.submit(Box::new(move || {
-                    job_shared.serve(&chain);
+                    job_shared.serve_tracked(&chain, tracked);
                     job_shared.done();
                 }));
             }

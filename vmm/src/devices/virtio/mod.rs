@@ -155,6 +155,7 @@ pub struct Interrupt {
     irq: EventFd,
     status: AtomicU32,
     needs_reset: AtomicBool,
+    error_reported: AtomicBool,
 }
 
 impl Interrupt {
@@ -163,6 +164,7 @@ impl Interrupt {
             irq: EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioError::EventFd)?,
             status: AtomicU32::new(0),
             needs_reset: AtomicBool::new(false),
+            error_reported: AtomicBool::new(false),
         })
     }
 
@@ -175,10 +177,12 @@ impl Interrupt {
     /// configuration-change interrupt. Only the first error is logged, so a misbehaving guest
     /// cannot flood the log.
     pub fn device_error(&self, device: &str, what: &dyn fmt::Display) {
-        if !self.needs_reset.swap(true, Ordering::AcqRel) {
+        if !self.error_reported.swap(true, Ordering::AcqRel) {
             log::error!("virtio-{device}: {what}; device stopped until the driver resets it");
             self.raise(INT_CONFIG);
         }
+        // Published last, so whoever sees DEVICE_NEEDS_RESET also sees the interrupt.
+        self.needs_reset.store(true, Ordering::Release);
     }
 
     /// Whether the device is in its error state (stop processing queues).
@@ -210,6 +214,7 @@ impl Interrupt {
     fn clear(&self) {
         self.status.store(0, Ordering::Release);
         self.needs_reset.store(false, Ordering::Release);
+        self.error_reported.store(false, Ordering::Release);
         // Drop a pending count so a stale interrupt is not delivered after a reset.
         let _ = self.irq.read();
     }
