@@ -66,4 +66,7 @@ fn main() {
     println!("cargo:rustc-link-arg-bins=-L{}", dir.display());
     println!("cargo:rustc-link-arg-bins=-no-pie");
     println!("cargo:rustc-link-arg-bins=-static");
+    // The init is copied into every appliance and unpacked on every boot: leave out DWARF
+    // (symbol names stay, so panic messages still name functions).
+    println!("cargo:rustc-link-arg-bins=-Wl,--strip-debug");
 }

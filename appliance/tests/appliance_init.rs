@@ -98,6 +98,11 @@ struct Booted {
 
 /// Extracts base + job archives into a fresh root and runs /init as PID 1 there.
 fn boot(job: &Job) -> Booted {
+    boot_with(job, |_| {})
+}
+
+/// Like [`boot`], with a hook to alter the extracted root before starting.
+fn boot_with(job: &Job, alter: impl FnOnce(&Path)) -> Booted {
     static BASE: OnceLock<PathBuf> = OnceLock::new();
     let base = BASE.get_or_init(|| {
         let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("init-e2e-cache");
@@ -124,6 +129,7 @@ fn boot(job: &Job) -> Booted {
         assert!(out.status.success(), "cpio -i: {out:?}");
     }
     std::fs::write(root.join("bootbox/test-mode"), b"").unwrap();
+    alter(&root);
     let Output {
         status,
         stdout,
@@ -251,4 +257,36 @@ fn init_maps_failures_to_shell_like_statuses() {
         b.stderr
     );
     assert!(!b.stderr.contains("phase 2"));
+}
+
+#[test]
+fn init_reports_a_bad_job_file() {
+    if !can_use_namespaces() {
+        eprintln!("SKIP: needs root and unshare(1) for PID/mount namespaces");
+        return;
+    }
+    let b = boot_with(&job(&["true"]), |root| {
+        std::fs::write(root.join("bootbox/job"), b"BBJOB\0\x01\x00\xff\xff").unwrap();
+    });
+    assert_eq!(b.code, Some(125), "{}", b.stderr);
+    assert!(b.stderr.contains("bad /bootbox/job"), "{}", b.stderr);
+    let b = boot_with(&job(&["true"]), |root| {
+        std::fs::remove_file(root.join("bootbox/job")).unwrap();
+    });
+    assert_eq!(b.code, Some(125), "{}", b.stderr);
+    assert!(
+        b.stderr.contains("cannot read /bootbox/job"),
+        "{}",
+        b.stderr
+    );
+    // A missing working directory fails the job, not the init, with a message.
+    let mut j = job(&["true"]);
+    j.cwd = Some("/no/such/dir".into());
+    let b = boot(&j);
+    assert_eq!(b.code, Some(125), "{}", b.stderr);
+    assert!(
+        b.stderr.contains("/no/such/dir: cannot change directory"),
+        "{}",
+        b.stderr
+    );
 }

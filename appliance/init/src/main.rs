@@ -537,6 +537,11 @@ fn main() {
             code
         }
         Err(msg) => {
+            if ERR_FD.load(Ordering::Relaxed) < 0 && !TEST_MODE.load(Ordering::Relaxed) {
+                if let Some(fd) = open_raw_output(c"/dev/hvc1") {
+                    ERR_FD.store(fd, Ordering::Relaxed);
+                }
+            }
             say(&msg);
             STATUS_INIT_FAILURE
         }
