@@ -290,3 +290,33 @@ fn init_reports_a_bad_job_file() {
         b.stderr
     );
 }
+
+#[test]
+fn default_tools_work_inside_the_appliance() {
+    if !can_use_namespaces() {
+        eprintln!("SKIP: needs root and unshare(1) for PID/mount namespaces");
+        return;
+    }
+    let mut script = String::from("set -e; echo abc > /tmp/t; ");
+    // user names resolve through the appliance's /etc/passwd
+    script.push_str("echo \"owner=$(stat -c %U /init)\"; ");
+    script.push_str("sha256sum /tmp/t; ");
+    script.push_str("find /proc/1 -maxdepth 0 -type d; ");
+    if appliance::elf::find_program("file").is_ok() {
+        // `file` finds its magic database
+        script.push_str("file -b /init; ");
+    }
+    let b = boot(&job(&["sh", "-c", &script]));
+    assert_eq!(b.code, Some(0), "{}", b.stderr);
+    assert!(b.stderr.contains("owner=root\n"), "{}", b.stderr);
+    assert!(
+        b.stderr
+            .contains("edeaaff3f1774ad2888673770c6d64097e391bc362d7d6fb34982ddf0efd18cb  /tmp/t"),
+        "{}",
+        b.stderr
+    );
+    assert!(b.stderr.contains("/proc/1\n"), "{}", b.stderr);
+    if appliance::elf::find_program("file").is_ok() {
+        assert!(b.stderr.contains("statically linked"), "{}", b.stderr);
+    }
+}
