@@ -175,7 +175,8 @@ impl<S: Read + Write> Client<S> {
     pub fn readdir_all(&mut self, fid: u32) -> Result<Vec<DirEntry>> {
         let mut all = Vec::new();
         let mut off = 0;
-        let count = self.msize - wire::RREAD_HEADER_LEN as u32;
+        // Linux asks for msize - P9_READDIRHDRSZ (24); some servers insist on it.
+        let count = self.msize.saturating_sub(24);
         loop {
             let e = self.readdir(fid, off, count)?;
             match e.last() {

@@ -1,0 +1,426 @@
+//! `p9-bench`: measures the p9 server through its unix-socket transport, side by side with
+//! diod (when installed), on generated trees.
+//!
+//! Workloads (each with one synchronous client, so latency is per round trip):
+//! * `walk+getattr`: walk root -> dir/file, getattr, clunk;
+//! * `open+read`: walk, lopen, read the whole file, clunk;
+//! * `readdir-tree`: walk to every directory, lopen, read all entries, clunk;
+//! * `walk+getattr xN`: N clients at once, aggregate throughput;
+//! * fid scaling: walk+getattr latency with 1k and 100k extra fids held open.
+//!
+//! Usage: `p9-bench [--quick] [--files 10000,100000] [--size BYTES] [--ops N] [--clients N]
+//!                  [--fids 1000,100000] [--workers N] [--dir DIR] [--no-diod]`
+//! Trees are cached under `--dir` (default: $TMPDIR/p9-bench) and reused between runs.
+
+use p9::client::Client;
+use p9::{Config, Server, WorkerPool};
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+type Conn = Client<Box<dyn Stream>>;
+
+const FILES_PER_DIR: usize = 1000;
+
+struct Opts {
+    quick: bool,
+    files: Vec<usize>,
+    size: usize,
+    ops: usize,
+    clients: usize,
+    fids: Vec<usize>,
+    workers: usize,
+    dir: PathBuf,
+    diod: bool,
+}
+
+fn list(v: &str) -> Result<Vec<usize>, String> {
+    v.split(',').map(|s| s.trim().parse::<usize>().map_err(|_| format!("not a number: {s:?}"))).collect()
+}
+
+fn parse_opts() -> Result<Opts, String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let mut o = Opts {
+        quick,
+        files: if quick { vec![10_000] } else { vec![10_000, 100_000] },
+        size: 4096,
+        ops: if quick { 3000 } else { 20_000 },
+        clients: 4,
+        fids: if quick { vec![1000, 20_000] } else { vec![1000, 100_000] },
+        workers: 4,
+        dir: std::env::temp_dir().join("p9-bench"),
+        diod: true,
+    };
+    let mut i = 0;
+    while i < args.len() {
+        let val = || args.get(i + 1).cloned().ok_or_else(|| format!("{} needs a value", args[i]));
+        match args[i].as_str() {
+            "--quick" => {}
+            "--no-diod" => o.diod = false,
+            "--files" => {
+                o.files = list(&val()?)?;
+                i += 1;
+            }
+            "--fids" => {
+                o.fids = list(&val()?)?;
+                i += 1;
+            }
+            "--size" | "--ops" | "--clients" | "--workers" => {
+                let n: usize = val()?.parse().map_err(|_| format!("{} wants a number", args[i]))?;
+                match args[i].as_str() {
+                    "--size" => o.size = n,
+                    "--ops" => o.ops = n.max(1),
+                    "--clients" => o.clients = n.max(1),
+                    _ => o.workers = n.max(1),
+                }
+                i += 1;
+            }
+            "--dir" => {
+                o.dir = PathBuf::from(val()?);
+                i += 1;
+            }
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+        i += 1;
+    }
+    Ok(o)
+}
+
+/// Creates (or reuses) a tree of `n` files of `size` bytes in directories of 1000.
+fn make_tree(base: &Path, n: usize, size: usize) -> std::io::Result<PathBuf> {
+    let root = base.join(format!("tree-{n}-{size}"));
+    if root.join(".complete").exists() {
+        return Ok(root);
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    let t = Instant::now();
+    let data = vec![b'x'; size];
+    for i in 0..n {
+        let d = root.join(format!("d{:04}", i / FILES_PER_DIR));
+        if i % FILES_PER_DIR == 0 {
+            std::fs::create_dir_all(&d)?;
+        }
+        std::fs::write(d.join(format!("f{:05}", i)), &data)?;
+    }
+    std::fs::write(root.join(".complete"), b"")?;
+    eprintln!("generated {n} files in {:.1}s at {}", t.elapsed().as_secs_f64(), root.display());
+    Ok(root)
+}
+
+struct Target {
+    name: &'static str,
+    sock: PathBuf,
+    aname: String,
+    child: Option<Child>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
+
+impl Target {
+    fn connect(&self) -> Result<(Conn, u32), String> {
+        let s = UnixStream::connect(&self.sock).map_err(|e| format!("{}: connect {}: {e}", self.name, self.sock.display()))?;
+        let mut c = Client::new(Box::new(s) as Box<dyn Stream>, 512_000).map_err(|e| format!("{}: version: {e}", self.name))?;
+        let root = c.alloc_fid();
+        c.attach(root, "root", &self.aname, 0).map_err(|e| format!("{}: attach: {e}", self.name))?;
+        Ok((c, root))
+    }
+}
+
+fn start_bootbox(tree: &Path, dir: &Path, workers: usize) -> Result<Target, String> {
+    let sock = dir.join(format!("bootbox-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).map_err(|e| format!("bind {}: {e}", sock.display()))?;
+    let config = Config { max_fids: 1 << 20, max_open_files: 1 << 16, ..Config::default() };
+    let srv = Server::new(tree, config).map_err(|e| e.to_string())?;
+    let pool = Arc::new(WorkerPool::new(workers, "p9-bench"));
+    std::thread::spawn(move || p9::socket::serve(listener, srv, pool));
+    Ok(Target { name: "bootbox", sock, aname: String::new(), child: None })
+}
+
+fn start_diod(tree: &Path, dir: &Path, workers: usize) -> Result<Target, String> {
+    let sock = dir.join(format!("diod-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let child = Command::new("diod")
+        .args(["-f", "-n", "-N", "-L", "/dev/null", "-t", &workers.to_string(), "-e"])
+        .arg(tree)
+        .arg("-l")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start diod: {e}"))?;
+    let t = Target { name: "diod", sock, aname: tree.to_string_lossy().into_owned(), child: Some(child) };
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        if UnixStream::connect(&t.sock).is_ok() {
+            return Ok(t);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err("diod did not start listening within 5 s".into())
+}
+
+#[derive(Clone, Copy, Default)]
+struct Summary {
+    ops_per_s: f64,
+    min: f64,
+    p50: f64,
+    p95: f64,
+    p99: f64,
+}
+
+fn summarize(mut lat_ns: Vec<u64>, wall: Duration, ops: usize) -> Summary {
+    lat_ns.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if lat_ns.is_empty() {
+            return 0.0;
+        }
+        let i = ((lat_ns.len() as f64 - 1.0) * p).round() as usize;
+        lat_ns[i] as f64 / 1000.0
+    };
+    Summary { ops_per_s: ops as f64 / wall.as_secs_f64(), min: pct(0.0), p50: pct(0.5), p95: pct(0.95), p99: pct(0.99) }
+}
+
+fn file_path(i: usize) -> (String, String) {
+    (format!("d{:04}", i / FILES_PER_DIR), format!("f{:05}", i))
+}
+
+/// A cheap deterministic sequence of file indices.
+fn pick(i: usize, n: usize) -> usize {
+    ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 17) as usize % n
+}
+
+type R<T> = Result<T, String>;
+
+fn walk_getattr(c: &mut Conn, root: u32, n_files: usize, ops: usize, salt: usize) -> R<(Vec<u64>, Duration)> {
+    let mut lat = Vec::with_capacity(ops);
+    let t = Instant::now();
+    let fid = c.alloc_fid();
+    for i in 0..ops {
+        let (d, f) = file_path(pick(i + salt, n_files));
+        let s = Instant::now();
+        c.walk(root, fid, &[&d, &f]).map_err(|e| format!("walk {d}/{f}: {e}"))?;
+        c.getattr(fid).map_err(|e| format!("getattr: {e}"))?;
+        c.clunk(fid).map_err(|e| format!("clunk: {e}"))?;
+        lat.push(s.elapsed().as_nanos() as u64);
+    }
+    Ok((lat, t.elapsed()))
+}
+
+fn open_read(c: &mut Conn, root: u32, n_files: usize, ops: usize, size: usize) -> R<(Vec<u64>, Duration)> {
+    let mut lat = Vec::with_capacity(ops);
+    let t = Instant::now();
+    let fid = c.alloc_fid();
+    for i in 0..ops {
+        let (d, f) = file_path(pick(i + 7, n_files));
+        let s = Instant::now();
+        c.walk(root, fid, &[&d, &f]).map_err(|e| format!("walk: {e}"))?;
+        c.lopen(fid, 0).map_err(|e| format!("lopen: {e}"))?;
+        let data = c.read(fid, 0, size.max(1) as u32).map_err(|e| format!("read: {e}"))?;
+        if data.len() != size {
+            return Err(format!("read {} bytes of {d}/{f}, expected {size}", data.len()));
+        }
+        c.clunk(fid).map_err(|e| format!("clunk: {e}"))?;
+        lat.push(s.elapsed().as_nanos() as u64);
+    }
+    Ok((lat, t.elapsed()))
+}
+
+/// Reads every directory of the tree; latency is per directory, throughput in entries/s.
+fn readdir_tree(c: &mut Conn, root: u32, n_files: usize) -> R<(Vec<u64>, Duration, usize)> {
+    let dirs = n_files.div_ceil(FILES_PER_DIR);
+    let mut lat = Vec::with_capacity(dirs);
+    let mut entries = 0;
+    let t = Instant::now();
+    let fid = c.alloc_fid();
+    for i in 0..dirs {
+        let d = format!("d{i:04}");
+        let s = Instant::now();
+        c.walk(root, fid, &[&d]).map_err(|e| format!("walk: {e}"))?;
+        c.lopen(fid, 0).map_err(|e| format!("lopen dir: {e}"))?;
+        entries += c.readdir_all(fid).map_err(|e| format!("readdir: {e}"))?.len();
+        c.clunk(fid).map_err(|e| format!("clunk: {e}"))?;
+        lat.push(s.elapsed().as_nanos() as u64);
+    }
+    let expect = n_files + 2 * dirs;
+    if entries != expect {
+        return Err(format!("readdir saw {entries} entries, expected {expect}"));
+    }
+    Ok((lat, t.elapsed(), entries))
+}
+
+fn parallel_walk(t: &Target, clients: usize, n_files: usize, ops: usize) -> R<Summary> {
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        conns.push(t.connect()?);
+    }
+    let start = Instant::now();
+    let handles: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(k, (mut c, root))| std::thread::spawn(move || walk_getattr(&mut c, root, n_files, ops, k * 7919)))
+        .collect();
+    let mut all = Vec::new();
+    for h in handles {
+        let (lat, _) = h.join().map_err(|_| "client thread panicked".to_string())??;
+        all.extend(lat);
+    }
+    Ok(summarize(all, start.elapsed(), clients * ops))
+}
+
+fn fid_scaling(t: &Target, held: usize, n_files: usize, ops: usize) -> R<Summary> {
+    let (mut c, root) = t.connect()?;
+    for _ in 0..held {
+        let f = c.alloc_fid();
+        c.walk(root, f, &[]).map_err(|e| format!("{}: holding fid {f}: {e}", t.name))?;
+    }
+    let (lat, wall) = walk_getattr(&mut c, root, n_files, ops, 13)?;
+    Ok(summarize(lat, wall, ops))
+}
+
+fn row(work: &str, server: &str, s: &Summary, unit: &str) {
+    println!(
+        "{work:<22} {server:<8} {:>11.0} {unit:<8} {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
+        s.ops_per_s, s.min, s.p50, s.p95, s.p99
+    );
+}
+
+fn ratio(work: &str, a: &Summary, b: &Summary) {
+    println!(
+        "{work:<22} {:<8} {:>10.2}x {:<8} {:>7.2}x {:>7.2}x {:>7.2}x {:>7.2}x",
+        "b/d",
+        a.ops_per_s / b.ops_per_s.max(1e-9),
+        "",
+        a.min / b.min.max(1e-9),
+        a.p50 / b.p50.max(1e-9),
+        a.p95 / b.p95.max(1e-9),
+        a.p99 / b.p99.max(1e-9)
+    );
+}
+
+fn raise_nofile(want: u64) {
+    let lim = libc::rlimit { rlim_cur: want as libc::rlim_t, rlim_max: want as libc::rlim_t };
+    // SAFETY: setrlimit reads a valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        let mut cur = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes a valid rlimit struct.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) };
+        let soft = libc::rlimit { rlim_cur: cur.rlim_max, rlim_max: cur.rlim_max };
+        // SAFETY: as above.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &soft) };
+        eprintln!("note: could not raise the open-file limit to {want}; it is {}", cur.rlim_max);
+    }
+}
+
+fn run(o: &Opts) -> R<()> {
+    std::fs::create_dir_all(&o.dir).map_err(|e| format!("create {}: {e}", o.dir.display()))?;
+    let max_fids = o.fids.iter().copied().max().unwrap_or(0) as u64;
+    raise_nofile(max_fids * 2 + 10_000);
+    let have_diod = o.diod && Command::new("diod").arg("--help").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
+    if o.diod && !have_diod {
+        println!("note: diod not found; measuring bootbox only");
+    }
+    println!(
+        "p9-bench: {} mode, workers {}, clients {}, ops {} per workload, file size {} B, latencies in µs",
+        if o.quick { "quick" } else { "full" },
+        o.workers,
+        o.clients,
+        o.ops,
+        o.size
+    );
+    for &n in &o.files {
+        let tree = make_tree(&o.dir, n, o.size).map_err(|e| format!("generating tree: {e}"))?;
+        let mut targets = vec![start_bootbox(&tree, &o.dir, o.workers)?];
+        if have_diod {
+            targets.push(start_diod(&tree, &o.dir, o.workers)?);
+        }
+        println!("\n== tree of {n} files ({} dirs) ==", n.div_ceil(FILES_PER_DIR));
+        println!(
+            "{:<22} {:<8} {:>11} {:<8} {:>8} {:>8} {:>8} {:>8}",
+            "workload", "server", "rate", "unit", "min", "median", "p95", "p99"
+        );
+        let mut results: Vec<Vec<(String, Summary)>> = Vec::new();
+        for t in &targets {
+            let mut res = Vec::new();
+            let (mut c, root) = t.connect()?;
+            // Warm up caches so both servers see the same host state.
+            walk_getattr(&mut c, root, n, o.ops.min(1000), 99)?;
+            let (lat, wall) = walk_getattr(&mut c, root, n, o.ops, 0)?;
+            res.push(("walk+getattr".to_string(), summarize(lat, wall, o.ops), "ops/s"));
+            let (lat, wall) = open_read(&mut c, root, n, o.ops, o.size)?;
+            res.push(("open+read".to_string(), summarize(lat, wall, o.ops), "ops/s"));
+            let (lat, wall, entries) = readdir_tree(&mut c, root, n)?;
+            let mut s = summarize(lat, wall, entries);
+            s.ops_per_s = entries as f64 / wall.as_secs_f64();
+            res.push(("readdir-tree (per dir)".to_string(), s, "ents/s"));
+            let s = parallel_walk(t, o.clients, n, o.ops / o.clients.max(1))?;
+            res.push((format!("walk+getattr x{}", o.clients), s, "ops/s"));
+            for &k in &o.fids {
+                let s = fid_scaling(t, k, n, o.ops.min(5000))?;
+                res.push((format!("walk, {k} fids held"), s, "ops/s"));
+            }
+            for (w, s, unit) in &res {
+                row(w, t.name, s, unit);
+            }
+            results.push(res.into_iter().map(|(w, s, _)| (w, s)).collect());
+        }
+        if results.len() == 2 {
+            println!("-- ratios bootbox/diod (rate: higher is better; latency: lower is better) --");
+            for ((w, a), (_, b)) in results[0].iter().zip(results[1].iter()) {
+                ratio(w, a, b);
+            }
+        }
+        let b = &results[0];
+        let flat: Vec<f64> = b.iter().filter(|(w, _)| w.contains("fids held")).map(|(_, s)| s.p50).collect();
+        if flat.len() >= 2 {
+            println!(
+                "bootbox median walk latency with most vs fewest fids held: {:.2}x",
+                flat[flat.len() - 1] / flat[0].max(1e-9)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let o = match parse_opts() {
+        Ok(o) => o,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("p9-bench: {e}");
+            }
+            eprintln!(
+                "usage: p9-bench [--quick] [--files 10000,100000] [--size BYTES] [--ops N] [--clients N] \
+                 [--fids 1000,100000] [--workers N] [--dir DIR] [--no-diod]"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let t = Instant::now();
+    match run(&o) {
+        Ok(()) => {
+            println!("\ntotal {:.1}s", t.elapsed().as_secs_f64());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("p9-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
