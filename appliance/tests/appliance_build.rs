@@ -393,3 +393,94 @@ fn initramfs_is_base_then_job() {
         "the job archive must start 4-byte aligned"
     );
 }
+
+/// Child side of [`concurrent_processes_build_once`]; run only by that test.
+#[test]
+#[ignore = "helper run in child processes by concurrent_processes_build_once"]
+fn helper_prepare_in_child_process() {
+    let dir =
+        std::env::var("BOOTBOX_TEST_CONC_DIR").expect("run by concurrent_processes_build_once");
+    let dir = PathBuf::from(dir);
+    let p = prepare(&spec(&dir, &dir.join("init"), &[])).unwrap();
+    println!("RESULT built={} key={}", p.built, p.key);
+}
+
+#[test]
+fn concurrent_processes_build_once() {
+    let d = TempDir::new("conc-proc");
+    fake_init(&d.0);
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(&exe)
+                .args([
+                    "--ignored",
+                    "--exact",
+                    "helper_prepare_in_child_process",
+                    "--nocapture",
+                ])
+                .env("BOOTBOX_TEST_CONC_DIR", &d.0)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut built = 0;
+    let mut keys = BTreeSet::new();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("RESULT "))
+            .unwrap_or_else(|| panic!("child printed no result: {text}"));
+        if line.contains("built=true") {
+            built += 1;
+        }
+        keys.insert(line.split("key=").nth(1).unwrap().to_string());
+    }
+    assert_eq!(built, 1, "exactly one process builds");
+    assert_eq!(keys.len(), 1);
+}
+
+#[test]
+fn mutated_elf_headers_never_panic() {
+    let d = TempDir::new("elf-fuzz");
+    let ls = std::fs::read(find_program("ls").unwrap()).unwrap();
+    let head = &ls[..ls.len().min(64 * 1024)];
+    let path = d.0.join("mutant");
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut errors = 0;
+    for round in 0..300 {
+        let mut m = head.to_vec();
+        if round % 10 == 0 {
+            m.truncate((next() % 4096) as usize);
+        }
+        for _ in 0..(1 + next() % 8) {
+            if m.is_empty() {
+                break;
+            }
+            // Hit the ELF header and program headers most of the time.
+            let span = if next() % 4 == 0 {
+                m.len()
+            } else {
+                m.len().min(1024)
+            };
+            let i = (next() as usize) % span;
+            m[i] = next() as u8;
+        }
+        std::fs::write(&path, &m).unwrap();
+        if appliance::elf::inspect(&path).is_err() {
+            errors += 1;
+        }
+    }
+    // The truncated prefix cannot hold the dynamic section, so many mutants are rejected.
+    assert!(errors > 0);
+}
