@@ -318,6 +318,10 @@ fn find_in_path(name: &str) -> bool {
 fn child(exec: &Exec, out_fd: i32, err_fd: i32, null_fd: i32, tty_fd: i32) -> ! {
     // SAFETY: plain syscalls on fds owned by this process; the child is single-threaded.
     unsafe {
+        // I/O port permissions survive fork and execve: the job must not reach the ports.
+        if PORT_MODE.load(Ordering::Relaxed) == 1 {
+            libc::ioperm(u64::from(EXIT_PORT), 0x20, 0);
+        }
         libc::setsid();
         if exec.interactive {
             libc::dup2(tty_fd, 0);
@@ -524,6 +528,15 @@ fn main() {
         );
         std::process::exit(2);
     }
+    // A bug in the init must still end the VM with a status rather than a kernel panic.
+    std::panic::set_hook(Box::new(|info| {
+        say(&format!("internal error: {info}"));
+        // SAFETY: getpid has no preconditions; _exit ends a forked child without unwinding.
+        if unsafe { libc::getpid() } != 1 {
+            unsafe { libc::_exit(i32::from(STATUS_INIT_FAILURE)) };
+        }
+        finish(STATUS_INIT_FAILURE);
+    }));
     if std::path::Path::new(TEST_MODE_FLAG).exists() {
         TEST_MODE.store(true, Ordering::Relaxed);
         open_console();
