@@ -532,8 +532,10 @@ fn main() {
     std::panic::set_hook(Box::new(|info| {
         say(&format!("internal error: {info}"));
         // SAFETY: getpid has no preconditions; _exit ends a forked child without unwinding.
-        if unsafe { libc::getpid() } != 1 {
-            unsafe { libc::_exit(i32::from(STATUS_INIT_FAILURE)) };
+        unsafe {
+            if libc::getpid() != 1 {
+                libc::_exit(i32::from(STATUS_INIT_FAILURE));
+            }
         }
         finish(STATUS_INIT_FAILURE);
     }));
