@@ -57,8 +57,21 @@ macro_rules! expect {
 impl<S: Read + Write> Client<S> {
     /// Negotiates 9P2000.L with at most `msize`.
     pub fn new(stream: S, msize: u32) -> Result<Self> {
-        let mut c = Client { stream, msize, tag: 0, next_fid: 1, out: Vec::new(), inb: Vec::new() };
-        let r = c.call_tag(wire::NOTAG, &Tmessage::Version { msize, version: b"9P2000.L" })?;
+        let mut c = Client {
+            stream,
+            msize,
+            tag: 0,
+            next_fid: 1,
+            out: Vec::new(),
+            inb: Vec::new(),
+        };
+        let r = c.call_tag(
+            wire::NOTAG,
+            &Tmessage::Version {
+                msize,
+                version: b"9P2000.L",
+            },
+        )?;
         let (m, v) = expect!(r, Rmessage::Version { msize, version } => (msize, version))?;
         if v != b"9P2000.L" {
             return Err(ClientError::Version(String::from_utf8_lossy(&v).into()));
@@ -91,7 +104,11 @@ impl<S: Read + Write> Client<S> {
         self.stream.read_exact(&mut size)?;
         let n = u32::from_le_bytes(size) as usize;
         if n < wire::HEADER_LEN {
-            return Err(wire::Error::BadSize { size: n as u32, len: 4 }.into());
+            return Err(wire::Error::BadSize {
+                size: n as u32,
+                len: 4,
+            }
+            .into());
         }
         self.inb.clear();
         self.inb.extend_from_slice(&size);
@@ -135,13 +152,18 @@ impl<S: Read + Write> Client<S> {
     /// Walks `names` (at most 16) from `fid` to `newfid`; returns the qids walked.
     pub fn walk(&mut self, fid: u32, newfid: u32, names: &[&str]) -> Result<Vec<Qid>> {
         let b: Vec<&[u8]> = names.iter().map(|s| s.as_bytes()).collect();
-        let names = WalkNames::new(&b).ok_or(ClientError::Decode(wire::Error::TooManyWalkNames(b.len() as u16)))?;
+        let names = WalkNames::new(&b).ok_or(ClientError::Decode(
+            wire::Error::TooManyWalkNames(b.len() as u16),
+        ))?;
         let r = self.call(&Tmessage::Walk { fid, newfid, names })?;
         expect!(r, Rmessage::Walk { qids } => qids)
     }
 
     pub fn getattr(&mut self, fid: u32) -> Result<Attr> {
-        let r = self.call(&Tmessage::Getattr { fid, mask: wire::GETATTR_BASIC })?;
+        let r = self.call(&Tmessage::Getattr {
+            fid,
+            mask: wire::GETATTR_BASIC,
+        })?;
         expect!(r, Rmessage::Getattr(a) => a)
     }
 
@@ -151,7 +173,13 @@ impl<S: Read + Write> Client<S> {
     }
 
     pub fn lcreate(&mut self, fid: u32, name: &str, flags: u32, mode: u32) -> Result<Qid> {
-        let r = self.call(&Tmessage::Lcreate { fid, name: name.as_bytes(), flags, mode, gid: 0 })?;
+        let r = self.call(&Tmessage::Lcreate {
+            fid,
+            name: name.as_bytes(),
+            flags,
+            mode,
+            gid: 0,
+        })?;
         expect!(r, Rmessage::Lcreate { qid, .. } => qid)
     }
 
@@ -198,12 +226,21 @@ impl<S: Read + Write> Client<S> {
     }
 
     pub fn mkdir(&mut self, dfid: u32, name: &str, mode: u32) -> Result<Qid> {
-        let r = self.call(&Tmessage::Mkdir { dfid, name: name.as_bytes(), mode, gid: 0 })?;
+        let r = self.call(&Tmessage::Mkdir {
+            dfid,
+            name: name.as_bytes(),
+            mode,
+            gid: 0,
+        })?;
         expect!(r, Rmessage::Mkdir { qid } => qid)
     }
 
     pub fn unlinkat(&mut self, dirfid: u32, name: &str, flags: u32) -> Result<()> {
-        let r = self.call(&Tmessage::Unlinkat { dirfid, name: name.as_bytes(), flags })?;
+        let r = self.call(&Tmessage::Unlinkat {
+            dirfid,
+            name: name.as_bytes(),
+            flags,
+        })?;
         expect!(r, Rmessage::Unlinkat => ())
     }
 

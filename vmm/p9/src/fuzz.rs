@@ -18,7 +18,7 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -28,7 +28,7 @@ impl Rng {
         if n == 0 {
             0
         } else {
-            (self.next() % n as u64) as usize
+            (self.next_u64() % n as u64) as usize
         }
     }
 }
@@ -37,7 +37,11 @@ impl Rng {
 #[derive(Debug, thiserror::Error)]
 pub enum FuzzFailure {
     #[error("reply to {request:02x?} is malformed ({why}): {reply:02x?}")]
-    BadReply { request: Vec<u8>, reply: Vec<u8>, why: String },
+    BadReply {
+        request: Vec<u8>,
+        reply: Vec<u8>,
+        why: String,
+    },
     #[error("the secret outside the share changed or something was created next to the share")]
     Escaped,
     #[error("cannot set up the fuzz share: {0}")]
@@ -79,12 +83,26 @@ impl Target {
     /// Creates a share under the temp directory (removed on drop).
     pub fn new(read_only: bool) -> Result<Target, FuzzFailure> {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let base = std::env::temp_dir().join(format!("p9-fuzz-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let base = std::env::temp_dir().join(format!(
+            "p9-fuzz-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&base).map_err(|e| FuzzFailure::Setup(e.to_string()))?;
         let share = build_tree(&base).map_err(|e| FuzzFailure::Setup(e.to_string()))?;
-        let config = Config { read_only, msize: 65536, max_fids: 256, max_open_files: 64 };
+        let config = Config {
+            read_only,
+            msize: 65536,
+            max_fids: 256,
+            max_open_files: 64,
+        };
         let server = Server::new(&share, config).map_err(|e| FuzzFailure::Setup(e.to_string()))?;
-        let mut t = Target { base, share, server, reply: VecReply::new(65536) };
+        let mut t = Target {
+            base,
+            share,
+            server,
+            reply: VecReply::new(65536),
+        };
         t.reset_session();
         Ok(t)
     }
@@ -93,7 +111,8 @@ impl Target {
     pub fn reset(&mut self) -> Result<(), FuzzFailure> {
         build_tree(&self.base).map_err(|e| FuzzFailure::Setup(e.to_string()))?;
         let config = self.server.config().clone();
-        self.server = Server::new(&self.share, config).map_err(|e| FuzzFailure::Setup(e.to_string()))?;
+        self.server =
+            Server::new(&self.share, config).map_err(|e| FuzzFailure::Setup(e.to_string()))?;
         self.reset_session();
         Ok(())
     }
@@ -102,14 +121,39 @@ impl Target {
         let mut b = Vec::new();
         let w = |names: &[&'static [u8]]| WalkNames::new(names).unwrap_or_default();
         let setup = [
-            Tmessage::Version { msize: 65536, version: b"9P2000.L" },
-            Tmessage::Attach { fid: 1, afid: wire::NOFID, uname: b"", aname: b"", n_uname: 0 },
-            Tmessage::Walk { fid: 1, newfid: 2, names: w(&[b"file"]) },
+            Tmessage::Version {
+                msize: 65536,
+                version: b"9P2000.L",
+            },
+            Tmessage::Attach {
+                fid: 1,
+                afid: wire::NOFID,
+                uname: b"",
+                aname: b"",
+                n_uname: 0,
+            },
+            Tmessage::Walk {
+                fid: 1,
+                newfid: 2,
+                names: w(&[b"file"]),
+            },
             Tmessage::Lopen { fid: 2, flags: 2 },
-            Tmessage::Walk { fid: 1, newfid: 3, names: w(&[b"dir"]) },
+            Tmessage::Walk {
+                fid: 1,
+                newfid: 3,
+                names: w(&[b"dir"]),
+            },
             Tmessage::Lopen { fid: 3, flags: 0 },
-            Tmessage::Walk { fid: 1, newfid: 4, names: w(&[b"fifo"]) },
-            Tmessage::Walk { fid: 1, newfid: 5, names: w(&[b"root_link"]) },
+            Tmessage::Walk {
+                fid: 1,
+                newfid: 4,
+                names: w(&[b"fifo"]),
+            },
+            Tmessage::Walk {
+                fid: 1,
+                newfid: 5,
+                names: w(&[b"root_link"]),
+            },
         ];
         for m in setup {
             b.clear();
@@ -122,7 +166,11 @@ impl Target {
     pub fn run_one(&mut self, req: &[u8]) -> Result<(), FuzzFailure> {
         let n = self.server.handle(req, &mut self.reply);
         let rep = &self.reply.as_slice()[..n];
-        let bad = |why: &str| FuzzFailure::BadReply { request: req.to_vec(), reply: rep.to_vec(), why: why.into() };
+        let bad = |why: &str| FuzzFailure::BadReply {
+            request: req.to_vec(),
+            reply: rep.to_vec(),
+            why: why.into(),
+        };
         if n < wire::HEADER_LEN {
             return Err(bad("shorter than a header"));
         }
@@ -156,7 +204,9 @@ impl Target {
         if secret != SECRET {
             return Err(FuzzFailure::Escaped);
         }
-        let entries = std::fs::read_dir(&self.base).map_err(|_| FuzzFailure::Escaped)?.count();
+        let entries = std::fs::read_dir(&self.base)
+            .map_err(|_| FuzzFailure::Escaped)?
+            .count();
         if entries != 2 {
             return Err(FuzzFailure::Escaped);
         }
@@ -168,7 +218,8 @@ impl Target {
     pub fn run_bytes(&mut self, mut data: &[u8]) -> Result<(), FuzzFailure> {
         let mut count = 0;
         while data.len() >= 4 && count < 64 {
-            let size = (u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize).clamp(4, data.len());
+            let size = (u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize)
+                .clamp(4, data.len());
             self.run_one(&data[..size])?;
             data = &data[size..];
             count += 1;
@@ -189,40 +240,145 @@ impl Drop for Target {
 /// Valid requests touching every message type, aimed at the fids of [`FIDS`].
 pub fn seeds() -> Vec<Vec<u8>> {
     let w = |names: &[&'static [u8]]| WalkNames::new(names).unwrap_or_default();
-    let lock = Lock { ty: 1, flags: 0, start: 0, length: 1, proc_id: 1, client_id: b"c" };
-    let sa = SetAttr { valid: 0x1ff, mode: 0o644, size: 3, ..Default::default() };
+    let lock = Lock {
+        ty: 1,
+        flags: 0,
+        start: 0,
+        length: 1,
+        proc_id: 1,
+        client_id: b"c",
+    };
+    let sa = SetAttr {
+        valid: 0x1ff,
+        mode: 0o644,
+        size: 3,
+        ..Default::default()
+    };
     let msgs = [
-        Tmessage::Version { msize: 8192, version: b"9P2000.L" },
-        Tmessage::Auth { afid: 9, uname: b"u", aname: b"", n_uname: 0 },
-        Tmessage::Attach { fid: 9, afid: wire::NOFID, uname: b"u", aname: b"", n_uname: 0 },
+        Tmessage::Version {
+            msize: 8192,
+            version: b"9P2000.L",
+        },
+        Tmessage::Auth {
+            afid: 9,
+            uname: b"u",
+            aname: b"",
+            n_uname: 0,
+        },
+        Tmessage::Attach {
+            fid: 9,
+            afid: wire::NOFID,
+            uname: b"u",
+            aname: b"",
+            n_uname: 0,
+        },
         Tmessage::Flush { oldtag: 1 },
-        Tmessage::Walk { fid: 1, newfid: 9, names: w(&[b"dir", b"..", b"..", b"dir_link", b"sub"]) },
-        Tmessage::Walk { fid: 5, newfid: 9, names: w(&[b"etc", b"passwd"]) },
-        Tmessage::Walk { fid: 1, newfid: 1, names: w(&[b"dir"]) },
-        Tmessage::Read { fid: 2, offset: 0, count: 100 },
-        Tmessage::Write { fid: 2, offset: 3, data: b"xyz" },
+        Tmessage::Walk {
+            fid: 1,
+            newfid: 9,
+            names: w(&[b"dir", b"..", b"..", b"dir_link", b"sub"]),
+        },
+        Tmessage::Walk {
+            fid: 5,
+            newfid: 9,
+            names: w(&[b"etc", b"passwd"]),
+        },
+        Tmessage::Walk {
+            fid: 1,
+            newfid: 1,
+            names: w(&[b"dir"]),
+        },
+        Tmessage::Read {
+            fid: 2,
+            offset: 0,
+            count: 100,
+        },
+        Tmessage::Write {
+            fid: 2,
+            offset: 3,
+            data: b"xyz",
+        },
         Tmessage::Clunk { fid: 2 },
         Tmessage::Remove { fid: 4 },
         Tmessage::Statfs { fid: 1 },
         Tmessage::Lopen { fid: 4, flags: 0 },
         Tmessage::Lopen { fid: 5, flags: 2 },
-        Tmessage::Lcreate { fid: 1, name: b"new", flags: 0o102, mode: 0o644, gid: 0 },
-        Tmessage::Symlink { fid: 1, name: b"sl", target: b"/etc/shadow", gid: 0 },
-        Tmessage::Mknod { dfid: 1, name: b"nod", mode: 0o20644, major: 1, minor: 3, gid: 0 },
-        Tmessage::Rename { fid: 2, dfid: 3, name: b"moved" },
+        Tmessage::Lcreate {
+            fid: 1,
+            name: b"new",
+            flags: 0o102,
+            mode: 0o644,
+            gid: 0,
+        },
+        Tmessage::Symlink {
+            fid: 1,
+            name: b"sl",
+            target: b"/etc/shadow",
+            gid: 0,
+        },
+        Tmessage::Mknod {
+            dfid: 1,
+            name: b"nod",
+            mode: 0o20644,
+            major: 1,
+            minor: 3,
+            gid: 0,
+        },
+        Tmessage::Rename {
+            fid: 2,
+            dfid: 3,
+            name: b"moved",
+        },
         Tmessage::Readlink { fid: 5 },
-        Tmessage::Getattr { fid: 4, mask: wire::GETATTR_ALL },
+        Tmessage::Getattr {
+            fid: 4,
+            mask: wire::GETATTR_ALL,
+        },
         Tmessage::Setattr { fid: 2, attr: sa },
-        Tmessage::Xattrwalk { fid: 1, newfid: 9, name: b"user.a" },
-        Tmessage::Xattrcreate { fid: 1, name: b"user.a", size: 4, flags: 0 },
-        Tmessage::Readdir { fid: 3, offset: 0, count: 500 },
-        Tmessage::Fsync { fid: 2, datasync: 0 },
+        Tmessage::Xattrwalk {
+            fid: 1,
+            newfid: 9,
+            name: b"user.a",
+        },
+        Tmessage::Xattrcreate {
+            fid: 1,
+            name: b"user.a",
+            size: 4,
+            flags: 0,
+        },
+        Tmessage::Readdir {
+            fid: 3,
+            offset: 0,
+            count: 500,
+        },
+        Tmessage::Fsync {
+            fid: 2,
+            datasync: 0,
+        },
         Tmessage::Lock { fid: 2, lock },
         Tmessage::Getlock { fid: 2, lock },
-        Tmessage::Link { dfid: 3, fid: 5, name: b"hl" },
-        Tmessage::Mkdir { dfid: 1, name: b"nd", mode: 0o755, gid: 0 },
-        Tmessage::Renameat { olddirfid: 1, oldname: b"file", newdirfid: 3, newname: b"f3" },
-        Tmessage::Unlinkat { dirfid: 1, name: b"dir", flags: 0x200 },
+        Tmessage::Link {
+            dfid: 3,
+            fid: 5,
+            name: b"hl",
+        },
+        Tmessage::Mkdir {
+            dfid: 1,
+            name: b"nd",
+            mode: 0o755,
+            gid: 0,
+        },
+        Tmessage::Renameat {
+            olddirfid: 1,
+            oldname: b"file",
+            newdirfid: 3,
+            newname: b"f3",
+        },
+        Tmessage::Unlinkat {
+            dirfid: 1,
+            name: b"dir",
+            flags: 0x200,
+        },
     ];
     msgs.iter()
         .enumerate()
@@ -235,7 +391,18 @@ pub fn seeds() -> Vec<Vec<u8>> {
 }
 
 /// Interesting values to splice into fields.
-const MAGIC: [u64; 10] = [0, 1, 2, 0x7f, 0xff, 0xffff, 0x8000_0000, 0xffff_ffff, 0x7fff_ffff_ffff_ffff, u64::MAX];
+const MAGIC: [u64; 10] = [
+    0,
+    1,
+    2,
+    0x7f,
+    0xff,
+    0xffff,
+    0x8000_0000,
+    0xffff_ffff,
+    0x7fff_ffff_ffff_ffff,
+    u64::MAX,
+];
 
 /// Mutates a seed: bit flips, byte sets, interesting integers, truncation, insertion, splicing
 /// with another seed; the size field is usually fixed up so the body is what gets exercised.
@@ -249,7 +416,7 @@ pub fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
             }
             1 if !m.is_empty() => {
                 let i = rng.below(m.len());
-                m[i] = rng.next() as u8;
+                m[i] = rng.next_u64() as u8;
             }
             2 if m.len() > 8 => {
                 let v = MAGIC[rng.below(MAGIC.len())].to_le_bytes();
@@ -264,7 +431,7 @@ pub fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
             }
             4 => {
                 let i = rng.below(m.len() + 1);
-                let extra: Vec<u8> = (0..rng.below(40)).map(|_| rng.next() as u8).collect();
+                let extra: Vec<u8> = (0..rng.below(40)).map(|_| rng.next_u64() as u8).collect();
                 m.splice(i..i, extra);
             }
             5 => {
@@ -278,7 +445,7 @@ pub fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
             }
             6 if m.len() > 4 => {
                 // Change the type to any type, known or not.
-                m[4] = rng.next() as u8;
+                m[4] = rng.next_u64() as u8;
             }
             _ if m.len() > 7 => {
                 // Point at another fid.

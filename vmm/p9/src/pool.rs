@@ -31,7 +31,10 @@ impl WorkerPool {
     pub fn new(threads: usize, name: &str) -> Self {
         let threads = threads.max(1);
         let shared = Arc::new(Shared {
-            q: Mutex::new(Queue { jobs: VecDeque::new(), closed: false }),
+            q: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                closed: false,
+            }),
             not_empty: Condvar::new(),
             not_full: Condvar::new(),
             bound: threads * 64,
@@ -39,14 +42,19 @@ impl WorkerPool {
         let mut handles = Vec::with_capacity(threads);
         for i in 0..threads {
             let s = shared.clone();
-            let h = std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || worker(&s));
+            let h = std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || worker(&s));
             // A thread that cannot be spawned just leaves the pool smaller; with none at all,
             // submit runs jobs inline.
             if let Ok(h) = h {
                 handles.push(h);
             }
         }
-        WorkerPool { shared, threads: handles }
+        WorkerPool {
+            shared,
+            threads: handles,
+        }
     }
 
     /// Number of worker threads actually running.
@@ -62,7 +70,11 @@ impl WorkerPool {
         }
         let mut q = self.shared.q.lock().unwrap_or_else(|e| e.into_inner());
         while q.jobs.len() >= self.shared.bound {
-            q = self.shared.not_full.wait(q).unwrap_or_else(|e| e.into_inner());
+            q = self
+                .shared
+                .not_full
+                .wait(q)
+                .unwrap_or_else(|e| e.into_inner());
         }
         q.jobs.push_back(job);
         drop(q);
@@ -92,7 +104,11 @@ fn worker(s: &Shared) {
 
 impl Drop for WorkerPool {
     fn drop(&mut self) {
-        self.shared.q.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.shared
+            .q
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .closed = true;
         self.shared.not_empty.notify_all();
         for t in self.threads.drain(..) {
             let _ = t.join();

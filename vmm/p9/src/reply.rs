@@ -14,7 +14,13 @@ pub trait ReplyBuf {
     fn write_at(&mut self, offset: usize, data: &[u8]) -> io::Result<()>;
     /// Zero-copy read: reads up to `len` bytes of `fd` at `file_offset` straight into the reply
     /// area at `offset`. Returns the number of bytes read.
-    fn read_from(&mut self, offset: usize, len: usize, fd: BorrowedFd<'_>, file_offset: u64) -> io::Result<usize>;
+    fn read_from(
+        &mut self,
+        offset: usize,
+        len: usize,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+    ) -> io::Result<usize>;
 }
 
 /// A reply area backed by a `Vec<u8>` of fixed capacity.
@@ -26,7 +32,9 @@ pub struct VecReply {
 impl VecReply {
     /// A reply area of `capacity` bytes (use the negotiated msize).
     pub fn new(capacity: usize) -> Self {
-        VecReply { buf: vec![0; capacity] }
+        VecReply {
+            buf: vec![0; capacity],
+        }
     }
     /// The whole area (the reply is the first `len` bytes returned by `Server::handle`).
     pub fn as_slice(&self) -> &[u8] {
@@ -59,14 +67,25 @@ impl ReplyBuf for VecReply {
         Ok(())
     }
 
-    fn read_from(&mut self, offset: usize, len: usize, fd: BorrowedFd<'_>, file_offset: u64) -> io::Result<usize> {
+    fn read_from(
+        &mut self,
+        offset: usize,
+        len: usize,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+    ) -> io::Result<usize> {
         range_check(self.buf.len(), offset, len)?;
         let dst = &mut self.buf[offset..offset + len];
         loop {
             // SAFETY: `dst` is a valid writable slice of exactly `dst.len()` bytes owned by self,
             // and `fd` is a borrowed, open descriptor.
             let n = unsafe {
-                libc::pread64(fd.as_raw_fd(), dst.as_mut_ptr().cast(), dst.len(), file_offset as libc::off64_t)
+                libc::pread64(
+                    fd.as_raw_fd(),
+                    dst.as_mut_ptr().cast(),
+                    dst.len(),
+                    file_offset as libc::off64_t,
+                )
             };
             if n >= 0 {
                 return Ok(n as usize);
@@ -94,7 +113,10 @@ mod tests {
         assert!(r.write_at(14, b"abc").is_err());
         assert!(r.write_at(usize::MAX, b"a").is_err());
         let p = std::env::temp_dir().join(format!("p9-vecreply-{}", std::process::id()));
-        std::fs::File::create(&p).unwrap().write_all(b"0123456789").unwrap();
+        std::fs::File::create(&p)
+            .unwrap()
+            .write_all(b"0123456789")
+            .unwrap();
         let f = std::fs::File::open(&p).unwrap();
         assert_eq!(r.read_from(4, 8, f.as_fd(), 6).unwrap(), 4);
         assert_eq!(&r.as_slice()[4..8], b"6789");

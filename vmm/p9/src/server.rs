@@ -39,8 +39,25 @@ pub struct Config {
 }
 
 impl Default for Config {
+    /// Writable, msize 512000, and fid/open-file limits of 65536/4096 or half/a quarter of the
+    /// process's open-file limit, whichever is smaller (every fid holds a descriptor).
     fn default() -> Self {
-        Config { read_only: false, msize: 512_000, max_fids: 65_536, max_open_files: 4096 }
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit only writes the struct it is given.
+        let nofile = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            lim.rlim_cur as usize
+        } else {
+            1024
+        };
+        Config {
+            read_only: false,
+            msize: 512_000,
+            max_fids: 65_536.min(nofile / 2).max(64),
+            max_open_files: 4096.min(nofile / 4).max(16),
+        }
     }
 }
 
@@ -48,10 +65,15 @@ impl Default for Config {
 #[derive(Debug, Error)]
 pub enum Error {
     #[error("share root {path:?} cannot be opened: {source}; pass an existing directory")]
-    RootOpen { path: PathBuf, source: std::io::Error },
+    RootOpen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("share root {0:?} is not a directory; pass a directory to export")]
     RootNotDir(PathBuf),
-    #[error("cannot open /proc/self/fd ({0}); the 9P server needs /proc mounted to reopen files safely")]
+    #[error(
+        "cannot open /proc/self/fd ({0}); the 9P server needs /proc mounted to reopen files safely"
+    )]
     Proc(std::io::Error),
 }
 
@@ -71,7 +93,9 @@ const DOTL_SYNC: u32 = 0o4000000;
 type Errno = i32;
 
 fn errno() -> Errno {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 /// Retries a libc call on EINTR; maps -1 to the errno.
@@ -120,7 +144,11 @@ impl Name {
         self.buf.as_ptr().cast()
     }
     fn bytes(&self) -> &[u8] {
-        let n = self.buf.iter().position(|&b| b == 0).unwrap_or(self.buf.len());
+        let n = self
+            .buf
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.buf.len());
         &self.buf[..n]
     }
 }
@@ -150,7 +178,12 @@ fn fstat(fd: BorrowedFd<'_>) -> Result<libc::stat64, Errno> {
     let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
     // SAFETY: `fd` is open, EMPTY is a valid C string, `st` is a valid out pointer.
     cvt(|| unsafe {
-        libc::fstatat64(fd.as_raw_fd(), EMPTY.as_ptr(), &mut st, libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW)
+        libc::fstatat64(
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            &mut st,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
     })?;
     Ok(st)
 }
@@ -159,19 +192,29 @@ fn fstatat(dir: BorrowedFd<'_>, name: &Name) -> Result<libc::stat64, Errno> {
     // SAFETY: stat64 is plain data; zeroed is a valid value.
     let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
     // SAFETY: `dir` is open, `name` is NUL-terminated, `st` is a valid out pointer.
-    cvt(|| unsafe { libc::fstatat64(dir.as_raw_fd(), name.ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
+    cvt(|| unsafe {
+        libc::fstatat64(
+            dir.as_raw_fd(),
+            name.ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
     Ok(st)
 }
 
 fn openat(dir: BorrowedFd<'_>, name: &Name, flags: i32, mode: u32) -> Result<OwnedFd, Errno> {
     // SAFETY: `dir` is open and `name` is NUL-terminated; the result is checked.
-    let fd = cvt(|| unsafe { libc::openat(dir.as_raw_fd(), name.ptr(), flags | libc::O_CLOEXEC, mode) })?;
+    let fd = cvt(|| unsafe {
+        libc::openat(dir.as_raw_fd(), name.ptr(), flags | libc::O_CLOEXEC, mode)
+    })?;
     // SAFETY: openat returned a new descriptor we exclusively own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn dup(fd: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
-    fd.try_clone_to_owned().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+    fd.try_clone_to_owned()
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// Counts a resource for as long as the guard lives.
@@ -181,13 +224,21 @@ struct Count {
 }
 
 impl Count {
-    fn take(share: &Arc<Share>, which: fn(&Share) -> &AtomicUsize, max: usize, err: Errno) -> Result<Count, Errno> {
+    fn take(
+        share: &Arc<Share>,
+        which: fn(&Share) -> &AtomicUsize,
+        max: usize,
+        err: Errno,
+    ) -> Result<Count, Errno> {
         let c = which(share);
         if c.fetch_add(1, Ordering::Relaxed) >= max {
             c.fetch_sub(1, Ordering::Relaxed);
             return Err(err);
         }
-        Ok(Count { share: share.clone(), which })
+        Ok(Count {
+            share: share.clone(),
+            which,
+        })
     }
 }
 
@@ -240,10 +291,19 @@ struct FidTable {
 
 impl FidTable {
     fn new() -> Self {
-        FidTable { shards: (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect() }
+        FidTable {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
+        }
     }
-    fn shard(&self, fid: u32) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<Fid>, BuildHasherDefault<FidHasher>>> {
-        self.shards[fid as usize % SHARDS].lock().unwrap_or_else(|e| e.into_inner())
+    fn shard(
+        &self,
+        fid: u32,
+    ) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<Fid>, BuildHasherDefault<FidHasher>>> {
+        self.shards[fid as usize % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
     fn get(&self, fid: u32) -> Result<Arc<Fid>, Errno> {
         self.shard(fid).get(&fid).cloned().ok_or(libc::EBADF)
@@ -273,7 +333,10 @@ impl FidTable {
         }
     }
     fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len()).sum()
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
     }
 }
 
@@ -300,7 +363,11 @@ pub struct StatsSnapshot {
 impl std::fmt::Display for StatsSnapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for (name, n, ns) in &self.by_type {
-            writeln!(f, "{name:>12} {n:>10} reqs  mean {:>8} ns", ns / (*n).max(1))?;
+            writeln!(
+                f,
+                "{name:>12} {n:>10} reqs  mean {:>8} ns",
+                ns / (*n).max(1)
+            )?;
         }
         writeln!(f, "{:>12} {:>10}", "errors", self.errors)
     }
@@ -373,8 +440,13 @@ impl Share {
             libc::S_IFLNK => wire::QTSYMLINK,
             _ => wire::QTFILE,
         };
-        let v = (st.st_mtime as u32) ^ (st.st_mtime_nsec as u32).rotate_left(16) ^ (st.st_size as u32);
-        Qid { ty, version: if v == 0 { 1 } else { v }, path: self.qid_path(st.st_dev, st.st_ino) }
+        let v =
+            (st.st_mtime as u32) ^ (st.st_mtime_nsec as u32).rotate_left(16) ^ (st.st_size as u32);
+        Qid {
+            ty,
+            version: if v == 0 { 1 } else { v },
+            path: self.qid_path(st.st_dev, st.st_ino),
+        }
     }
 }
 
@@ -394,7 +466,10 @@ impl Server {
             // SAFETY: open returned a new descriptor we exclusively own.
             Ok(unsafe { OwnedFd::from_raw_fd(fd) })
         };
-        let rootfd = open(&c, libc::O_PATH).map_err(|source| Error::RootOpen { path: root.into(), source })?;
+        let rootfd = open(&c, libc::O_PATH).map_err(|source| Error::RootOpen {
+            path: root.into(),
+            source,
+        })?;
         let st = fstat(rootfd.as_fd()).map_err(|e| Error::RootOpen {
             path: root.into(),
             source: std::io::Error::from_raw_os_error(e),
@@ -402,7 +477,8 @@ impl Server {
         if kind_of(st.st_mode) != Kind::Dir {
             return Err(Error::RootNotDir(root.into()));
         }
-        let proc_fd = open(c"/proc/self/fd", libc::O_PATH | libc::O_DIRECTORY).map_err(Error::Proc)?;
+        let proc_fd =
+            open(c"/proc/self/fd", libc::O_PATH | libc::O_DIRECTORY).map_err(Error::Proc)?;
         let share = Share {
             root: rootfd,
             root_dev: st.st_dev,
@@ -424,7 +500,11 @@ impl Server {
 
     fn with_share(share: Arc<Share>) -> Server {
         let m = share.config.msize.max(MIN_MSIZE);
-        Server { share, fids: FidTable::new(), msize: AtomicU32::new(m) }
+        Server {
+            share,
+            fids: FidTable::new(),
+            msize: AtomicU32::new(m),
+        }
     }
 
     /// A new session (separate fid space) on the same share, sharing its limits and statistics.
@@ -449,7 +529,10 @@ impl Server {
 
     /// Number of fids alive across all sessions of the share, and opened files.
     pub fn share_usage(&self) -> (usize, usize) {
-        (self.share.fids.load(Ordering::Relaxed), self.share.open_files.load(Ordering::Relaxed))
+        (
+            self.share.fids.load(Ordering::Relaxed),
+            self.share.open_files.load(Ordering::Relaxed),
+        )
     }
 
     /// Turns request statistics on or off (off by default; costs two clock reads per request).
@@ -463,7 +546,13 @@ impl Server {
         let by_type = (0..256usize)
             .filter_map(|t| {
                 let n = s.count[t].load(Ordering::Relaxed);
-                (n > 0).then(|| (wire::type_name(t as u8), n, s.nanos[t].load(Ordering::Relaxed)))
+                (n > 0).then(|| {
+                    (
+                        wire::type_name(t as u8),
+                        n,
+                        s.nanos[t].load(Ordering::Relaxed),
+                    )
+                })
             })
             .collect();
         StatsSnapshot {
@@ -483,11 +572,14 @@ impl Server {
         let stats = self.share.stats.enabled.load(Ordering::Relaxed);
         let t0 = stats.then(Instant::now);
         let tag = wire::peek_tag(request);
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match Tmessage::decode(request) {
-            Ok((tag, m)) => self.dispatch(tag, m, reply),
-            Err(wire::Error::UnknownType(_)) => Err(libc::EOPNOTSUPP),
-            Err(_) => Err(libc::EINVAL),
-        }));
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                match Tmessage::decode(request) {
+                    Ok((tag, m)) => self.dispatch(tag, m, reply),
+                    Err(wire::Error::UnknownType(_)) => Err(libc::EOPNOTSUPP),
+                    Err(_) => Err(libc::EINVAL),
+                }
+            }));
         let (len, failed) = match result {
             Ok(Ok(n)) => (n, false),
             Ok(Err(e)) => (lerror(tag, e, reply), true),
@@ -517,8 +609,20 @@ impl Server {
     }
 
     fn new_fid(&self, fd: OwnedFd, st: &libc::stat64) -> Result<Fid, Errno> {
-        let count = Count::take(&self.share, |s| &s.fids, self.share.config.max_fids, libc::ENFILE)?;
-        Ok(Fid { fd, kind: kind_of(st.st_mode), dev: st.st_dev, ino: st.st_ino, open: OnceLock::new(), _count: count })
+        let count = Count::take(
+            &self.share,
+            |s| &s.fids,
+            self.share.config.max_fids,
+            libc::ENFILE,
+        )?;
+        Ok(Fid {
+            fd,
+            kind: kind_of(st.st_mode),
+            dev: st.st_dev,
+            ino: st.st_ino,
+            open: OnceLock::new(),
+            _count: count,
+        })
     }
 
     fn is_root(&self, f: &Fid) -> bool {
@@ -533,14 +637,23 @@ impl Server {
         Ok(f)
     }
 
-    fn dispatch(&self, tag: u16, m: Tmessage<'_>, reply: &mut dyn ReplyBuf) -> Result<usize, Errno> {
+    fn dispatch(
+        &self,
+        tag: u16,
+        m: Tmessage<'_>,
+        reply: &mut dyn ReplyBuf,
+    ) -> Result<usize, Errno> {
         let share = &*self.share;
         match m {
             Tmessage::Version { msize, version } => {
                 self.fids.clear();
                 let m = msize.min(share.config.msize.max(MIN_MSIZE)).max(MIN_MSIZE);
                 self.msize.store(m, Ordering::Relaxed);
-                let v: &[u8] = if version == b"9P2000.L" { b"9P2000.L" } else { b"unknown" };
+                let v: &[u8] = if version == b"9P2000.L" {
+                    b"9P2000.L"
+                } else {
+                    b"unknown"
+                };
                 send(reply, msg::RVERSION, tag, |w| {
                     w.u32(m).str(v);
                 })
@@ -556,20 +669,25 @@ impl Server {
                 })
             }
             Tmessage::Flush { .. } => send(reply, msg::RFLUSH, tag, |_| {}),
-            Tmessage::Walk { fid, newfid, names } => self.walk(tag, fid, newfid, names.as_slice(), reply),
+            Tmessage::Walk { fid, newfid, names } => {
+                self.walk(tag, fid, newfid, names.as_slice(), reply)
+            }
             Tmessage::Read { fid, offset, count } => {
                 let f = self.fids.get(fid)?;
                 let of = f.open.get().ok_or(libc::EBADF)?;
                 if f.kind == Kind::Dir {
                     return Err(libc::EISDIR);
                 }
-                let max = (self.msize() as usize).min(reply.capacity()).saturating_sub(wire::RREAD_HEADER_LEN);
+                let max = (self.msize() as usize)
+                    .min(reply.capacity())
+                    .saturating_sub(wire::RREAD_HEADER_LEN);
                 let count = (count as usize).min(max);
                 let n = if count == 0 {
                     0
                 } else {
                     loop {
-                        match reply.read_from(wire::RREAD_HEADER_LEN, count, of.fd.as_fd(), offset) {
+                        match reply.read_from(wire::RREAD_HEADER_LEN, count, of.fd.as_fd(), offset)
+                        {
                             Ok(n) => break n.min(count),
                             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                             Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
@@ -591,7 +709,12 @@ impl Server {
                 let of = f.open.get().ok_or(libc::EBADF)?;
                 // SAFETY: `data` is a valid readable slice; the fd is open.
                 let n = cvt(|| unsafe {
-                    libc::pwrite64(of.fd.as_raw_fd(), data.as_ptr().cast(), data.len(), offset as libc::off64_t)
+                    libc::pwrite64(
+                        of.fd.as_raw_fd(),
+                        data.as_ptr().cast(),
+                        data.len(),
+                        offset as libc::off64_t,
+                    )
                 })?;
                 send(reply, msg::RWRITE, tag, |w| {
                     w.u32(n as u32);
@@ -628,7 +751,11 @@ impl Server {
                     namelen: s.f_namelen as u32,
                 };
                 send(reply, msg::RSTATFS, tag, |w| {
-                    w.u32(st.ty).u32(st.bsize).u64(st.blocks).u64(st.bfree).u64(st.bavail);
+                    w.u32(st.ty)
+                        .u32(st.bsize)
+                        .u64(st.blocks)
+                        .u64(st.bfree)
+                        .u64(st.bavail);
                     w.u64(st.files).u64(st.ffree).u64(st.fsid).u32(st.namelen);
                 })
             }
@@ -641,7 +768,8 @@ impl Server {
                 match f.kind {
                     Kind::File => {}
                     Kind::Dir => {
-                        if oflags & libc::O_ACCMODE != libc::O_RDONLY || oflags & libc::O_TRUNC != 0 {
+                        if oflags & libc::O_ACCMODE != libc::O_RDONLY || oflags & libc::O_TRUNC != 0
+                        {
                             return Err(libc::EISDIR);
                         }
                         oflags |= libc::O_DIRECTORY;
@@ -652,36 +780,73 @@ impl Server {
                 if f.open.get().is_some() {
                     return Err(libc::EBADF);
                 }
-                let count = Count::take(&self.share, |s| &s.open_files, share.config.max_open_files, libc::EMFILE)?;
+                let count = Count::take(
+                    &self.share,
+                    |s| &s.open_files,
+                    share.config.max_open_files,
+                    libc::EMFILE,
+                )?;
                 // Reopen the very inode the O_PATH fd refers to (already checked to be a
                 // regular file or directory) through its /proc magic link.
-                let fd = openat(share.proc_fd.as_fd(), &Name::from_fd(f.fd.as_raw_fd()), oflags, 0)?;
+                let fd = openat(
+                    share.proc_fd.as_fd(),
+                    &Name::from_fd(f.fd.as_raw_fd()),
+                    oflags,
+                    0,
+                )?;
                 let st = fstat(fd.as_fd())?;
                 f.open
-                    .set(OpenFile { fd, dir_lock: Mutex::new(()), _count: count })
+                    .set(OpenFile {
+                        fd,
+                        dir_lock: Mutex::new(()),
+                        _count: count,
+                    })
                     .map_err(|_| libc::EBADF)?;
                 send(reply, msg::RLOPEN, tag, |w| {
                     w.qid(&share.qid(&st)).u32(0);
                 })
             }
-            Tmessage::Lcreate { fid, name, flags, mode, .. } => {
+            Tmessage::Lcreate {
+                fid,
+                name,
+                flags,
+                mode,
+                ..
+            } => {
                 self.ro()?;
                 let f = self.dir_fid(fid)?;
                 let name = Name::new(name, false)?;
-                let count = Count::take(&self.share, |s| &s.open_files, share.config.max_open_files, libc::EMFILE)?;
+                let count = Count::take(
+                    &self.share,
+                    |s| &s.open_files,
+                    share.config.max_open_files,
+                    libc::EMFILE,
+                )?;
                 // O_EXCL always: never open an existing FIFO or device through a create.
-                let oflags = dotl_to_open_flags(flags) | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
+                let oflags =
+                    dotl_to_open_flags(flags) | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
                 let fd = openat(f.fd.as_fd(), &name, oflags, mode & 0o7777)?;
-                let path = openat(share.proc_fd.as_fd(), &Name::from_fd(fd.as_raw_fd()), libc::O_PATH, 0)?;
+                let path = openat(
+                    share.proc_fd.as_fd(),
+                    &Name::from_fd(fd.as_raw_fd()),
+                    libc::O_PATH,
+                    0,
+                )?;
                 let st = fstat(fd.as_fd())?;
                 let nf = self.new_fid(path, &st)?;
-                let _ = nf.open.set(OpenFile { fd, dir_lock: Mutex::new(()), _count: count });
+                let _ = nf.open.set(OpenFile {
+                    fd,
+                    dir_lock: Mutex::new(()),
+                    _count: count,
+                });
                 self.fids.replace(fid, Arc::new(nf));
                 send(reply, msg::RLCREATE, tag, |w| {
                     w.qid(&share.qid(&st)).u32(0);
                 })
             }
-            Tmessage::Symlink { fid, name, target, .. } => {
+            Tmessage::Symlink {
+                fid, name, target, ..
+            } => {
                 self.ro()?;
                 let f = self.dir_fid(fid)?;
                 let name = Name::new(name, false)?;
@@ -693,7 +858,9 @@ impl Server {
                     w.qid(&share.qid(&st));
                 })
             }
-            Tmessage::Mknod { dfid, name, mode, .. } => {
+            Tmessage::Mknod {
+                dfid, name, mode, ..
+            } => {
                 self.ro()?;
                 let f = self.dir_fid(dfid)?;
                 let name = Name::new(name, false)?;
@@ -704,7 +871,9 @@ impl Server {
                     _ => return Err(libc::EPERM),
                 };
                 // SAFETY: the name is NUL-terminated; the dir fd is open.
-                cvt(|| unsafe { libc::mknodat(f.fd.as_raw_fd(), name.ptr(), ty | (mode & 0o7777), 0) })?;
+                cvt(|| unsafe {
+                    libc::mknodat(f.fd.as_raw_fd(), name.ptr(), ty | (mode & 0o7777), 0)
+                })?;
                 let st = fstatat(f.fd.as_fd(), &name)?;
                 send(reply, msg::RMKNOD, tag, |w| {
                     w.qid(&share.qid(&st));
@@ -717,7 +886,9 @@ impl Server {
                 let new = Name::new(name, false)?;
                 let (parent, old) = self.parent_of(&f)?;
                 // SAFETY: names are NUL-terminated; the fds are open.
-                cvt(|| unsafe { libc::renameat(parent.as_raw_fd(), old.ptr(), d.fd.as_raw_fd(), new.ptr()) })?;
+                cvt(|| unsafe {
+                    libc::renameat(parent.as_raw_fd(), old.ptr(), d.fd.as_raw_fd(), new.ptr())
+                })?;
                 send(reply, msg::RRENAME, tag, |_| {})
             }
             Tmessage::Readlink { fid } => {
@@ -728,7 +899,12 @@ impl Server {
                 let mut buf = vec![0u8; libc::PATH_MAX as usize];
                 // SAFETY: `buf` is writable for its length; the fd is open.
                 let n = cvt(|| unsafe {
-                    libc::readlinkat(f.fd.as_raw_fd(), EMPTY.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+                    libc::readlinkat(
+                        f.fd.as_raw_fd(),
+                        EMPTY.as_ptr(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                    )
                 })?;
                 send(reply, msg::RREADLINK, tag, |w| {
                     w.str(&buf[..n as usize]);
@@ -768,14 +944,20 @@ impl Server {
                 self.fids.get(fid)?;
                 // Extended attributes are not exported: no attribute exists, listing is
                 // unsupported.
-                Err(if name.is_empty() { libc::EOPNOTSUPP } else { libc::ENODATA })
+                Err(if name.is_empty() {
+                    libc::EOPNOTSUPP
+                } else {
+                    libc::ENODATA
+                })
             }
             Tmessage::Xattrcreate { fid, .. } => {
                 self.ro()?;
                 self.fids.get(fid)?;
                 Err(libc::EOPNOTSUPP)
             }
-            Tmessage::Readdir { fid, offset, count } => self.readdir(tag, fid, offset, count, reply),
+            Tmessage::Readdir { fid, offset, count } => {
+                self.readdir(tag, fid, offset, count, reply)
+            }
             Tmessage::Fsync { fid, datasync } => {
                 let f = self.fids.get(fid)?;
                 if let Some(of) = f.open.get() {
@@ -801,7 +983,11 @@ impl Server {
             Tmessage::Getlock { fid, lock } => {
                 self.fids.get(fid)?;
                 send(reply, msg::RGETLOCK, tag, |w| {
-                    w.u8(libc::F_UNLCK as u8).u64(lock.start).u64(lock.length).u32(lock.proc_id).str(lock.client_id);
+                    w.u8(libc::F_UNLCK as u8)
+                        .u64(lock.start)
+                        .u64(lock.length)
+                        .u32(lock.proc_id)
+                        .str(lock.client_id);
                 })
             }
             Tmessage::Link { dfid, fid, name } => {
@@ -814,7 +1000,13 @@ impl Server {
                 }
                 // SAFETY: the fds are open and the names NUL-terminated.
                 let r = cvt(|| unsafe {
-                    libc::linkat(f.fd.as_raw_fd(), EMPTY.as_ptr(), d.fd.as_raw_fd(), name.ptr(), libc::AT_EMPTY_PATH)
+                    libc::linkat(
+                        f.fd.as_raw_fd(),
+                        EMPTY.as_ptr(),
+                        d.fd.as_raw_fd(),
+                        name.ptr(),
+                        libc::AT_EMPTY_PATH,
+                    )
                 });
                 match r {
                     Ok(_) => {}
@@ -837,7 +1029,9 @@ impl Server {
                 }
                 send(reply, msg::RLINK, tag, |_| {})
             }
-            Tmessage::Mkdir { dfid, name, mode, .. } => {
+            Tmessage::Mkdir {
+                dfid, name, mode, ..
+            } => {
                 self.ro()?;
                 let f = self.dir_fid(dfid)?;
                 let name = Name::new(name, false)?;
@@ -848,17 +1042,28 @@ impl Server {
                     w.qid(&share.qid(&st));
                 })
             }
-            Tmessage::Renameat { olddirfid, oldname, newdirfid, newname } => {
+            Tmessage::Renameat {
+                olddirfid,
+                oldname,
+                newdirfid,
+                newname,
+            } => {
                 self.ro()?;
                 let od = self.dir_fid(olddirfid)?;
                 let nd = self.dir_fid(newdirfid)?;
                 let on = Name::new(oldname, false)?;
                 let nn = Name::new(newname, false)?;
                 // SAFETY: names are NUL-terminated; the fds are open.
-                cvt(|| unsafe { libc::renameat(od.fd.as_raw_fd(), on.ptr(), nd.fd.as_raw_fd(), nn.ptr()) })?;
+                cvt(|| unsafe {
+                    libc::renameat(od.fd.as_raw_fd(), on.ptr(), nd.fd.as_raw_fd(), nn.ptr())
+                })?;
                 send(reply, msg::RRENAMEAT, tag, |_| {})
             }
-            Tmessage::Unlinkat { dirfid, name, flags } => {
+            Tmessage::Unlinkat {
+                dirfid,
+                name,
+                flags,
+            } => {
                 self.ro()?;
                 let d = self.dir_fid(dirfid)?;
                 let name = Name::new(name, false)?;
@@ -870,7 +1075,14 @@ impl Server {
         }
     }
 
-    fn walk(&self, tag: u16, fid: u32, newfid: u32, names: &[&[u8]], reply: &mut dyn ReplyBuf) -> Result<usize, Errno> {
+    fn walk(
+        &self,
+        tag: u16,
+        fid: u32,
+        newfid: u32,
+        names: &[&[u8]],
+        reply: &mut dyn ReplyBuf,
+    ) -> Result<usize, Errno> {
         let share = &*self.share;
         let f = self.fids.get(fid)?;
         if newfid != fid && self.fids.get(newfid).is_ok() {
@@ -945,7 +1157,12 @@ impl Server {
             let mut buf = vec![0u8; libc::PATH_MAX as usize];
             // SAFETY: `buf` is writable for its length; `p` is NUL-terminated.
             let n = cvt(|| unsafe {
-                libc::readlinkat(self.share.proc_fd.as_raw_fd(), p.ptr(), buf.as_mut_ptr().cast(), buf.len())
+                libc::readlinkat(
+                    self.share.proc_fd.as_raw_fd(),
+                    p.ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
             })?;
             buf.truncate(n as usize);
             Ok(buf)
@@ -955,15 +1172,24 @@ impl Server {
         let rel = if root == b"/" {
             me.strip_prefix(b"/")
         } else {
-            me.strip_prefix(root.as_slice()).and_then(|r| r.strip_prefix(b"/"))
+            me.strip_prefix(root.as_slice())
+                .and_then(|r| r.strip_prefix(b"/"))
         }
         .ok_or(libc::ENOENT)?;
-        let mut comps: Vec<&[u8]> = rel.split(|&b| b == b'/').filter(|c| !c.is_empty()).collect();
+        let mut comps: Vec<&[u8]> = rel
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty())
+            .collect();
         let last = comps.pop().ok_or(libc::EBUSY)?;
         let mut dir = dup(self.share.root.as_fd())?;
         for c in comps {
             let n = Name::new(c, false)?;
-            dir = openat(dir.as_fd(), &n, libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY, 0)?;
+            dir = openat(
+                dir.as_fd(),
+                &n,
+                libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY,
+                0,
+            )?;
         }
         let name = Name::new(last, false)?;
         // The name must still refer to this very file.
@@ -976,7 +1202,11 @@ impl Server {
 
     fn remove(&self, f: &Fid) -> Result<(), Errno> {
         let (dir, name) = self.parent_of(f)?;
-        let fl = if f.kind == Kind::Dir { libc::AT_REMOVEDIR } else { 0 };
+        let fl = if f.kind == Kind::Dir {
+            libc::AT_REMOVEDIR
+        } else {
+            0
+        };
         // SAFETY: the name is NUL-terminated; the dir fd is open.
         cvt(|| unsafe { libc::unlinkat(dir.as_raw_fd(), name.ptr(), fl) })?;
         Ok(())
@@ -995,11 +1225,25 @@ impl Server {
             cvt(|| unsafe { libc::fchmodat(proc_fd, me.ptr(), a.mode & 0o7777, 0) })?;
         }
         if a.valid & (sa::UID | sa::GID) != 0 {
-            let uid = if a.valid & sa::UID != 0 { a.uid } else { u32::MAX };
-            let gid = if a.valid & sa::GID != 0 { a.gid } else { u32::MAX };
+            let uid = if a.valid & sa::UID != 0 {
+                a.uid
+            } else {
+                u32::MAX
+            };
+            let gid = if a.valid & sa::GID != 0 {
+                a.gid
+            } else {
+                u32::MAX
+            };
             // SAFETY: the fd is open; EMPTY is NUL-terminated.
             cvt(|| unsafe {
-                libc::fchownat(f.fd.as_raw_fd(), EMPTY.as_ptr(), uid, gid, libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW)
+                libc::fchownat(
+                    f.fd.as_raw_fd(),
+                    EMPTY.as_ptr(),
+                    uid,
+                    gid,
+                    libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+                )
             })?;
         }
         if a.valid & sa::SIZE != 0 {
@@ -1022,11 +1266,20 @@ impl Server {
         if a.valid & (sa::ATIME | sa::MTIME) != 0 && follows_ok {
             let t = |set: u32, upd: u32, s: u64, ns: u64| -> libc::timespec {
                 if a.valid & set != 0 {
-                    libc::timespec { tv_sec: s as libc::time_t, tv_nsec: ns as _ }
+                    libc::timespec {
+                        tv_sec: s as libc::time_t,
+                        tv_nsec: ns as _,
+                    }
                 } else if a.valid & upd != 0 {
-                    libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW }
+                    libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_NOW,
+                    }
                 } else {
-                    libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT }
+                    libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_OMIT,
+                    }
                 }
             };
             let times = [
@@ -1039,7 +1292,14 @@ impl Server {
         Ok(())
     }
 
-    fn readdir(&self, tag: u16, fid: u32, offset: u64, count: u32, reply: &mut dyn ReplyBuf) -> Result<usize, Errno> {
+    fn readdir(
+        &self,
+        tag: u16,
+        fid: u32,
+        offset: u64,
+        count: u32,
+        reply: &mut dyn ReplyBuf,
+    ) -> Result<usize, Errno> {
         let share = &*self.share;
         let f = self.fids.get(fid)?;
         if f.kind != Kind::Dir {
@@ -1047,7 +1307,9 @@ impl Server {
         }
         let of = f.open.get().ok_or(libc::EBADF)?;
         let hdr = wire::RREAD_HEADER_LEN;
-        let max = (self.msize() as usize).min(reply.capacity()).saturating_sub(hdr);
+        let max = (self.msize() as usize)
+            .min(reply.capacity())
+            .saturating_sub(hdr);
         let count = (count as usize).min(max);
         let is_root = self.is_root(&f);
         let mut out = Vec::with_capacity(hdr + count.min(65536));
@@ -1059,7 +1321,9 @@ impl Server {
         let mut buf = vec![0u8; 32768.min(count.max(512) * 2)];
         'outer: loop {
             // SAFETY: `buf` is writable for its length; the fd is an open directory.
-            let n = cvt(|| unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) })? as usize;
+            let n = cvt(|| unsafe {
+                libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len())
+            })? as usize;
             if n == 0 {
                 break;
             }
@@ -1077,8 +1341,16 @@ impl Server {
                 if out.len() - hdr + wire::dirent_len(name.len()) > count {
                     break 'outer;
                 }
-                let ino = if is_root && name == b".." { share.root_ino } else { ino };
-                let qid = Qid { ty: dtype_to_qtype(dtype), version: 0, path: share.qid_path(f.dev, ino) };
+                let ino = if is_root && name == b".." {
+                    share.root_ino
+                } else {
+                    ino
+                };
+                let qid = Qid {
+                    ty: dtype_to_qtype(dtype),
+                    version: 0,
+                    path: share.qid_path(f.dev, ino),
+                };
                 wire::write_dirent(&mut out, &qid, off, dtype, name);
                 p += reclen;
             }
@@ -1101,7 +1373,12 @@ fn of_writable(fd: &OwnedFd) -> bool {
 }
 
 /// Encodes a reply with body written by `body` and copies it into the reply area.
-fn send(reply: &mut dyn ReplyBuf, ty: u8, tag: u16, body: impl FnOnce(&mut Writer<'_>)) -> Result<usize, Errno> {
+fn send(
+    reply: &mut dyn ReplyBuf,
+    ty: u8,
+    tag: u16,
+    body: impl FnOnce(&mut Writer<'_>),
+) -> Result<usize, Errno> {
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(&[0, 0, 0, 0, ty]);
     out.extend_from_slice(&tag.to_le_bytes());

@@ -8,14 +8,16 @@ use crate::pool::WorkerPool;
 use crate::reply::VecReply;
 use crate::server::Server;
 use crate::wire;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 
 /// A byte stream that can be split into a reading and a writing half.
-pub trait Conn: Read + Write + Send + Sized + 'static {
+pub trait Conn: Read + Write + AsRawFd + Send + Sized + 'static {
     fn try_clone_conn(&self) -> io::Result<Self>;
 }
 
@@ -42,7 +44,11 @@ pub fn serve(listener: UnixListener, server: Arc<Server>, pool: Arc<WorkerPool>)
 }
 
 /// Like [`serve`] for a TCP listener (use loopback addresses only).
-pub fn serve_tcp(listener: TcpListener, server: Arc<Server>, pool: Arc<WorkerPool>) -> io::Result<()> {
+pub fn serve_tcp(
+    listener: TcpListener,
+    server: Arc<Server>,
+    pool: Arc<WorkerPool>,
+) -> io::Result<()> {
     loop {
         let (s, _) = listener.accept()?;
         spawn_connection(s, &server, &pool)?;
@@ -52,9 +58,11 @@ pub fn serve_tcp(listener: TcpListener, server: Arc<Server>, pool: Arc<WorkerPoo
 fn spawn_connection<C: Conn>(s: C, server: &Arc<Server>, pool: &Arc<WorkerPool>) -> io::Result<()> {
     let session = server.new_session();
     let pool = pool.clone();
-    std::thread::Builder::new().name("p9-conn".into()).spawn(move || {
-        let _ = serve_connection(s, session, pool);
-    })?;
+    std::thread::Builder::new()
+        .name("p9-conn".into())
+        .spawn(move || {
+            let _ = serve_connection(s, session, pool);
+        })?;
     Ok(())
 }
 
@@ -77,9 +85,44 @@ impl<C: Write> ConnState<C> {
     }
 }
 
+thread_local! {
+    /// One reply area per thread, reused across requests (msize-sized areas are large).
+    static REPLY: RefCell<VecReply> = RefCell::new(VecReply::new(0));
+}
+
+/// Handles `req` into this thread's reply area and passes the reply bytes to `f`.
+fn with_reply(server: &Server, req: &[u8], cap: usize, f: impl FnOnce(&[u8])) {
+    REPLY.with(|r| {
+        let mut r = r.borrow_mut();
+        if r.as_slice().len() != cap {
+            *r = VecReply::new(cap);
+        }
+        let len = server.handle(req, &mut *r);
+        f(&r.as_slice()[..len]);
+    })
+}
+
+/// Bytes waiting to be read on a socket (0 if unknown).
+fn pending(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the pointer given.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } == 0 {
+        n.max(0) as usize
+    } else {
+        0
+    }
+}
+
 /// Serves one connection until the peer closes it; `server` is the session to use.
-pub fn serve_connection<C: Conn>(mut stream: C, server: Arc<Server>, pool: Arc<WorkerPool>) -> io::Result<()> {
-    let state = Arc::new(ConnState { writer: Mutex::new(stream.try_clone_conn()?), inflight: Mutex::new(HashMap::new()) });
+pub fn serve_connection<C: Conn>(
+    mut stream: C,
+    server: Arc<Server>,
+    pool: Arc<WorkerPool>,
+) -> io::Result<()> {
+    let state = Arc::new(ConnState {
+        writer: Mutex::new(stream.try_clone_conn()?),
+        inflight: Mutex::new(HashMap::new()),
+    });
     loop {
         let mut size = [0u8; 4];
         match stream.read_exact(&mut size) {
@@ -102,7 +145,10 @@ pub fn serve_connection<C: Conn>(mut stream: C, server: Arc<Server>, pool: Arc<W
         let tag = wire::peek_tag(&req);
         let reply_cap = server.msize() as usize;
         if ty == wire::msg::TFLUSH {
-            let oldtag = u16::from_le_bytes([req.get(7).copied().unwrap_or(0), req.get(8).copied().unwrap_or(0)]);
+            let oldtag = u16::from_le_bytes([
+                req.get(7).copied().unwrap_or(0),
+                req.get(8).copied().unwrap_or(0),
+            ]);
             let mut inf = state.inflight.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(w) = inf.get_mut(&oldtag) {
                 w.push(tag);
@@ -112,26 +158,35 @@ pub fn serve_connection<C: Conn>(mut stream: C, server: Arc<Server>, pool: Arc<W
             }
             continue;
         }
-        if ty == wire::msg::TVERSION {
-            // Version resets the session: run it inline, in order.
-            let mut r = VecReply::new(reply_cap.max(64));
-            let len = server.handle(&req, &mut r);
-            state.write(&r.as_slice()[..len]);
+        // Version resets the session: run it inline, in order. A synchronous client (nothing in
+        // flight, nothing more to read) is served inline too, saving two thread hand-offs;
+        // fsync may take long, so it always goes to the pool.
+        let idle = ty != wire::msg::TFSYNC
+            && state
+                .inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+            && pending(stream.as_raw_fd()) == 0;
+        if ty == wire::msg::TVERSION || idle {
+            with_reply(&server, &req, reply_cap.max(64), |r| state.write(r));
             continue;
         }
-        state.inflight.lock().unwrap_or_else(|e| e.into_inner()).insert(tag, Vec::new());
+        state
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tag, Vec::new());
         let st = state.clone();
         let srv = server.clone();
         pool.submit(Box::new(move || {
-            let mut r = VecReply::new(reply_cap);
-            let len = srv.handle(&req, &mut r);
-            let waiting = {
+            let mut waiting = Vec::new();
+            with_reply(&srv, &req, reply_cap, |r| {
                 let mut inf = st.inflight.lock().unwrap_or_else(|e| e.into_inner());
-                let w = inf.remove(&tag).unwrap_or_default();
+                waiting = inf.remove(&tag).unwrap_or_default();
                 // Write while holding the in-flight lock so a Tflush cannot slip in between.
-                st.write(&r.as_slice()[..len]);
-                w
-            };
+                st.write(r);
+            });
             for t in waiting {
                 st.rflush(t);
             }

@@ -25,7 +25,11 @@ pub const RREAD_HEADER_LEN: usize = HEADER_LEN + 4;
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum Error {
     #[error("message truncated: needed {needed} bytes at offset {offset}, message has {len}; send complete messages")]
-    Truncated { offset: usize, needed: usize, len: usize },
+    Truncated {
+        offset: usize,
+        needed: usize,
+        len: usize,
+    },
     #[error("message size field {size} does not match the {len} bytes supplied; the size field must cover the whole message")]
     BadSize { size: u32, len: usize },
     #[error("unknown message type {0}; only 9P2000.L messages are understood")]
@@ -255,36 +259,146 @@ impl<'a> WalkNames<'a> {
 }
 
 /// A request message.
+// Twalk's inline name array makes it the largest variant; keeping it inline (rather than boxed)
+// is what lets decoding stay allocation-free, and requests live on the stack only briefly.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tmessage<'a> {
-    Version { msize: u32, version: &'a [u8] },
-    Auth { afid: u32, uname: &'a [u8], aname: &'a [u8], n_uname: u32 },
-    Attach { fid: u32, afid: u32, uname: &'a [u8], aname: &'a [u8], n_uname: u32 },
-    Flush { oldtag: u16 },
-    Walk { fid: u32, newfid: u32, names: WalkNames<'a> },
-    Read { fid: u32, offset: u64, count: u32 },
-    Write { fid: u32, offset: u64, data: &'a [u8] },
-    Clunk { fid: u32 },
-    Remove { fid: u32 },
-    Statfs { fid: u32 },
-    Lopen { fid: u32, flags: u32 },
-    Lcreate { fid: u32, name: &'a [u8], flags: u32, mode: u32, gid: u32 },
-    Symlink { fid: u32, name: &'a [u8], target: &'a [u8], gid: u32 },
-    Mknod { dfid: u32, name: &'a [u8], mode: u32, major: u32, minor: u32, gid: u32 },
-    Rename { fid: u32, dfid: u32, name: &'a [u8] },
-    Readlink { fid: u32 },
-    Getattr { fid: u32, mask: u64 },
-    Setattr { fid: u32, attr: SetAttr },
-    Xattrwalk { fid: u32, newfid: u32, name: &'a [u8] },
-    Xattrcreate { fid: u32, name: &'a [u8], size: u64, flags: u32 },
-    Readdir { fid: u32, offset: u64, count: u32 },
-    Fsync { fid: u32, datasync: u32 },
-    Lock { fid: u32, lock: Lock<'a> },
-    Getlock { fid: u32, lock: Lock<'a> },
-    Link { dfid: u32, fid: u32, name: &'a [u8] },
-    Mkdir { dfid: u32, name: &'a [u8], mode: u32, gid: u32 },
-    Renameat { olddirfid: u32, oldname: &'a [u8], newdirfid: u32, newname: &'a [u8] },
-    Unlinkat { dirfid: u32, name: &'a [u8], flags: u32 },
+    Version {
+        msize: u32,
+        version: &'a [u8],
+    },
+    Auth {
+        afid: u32,
+        uname: &'a [u8],
+        aname: &'a [u8],
+        n_uname: u32,
+    },
+    Attach {
+        fid: u32,
+        afid: u32,
+        uname: &'a [u8],
+        aname: &'a [u8],
+        n_uname: u32,
+    },
+    Flush {
+        oldtag: u16,
+    },
+    Walk {
+        fid: u32,
+        newfid: u32,
+        names: WalkNames<'a>,
+    },
+    Read {
+        fid: u32,
+        offset: u64,
+        count: u32,
+    },
+    Write {
+        fid: u32,
+        offset: u64,
+        data: &'a [u8],
+    },
+    Clunk {
+        fid: u32,
+    },
+    Remove {
+        fid: u32,
+    },
+    Statfs {
+        fid: u32,
+    },
+    Lopen {
+        fid: u32,
+        flags: u32,
+    },
+    Lcreate {
+        fid: u32,
+        name: &'a [u8],
+        flags: u32,
+        mode: u32,
+        gid: u32,
+    },
+    Symlink {
+        fid: u32,
+        name: &'a [u8],
+        target: &'a [u8],
+        gid: u32,
+    },
+    Mknod {
+        dfid: u32,
+        name: &'a [u8],
+        mode: u32,
+        major: u32,
+        minor: u32,
+        gid: u32,
+    },
+    Rename {
+        fid: u32,
+        dfid: u32,
+        name: &'a [u8],
+    },
+    Readlink {
+        fid: u32,
+    },
+    Getattr {
+        fid: u32,
+        mask: u64,
+    },
+    Setattr {
+        fid: u32,
+        attr: SetAttr,
+    },
+    Xattrwalk {
+        fid: u32,
+        newfid: u32,
+        name: &'a [u8],
+    },
+    Xattrcreate {
+        fid: u32,
+        name: &'a [u8],
+        size: u64,
+        flags: u32,
+    },
+    Readdir {
+        fid: u32,
+        offset: u64,
+        count: u32,
+    },
+    Fsync {
+        fid: u32,
+        datasync: u32,
+    },
+    Lock {
+        fid: u32,
+        lock: Lock<'a>,
+    },
+    Getlock {
+        fid: u32,
+        lock: Lock<'a>,
+    },
+    Link {
+        dfid: u32,
+        fid: u32,
+        name: &'a [u8],
+    },
+    Mkdir {
+        dfid: u32,
+        name: &'a [u8],
+        mode: u32,
+        gid: u32,
+    },
+    Renameat {
+        olddirfid: u32,
+        oldname: &'a [u8],
+        newdirfid: u32,
+        newname: &'a [u8],
+    },
+    Unlinkat {
+        dirfid: u32,
+        name: &'a [u8],
+        flags: u32,
+    },
 }
 
 /// One Rreaddir entry.
@@ -299,32 +413,71 @@ pub struct DirEntry {
 /// A reply message (owned; decoded by clients).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rmessage {
-    Lerror { ecode: u32 },
-    Version { msize: u32, version: Vec<u8> },
-    Attach { qid: Qid },
+    Lerror {
+        ecode: u32,
+    },
+    Version {
+        msize: u32,
+        version: Vec<u8>,
+    },
+    Attach {
+        qid: Qid,
+    },
     Flush,
-    Walk { qids: Vec<Qid> },
-    Read { data: Vec<u8> },
-    Write { count: u32 },
+    Walk {
+        qids: Vec<Qid>,
+    },
+    Read {
+        data: Vec<u8>,
+    },
+    Write {
+        count: u32,
+    },
     Clunk,
     Remove,
     Statfs(StatFs),
-    Lopen { qid: Qid, iounit: u32 },
-    Lcreate { qid: Qid, iounit: u32 },
-    Symlink { qid: Qid },
-    Mknod { qid: Qid },
+    Lopen {
+        qid: Qid,
+        iounit: u32,
+    },
+    Lcreate {
+        qid: Qid,
+        iounit: u32,
+    },
+    Symlink {
+        qid: Qid,
+    },
+    Mknod {
+        qid: Qid,
+    },
     Rename,
-    Readlink { target: Vec<u8> },
+    Readlink {
+        target: Vec<u8>,
+    },
     Getattr(Attr),
     Setattr,
-    Xattrwalk { size: u64 },
+    Xattrwalk {
+        size: u64,
+    },
     Xattrcreate,
-    Readdir { data: Vec<u8> },
+    Readdir {
+        data: Vec<u8>,
+    },
     Fsync,
-    Lock { status: u8 },
-    Getlock { ty: u8, start: u64, length: u64, proc_id: u32, client_id: Vec<u8> },
+    Lock {
+        status: u8,
+    },
+    Getlock {
+        ty: u8,
+        start: u64,
+        length: u64,
+        proc_id: u32,
+        client_id: Vec<u8>,
+    },
     Link,
-    Mkdir { qid: Qid },
+    Mkdir {
+        qid: Qid,
+    },
     Renameat,
     Unlinkat,
 }
@@ -347,7 +500,11 @@ impl<'a> Reader<'a> {
     }
     pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], Error> {
         if self.remaining() < n {
-            return Err(Error::Truncated { offset: self.pos, needed: n, len: self.buf.len() });
+            return Err(Error::Truncated {
+                offset: self.pos,
+                needed: n,
+                len: self.buf.len(),
+            });
         }
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;
@@ -376,7 +533,11 @@ impl<'a> Reader<'a> {
         self.bytes(n)
     }
     pub fn qid(&mut self) -> Result<Qid, Error> {
-        Ok(Qid { ty: self.u8()?, version: self.u32()?, path: self.u64()? })
+        Ok(Qid {
+            ty: self.u8()?,
+            version: self.u32()?,
+            path: self.u64()?,
+        })
     }
     fn lock(&mut self, with_flags: bool) -> Result<Lock<'a>, Error> {
         let ty = self.u8()?;
@@ -433,7 +594,10 @@ impl Writer<'_> {
         if with_flags {
             self.u32(l.flags);
         }
-        self.u64(l.start).u64(l.length).u32(l.proc_id).str(l.client_id)
+        self.u64(l.start)
+            .u64(l.length)
+            .u32(l.proc_id)
+            .str(l.client_id)
     }
 }
 
@@ -455,11 +619,18 @@ fn finish(out: &mut [u8], at: usize) {
 /// Bytes after `size` are ignored (transports may hand over larger buffers).
 pub fn split_header(buf: &[u8]) -> Result<(u8, u16, &[u8]), Error> {
     if buf.len() < HEADER_LEN {
-        return Err(Error::Truncated { offset: 0, needed: HEADER_LEN, len: buf.len() });
+        return Err(Error::Truncated {
+            offset: 0,
+            needed: HEADER_LEN,
+            len: buf.len(),
+        });
     }
     let size = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
     if (size as usize) < HEADER_LEN || size as usize > buf.len() {
-        return Err(Error::BadSize { size, len: buf.len() });
+        return Err(Error::BadSize {
+            size,
+            len: buf.len(),
+        });
     }
     let tag = u16::from_le_bytes([buf[5], buf[6]]);
     Ok((buf[4], tag, &buf[HEADER_LEN..size as usize]))
@@ -516,8 +687,16 @@ impl<'a> Tmessage<'a> {
         let (ty, tag, body) = split_header(buf)?;
         let mut r = Reader::new(body);
         let m = match ty {
-            TVERSION => Tmessage::Version { msize: r.u32()?, version: r.str()? },
-            TAUTH => Tmessage::Auth { afid: r.u32()?, uname: r.str()?, aname: r.str()?, n_uname: r.u32()? },
+            TVERSION => Tmessage::Version {
+                msize: r.u32()?,
+                version: r.str()?,
+            },
+            TAUTH => Tmessage::Auth {
+                afid: r.u32()?,
+                uname: r.str()?,
+                aname: r.str()?,
+                n_uname: r.u32()?,
+            },
             TATTACH => Tmessage::Attach {
                 fid: r.u32()?,
                 afid: r.u32()?,
@@ -533,26 +712,43 @@ impl<'a> Tmessage<'a> {
                 if n as usize > MAX_WALK_NAMES {
                     return Err(Error::TooManyWalkNames(n));
                 }
-                let mut names = WalkNames { len: n as usize, ..Default::default() };
+                let mut names = WalkNames {
+                    len: n as usize,
+                    ..Default::default()
+                };
                 for slot in names.names.iter_mut().take(n as usize) {
                     *slot = r.str()?;
                 }
                 Tmessage::Walk { fid, newfid, names }
             }
-            TREAD => Tmessage::Read { fid: r.u32()?, offset: r.u64()?, count: r.u32()? },
+            TREAD => Tmessage::Read {
+                fid: r.u32()?,
+                offset: r.u64()?,
+                count: r.u32()?,
+            },
             TWRITE => {
                 let fid = r.u32()?;
                 let offset = r.u64()?;
                 let count = r.u32()?;
                 if count as usize > r.remaining() {
-                    return Err(Error::BadCount { count, available: r.remaining() });
+                    return Err(Error::BadCount {
+                        count,
+                        available: r.remaining(),
+                    });
                 }
-                Tmessage::Write { fid, offset, data: r.bytes(count as usize)? }
+                Tmessage::Write {
+                    fid,
+                    offset,
+                    data: r.bytes(count as usize)?,
+                }
             }
             TCLUNK => Tmessage::Clunk { fid: r.u32()? },
             TREMOVE => Tmessage::Remove { fid: r.u32()? },
             TSTATFS => Tmessage::Statfs { fid: r.u32()? },
-            TLOPEN => Tmessage::Lopen { fid: r.u32()?, flags: r.u32()? },
+            TLOPEN => Tmessage::Lopen {
+                fid: r.u32()?,
+                flags: r.u32()?,
+            },
             TLCREATE => Tmessage::Lcreate {
                 fid: r.u32()?,
                 name: r.str()?,
@@ -560,7 +756,12 @@ impl<'a> Tmessage<'a> {
                 mode: r.u32()?,
                 gid: r.u32()?,
             },
-            TSYMLINK => Tmessage::Symlink { fid: r.u32()?, name: r.str()?, target: r.str()?, gid: r.u32()? },
+            TSYMLINK => Tmessage::Symlink {
+                fid: r.u32()?,
+                name: r.str()?,
+                target: r.str()?,
+                gid: r.u32()?,
+            },
             TMKNOD => Tmessage::Mknod {
                 dfid: r.u32()?,
                 name: r.str()?,
@@ -569,9 +770,16 @@ impl<'a> Tmessage<'a> {
                 minor: r.u32()?,
                 gid: r.u32()?,
             },
-            TRENAME => Tmessage::Rename { fid: r.u32()?, dfid: r.u32()?, name: r.str()? },
+            TRENAME => Tmessage::Rename {
+                fid: r.u32()?,
+                dfid: r.u32()?,
+                name: r.str()?,
+            },
             TREADLINK => Tmessage::Readlink { fid: r.u32()? },
-            TGETATTR => Tmessage::Getattr { fid: r.u32()?, mask: r.u64()? },
+            TGETATTR => Tmessage::Getattr {
+                fid: r.u32()?,
+                mask: r.u64()?,
+            },
             TSETATTR => Tmessage::Setattr {
                 fid: r.u32()?,
                 attr: SetAttr {
@@ -586,23 +794,56 @@ impl<'a> Tmessage<'a> {
                     mtime_nsec: r.u64()?,
                 },
             },
-            TXATTRWALK => Tmessage::Xattrwalk { fid: r.u32()?, newfid: r.u32()?, name: r.str()? },
-            TXATTRCREATE => {
-                Tmessage::Xattrcreate { fid: r.u32()?, name: r.str()?, size: r.u64()?, flags: r.u32()? }
-            }
-            TREADDIR => Tmessage::Readdir { fid: r.u32()?, offset: r.u64()?, count: r.u32()? },
-            TFSYNC => Tmessage::Fsync { fid: r.u32()?, datasync: r.u32()? },
-            TLOCK => Tmessage::Lock { fid: r.u32()?, lock: r.lock(true)? },
-            TGETLOCK => Tmessage::Getlock { fid: r.u32()?, lock: r.lock(false)? },
-            TLINK => Tmessage::Link { dfid: r.u32()?, fid: r.u32()?, name: r.str()? },
-            TMKDIR => Tmessage::Mkdir { dfid: r.u32()?, name: r.str()?, mode: r.u32()?, gid: r.u32()? },
+            TXATTRWALK => Tmessage::Xattrwalk {
+                fid: r.u32()?,
+                newfid: r.u32()?,
+                name: r.str()?,
+            },
+            TXATTRCREATE => Tmessage::Xattrcreate {
+                fid: r.u32()?,
+                name: r.str()?,
+                size: r.u64()?,
+                flags: r.u32()?,
+            },
+            TREADDIR => Tmessage::Readdir {
+                fid: r.u32()?,
+                offset: r.u64()?,
+                count: r.u32()?,
+            },
+            TFSYNC => Tmessage::Fsync {
+                fid: r.u32()?,
+                datasync: r.u32()?,
+            },
+            TLOCK => Tmessage::Lock {
+                fid: r.u32()?,
+                lock: r.lock(true)?,
+            },
+            TGETLOCK => Tmessage::Getlock {
+                fid: r.u32()?,
+                lock: r.lock(false)?,
+            },
+            TLINK => Tmessage::Link {
+                dfid: r.u32()?,
+                fid: r.u32()?,
+                name: r.str()?,
+            },
+            TMKDIR => Tmessage::Mkdir {
+                dfid: r.u32()?,
+                name: r.str()?,
+                mode: r.u32()?,
+                gid: r.u32()?,
+            },
             TRENAMEAT => Tmessage::Renameat {
                 olddirfid: r.u32()?,
                 oldname: r.str()?,
                 newdirfid: r.u32()?,
                 newname: r.str()?,
             },
-            TUNLINKAT => Tmessage::Unlinkat { dirfid: r.u32()?, name: r.str()?, flags: r.u32()? },
+            TUNLINKAT => Tmessage::Unlinkat {
+                dirfid: r.u32()?,
+                name: r.str()?,
+                flags: r.u32()?,
+            },
             other => return Err(Error::UnknownType(other)),
         };
         Ok((tag, m))
@@ -616,10 +857,21 @@ impl<'a> Tmessage<'a> {
             Tmessage::Version { msize, version } => {
                 w.u32(*msize).str(version);
             }
-            Tmessage::Auth { afid, uname, aname, n_uname } => {
+            Tmessage::Auth {
+                afid,
+                uname,
+                aname,
+                n_uname,
+            } => {
                 w.u32(*afid).str(uname).str(aname).u32(*n_uname);
             }
-            Tmessage::Attach { fid, afid, uname, aname, n_uname } => {
+            Tmessage::Attach {
+                fid,
+                afid,
+                uname,
+                aname,
+                n_uname,
+            } => {
                 w.u32(*fid).u32(*afid).str(uname).str(aname).u32(*n_uname);
             }
             Tmessage::Flush { oldtag } => {
@@ -646,14 +898,37 @@ impl<'a> Tmessage<'a> {
             Tmessage::Lopen { fid, flags } => {
                 w.u32(*fid).u32(*flags);
             }
-            Tmessage::Lcreate { fid, name, flags, mode, gid } => {
+            Tmessage::Lcreate {
+                fid,
+                name,
+                flags,
+                mode,
+                gid,
+            } => {
                 w.u32(*fid).str(name).u32(*flags).u32(*mode).u32(*gid);
             }
-            Tmessage::Symlink { fid, name, target, gid } => {
+            Tmessage::Symlink {
+                fid,
+                name,
+                target,
+                gid,
+            } => {
                 w.u32(*fid).str(name).str(target).u32(*gid);
             }
-            Tmessage::Mknod { dfid, name, mode, major, minor, gid } => {
-                w.u32(*dfid).str(name).u32(*mode).u32(*major).u32(*minor).u32(*gid);
+            Tmessage::Mknod {
+                dfid,
+                name,
+                mode,
+                major,
+                minor,
+                gid,
+            } => {
+                w.u32(*dfid)
+                    .str(name)
+                    .u32(*mode)
+                    .u32(*major)
+                    .u32(*minor)
+                    .u32(*gid);
             }
             Tmessage::Rename { fid, dfid, name } => {
                 w.u32(*fid).u32(*dfid).str(name);
@@ -662,13 +937,26 @@ impl<'a> Tmessage<'a> {
                 w.u32(*fid).u64(*mask);
             }
             Tmessage::Setattr { fid, attr: a } => {
-                w.u32(*fid).u32(a.valid).u32(a.mode).u32(a.uid).u32(a.gid).u64(a.size);
-                w.u64(a.atime_sec).u64(a.atime_nsec).u64(a.mtime_sec).u64(a.mtime_nsec);
+                w.u32(*fid)
+                    .u32(a.valid)
+                    .u32(a.mode)
+                    .u32(a.uid)
+                    .u32(a.gid)
+                    .u64(a.size);
+                w.u64(a.atime_sec)
+                    .u64(a.atime_nsec)
+                    .u64(a.mtime_sec)
+                    .u64(a.mtime_nsec);
             }
             Tmessage::Xattrwalk { fid, newfid, name } => {
                 w.u32(*fid).u32(*newfid).str(name);
             }
-            Tmessage::Xattrcreate { fid, name, size, flags } => {
+            Tmessage::Xattrcreate {
+                fid,
+                name,
+                size,
+                flags,
+            } => {
                 w.u32(*fid).str(name).u64(*size).u32(*flags);
             }
             Tmessage::Fsync { fid, datasync } => {
@@ -683,13 +971,27 @@ impl<'a> Tmessage<'a> {
             Tmessage::Link { dfid, fid, name } => {
                 w.u32(*dfid).u32(*fid).str(name);
             }
-            Tmessage::Mkdir { dfid, name, mode, gid } => {
+            Tmessage::Mkdir {
+                dfid,
+                name,
+                mode,
+                gid,
+            } => {
                 w.u32(*dfid).str(name).u32(*mode).u32(*gid);
             }
-            Tmessage::Renameat { olddirfid, oldname, newdirfid, newname } => {
+            Tmessage::Renameat {
+                olddirfid,
+                oldname,
+                newdirfid,
+                newname,
+            } => {
                 w.u32(*olddirfid).str(oldname).u32(*newdirfid).str(newname);
             }
-            Tmessage::Unlinkat { dirfid, name, flags } => {
+            Tmessage::Unlinkat {
+                dirfid,
+                name,
+                flags,
+            } => {
                 w.u32(*dirfid).str(name).u32(*flags);
             }
         }
@@ -700,9 +1002,19 @@ impl<'a> Tmessage<'a> {
 /// Encodes the Rgetattr body.
 pub fn write_attr(w: &mut Writer<'_>, a: &Attr) {
     w.u64(a.valid).qid(&a.qid).u32(a.mode).u32(a.uid).u32(a.gid);
-    w.u64(a.nlink).u64(a.rdev).u64(a.size).u64(a.blksize).u64(a.blocks);
-    w.u64(a.atime_sec).u64(a.atime_nsec).u64(a.mtime_sec).u64(a.mtime_nsec);
-    w.u64(a.ctime_sec).u64(a.ctime_nsec).u64(a.btime_sec).u64(a.btime_nsec);
+    w.u64(a.nlink)
+        .u64(a.rdev)
+        .u64(a.size)
+        .u64(a.blksize)
+        .u64(a.blocks);
+    w.u64(a.atime_sec)
+        .u64(a.atime_nsec)
+        .u64(a.mtime_sec)
+        .u64(a.mtime_nsec);
+    w.u64(a.ctime_sec)
+        .u64(a.ctime_nsec)
+        .u64(a.btime_sec)
+        .u64(a.btime_nsec);
     w.u64(a.gen).u64(a.data_version);
 }
 
@@ -721,7 +1033,12 @@ pub fn parse_dirents(data: &[u8]) -> Result<Vec<DirEntry>, Error> {
     let mut r = Reader::new(data);
     let mut v = Vec::new();
     while r.remaining() > 0 {
-        v.push(DirEntry { qid: r.qid()?, offset: r.u64()?, ty: r.u8()?, name: r.str()?.to_vec() });
+        v.push(DirEntry {
+            qid: r.qid()?,
+            offset: r.u64()?,
+            ty: r.u8()?,
+            name: r.str()?.to_vec(),
+        });
     }
     Ok(v)
 }
@@ -792,7 +1109,11 @@ impl Rmessage {
                 w.u32(*count);
             }
             Rmessage::Statfs(s) => {
-                w.u32(s.ty).u32(s.bsize).u64(s.blocks).u64(s.bfree).u64(s.bavail);
+                w.u32(s.ty)
+                    .u32(s.bsize)
+                    .u64(s.blocks)
+                    .u64(s.bfree)
+                    .u64(s.bavail);
                 w.u64(s.files).u64(s.ffree).u64(s.fsid).u32(s.namelen);
             }
             Rmessage::Lopen { qid, iounit } | Rmessage::Lcreate { qid, iounit } => {
@@ -808,8 +1129,18 @@ impl Rmessage {
             Rmessage::Lock { status } => {
                 w.u8(*status);
             }
-            Rmessage::Getlock { ty, start, length, proc_id, client_id } => {
-                w.u8(*ty).u64(*start).u64(*length).u32(*proc_id).str(client_id);
+            Rmessage::Getlock {
+                ty,
+                start,
+                length,
+                proc_id,
+                client_id,
+            } => {
+                w.u8(*ty)
+                    .u64(*start)
+                    .u64(*length)
+                    .u32(*proc_id)
+                    .str(client_id);
             }
             Rmessage::Flush
             | Rmessage::Clunk
@@ -832,7 +1163,10 @@ impl Rmessage {
         let mut r = Reader::new(body);
         let m = match ty {
             RLERROR => Rmessage::Lerror { ecode: r.u32()? },
-            RVERSION => Rmessage::Version { msize: r.u32()?, version: r.str()?.to_vec() },
+            RVERSION => Rmessage::Version {
+                msize: r.u32()?,
+                version: r.str()?.to_vec(),
+            },
             RATTACH => Rmessage::Attach { qid: r.qid()? },
             RFLUSH => Rmessage::Flush,
             RWALK => {
@@ -849,7 +1183,10 @@ impl Rmessage {
             RREAD | RREADDIR => {
                 let count = r.u32()?;
                 if count as usize > r.remaining() {
-                    return Err(Error::BadCount { count, available: r.remaining() });
+                    return Err(Error::BadCount {
+                        count,
+                        available: r.remaining(),
+                    });
                 }
                 let data = r.bytes(count as usize)?.to_vec();
                 if ty == RREAD {
@@ -872,12 +1209,20 @@ impl Rmessage {
                 fsid: r.u64()?,
                 namelen: r.u32()?,
             }),
-            RLOPEN => Rmessage::Lopen { qid: r.qid()?, iounit: r.u32()? },
-            RLCREATE => Rmessage::Lcreate { qid: r.qid()?, iounit: r.u32()? },
+            RLOPEN => Rmessage::Lopen {
+                qid: r.qid()?,
+                iounit: r.u32()?,
+            },
+            RLCREATE => Rmessage::Lcreate {
+                qid: r.qid()?,
+                iounit: r.u32()?,
+            },
             RSYMLINK => Rmessage::Symlink { qid: r.qid()? },
             RMKNOD => Rmessage::Mknod { qid: r.qid()? },
             RRENAME => Rmessage::Rename,
-            RREADLINK => Rmessage::Readlink { target: r.str()?.to_vec() },
+            RREADLINK => Rmessage::Readlink {
+                target: r.str()?.to_vec(),
+            },
             RGETATTR => Rmessage::Getattr(Attr {
                 valid: r.u64()?,
                 qid: r.qid()?,
@@ -927,30 +1272,96 @@ mod tests {
     use super::*;
 
     fn q(n: u64) -> Qid {
-        Qid { ty: QTDIR, version: 7, path: n }
+        Qid {
+            ty: QTDIR,
+            version: 7,
+            path: n,
+        }
     }
 
     fn all_requests() -> Vec<Tmessage<'static>> {
-        let lock = Lock { ty: 1, flags: 2, start: 3, length: 4, proc_id: 5, client_id: b"host" };
+        let lock = Lock {
+            ty: 1,
+            flags: 2,
+            start: 3,
+            length: 4,
+            proc_id: 5,
+            client_id: b"host",
+        };
         vec![
-            Tmessage::Version { msize: 512000, version: b"9P2000.L" },
-            Tmessage::Auth { afid: 1, uname: b"u", aname: b"a", n_uname: 0 },
-            Tmessage::Attach { fid: 1, afid: NOFID, uname: b"root", aname: b"/x", n_uname: 0 },
+            Tmessage::Version {
+                msize: 512000,
+                version: b"9P2000.L",
+            },
+            Tmessage::Auth {
+                afid: 1,
+                uname: b"u",
+                aname: b"a",
+                n_uname: 0,
+            },
+            Tmessage::Attach {
+                fid: 1,
+                afid: NOFID,
+                uname: b"root",
+                aname: b"/x",
+                n_uname: 0,
+            },
             Tmessage::Flush { oldtag: 9 },
-            Tmessage::Walk { fid: 1, newfid: 2, names: WalkNames::new(&[b"a", b"bb", b"ccc"]).unwrap() },
-            Tmessage::Walk { fid: 1, newfid: 2, names: WalkNames::new(&[]).unwrap() },
-            Tmessage::Read { fid: 3, offset: 1 << 40, count: 4096 },
-            Tmessage::Write { fid: 3, offset: 5, data: b"hello" },
+            Tmessage::Walk {
+                fid: 1,
+                newfid: 2,
+                names: WalkNames::new(&[b"a", b"bb", b"ccc"]).unwrap(),
+            },
+            Tmessage::Walk {
+                fid: 1,
+                newfid: 2,
+                names: WalkNames::new(&[]).unwrap(),
+            },
+            Tmessage::Read {
+                fid: 3,
+                offset: 1 << 40,
+                count: 4096,
+            },
+            Tmessage::Write {
+                fid: 3,
+                offset: 5,
+                data: b"hello",
+            },
             Tmessage::Clunk { fid: 3 },
             Tmessage::Remove { fid: 3 },
             Tmessage::Statfs { fid: 3 },
             Tmessage::Lopen { fid: 3, flags: 0o2 },
-            Tmessage::Lcreate { fid: 3, name: b"f", flags: 0o102, mode: 0o644, gid: 7 },
-            Tmessage::Symlink { fid: 3, name: b"l", target: b"/etc", gid: 7 },
-            Tmessage::Mknod { dfid: 3, name: b"n", mode: 0o10644, major: 1, minor: 2, gid: 7 },
-            Tmessage::Rename { fid: 3, dfid: 4, name: b"r" },
+            Tmessage::Lcreate {
+                fid: 3,
+                name: b"f",
+                flags: 0o102,
+                mode: 0o644,
+                gid: 7,
+            },
+            Tmessage::Symlink {
+                fid: 3,
+                name: b"l",
+                target: b"/etc",
+                gid: 7,
+            },
+            Tmessage::Mknod {
+                dfid: 3,
+                name: b"n",
+                mode: 0o10644,
+                major: 1,
+                minor: 2,
+                gid: 7,
+            },
+            Tmessage::Rename {
+                fid: 3,
+                dfid: 4,
+                name: b"r",
+            },
             Tmessage::Readlink { fid: 3 },
-            Tmessage::Getattr { fid: 3, mask: GETATTR_ALL },
+            Tmessage::Getattr {
+                fid: 3,
+                mask: GETATTR_ALL,
+            },
             Tmessage::Setattr {
                 fid: 3,
                 attr: SetAttr {
@@ -965,45 +1376,122 @@ mod tests {
                     mtime_nsec: 8,
                 },
             },
-            Tmessage::Xattrwalk { fid: 3, newfid: 4, name: b"user.x" },
-            Tmessage::Xattrcreate { fid: 3, name: b"user.x", size: 10, flags: 1 },
-            Tmessage::Readdir { fid: 3, offset: 77, count: 8192 },
-            Tmessage::Fsync { fid: 3, datasync: 1 },
+            Tmessage::Xattrwalk {
+                fid: 3,
+                newfid: 4,
+                name: b"user.x",
+            },
+            Tmessage::Xattrcreate {
+                fid: 3,
+                name: b"user.x",
+                size: 10,
+                flags: 1,
+            },
+            Tmessage::Readdir {
+                fid: 3,
+                offset: 77,
+                count: 8192,
+            },
+            Tmessage::Fsync {
+                fid: 3,
+                datasync: 1,
+            },
             Tmessage::Lock { fid: 3, lock },
-            Tmessage::Getlock { fid: 3, lock: Lock { flags: 0, ..lock } },
-            Tmessage::Link { dfid: 3, fid: 4, name: b"h" },
-            Tmessage::Mkdir { dfid: 3, name: b"d", mode: 0o755, gid: 7 },
-            Tmessage::Renameat { olddirfid: 3, oldname: b"a", newdirfid: 4, newname: b"b" },
-            Tmessage::Unlinkat { dirfid: 3, name: b"x", flags: 0x200 },
+            Tmessage::Getlock {
+                fid: 3,
+                lock: Lock { flags: 0, ..lock },
+            },
+            Tmessage::Link {
+                dfid: 3,
+                fid: 4,
+                name: b"h",
+            },
+            Tmessage::Mkdir {
+                dfid: 3,
+                name: b"d",
+                mode: 0o755,
+                gid: 7,
+            },
+            Tmessage::Renameat {
+                olddirfid: 3,
+                oldname: b"a",
+                newdirfid: 4,
+                newname: b"b",
+            },
+            Tmessage::Unlinkat {
+                dirfid: 3,
+                name: b"x",
+                flags: 0x200,
+            },
         ]
     }
 
     fn all_replies() -> Vec<Rmessage> {
         vec![
             Rmessage::Lerror { ecode: 2 },
-            Rmessage::Version { msize: 8192, version: b"9P2000.L".to_vec() },
+            Rmessage::Version {
+                msize: 8192,
+                version: b"9P2000.L".to_vec(),
+            },
             Rmessage::Attach { qid: q(1) },
             Rmessage::Flush,
-            Rmessage::Walk { qids: vec![q(1), q(2)] },
-            Rmessage::Read { data: b"abc".to_vec() },
+            Rmessage::Walk {
+                qids: vec![q(1), q(2)],
+            },
+            Rmessage::Read {
+                data: b"abc".to_vec(),
+            },
             Rmessage::Write { count: 3 },
             Rmessage::Clunk,
             Rmessage::Remove,
-            Rmessage::Statfs(StatFs { ty: 1, bsize: 2, blocks: 3, bfree: 4, bavail: 5, files: 6, ffree: 7, fsid: 8, namelen: 9 }),
-            Rmessage::Lopen { qid: q(3), iounit: 0 },
-            Rmessage::Lcreate { qid: q(4), iounit: 5 },
+            Rmessage::Statfs(StatFs {
+                ty: 1,
+                bsize: 2,
+                blocks: 3,
+                bfree: 4,
+                bavail: 5,
+                files: 6,
+                ffree: 7,
+                fsid: 8,
+                namelen: 9,
+            }),
+            Rmessage::Lopen {
+                qid: q(3),
+                iounit: 0,
+            },
+            Rmessage::Lcreate {
+                qid: q(4),
+                iounit: 5,
+            },
             Rmessage::Symlink { qid: q(5) },
             Rmessage::Mknod { qid: q(6) },
             Rmessage::Rename,
-            Rmessage::Readlink { target: b"../t".to_vec() },
-            Rmessage::Getattr(Attr { valid: GETATTR_BASIC, qid: q(9), mode: 0o40755, size: 99, gen: 3, ..Default::default() }),
+            Rmessage::Readlink {
+                target: b"../t".to_vec(),
+            },
+            Rmessage::Getattr(Attr {
+                valid: GETATTR_BASIC,
+                qid: q(9),
+                mode: 0o40755,
+                size: 99,
+                gen: 3,
+                ..Default::default()
+            }),
             Rmessage::Setattr,
             Rmessage::Xattrwalk { size: 12 },
             Rmessage::Xattrcreate,
-            Rmessage::Readdir { data: vec![1, 2, 3] },
+            Rmessage::Readdir {
+                data: vec![1, 2, 3],
+            },
             Rmessage::Fsync,
             Rmessage::Lock { status: 0 },
-            Rmessage::Getlock { ty: 2, start: 1, length: 2, proc_id: 3, client_id: b"c".to_vec() },
+            Rmessage::Getlock {
+                ty: 2,
+                start: 1,
+                length: 2,
+                proc_id: 3,
+                client_id: b"c".to_vec(),
+            },
             Rmessage::Link,
             Rmessage::Mkdir { qid: q(10) },
             Rmessage::Renameat,
@@ -1016,7 +1504,10 @@ mod tests {
         for m in all_requests() {
             let mut buf = Vec::new();
             m.encode(0x1234, &mut buf);
-            assert_eq!(u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize, buf.len());
+            assert_eq!(
+                u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize,
+                buf.len()
+            );
             let (tag, d) = Tmessage::decode(&buf).unwrap();
             assert_eq!(tag, 0x1234);
             assert_eq!(d, m, "round trip of {m:?}");
@@ -1026,7 +1517,10 @@ mod tests {
                 if p.len() >= 4 {
                     p[..4].copy_from_slice(&(cut as u32).to_le_bytes());
                 }
-                assert!(Tmessage::decode(&p).is_err(), "prefix {cut} of {m:?} accepted");
+                assert!(
+                    Tmessage::decode(&p).is_err(),
+                    "prefix {cut} of {m:?} accepted"
+                );
             }
         }
     }
@@ -1049,18 +1543,39 @@ mod tests {
         b.extend_from_slice(&512000u32.to_le_bytes());
         b.extend_from_slice(&[8, 0]);
         b.extend_from_slice(b"9P2000.L");
-        assert_eq!(Tmessage::decode(&b).unwrap(), (NOTAG, Tmessage::Version { msize: 512000, version: b"9P2000.L" }));
+        assert_eq!(
+            Tmessage::decode(&b).unwrap(),
+            (
+                NOTAG,
+                Tmessage::Version {
+                    msize: 512000,
+                    version: b"9P2000.L"
+                }
+            )
+        );
     }
 
     #[test]
     fn malformed_requests_are_errors() {
-        assert!(matches!(Tmessage::decode(&[1, 2, 3]), Err(Error::Truncated { .. })));
+        assert!(matches!(
+            Tmessage::decode(&[1, 2, 3]),
+            Err(Error::Truncated { .. })
+        ));
         // size larger than the buffer
-        assert!(matches!(Tmessage::decode(&[100, 0, 0, 0, 120, 0, 0, 1, 0, 0, 0]), Err(Error::BadSize { .. })));
+        assert!(matches!(
+            Tmessage::decode(&[100, 0, 0, 0, 120, 0, 0, 1, 0, 0, 0]),
+            Err(Error::BadSize { .. })
+        ));
         // size smaller than a header
-        assert!(matches!(Tmessage::decode(&[3, 0, 0, 0, 120, 0, 0]), Err(Error::BadSize { .. })));
+        assert!(matches!(
+            Tmessage::decode(&[3, 0, 0, 0, 120, 0, 0]),
+            Err(Error::BadSize { .. })
+        ));
         // unknown type
-        assert_eq!(Tmessage::decode(&[7, 0, 0, 0, 99, 0, 0]), Err(Error::UnknownType(99)));
+        assert_eq!(
+            Tmessage::decode(&[7, 0, 0, 0, 99, 0, 0]),
+            Err(Error::UnknownType(99))
+        );
         // Twalk with 17 names
         let mut b = vec![0, 0, 0, 0, msg::TWALK, 1, 0, 1, 0, 0, 0, 2, 0, 0, 0, 17, 0];
         for _ in 0..17 {
@@ -1071,12 +1586,26 @@ mod tests {
         assert_eq!(Tmessage::decode(&b), Err(Error::TooManyWalkNames(17)));
         // Twrite with a count past the end
         let mut b = Vec::new();
-        Tmessage::Write { fid: 1, offset: 0, data: b"abcd" }.encode(1, &mut b);
+        Tmessage::Write {
+            fid: 1,
+            offset: 0,
+            data: b"abcd",
+        }
+        .encode(1, &mut b);
         b[19..23].copy_from_slice(&1000u32.to_le_bytes());
-        assert!(matches!(Tmessage::decode(&b), Err(Error::BadCount { count: 1000, .. })));
+        assert!(matches!(
+            Tmessage::decode(&b),
+            Err(Error::BadCount { count: 1000, .. })
+        ));
         // A string whose length runs past the end
         let mut b = Vec::new();
-        Tmessage::Mkdir { dfid: 1, name: b"abc", mode: 0, gid: 0 }.encode(1, &mut b);
+        Tmessage::Mkdir {
+            dfid: 1,
+            name: b"abc",
+            mode: 0,
+            gid: 0,
+        }
+        .encode(1, &mut b);
         b[11..13].copy_from_slice(&60000u16.to_le_bytes());
         assert!(matches!(Tmessage::decode(&b), Err(Error::Truncated { .. })));
     }

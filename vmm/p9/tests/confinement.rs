@@ -33,7 +33,11 @@ fn dotdot_is_clamped_at_the_root() {
     assert_eq!(q[0].path, root_ino);
     let q = h.walk(ROOT, 3, &["..", "..", "..", ".."]).unwrap();
     assert!(q.iter().all(|q| q.path == root_ino));
-    assert_eq!(h.walk(ROOT, 4, &["..", "outside"]).unwrap().len(), 1, "outside must not be reachable");
+    assert_eq!(
+        h.walk(ROOT, 4, &["..", "outside"]).unwrap().len(),
+        1,
+        "outside must not be reachable"
+    );
     let q = h.walk(ROOT, 5, &["sub", "..", "..", "sub", "ok"]).unwrap();
     assert_eq!(q.len(), 5);
     assert_eq!(q[1].path, root_ino);
@@ -56,7 +60,11 @@ fn symlinks_are_never_followed() {
         // ... but never through.
         let q = h.walk(ROOT, 11, &[link, "secret"]).unwrap();
         assert_eq!(q.len(), 1, "walking through {link} must stop at the link");
-        assert_eq!(h.walk(10, 11, &["etc"]).unwrap_err(), libc::ENOTDIR, "{link}");
+        assert_eq!(
+            h.walk(10, 11, &["etc"]).unwrap_err(),
+            libc::ENOTDIR,
+            "{link}"
+        );
         // Opening the link fails instead of opening its target.
         assert_eq!(h.lopen(10, 0).unwrap_err(), libc::ELOOP, "{link}");
         h.clunk(10).unwrap();
@@ -72,36 +80,78 @@ fn symlinks_are_never_followed() {
     // Names with slashes are refused rather than resolved.
     for bad in ["sub/ok", "/", "../outside", "", "a\0b"] {
         let b = [bad.as_bytes()];
-        let r = h.call(&Tmessage::Walk { fid: ROOT, newfid: 13, names: WalkNames::new(&b).unwrap() });
+        let r = h.call(&Tmessage::Walk {
+            fid: ROOT,
+            newfid: 13,
+            names: WalkNames::new(&b).unwrap(),
+        });
         assert_eq!(r.unwrap_err(), libc::EINVAL, "{bad:?}");
     }
     // Creating through a symlinked directory fails (the link is not a directory fid).
     h.walk_to(14, "abs_out").unwrap();
     assert_eq!(
-        h.call(&Tmessage::Lcreate { fid: 14, name: b"x", flags: 2, mode: 0o600, gid: 0 }).unwrap_err(),
+        h.call(&Tmessage::Lcreate {
+            fid: 14,
+            name: b"x",
+            flags: 2,
+            mode: 0o600,
+            gid: 0
+        })
+        .unwrap_err(),
         libc::ENOTDIR
     );
     assert_eq!(
-        h.call(&Tmessage::Mkdir { dfid: 14, name: b"x", mode: 0o700, gid: 0 }).unwrap_err(),
+        h.call(&Tmessage::Mkdir {
+            dfid: 14,
+            name: b"x",
+            mode: 0o700,
+            gid: 0
+        })
+        .unwrap_err(),
         libc::ENOTDIR
     );
     // lcreate never opens an existing symlink's target.
     h.walk_to(15, "").unwrap();
     assert_eq!(
-        h.call(&Tmessage::Lcreate { fid: 15, name: b"secret_link", flags: 2, mode: 0o600, gid: 0 })
-            .unwrap_err(),
+        h.call(&Tmessage::Lcreate {
+            fid: 15,
+            name: b"secret_link",
+            flags: 2,
+            mode: 0o600,
+            gid: 0
+        })
+        .unwrap_err(),
         libc::EEXIST
     );
     // setattr on a symlink does not touch the target.
     h.walk_to(16, "secret_link").unwrap();
-    let sa = SetAttr { valid: setattr::SIZE, size: 0, ..Default::default() };
+    let sa = SetAttr {
+        valid: setattr::SIZE,
+        size: 0,
+        ..Default::default()
+    };
     assert!(h.call(&Tmessage::Setattr { fid: 16, attr: sa }).is_err());
-    let sa = SetAttr { valid: setattr::MODE, mode: 0o777, ..Default::default() };
+    let sa = SetAttr {
+        valid: setattr::MODE,
+        mode: 0o777,
+        ..Default::default()
+    };
     assert!(h.call(&Tmessage::Setattr { fid: 16, attr: sa }).is_err());
-    assert_eq!(std::fs::read(share.join("../outside/secret")).unwrap(), b"SECRET");
+    assert_eq!(
+        std::fs::read(share.join("../outside/secret")).unwrap(),
+        b"SECRET"
+    );
     // Hard-linking a symlink links the link, not the secret.
-    h.call(&Tmessage::Link { dfid: ROOT, fid: 16, name: b"hard" }).unwrap();
-    assert!(std::fs::symlink_metadata(share.join("hard")).unwrap().file_type().is_symlink());
+    h.call(&Tmessage::Link {
+        dfid: ROOT,
+        fid: 16,
+        name: b"hard",
+    })
+    .unwrap();
+    assert!(std::fs::symlink_metadata(share.join("hard"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
 }
 
 #[test]
@@ -115,7 +165,8 @@ fn special_files_are_never_opened() {
     // A character device, when we may create one (root with CAP_MKNOD).
     let dev = std::ffi::CString::new(t.join("null").to_str().unwrap()).unwrap();
     // SAFETY: valid C string.
-    let have_dev = unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) } == 0;
+    let have_dev =
+        unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) } == 0;
     let mut h = Harness::new(&t.path, Config::default());
     let mut names = vec!["fifo", "sock"];
     if have_dev {
@@ -126,18 +177,38 @@ fn special_files_are_never_opened() {
         h.walk_to(fid, n).unwrap();
         // getattr works and reports the real type ...
         let a = h.getattr(fid).unwrap();
-        assert!(matches!(a.mode & libc::S_IFMT, libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR), "{n}");
+        assert!(
+            matches!(
+                a.mode & libc::S_IFMT,
+                libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR
+            ),
+            "{n}"
+        );
         // ... but opening is refused (a FIFO open would otherwise block this test forever).
         for flags in [libc::O_RDONLY, libc::O_WRONLY, libc::O_RDWR] {
             assert_eq!(h.lopen(fid, flags as u32).unwrap_err(), libc::EPERM, "{n}");
         }
-        let sa = SetAttr { valid: setattr::SIZE, ..Default::default() };
-        assert_eq!(h.call(&Tmessage::Setattr { fid, attr: sa }).unwrap_err(), libc::EINVAL, "{n}");
+        let sa = SetAttr {
+            valid: setattr::SIZE,
+            ..Default::default()
+        };
+        assert_eq!(
+            h.call(&Tmessage::Setattr { fid, attr: sa }).unwrap_err(),
+            libc::EINVAL,
+            "{n}"
+        );
     }
     // lcreate over an existing FIFO never opens it.
     h.walk_to(20, "").unwrap();
     assert_eq!(
-        h.call(&Tmessage::Lcreate { fid: 20, name: b"fifo", flags: 0, mode: 0o600, gid: 0 }).unwrap_err(),
+        h.call(&Tmessage::Lcreate {
+            fid: 20,
+            name: b"fifo",
+            flags: 0,
+            mode: 0o600,
+            gid: 0
+        })
+        .unwrap_err(),
         libc::EEXIST
     );
 }
@@ -147,36 +218,114 @@ fn read_only_share_refuses_every_mutation() {
     let t = TempTree::new("ro");
     t.file("f", b"keep");
     t.file("d/x", b"");
-    let mut h = Harness::new(&t.path, Config { read_only: true, ..Config::default() });
+    let mut h = Harness::new(
+        &t.path,
+        Config {
+            read_only: true,
+            ..Config::default()
+        },
+    );
     h.walk_to(2, "f").unwrap();
     h.walk_to(3, "d").unwrap();
-    let sa = SetAttr { valid: setattr::SIZE, ..Default::default() };
+    let sa = SetAttr {
+        valid: setattr::SIZE,
+        ..Default::default()
+    };
     let mutations: Vec<Tmessage<'_>> = vec![
-        Tmessage::Lcreate { fid: 3, name: b"n", flags: 2, mode: 0o600, gid: 0 },
-        Tmessage::Symlink { fid: 3, name: b"n", target: b"x", gid: 0 },
-        Tmessage::Mknod { dfid: 3, name: b"n", mode: libc::S_IFREG | 0o600, major: 0, minor: 0, gid: 0 },
-        Tmessage::Rename { fid: 2, dfid: 3, name: b"n" },
-        Tmessage::Renameat { olddirfid: ROOT, oldname: b"f", newdirfid: 3, newname: b"n" },
-        Tmessage::Unlinkat { dirfid: ROOT, name: b"f", flags: 0 },
-        Tmessage::Mkdir { dfid: 3, name: b"n", mode: 0o700, gid: 0 },
-        Tmessage::Link { dfid: 3, fid: 2, name: b"n" },
+        Tmessage::Lcreate {
+            fid: 3,
+            name: b"n",
+            flags: 2,
+            mode: 0o600,
+            gid: 0,
+        },
+        Tmessage::Symlink {
+            fid: 3,
+            name: b"n",
+            target: b"x",
+            gid: 0,
+        },
+        Tmessage::Mknod {
+            dfid: 3,
+            name: b"n",
+            mode: libc::S_IFREG | 0o600,
+            major: 0,
+            minor: 0,
+            gid: 0,
+        },
+        Tmessage::Rename {
+            fid: 2,
+            dfid: 3,
+            name: b"n",
+        },
+        Tmessage::Renameat {
+            olddirfid: ROOT,
+            oldname: b"f",
+            newdirfid: 3,
+            newname: b"n",
+        },
+        Tmessage::Unlinkat {
+            dirfid: ROOT,
+            name: b"f",
+            flags: 0,
+        },
+        Tmessage::Mkdir {
+            dfid: 3,
+            name: b"n",
+            mode: 0o700,
+            gid: 0,
+        },
+        Tmessage::Link {
+            dfid: 3,
+            fid: 2,
+            name: b"n",
+        },
         Tmessage::Setattr { fid: 2, attr: sa },
-        Tmessage::Xattrcreate { fid: 2, name: b"user.a", size: 1, flags: 0 },
-        Tmessage::Write { fid: 2, offset: 0, data: b"x" },
+        Tmessage::Xattrcreate {
+            fid: 2,
+            name: b"user.a",
+            size: 1,
+            flags: 0,
+        },
+        Tmessage::Write {
+            fid: 2,
+            offset: 0,
+            data: b"x",
+        },
     ];
     for m in &mutations {
         assert_eq!(h.call(m).unwrap_err(), libc::EROFS, "{m:?}");
     }
-    for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC, libc::O_RDONLY | libc::O_APPEND] {
-        assert_eq!(h.lopen(2, flags as u32).unwrap_err(), libc::EROFS, "flags {flags:o}");
+    for flags in [
+        libc::O_WRONLY,
+        libc::O_RDWR,
+        libc::O_RDONLY | libc::O_TRUNC,
+        libc::O_RDONLY | libc::O_APPEND,
+    ] {
+        assert_eq!(
+            h.lopen(2, flags as u32).unwrap_err(),
+            libc::EROFS,
+            "flags {flags:o}"
+        );
     }
     // Tremove is refused (and clunks the fid).
     h.walk_to(4, "d/x").unwrap();
-    assert_eq!(h.call(&Tmessage::Remove { fid: 4 }).unwrap_err(), libc::EROFS);
+    assert_eq!(
+        h.call(&Tmessage::Remove { fid: 4 }).unwrap_err(),
+        libc::EROFS
+    );
     // Reading still works.
     h.lopen(2, libc::O_RDONLY as u32).unwrap();
     assert_eq!(h.read(2, 0, 100).unwrap(), b"keep");
-    assert_eq!(h.call(&Tmessage::Write { fid: 2, offset: 0, data: b"x" }).unwrap_err(), libc::EROFS);
+    assert_eq!(
+        h.call(&Tmessage::Write {
+            fid: 2,
+            offset: 0,
+            data: b"x"
+        })
+        .unwrap_err(),
+        libc::EROFS
+    );
     assert_eq!(std::fs::read(t.join("f")).unwrap(), b"keep");
     assert!(t.join("d/x").exists());
     assert_eq!(std::fs::read_dir(t.join("d")).unwrap().count(), 1);
@@ -186,14 +335,28 @@ fn read_only_share_refuses_every_mutation() {
 fn fid_and_open_file_limits() {
     let t = TempTree::new("limits");
     t.file("f", b"x");
-    let mut h = Harness::new(&t.path, Config { max_fids: 10, max_open_files: 3, ..Config::default() });
+    let mut h = Harness::new(
+        &t.path,
+        Config {
+            max_fids: 10,
+            max_open_files: 3,
+            ..Config::default()
+        },
+    );
     // The root fid is one of the ten.
     for fid in 2..=10 {
         h.walk(ROOT, fid, &["f"]).unwrap();
     }
     assert_eq!(h.walk(ROOT, 11, &["f"]).unwrap_err(), libc::ENFILE);
     assert_eq!(
-        h.call(&Tmessage::Attach { fid: 11, afid: wire::NOFID, uname: b"", aname: b"", n_uname: 0 }).unwrap_err(),
+        h.call(&Tmessage::Attach {
+            fid: 11,
+            afid: wire::NOFID,
+            uname: b"",
+            aname: b"",
+            n_uname: 0
+        })
+        .unwrap_err(),
         libc::ENFILE
     );
     h.clunk(10).unwrap();
@@ -206,7 +369,11 @@ fn fid_and_open_file_limits() {
     h.lopen(5, 0).unwrap();
     assert_eq!(h.srv.share_usage(), (9, 3), "fid 2 was clunked");
     // Tversion drops everything.
-    h.call(&Tmessage::Version { msize: 8192, version: b"9P2000.L" }).unwrap();
+    h.call(&Tmessage::Version {
+        msize: 8192,
+        version: b"9P2000.L",
+    })
+    .unwrap();
     assert_eq!(h.srv.share_usage(), (0, 0));
     // Sessions share the limits.
     let other = h.srv.new_session();
@@ -214,13 +381,25 @@ fn fid_and_open_file_limits() {
     let mut b = Vec::new();
     for fid in 0..12u32 {
         b.clear();
-        Tmessage::Attach { fid, afid: wire::NOFID, uname: b"", aname: b"", n_uname: 0 }.encode(1, &mut b);
+        Tmessage::Attach {
+            fid,
+            afid: wire::NOFID,
+            uname: b"",
+            aname: b"",
+            n_uname: 0,
+        }
+        .encode(1, &mut b);
         let n = other.handle(&b, &mut r);
         let (_, rep) = Rmessage::decode(&r.as_slice()[..n]).unwrap();
         if fid < 10 {
             assert!(matches!(rep, Rmessage::Attach { .. }));
         } else {
-            assert_eq!(rep, Rmessage::Lerror { ecode: libc::ENFILE as u32 });
+            assert_eq!(
+                rep,
+                Rmessage::Lerror {
+                    ecode: libc::ENFILE as u32
+                }
+            );
         }
     }
 }
@@ -242,26 +421,52 @@ fn malformed_messages_get_rlerror() {
     // Unknown message types (including 9P2000 and 9P2000.u ones).
     for ty in [0u8, 6, 99, 106, 112, 114, 124, 126, 255] {
         let rep = h.raw(&[7, 0, 0, 0, ty, 0x34, 0x12]);
-        assert_eq!(lerror_of(&rep), (0x1234, libc::EOPNOTSUPP as u32), "type {ty}");
+        assert_eq!(
+            lerror_of(&rep),
+            (0x1234, libc::EOPNOTSUPP as u32),
+            "type {ty}"
+        );
     }
     // Truncated bodies for every known type.
-    for ty in [8u8, 12, 14, 16, 18, 20, 22, 24, 26, 30, 32, 40, 50, 52, 54, 70, 72, 74, 76, 100, 102, 104, 108, 110, 116, 118, 120, 122] {
+    for ty in [
+        8u8, 12, 14, 16, 18, 20, 22, 24, 26, 30, 32, 40, 50, 52, 54, 70, 72, 74, 76, 100, 102, 104,
+        108, 110, 116, 118, 120, 122,
+    ] {
         let rep = h.raw(&[8, 0, 0, 0, ty, 9, 0, 1]);
         assert_eq!(lerror_of(&rep), (9, libc::EINVAL as u32), "type {ty}");
     }
     // Size field larger than the buffer, smaller than a header, or a buffer shorter than a header.
-    assert_eq!(lerror_of(&h.raw(&[200, 0, 0, 0, msg::TCLUNK, 5, 0, 2, 0, 0, 0])).1, libc::EINVAL as u32);
-    assert_eq!(lerror_of(&h.raw(&[2, 0, 0, 0, msg::TCLUNK, 5, 0, 2, 0, 0, 0])).1, libc::EINVAL as u32);
-    assert_eq!(lerror_of(&h.raw(&[1, 2])), (wire::NOTAG, libc::EINVAL as u32));
+    assert_eq!(
+        lerror_of(&h.raw(&[200, 0, 0, 0, msg::TCLUNK, 5, 0, 2, 0, 0, 0])).1,
+        libc::EINVAL as u32
+    );
+    assert_eq!(
+        lerror_of(&h.raw(&[2, 0, 0, 0, msg::TCLUNK, 5, 0, 2, 0, 0, 0])).1,
+        libc::EINVAL as u32
+    );
+    assert_eq!(
+        lerror_of(&h.raw(&[1, 2])),
+        (wire::NOTAG, libc::EINVAL as u32)
+    );
     assert_eq!(lerror_of(&h.raw(&[])), (wire::NOTAG, libc::EINVAL as u32));
     // Twrite whose count exceeds the data present.
     let mut b = Vec::new();
-    Tmessage::Write { fid: 2, offset: 0, data: b"abcd" }.encode(3, &mut b);
+    Tmessage::Write {
+        fid: 2,
+        offset: 0,
+        data: b"abcd",
+    }
+    .encode(3, &mut b);
     b[19..23].copy_from_slice(&u32::MAX.to_le_bytes());
     assert_eq!(lerror_of(&h.raw(&b)), (3, libc::EINVAL as u32));
     // String length running past the end.
     let mut b = Vec::new();
-    Tmessage::Walk { fid: ROOT, newfid: 9, names: WalkNames::new(&[b"f"]).unwrap() }.encode(4, &mut b);
+    Tmessage::Walk {
+        fid: ROOT,
+        newfid: 9,
+        names: WalkNames::new(&[b"f"]).unwrap(),
+    }
+    .encode(4, &mut b);
     let n = b.len();
     b[n - 3..n - 1].copy_from_slice(&u16::MAX.to_le_bytes());
     assert_eq!(lerror_of(&h.raw(&b)), (4, libc::EINVAL as u32));
@@ -282,12 +487,23 @@ fn malformed_messages_get_rlerror() {
     assert_eq!(h.getattr(12345).unwrap_err(), libc::EBADF);
     assert_eq!(h.walk(wire::NOFID, 3, &[]).unwrap_err(), libc::EBADF);
     assert_eq!(
-        h.call(&Tmessage::Attach { fid: wire::NOFID, afid: wire::NOFID, uname: b"", aname: b"", n_uname: 0 }).unwrap_err(),
+        h.call(&Tmessage::Attach {
+            fid: wire::NOFID,
+            afid: wire::NOFID,
+            uname: b"",
+            aname: b"",
+            n_uname: 0
+        })
+        .unwrap_err(),
         libc::EBADF
     );
     // A reply area too small for the reply: Rlerror if it fits, otherwise nothing.
     let mut b = Vec::new();
-    Tmessage::Getattr { fid: 2, mask: wire::GETATTR_ALL }.encode(6, &mut b);
+    Tmessage::Getattr {
+        fid: 2,
+        mask: wire::GETATTR_ALL,
+    }
+    .encode(6, &mut b);
     let mut small = VecReply::new(20);
     let n = h.srv.handle(&b, &mut small);
     assert_eq!(lerror_of(&small.as_slice()[..n]), (6, libc::ENOBUFS as u32));
@@ -295,10 +511,23 @@ fn malformed_messages_get_rlerror() {
     assert_eq!(h.srv.handle(&b, &mut tiny), 0);
     // A read into a reply area smaller than msize is clamped to the area.
     let mut b = Vec::new();
-    Tmessage::Read { fid: 2, offset: 0, count: 1000 }.encode(7, &mut b);
+    Tmessage::Read {
+        fid: 2,
+        offset: 0,
+        count: 1000,
+    }
+    .encode(7, &mut b);
     let mut r = VecReply::new(13);
     let n = h.srv.handle(&b, &mut r);
-    assert_eq!(Rmessage::decode(&r.as_slice()[..n]).unwrap(), (7, Rmessage::Read { data: b"ab".to_vec() }));
+    assert_eq!(
+        Rmessage::decode(&r.as_slice()[..n]).unwrap(),
+        (
+            7,
+            Rmessage::Read {
+                data: b"ab".to_vec()
+            }
+        )
+    );
     assert_eq!(r.capacity(), 13);
 }
 
@@ -306,7 +535,10 @@ fn malformed_messages_get_rlerror() {
 fn many_threads_hammer_handle() {
     let t = TempTree::new("threads");
     for i in 0..64 {
-        t.file(&format!("d{}/f{i}", i % 4), format!("content-{i}").as_bytes());
+        t.file(
+            &format!("d{}/f{i}", i % 4),
+            format!("content-{i}").as_bytes(),
+        );
     }
     let h = Harness::new(&t.path, Config::default());
     let srv = h.srv.clone();
@@ -331,12 +563,37 @@ fn many_threads_hammer_handle() {
                     let d = format!("d{}", k % 4);
                     let f = format!("f{k}");
                     let names = [d.as_bytes(), f.as_bytes()];
-                    let rep = call(Tmessage::Walk { fid: ROOT, newfid: fid, names: WalkNames::new(&names).unwrap() });
-                    assert!(matches!(rep, Rmessage::Walk { ref qids } if qids.len() == 2), "{rep:?}");
-                    assert!(matches!(call(Tmessage::Getattr { fid, mask: wire::GETATTR_BASIC }), Rmessage::Getattr(_)));
-                    assert!(matches!(call(Tmessage::Lopen { fid, flags: 0 }), Rmessage::Lopen { .. }));
-                    let rep = call(Tmessage::Read { fid, offset: 0, count: 4096 });
-                    assert_eq!(rep, Rmessage::Read { data: format!("content-{k}").into_bytes() });
+                    let rep = call(Tmessage::Walk {
+                        fid: ROOT,
+                        newfid: fid,
+                        names: WalkNames::new(&names).unwrap(),
+                    });
+                    assert!(
+                        matches!(rep, Rmessage::Walk { ref qids } if qids.len() == 2),
+                        "{rep:?}"
+                    );
+                    assert!(matches!(
+                        call(Tmessage::Getattr {
+                            fid,
+                            mask: wire::GETATTR_BASIC
+                        }),
+                        Rmessage::Getattr(_)
+                    ));
+                    assert!(matches!(
+                        call(Tmessage::Lopen { fid, flags: 0 }),
+                        Rmessage::Lopen { .. }
+                    ));
+                    let rep = call(Tmessage::Read {
+                        fid,
+                        offset: 0,
+                        count: 4096,
+                    });
+                    assert_eq!(
+                        rep,
+                        Rmessage::Read {
+                            data: format!("content-{k}").into_bytes()
+                        }
+                    );
                     assert_eq!(call(Tmessage::Clunk { fid }), Rmessage::Clunk);
                 }
             })

@@ -11,7 +11,9 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 fn new_rejects_missing_or_non_directory_root() {
     let t = TempTree::new("badroot");
     let f = t.file("plain", b"x");
-    let e = Server::new(&t.join("missing"), Config::default()).err().unwrap();
+    let e = Server::new(&t.join("missing"), Config::default())
+        .err()
+        .unwrap();
     assert!(matches!(e, p9::Error::RootOpen { .. }), "{e}");
     let e = Server::new(&f, Config::default()).err().unwrap();
     assert!(matches!(e, p9::Error::RootNotDir(_)), "{e}");
@@ -20,8 +22,20 @@ fn new_rejects_missing_or_non_directory_root() {
 #[test]
 fn version_negotiation() {
     let t = TempTree::new("version");
-    let mut h = Harness::new(&t.path, Config { msize: 100_000, ..Config::default() });
-    match h.call(&Tmessage::Version { msize: 1_000_000, version: b"9P2000.L" }).unwrap() {
+    let mut h = Harness::new(
+        &t.path,
+        Config {
+            msize: 100_000,
+            ..Config::default()
+        },
+    );
+    match h
+        .call(&Tmessage::Version {
+            msize: 1_000_000,
+            version: b"9P2000.L",
+        })
+        .unwrap()
+    {
         Rmessage::Version { msize, version } => {
             assert_eq!(msize, 100_000);
             assert_eq!(version, b"9P2000.L");
@@ -30,13 +44,26 @@ fn version_negotiation() {
     }
     // Version resets the session: the root fid is gone.
     assert_eq!(h.getattr(ROOT).unwrap_err(), libc::EBADF);
-    match h.call(&Tmessage::Version { msize: 8192, version: b"9P2000.u" }).unwrap() {
+    match h
+        .call(&Tmessage::Version {
+            msize: 8192,
+            version: b"9P2000.u",
+        })
+        .unwrap()
+    {
         Rmessage::Version { version, .. } => assert_eq!(version, b"unknown"),
         r => panic!("{r:?}"),
     }
     assert_eq!(h.srv.msize(), 8192);
     // Auth is refused.
-    assert!(h.call(&Tmessage::Auth { afid: 5, uname: b"u", aname: b"", n_uname: 0 }).is_err());
+    assert!(h
+        .call(&Tmessage::Auth {
+            afid: 5,
+            uname: b"u",
+            aname: b"",
+            n_uname: 0
+        })
+        .is_err());
 }
 
 #[test]
@@ -81,7 +108,11 @@ fn open_read_write_create() {
     t.file("big", &data);
     let mut h = Harness::new(&t.path, Config::default());
     h.walk_to(2, "big").unwrap();
-    assert_eq!(h.read(2, 0, 10).unwrap_err(), libc::EBADF, "read before lopen");
+    assert_eq!(
+        h.read(2, 0, 10).unwrap_err(),
+        libc::EBADF,
+        "read before lopen"
+    );
     h.lopen(2, libc::O_RDONLY as u32).unwrap();
     assert_eq!(h.lopen(2, 0).unwrap_err(), libc::EBADF, "second lopen");
     let d = h.read(2, 0, 1000).unwrap();
@@ -93,40 +124,86 @@ fn open_read_write_create() {
     assert!(h.read(2, 1 << 40, 100).unwrap().is_empty());
     // Write to a read-only opened file fails.
     assert_eq!(
-        h.call(&Tmessage::Write { fid: 2, offset: 0, data: b"x" }).unwrap_err(),
+        h.call(&Tmessage::Write {
+            fid: 2,
+            offset: 0,
+            data: b"x"
+        })
+        .unwrap_err(),
         libc::EBADF
     );
 
     // lcreate turns the directory fid into the new, opened file.
     h.walk_to(3, "").unwrap();
     let q = match h
-        .call(&Tmessage::Lcreate { fid: 3, name: b"new.txt", flags: libc::O_RDWR as u32, mode: 0o640, gid: 0 })
+        .call(&Tmessage::Lcreate {
+            fid: 3,
+            name: b"new.txt",
+            flags: libc::O_RDWR as u32,
+            mode: 0o640,
+            gid: 0,
+        })
         .unwrap()
     {
         Rmessage::Lcreate { qid, .. } => qid,
         r => panic!("{r:?}"),
     };
     assert_eq!(q.path, ino(&t.join("new.txt")));
-    match h.call(&Tmessage::Write { fid: 3, offset: 0, data: b"written" }).unwrap() {
+    match h
+        .call(&Tmessage::Write {
+            fid: 3,
+            offset: 0,
+            data: b"written",
+        })
+        .unwrap()
+    {
         Rmessage::Write { count } => assert_eq!(count, 7),
         r => panic!("{r:?}"),
     }
     assert_eq!(h.read(3, 0, 100).unwrap(), b"written");
     assert_eq!(std::fs::read(t.join("new.txt")).unwrap(), b"written");
-    assert_eq!(std::fs::metadata(t.join("new.txt")).unwrap().permissions().mode() & 0o777, 0o640);
-    h.call(&Tmessage::Fsync { fid: 3, datasync: 1 }).unwrap();
-    h.call(&Tmessage::Fsync { fid: 3, datasync: 0 }).unwrap();
+    assert_eq!(
+        std::fs::metadata(t.join("new.txt"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o640
+    );
+    h.call(&Tmessage::Fsync {
+        fid: 3,
+        datasync: 1,
+    })
+    .unwrap();
+    h.call(&Tmessage::Fsync {
+        fid: 3,
+        datasync: 0,
+    })
+    .unwrap();
     // Creating an existing name fails.
     h.walk_to(4, "").unwrap();
     assert_eq!(
-        h.call(&Tmessage::Lcreate { fid: 4, name: b"new.txt", flags: 2, mode: 0o600, gid: 0 })
-            .unwrap_err(),
+        h.call(&Tmessage::Lcreate {
+            fid: 4,
+            name: b"new.txt",
+            flags: 2,
+            mode: 0o600,
+            gid: 0
+        })
+        .unwrap_err(),
         libc::EEXIST
     );
     // Bad names.
     for bad in [&b""[..], b".", b"..", b"a/b", b"a\0b"] {
         assert_eq!(
-            h.call(&Tmessage::Lcreate { fid: 4, name: bad, flags: 2, mode: 0o600, gid: 0 }).unwrap_err(),
+            h.call(&Tmessage::Lcreate {
+                fid: 4,
+                name: bad,
+                flags: 2,
+                mode: 0o600,
+                gid: 0
+            })
+            .unwrap_err(),
             libc::EINVAL,
             "name {bad:?}"
         );
@@ -148,11 +225,22 @@ fn readdir_lists_everything_without_duplicates() {
     std::os::unix::fs::symlink("file-0001", t.join("d/link")).unwrap();
     let mut h = Harness::new(&t.path, Config::default());
     h.walk_to(2, "d").unwrap();
-    assert_eq!(h.call(&Tmessage::Readdir { fid: 2, offset: 0, count: 100 }).unwrap_err(), libc::EBADF);
+    assert_eq!(
+        h.call(&Tmessage::Readdir {
+            fid: 2,
+            offset: 0,
+            count: 100
+        })
+        .unwrap_err(),
+        libc::EBADF
+    );
     h.lopen(2, 0).unwrap();
     // Small counts force many requests that resume at the returned offsets.
     let e = h.readdir_all(2, 300).unwrap();
-    let mut names: Vec<String> = e.iter().map(|e| String::from_utf8(e.name.clone()).unwrap()).collect();
+    let mut names: Vec<String> = e
+        .iter()
+        .map(|e| String::from_utf8(e.name.clone()).unwrap())
+        .collect();
     names.sort();
     let mut expect: Vec<String> = (0..1000).map(|i| format!("file-{i:04}")).collect();
     expect.extend([".".into(), "..".into(), "sub".into(), "link".into()]);
@@ -171,7 +259,14 @@ fn readdir_lists_everything_without_duplicates() {
         }
     }
     // A count too small for one entry gives an empty reply.
-    match h.call(&Tmessage::Readdir { fid: 2, offset: 0, count: 5 }).unwrap() {
+    match h
+        .call(&Tmessage::Readdir {
+            fid: 2,
+            offset: 0,
+            count: 5,
+        })
+        .unwrap()
+    {
         Rmessage::Readdir { data } => assert!(data.is_empty()),
         r => panic!("{r:?}"),
     }
@@ -185,7 +280,15 @@ fn readdir_lists_everything_without_duplicates() {
     t.file("f", b"");
     h.walk_to(4, "f").unwrap();
     h.lopen(4, 0).unwrap();
-    assert_eq!(h.call(&Tmessage::Readdir { fid: 4, offset: 0, count: 100 }).unwrap_err(), libc::ENOTDIR);
+    assert_eq!(
+        h.call(&Tmessage::Readdir {
+            fid: 4,
+            offset: 0,
+            count: 100
+        })
+        .unwrap_err(),
+        libc::ENOTDIR
+    );
 }
 
 #[test]
@@ -194,7 +297,15 @@ fn namespace_operations() {
     t.file("f", b"data");
     let mut h = Harness::new(&t.path, Config::default());
     // mkdir
-    match h.call(&Tmessage::Mkdir { dfid: ROOT, name: b"dir", mode: 0o750, gid: 0 }).unwrap() {
+    match h
+        .call(&Tmessage::Mkdir {
+            dfid: ROOT,
+            name: b"dir",
+            mode: 0o750,
+            gid: 0,
+        })
+        .unwrap()
+    {
         Rmessage::Mkdir { qid } => {
             assert_eq!(qid.ty, QTDIR);
             assert_eq!(qid.path, ino(&t.join("dir")));
@@ -202,9 +313,26 @@ fn namespace_operations() {
         r => panic!("{r:?}"),
     }
     assert!(t.join("dir").is_dir());
-    assert_eq!(h.call(&Tmessage::Mkdir { dfid: ROOT, name: b"dir", mode: 0o750, gid: 0 }).unwrap_err(), libc::EEXIST);
+    assert_eq!(
+        h.call(&Tmessage::Mkdir {
+            dfid: ROOT,
+            name: b"dir",
+            mode: 0o750,
+            gid: 0
+        })
+        .unwrap_err(),
+        libc::EEXIST
+    );
     // symlink + readlink (the target text is stored, never followed)
-    match h.call(&Tmessage::Symlink { fid: ROOT, name: b"sl", target: b"../../etc/passwd", gid: 0 }).unwrap() {
+    match h
+        .call(&Tmessage::Symlink {
+            fid: ROOT,
+            name: b"sl",
+            target: b"../../etc/passwd",
+            gid: 0,
+        })
+        .unwrap()
+    {
         Rmessage::Symlink { qid } => assert_eq!(qid.ty, QTSYMLINK),
         r => panic!("{r:?}"),
     }
@@ -214,52 +342,150 @@ fn namespace_operations() {
         r => panic!("{r:?}"),
     }
     h.walk_to(3, "f").unwrap();
-    assert_eq!(h.call(&Tmessage::Readlink { fid: 3 }).unwrap_err(), libc::EINVAL);
+    assert_eq!(
+        h.call(&Tmessage::Readlink { fid: 3 }).unwrap_err(),
+        libc::EINVAL
+    );
     // link
-    h.call(&Tmessage::Link { dfid: ROOT, fid: 3, name: b"f2" }).unwrap();
+    h.call(&Tmessage::Link {
+        dfid: ROOT,
+        fid: 3,
+        name: b"f2",
+    })
+    .unwrap();
     assert_eq!(ino(&t.join("f2")), ino(&t.join("f")));
     h.walk_to(4, "dir").unwrap();
-    assert_eq!(h.call(&Tmessage::Link { dfid: ROOT, fid: 4, name: b"dir2" }).unwrap_err(), libc::EPERM);
+    assert_eq!(
+        h.call(&Tmessage::Link {
+            dfid: ROOT,
+            fid: 4,
+            name: b"dir2"
+        })
+        .unwrap_err(),
+        libc::EPERM
+    );
     // link of a symlink links the symlink itself
-    h.call(&Tmessage::Link { dfid: ROOT, fid: 2, name: b"sl2" }).unwrap();
-    assert_eq!(std::fs::read_link(t.join("sl2")).unwrap().to_str().unwrap(), "../../etc/passwd");
+    h.call(&Tmessage::Link {
+        dfid: ROOT,
+        fid: 2,
+        name: b"sl2",
+    })
+    .unwrap();
+    assert_eq!(
+        std::fs::read_link(t.join("sl2")).unwrap().to_str().unwrap(),
+        "../../etc/passwd"
+    );
     // renameat
-    h.call(&Tmessage::Renameat { olddirfid: ROOT, oldname: b"f2", newdirfid: 4, newname: b"g" }).unwrap();
+    h.call(&Tmessage::Renameat {
+        olddirfid: ROOT,
+        oldname: b"f2",
+        newdirfid: 4,
+        newname: b"g",
+    })
+    .unwrap();
     assert!(t.join("dir/g").exists() && !t.join("f2").exists());
     // rename (by fid) follows the file wherever it is now
     h.walk_to(5, "dir/g").unwrap();
-    h.call(&Tmessage::Rename { fid: 5, dfid: ROOT, name: b"h" }).unwrap();
+    h.call(&Tmessage::Rename {
+        fid: 5,
+        dfid: ROOT,
+        name: b"h",
+    })
+    .unwrap();
     assert!(t.join("h").exists() && !t.join("dir/g").exists());
-    h.call(&Tmessage::Rename { fid: 5, dfid: 4, name: b"h2" }).unwrap();
+    h.call(&Tmessage::Rename {
+        fid: 5,
+        dfid: 4,
+        name: b"h2",
+    })
+    .unwrap();
     assert!(t.join("dir/h2").exists());
-    assert_eq!(h.call(&Tmessage::Rename { fid: ROOT, dfid: 4, name: b"x" }).unwrap_err(), libc::EBUSY);
+    assert_eq!(
+        h.call(&Tmessage::Rename {
+            fid: ROOT,
+            dfid: 4,
+            name: b"x"
+        })
+        .unwrap_err(),
+        libc::EBUSY
+    );
     // mknod: FIFOs and regular files yes, devices no
-    match h.call(&Tmessage::Mknod { dfid: ROOT, name: b"fifo", mode: libc::S_IFIFO | 0o644, major: 0, minor: 0, gid: 0 }).unwrap() {
+    match h
+        .call(&Tmessage::Mknod {
+            dfid: ROOT,
+            name: b"fifo",
+            mode: libc::S_IFIFO | 0o644,
+            major: 0,
+            minor: 0,
+            gid: 0,
+        })
+        .unwrap()
+    {
         Rmessage::Mknod { qid } => assert_eq!(qid.path, ino(&t.join("fifo"))),
         r => panic!("{r:?}"),
     }
     for dev in [libc::S_IFCHR, libc::S_IFBLK] {
         assert_eq!(
-            h.call(&Tmessage::Mknod { dfid: ROOT, name: b"dev", mode: dev | 0o666, major: 1, minor: 3, gid: 0 }).unwrap_err(),
+            h.call(&Tmessage::Mknod {
+                dfid: ROOT,
+                name: b"dev",
+                mode: dev | 0o666,
+                major: 1,
+                minor: 3,
+                gid: 0
+            })
+            .unwrap_err(),
             libc::EPERM
         );
     }
     assert!(!t.join("dev").exists());
     // unlinkat: file, then directory with AT_REMOVEDIR
-    h.call(&Tmessage::Unlinkat { dirfid: ROOT, name: b"f", flags: 0 }).unwrap();
+    h.call(&Tmessage::Unlinkat {
+        dirfid: ROOT,
+        name: b"f",
+        flags: 0,
+    })
+    .unwrap();
     assert!(!t.join("f").exists());
-    assert!(h.call(&Tmessage::Unlinkat { dirfid: ROOT, name: b"dir", flags: 0 }).is_err());
-    h.call(&Tmessage::Unlinkat { dirfid: 4, name: b"h2", flags: 0 }).unwrap();
-    h.call(&Tmessage::Unlinkat { dirfid: ROOT, name: b"dir", flags: libc::AT_REMOVEDIR as u32 }).unwrap();
+    assert!(h
+        .call(&Tmessage::Unlinkat {
+            dirfid: ROOT,
+            name: b"dir",
+            flags: 0
+        })
+        .is_err());
+    h.call(&Tmessage::Unlinkat {
+        dirfid: 4,
+        name: b"h2",
+        flags: 0,
+    })
+    .unwrap();
+    h.call(&Tmessage::Unlinkat {
+        dirfid: ROOT,
+        name: b"dir",
+        flags: libc::AT_REMOVEDIR as u32,
+    })
+    .unwrap();
     assert!(!t.join("dir").exists());
-    assert_eq!(h.call(&Tmessage::Unlinkat { dirfid: ROOT, name: b"..", flags: 0 }).unwrap_err(), libc::EINVAL);
+    assert_eq!(
+        h.call(&Tmessage::Unlinkat {
+            dirfid: ROOT,
+            name: b"..",
+            flags: 0
+        })
+        .unwrap_err(),
+        libc::EINVAL
+    );
     // remove clunks the fid even when it fails
     h.walk_to(6, "fifo").unwrap();
     h.call(&Tmessage::Remove { fid: 6 }).unwrap();
     assert!(!t.join("fifo").exists());
     assert_eq!(h.getattr(6).unwrap_err(), libc::EBADF);
     h.walk_to(7, "").unwrap();
-    assert_eq!(h.call(&Tmessage::Remove { fid: 7 }).unwrap_err(), libc::EBUSY);
+    assert_eq!(
+        h.call(&Tmessage::Remove { fid: 7 }).unwrap_err(),
+        libc::EBUSY
+    );
     assert_eq!(h.getattr(7).unwrap_err(), libc::EBADF);
 }
 
@@ -270,7 +496,12 @@ fn setattr_statfs_locks_xattrs_flush() {
     let mut h = Harness::new(&t.path, Config::default());
     h.walk_to(2, "f").unwrap();
     let sa = SetAttr {
-        valid: setattr::MODE | setattr::SIZE | setattr::ATIME | setattr::ATIME_SET | setattr::MTIME | setattr::MTIME_SET,
+        valid: setattr::MODE
+            | setattr::SIZE
+            | setattr::ATIME
+            | setattr::ATIME_SET
+            | setattr::MTIME
+            | setattr::MTIME_SET,
         mode: 0o600,
         size: 4,
         atime_sec: 1_000_000,
@@ -288,14 +519,36 @@ fn setattr_statfs_locks_xattrs_flush() {
     // qid.version follows mtime
     let a = h.getattr(2).unwrap();
     assert_eq!(a.mtime_sec, 2_000_000);
-    h.call(&Tmessage::Setattr { fid: 2, attr: SetAttr { valid: setattr::MTIME, ..Default::default() } }).unwrap();
+    h.call(&Tmessage::Setattr {
+        fid: 2,
+        attr: SetAttr {
+            valid: setattr::MTIME,
+            ..Default::default()
+        },
+    })
+    .unwrap();
     assert_ne!(h.getattr(2).unwrap().qid.version, a.qid.version);
     // uid/gid to our own ids works.
-    let sa = SetAttr { valid: setattr::UID | setattr::GID, uid: m.uid(), gid: m.gid(), ..Default::default() };
+    let sa = SetAttr {
+        valid: setattr::UID | setattr::GID,
+        uid: m.uid(),
+        gid: m.gid(),
+        ..Default::default()
+    };
     h.call(&Tmessage::Setattr { fid: 2, attr: sa }).unwrap();
     // size on a directory
-    let sa = SetAttr { valid: setattr::SIZE, ..Default::default() };
-    assert_eq!(h.call(&Tmessage::Setattr { fid: ROOT, attr: sa }).unwrap_err(), libc::EISDIR);
+    let sa = SetAttr {
+        valid: setattr::SIZE,
+        ..Default::default()
+    };
+    assert_eq!(
+        h.call(&Tmessage::Setattr {
+            fid: ROOT,
+            attr: sa
+        })
+        .unwrap_err(),
+        libc::EISDIR
+    );
 
     match h.call(&Tmessage::Statfs { fid: ROOT }).unwrap() {
         Rmessage::Statfs(s) => {
@@ -303,22 +556,66 @@ fn setattr_statfs_locks_xattrs_flush() {
         }
         r => panic!("{r:?}"),
     }
-    let lock = Lock { ty: 1, flags: 0, start: 0, length: 10, proc_id: 42, client_id: b"guest" };
-    assert_eq!(h.call(&Tmessage::Lock { fid: 2, lock }).unwrap(), Rmessage::Lock { status: 0 });
+    let lock = Lock {
+        ty: 1,
+        flags: 0,
+        start: 0,
+        length: 10,
+        proc_id: 42,
+        client_id: b"guest",
+    };
+    assert_eq!(
+        h.call(&Tmessage::Lock { fid: 2, lock }).unwrap(),
+        Rmessage::Lock { status: 0 }
+    );
     match h.call(&Tmessage::Getlock { fid: 2, lock }).unwrap() {
-        Rmessage::Getlock { ty, start, length, proc_id, client_id } => {
+        Rmessage::Getlock {
+            ty,
+            start,
+            length,
+            proc_id,
+            client_id,
+        } => {
             assert_eq!(ty, libc::F_UNLCK as u8);
             assert_eq!((start, length, proc_id), (0, 10, 42));
             assert_eq!(client_id, b"guest");
         }
         r => panic!("{r:?}"),
     }
-    assert_eq!(h.call(&Tmessage::Lock { fid: 99, lock }).unwrap_err(), libc::EBADF);
-    assert_eq!(h.call(&Tmessage::Xattrwalk { fid: 2, newfid: 3, name: b"user.x" }).unwrap_err(), libc::ENODATA);
-    assert_eq!(h.call(&Tmessage::Xattrwalk { fid: 2, newfid: 3, name: b"" }).unwrap_err(), libc::EOPNOTSUPP);
     assert_eq!(
-        h.call(&Tmessage::Xattrcreate { fid: 2, name: b"user.x", size: 1, flags: 0 }).unwrap_err(),
+        h.call(&Tmessage::Lock { fid: 99, lock }).unwrap_err(),
+        libc::EBADF
+    );
+    assert_eq!(
+        h.call(&Tmessage::Xattrwalk {
+            fid: 2,
+            newfid: 3,
+            name: b"user.x"
+        })
+        .unwrap_err(),
+        libc::ENODATA
+    );
+    assert_eq!(
+        h.call(&Tmessage::Xattrwalk {
+            fid: 2,
+            newfid: 3,
+            name: b""
+        })
+        .unwrap_err(),
         libc::EOPNOTSUPP
     );
-    assert_eq!(h.call(&Tmessage::Flush { oldtag: 3 }).unwrap(), Rmessage::Flush);
+    assert_eq!(
+        h.call(&Tmessage::Xattrcreate {
+            fid: 2,
+            name: b"user.x",
+            size: 1,
+            flags: 0
+        })
+        .unwrap_err(),
+        libc::EOPNOTSUPP
+    );
+    assert_eq!(
+        h.call(&Tmessage::Flush { oldtag: 3 }).unwrap(),
+        Rmessage::Flush
+    );
 }

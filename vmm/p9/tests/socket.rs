@@ -58,11 +58,22 @@ fn client_over_socket_with_independent_sessions() {
     assert_eq!(c2.read(2, 0, 400_000).unwrap().len(), 8192 - 11);
     c1.walk(1, 4, &["dir"]).unwrap();
     c1.lopen(4, 0).unwrap();
-    let mut names: Vec<Vec<u8>> = c1.readdir_all(4).unwrap().into_iter().map(|e| e.name).collect();
+    let mut names: Vec<Vec<u8>> = c1
+        .readdir_all(4)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
     names.sort();
-    assert_eq!(names, vec![b".".to_vec(), b"..".to_vec(), b"a".to_vec(), b"b".to_vec()]);
+    assert_eq!(
+        names,
+        vec![b".".to_vec(), b"..".to_vec(), b"a".to_vec(), b"b".to_vec()]
+    );
     assert_eq!(c1.getattr(3).unwrap().size, 600_000);
-    assert_eq!(c1.walk(1, 5, &["missing"]).unwrap_err().errno(), Some(libc::ENOENT));
+    assert_eq!(
+        c1.walk(1, 5, &["missing"]).unwrap_err().errno(),
+        Some(libc::ENOENT)
+    );
     c1.clunk(2).unwrap();
     assert_eq!(c1.clunk(2).unwrap_err().errno(), Some(libc::EBADF));
     // Session 2 still has its fid 2.
@@ -76,15 +87,30 @@ fn pipelined_requests_and_flush_ordering() {
     let sock = start(&t);
     let mut s = UnixStream::connect(&sock).unwrap();
     let mut b = Vec::new();
-    Tmessage::Version { msize: 65536, version: b"9P2000.L" }.encode(wire::NOTAG, &mut b);
-    Tmessage::Attach { fid: 1, afid: wire::NOFID, uname: b"", aname: b"", n_uname: 0 }.encode(1, &mut b);
+    Tmessage::Version {
+        msize: 65536,
+        version: b"9P2000.L",
+    }
+    .encode(wire::NOTAG, &mut b);
+    Tmessage::Attach {
+        fid: 1,
+        afid: wire::NOFID,
+        uname: b"",
+        aname: b"",
+        n_uname: 0,
+    }
+    .encode(1, &mut b);
     s.write_all(&b).unwrap();
     read_msg(&mut s);
     read_msg(&mut s);
     // 200 pipelined getattrs: each tag answered exactly once.
     b.clear();
     for tag in 100..300u16 {
-        Tmessage::Getattr { fid: 1, mask: wire::GETATTR_BASIC }.encode(tag, &mut b);
+        Tmessage::Getattr {
+            fid: 1,
+            mask: wire::GETATTR_BASIC,
+        }
+        .encode(tag, &mut b);
     }
     s.write_all(&b).unwrap();
     let mut seen = HashSet::new();
@@ -98,7 +124,12 @@ fn pipelined_requests_and_flush_ordering() {
     // answered at once.
     for _ in 0..50 {
         b.clear();
-        Tmessage::Walk { fid: 1, newfid: 2, names: wire::WalkNames::new(&[b"f"]).unwrap() }.encode(5, &mut b);
+        Tmessage::Walk {
+            fid: 1,
+            newfid: 2,
+            names: wire::WalkNames::new(&[b"f"]).unwrap(),
+        }
+        .encode(5, &mut b);
         Tmessage::Flush { oldtag: 5 }.encode(6, &mut b);
         Tmessage::Clunk { fid: 2 }.encode(7, &mut b);
         s.write_all(&b).unwrap();
@@ -118,7 +149,10 @@ fn pipelined_requests_and_flush_ordering() {
     b.clear();
     Tmessage::Flush { oldtag: 999 }.encode(9, &mut b);
     s.write_all(&b).unwrap();
-    assert_eq!(Rmessage::decode(&read_msg(&mut s)).unwrap(), (9, Rmessage::Flush));
+    assert_eq!(
+        Rmessage::decode(&read_msg(&mut s)).unwrap(),
+        (9, Rmessage::Flush)
+    );
     // A frame larger than msize ends the connection.
     s.write_all(&u32::MAX.to_le_bytes()).unwrap();
     let mut rest = Vec::new();

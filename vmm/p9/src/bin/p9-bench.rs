@@ -40,7 +40,13 @@ struct Opts {
 }
 
 fn list(v: &str) -> Result<Vec<usize>, String> {
-    v.split(',').map(|s| s.trim().parse::<usize>().map_err(|_| format!("not a number: {s:?}"))).collect()
+    v.split(',')
+        .map(|s| {
+            s.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("not a number: {s:?}"))
+        })
+        .collect()
 }
 
 fn parse_opts() -> Result<Opts, String> {
@@ -48,18 +54,30 @@ fn parse_opts() -> Result<Opts, String> {
     let quick = args.iter().any(|a| a == "--quick");
     let mut o = Opts {
         quick,
-        files: if quick { vec![10_000] } else { vec![10_000, 100_000] },
+        files: if quick {
+            vec![10_000]
+        } else {
+            vec![10_000, 100_000]
+        },
         size: 4096,
         ops: if quick { 3000 } else { 20_000 },
         clients: 4,
-        fids: if quick { vec![1000, 20_000] } else { vec![1000, 100_000] },
+        fids: if quick {
+            vec![1000, 20_000]
+        } else {
+            vec![1000, 100_000]
+        },
         workers: 4,
         dir: std::env::temp_dir().join("p9-bench"),
         diod: true,
     };
     let mut i = 0;
     while i < args.len() {
-        let val = || args.get(i + 1).cloned().ok_or_else(|| format!("{} needs a value", args[i]));
+        let val = || {
+            args.get(i + 1)
+                .cloned()
+                .ok_or_else(|| format!("{} needs a value", args[i]))
+        };
         match args[i].as_str() {
             "--quick" => {}
             "--no-diod" => o.diod = false,
@@ -72,7 +90,9 @@ fn parse_opts() -> Result<Opts, String> {
                 i += 1;
             }
             "--size" | "--ops" | "--clients" | "--workers" => {
-                let n: usize = val()?.parse().map_err(|_| format!("{} wants a number", args[i]))?;
+                let n: usize = val()?
+                    .parse()
+                    .map_err(|_| format!("{} wants a number", args[i]))?;
                 match args[i].as_str() {
                     "--size" => o.size = n,
                     "--ops" => o.ops = n.max(1),
@@ -110,7 +130,11 @@ fn make_tree(base: &Path, n: usize, size: usize) -> std::io::Result<PathBuf> {
         std::fs::write(d.join(format!("f{:05}", i)), &data)?;
     }
     std::fs::write(root.join(".complete"), b"")?;
-    eprintln!("generated {n} files in {:.1}s at {}", t.elapsed().as_secs_f64(), root.display());
+    eprintln!(
+        "generated {n} files in {:.1}s at {}",
+        t.elapsed().as_secs_f64(),
+        root.display()
+    );
     Ok(root)
 }
 
@@ -133,10 +157,13 @@ impl Drop for Target {
 
 impl Target {
     fn connect(&self) -> Result<(Conn, u32), String> {
-        let s = UnixStream::connect(&self.sock).map_err(|e| format!("{}: connect {}: {e}", self.name, self.sock.display()))?;
-        let mut c = Client::new(Box::new(s) as Box<dyn Stream>, 512_000).map_err(|e| format!("{}: version: {e}", self.name))?;
+        let s = UnixStream::connect(&self.sock)
+            .map_err(|e| format!("{}: connect {}: {e}", self.name, self.sock.display()))?;
+        let mut c = Client::new(Box::new(s) as Box<dyn Stream>, 512_000)
+            .map_err(|e| format!("{}: version: {e}", self.name))?;
         let root = c.alloc_fid();
-        c.attach(root, "root", &self.aname, 0).map_err(|e| format!("{}: attach: {e}", self.name))?;
+        c.attach(root, "root", &self.aname, 0)
+            .map_err(|e| format!("{}: attach: {e}", self.name))?;
         Ok((c, root))
     }
 }
@@ -144,19 +171,38 @@ impl Target {
 fn start_bootbox(tree: &Path, dir: &Path, workers: usize) -> Result<Target, String> {
     let sock = dir.join(format!("bootbox-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock);
-    let listener = UnixListener::bind(&sock).map_err(|e| format!("bind {}: {e}", sock.display()))?;
-    let config = Config { max_fids: 1 << 20, max_open_files: 1 << 16, ..Config::default() };
+    let listener =
+        UnixListener::bind(&sock).map_err(|e| format!("bind {}: {e}", sock.display()))?;
+    let config = Config {
+        max_fids: 1 << 20,
+        max_open_files: 1 << 16,
+        ..Config::default()
+    };
     let srv = Server::new(tree, config).map_err(|e| e.to_string())?;
     let pool = Arc::new(WorkerPool::new(workers, "p9-bench"));
     std::thread::spawn(move || p9::socket::serve(listener, srv, pool));
-    Ok(Target { name: "bootbox", sock, aname: String::new(), child: None })
+    Ok(Target {
+        name: "bootbox",
+        sock,
+        aname: String::new(),
+        child: None,
+    })
 }
 
 fn start_diod(tree: &Path, dir: &Path, workers: usize) -> Result<Target, String> {
     let sock = dir.join(format!("diod-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock);
     let child = Command::new("diod")
-        .args(["-f", "-n", "-N", "-L", "/dev/null", "-t", &workers.to_string(), "-e"])
+        .args([
+            "-f",
+            "-n",
+            "-N",
+            "-L",
+            "/dev/null",
+            "-t",
+            &workers.to_string(),
+            "-e",
+        ])
         .arg(tree)
         .arg("-l")
         .arg(&sock)
@@ -165,7 +211,12 @@ fn start_diod(tree: &Path, dir: &Path, workers: usize) -> Result<Target, String>
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot start diod: {e}"))?;
-    let t = Target { name: "diod", sock, aname: tree.to_string_lossy().into_owned(), child: Some(child) };
+    let t = Target {
+        name: "diod",
+        sock,
+        aname: tree.to_string_lossy().into_owned(),
+        child: Some(child),
+    };
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(5) {
         if UnixStream::connect(&t.sock).is_ok() {
@@ -194,7 +245,13 @@ fn summarize(mut lat_ns: Vec<u64>, wall: Duration, ops: usize) -> Summary {
         let i = ((lat_ns.len() as f64 - 1.0) * p).round() as usize;
         lat_ns[i] as f64 / 1000.0
     };
-    Summary { ops_per_s: ops as f64 / wall.as_secs_f64(), min: pct(0.0), p50: pct(0.5), p95: pct(0.95), p99: pct(0.99) }
+    Summary {
+        ops_per_s: ops as f64 / wall.as_secs_f64(),
+        min: pct(0.0),
+        p50: pct(0.5),
+        p95: pct(0.95),
+        p99: pct(0.99),
+    }
 }
 
 fn file_path(i: usize) -> (String, String) {
@@ -208,14 +265,21 @@ fn pick(i: usize, n: usize) -> usize {
 
 type R<T> = Result<T, String>;
 
-fn walk_getattr(c: &mut Conn, root: u32, n_files: usize, ops: usize, salt: usize) -> R<(Vec<u64>, Duration)> {
+fn walk_getattr(
+    c: &mut Conn,
+    root: u32,
+    n_files: usize,
+    ops: usize,
+    salt: usize,
+) -> R<(Vec<u64>, Duration)> {
     let mut lat = Vec::with_capacity(ops);
     let t = Instant::now();
     let fid = c.alloc_fid();
     for i in 0..ops {
         let (d, f) = file_path(pick(i + salt, n_files));
         let s = Instant::now();
-        c.walk(root, fid, &[&d, &f]).map_err(|e| format!("walk {d}/{f}: {e}"))?;
+        c.walk(root, fid, &[&d, &f])
+            .map_err(|e| format!("walk {d}/{f}: {e}"))?;
         c.getattr(fid).map_err(|e| format!("getattr: {e}"))?;
         c.clunk(fid).map_err(|e| format!("clunk: {e}"))?;
         lat.push(s.elapsed().as_nanos() as u64);
@@ -223,18 +287,30 @@ fn walk_getattr(c: &mut Conn, root: u32, n_files: usize, ops: usize, salt: usize
     Ok((lat, t.elapsed()))
 }
 
-fn open_read(c: &mut Conn, root: u32, n_files: usize, ops: usize, size: usize) -> R<(Vec<u64>, Duration)> {
+fn open_read(
+    c: &mut Conn,
+    root: u32,
+    n_files: usize,
+    ops: usize,
+    size: usize,
+) -> R<(Vec<u64>, Duration)> {
     let mut lat = Vec::with_capacity(ops);
     let t = Instant::now();
     let fid = c.alloc_fid();
     for i in 0..ops {
         let (d, f) = file_path(pick(i + 7, n_files));
         let s = Instant::now();
-        c.walk(root, fid, &[&d, &f]).map_err(|e| format!("walk: {e}"))?;
+        c.walk(root, fid, &[&d, &f])
+            .map_err(|e| format!("walk: {e}"))?;
         c.lopen(fid, 0).map_err(|e| format!("lopen: {e}"))?;
-        let data = c.read(fid, 0, size.max(1) as u32).map_err(|e| format!("read: {e}"))?;
+        let data = c
+            .read(fid, 0, size.max(1) as u32)
+            .map_err(|e| format!("read: {e}"))?;
         if data.len() != size {
-            return Err(format!("read {} bytes of {d}/{f}, expected {size}", data.len()));
+            return Err(format!(
+                "read {} bytes of {d}/{f}, expected {size}",
+                data.len()
+            ));
         }
         c.clunk(fid).map_err(|e| format!("clunk: {e}"))?;
         lat.push(s.elapsed().as_nanos() as u64);
@@ -254,7 +330,10 @@ fn readdir_tree(c: &mut Conn, root: u32, n_files: usize) -> R<(Vec<u64>, Duratio
         let s = Instant::now();
         c.walk(root, fid, &[&d]).map_err(|e| format!("walk: {e}"))?;
         c.lopen(fid, 0).map_err(|e| format!("lopen dir: {e}"))?;
-        entries += c.readdir_all(fid).map_err(|e| format!("readdir: {e}"))?.len();
+        entries += c
+            .readdir_all(fid)
+            .map_err(|e| format!("readdir: {e}"))?
+            .len();
         c.clunk(fid).map_err(|e| format!("clunk: {e}"))?;
         lat.push(s.elapsed().as_nanos() as u64);
     }
@@ -274,11 +353,15 @@ fn parallel_walk(t: &Target, clients: usize, n_files: usize, ops: usize) -> R<Su
     let handles: Vec<_> = conns
         .into_iter()
         .enumerate()
-        .map(|(k, (mut c, root))| std::thread::spawn(move || walk_getattr(&mut c, root, n_files, ops, k * 7919)))
+        .map(|(k, (mut c, root))| {
+            std::thread::spawn(move || walk_getattr(&mut c, root, n_files, ops, k * 7919))
+        })
         .collect();
     let mut all = Vec::new();
     for h in handles {
-        let (lat, _) = h.join().map_err(|_| "client thread panicked".to_string())??;
+        let (lat, _) = h
+            .join()
+            .map_err(|_| "client thread panicked".to_string())??;
         all.extend(lat);
     }
     Ok(summarize(all, start.elapsed(), clients * ops))
@@ -288,7 +371,8 @@ fn fid_scaling(t: &Target, held: usize, n_files: usize, ops: usize) -> R<Summary
     let (mut c, root) = t.connect()?;
     for _ in 0..held {
         let f = c.alloc_fid();
-        c.walk(root, f, &[]).map_err(|e| format!("{}: holding fid {f}: {e}", t.name))?;
+        c.walk(root, f, &[])
+            .map_err(|e| format!("{}: holding fid {f}: {e}", t.name))?;
     }
     let (lat, wall) = walk_getattr(&mut c, root, n_files, ops, 13)?;
     Ok(summarize(lat, wall, ops))
@@ -314,17 +398,40 @@ fn ratio(work: &str, a: &Summary, b: &Summary) {
     );
 }
 
+/// The current soft limit on open files.
+fn nofile() -> u64 {
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes a valid rlimit struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) };
+    cur.rlim_cur
+}
+
 fn raise_nofile(want: u64) {
-    let lim = libc::rlimit { rlim_cur: want as libc::rlim_t, rlim_max: want as libc::rlim_t };
+    let lim = libc::rlimit {
+        rlim_cur: want as libc::rlim_t,
+        rlim_max: want as libc::rlim_t,
+    };
     // SAFETY: setrlimit reads a valid rlimit struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-        let mut cur = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut cur = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         // SAFETY: getrlimit writes a valid rlimit struct.
         unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) };
-        let soft = libc::rlimit { rlim_cur: cur.rlim_max, rlim_max: cur.rlim_max };
+        let soft = libc::rlimit {
+            rlim_cur: cur.rlim_max,
+            rlim_max: cur.rlim_max,
+        };
         // SAFETY: as above.
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &soft) };
-        eprintln!("note: could not raise the open-file limit to {want}; it is {}", cur.rlim_max);
+        eprintln!(
+            "note: could not raise the open-file limit to {want}; it is {}",
+            cur.rlim_max
+        );
     }
 }
 
@@ -332,7 +439,13 @@ fn run(o: &Opts) -> R<()> {
     std::fs::create_dir_all(&o.dir).map_err(|e| format!("create {}: {e}", o.dir.display()))?;
     let max_fids = o.fids.iter().copied().max().unwrap_or(0) as u64;
     raise_nofile(max_fids * 2 + 10_000);
-    let have_diod = o.diod && Command::new("diod").arg("--help").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
+    let have_diod = o.diod
+        && Command::new("diod")
+            .arg("--help")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
     if o.diod && !have_diod {
         println!("note: diod not found; measuring bootbox only");
     }
@@ -350,7 +463,10 @@ fn run(o: &Opts) -> R<()> {
         if have_diod {
             targets.push(start_diod(&tree, &o.dir, o.workers)?);
         }
-        println!("\n== tree of {n} files ({} dirs) ==", n.div_ceil(FILES_PER_DIR));
+        println!(
+            "\n== tree of {n} files ({} dirs) ==",
+            n.div_ceil(FILES_PER_DIR)
+        );
         println!(
             "{:<22} {:<8} {:>11} {:<8} {:>8} {:>8} {:>8} {:>8}",
             "workload", "server", "rate", "unit", "min", "median", "p95", "p99"
@@ -362,16 +478,32 @@ fn run(o: &Opts) -> R<()> {
             // Warm up caches so both servers see the same host state.
             walk_getattr(&mut c, root, n, o.ops.min(1000), 99)?;
             let (lat, wall) = walk_getattr(&mut c, root, n, o.ops, 0)?;
-            res.push(("walk+getattr".to_string(), summarize(lat, wall, o.ops), "ops/s"));
+            res.push((
+                "walk+getattr".to_string(),
+                summarize(lat, wall, o.ops),
+                "ops/s",
+            ));
             let (lat, wall) = open_read(&mut c, root, n, o.ops, o.size)?;
-            res.push(("open+read".to_string(), summarize(lat, wall, o.ops), "ops/s"));
+            res.push((
+                "open+read".to_string(),
+                summarize(lat, wall, o.ops),
+                "ops/s",
+            ));
             let (lat, wall, entries) = readdir_tree(&mut c, root, n)?;
             let mut s = summarize(lat, wall, entries);
             s.ops_per_s = entries as f64 / wall.as_secs_f64();
             res.push(("readdir-tree (per dir)".to_string(), s, "ents/s"));
             let s = parallel_walk(t, o.clients, n, o.ops / o.clients.max(1))?;
             res.push((format!("walk+getattr x{}", o.clients), s, "ops/s"));
-            for &k in &o.fids {
+            for &want in &o.fids {
+                // Every bootbox fid holds an O_PATH descriptor: stay under the fd limit.
+                let k = want.min(nofile().saturating_sub(4000) as usize);
+                if k < want {
+                    eprintln!(
+                        "note: holding {k} fids instead of {want} (open-file limit {})",
+                        nofile()
+                    );
+                }
                 let s = fid_scaling(t, k, n, o.ops.min(5000))?;
                 res.push((format!("walk, {k} fids held"), s, "ops/s"));
             }
@@ -381,13 +513,19 @@ fn run(o: &Opts) -> R<()> {
             results.push(res.into_iter().map(|(w, s, _)| (w, s)).collect());
         }
         if results.len() == 2 {
-            println!("-- ratios bootbox/diod (rate: higher is better; latency: lower is better) --");
+            println!(
+                "-- ratios bootbox/diod (rate: higher is better; latency: lower is better) --"
+            );
             for ((w, a), (_, b)) in results[0].iter().zip(results[1].iter()) {
                 ratio(w, a, b);
             }
         }
         let b = &results[0];
-        let flat: Vec<f64> = b.iter().filter(|(w, _)| w.contains("fids held")).map(|(_, s)| s.p50).collect();
+        let flat: Vec<f64> = b
+            .iter()
+            .filter(|(w, _)| w.contains("fids held"))
+            .map(|(_, s)| s.p50)
+            .collect();
         if flat.len() >= 2 {
             println!(
                 "bootbox median walk latency with most vs fewest fids held: {:.2}x",

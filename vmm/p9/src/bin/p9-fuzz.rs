@@ -9,7 +9,10 @@
 use std::process::ExitCode;
 
 fn arg(args: &[String], name: &str, env: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned()).or_else(|| std::env::var(env).ok())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .or_else(|| std::env::var(env).ok())
 }
 
 fn main() -> ExitCode {
@@ -21,7 +24,9 @@ fn main() -> ExitCode {
     let parse = |name, env, default: f64| -> Result<f64, String> {
         match arg(&args, name, env) {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|_| format!("{name} wants a number, got {v:?}")),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("{name} wants a number, got {v:?}")),
         }
     };
     let (secs, iters, seed) = match (
@@ -30,7 +35,10 @@ fn main() -> ExitCode {
         parse(
             "--seed",
             "P9_FUZZ_SEED",
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as f64).unwrap_or(1.0),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as f64)
+                .unwrap_or(1.0),
         ),
     ) {
         (Ok(s), Ok(i), Ok(seed)) => (s, i as u64, seed as u64),

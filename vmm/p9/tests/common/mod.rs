@@ -57,11 +57,20 @@ impl Harness {
     pub fn new(root: &Path, config: Config) -> Harness {
         let srv = Server::new(root, config).unwrap();
         let mut h = Harness { srv, tag: 0 };
-        match h.call(&Tmessage::Version { msize: 65536, version: b"9P2000.L" }) {
+        match h.call(&Tmessage::Version {
+            msize: 65536,
+            version: b"9P2000.L",
+        }) {
             Ok(Rmessage::Version { msize: 65536, .. }) => {}
             other => panic!("version failed: {other:?}"),
         }
-        match h.call(&Tmessage::Attach { fid: ROOT, afid: wire::NOFID, uname: b"root", aname: b"", n_uname: 0 }) {
+        match h.call(&Tmessage::Attach {
+            fid: ROOT,
+            afid: wire::NOFID,
+            uname: b"root",
+            aname: b"",
+            n_uname: 0,
+        }) {
             Ok(Rmessage::Attach { .. }) => {}
             other => panic!("attach failed: {other:?}"),
         }
@@ -91,7 +100,11 @@ impl Harness {
 
     pub fn walk(&mut self, fid: u32, newfid: u32, names: &[&str]) -> Result<Vec<wire::Qid>, i32> {
         let b: Vec<&[u8]> = names.iter().map(|s| s.as_bytes()).collect();
-        match self.call(&Tmessage::Walk { fid, newfid, names: WalkNames::new(&b).unwrap() })? {
+        match self.call(&Tmessage::Walk {
+            fid,
+            newfid,
+            names: WalkNames::new(&b).unwrap(),
+        })? {
             Rmessage::Walk { qids } => Ok(qids),
             other => panic!("unexpected {other:?}"),
         }
@@ -108,7 +121,10 @@ impl Harness {
     }
 
     pub fn getattr(&mut self, fid: u32) -> Result<wire::Attr, i32> {
-        match self.call(&Tmessage::Getattr { fid, mask: wire::GETATTR_BASIC })? {
+        match self.call(&Tmessage::Getattr {
+            fid,
+            mask: wire::GETATTR_BASIC,
+        })? {
             Rmessage::Getattr(a) => Ok(a),
             other => panic!("unexpected {other:?}"),
         }
