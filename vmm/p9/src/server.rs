@@ -647,7 +647,11 @@ impl Server {
         match m {
             Tmessage::Version { msize, version } => {
                 self.fids.clear();
-                let m = msize.min(share.config.msize.max(MIN_MSIZE)).max(MIN_MSIZE);
+                // Never answer more than the client offered; below 4 KiB nothing useful fits.
+                if msize < MIN_MSIZE {
+                    return Err(libc::EINVAL);
+                }
+                let m = msize.min(share.config.msize.max(MIN_MSIZE));
                 self.msize.store(m, Ordering::Relaxed);
                 let v: &[u8] = if version == b"9P2000.L" {
                     b"9P2000.L"

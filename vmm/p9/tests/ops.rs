@@ -55,6 +55,15 @@ fn version_negotiation() {
         r => panic!("{r:?}"),
     }
     assert_eq!(h.srv.msize(), 8192);
+    // An msize too small to be useful is refused.
+    assert_eq!(
+        h.call(&Tmessage::Version {
+            msize: 1000,
+            version: b"9P2000.L"
+        })
+        .unwrap_err(),
+        libc::EINVAL
+    );
     // Auth is refused.
     assert!(h
         .call(&Tmessage::Auth {
@@ -618,4 +627,35 @@ fn setattr_statfs_locks_xattrs_flush() {
         h.call(&Tmessage::Flush { oldtag: 3 }).unwrap(),
         Rmessage::Flush
     );
+}
+
+#[test]
+fn stats_count_requests_when_enabled() {
+    let t = TempTree::new("stats");
+    t.file("f", b"x");
+    let mut h = Harness::new(&t.path, Config::default());
+    h.walk_to(2, "f").unwrap();
+    assert!(
+        h.srv.stats().by_type.is_empty(),
+        "statistics are off by default"
+    );
+    h.srv.set_stats_enabled(true);
+    for _ in 0..5 {
+        h.getattr(2).unwrap();
+    }
+    assert!(h.getattr(77).is_err());
+    h.clunk(2).unwrap();
+    let s = h.srv.stats();
+    assert!(s.by_type.contains(&(
+        "getattr",
+        6,
+        s.by_type.iter().find(|e| e.0 == "getattr").unwrap().2
+    )));
+    assert_eq!(
+        s.by_type.iter().find(|e| e.0 == "clunk").map(|e| e.1),
+        Some(1)
+    );
+    assert_eq!(s.errors, 1);
+    assert_eq!(s.histogram.iter().sum::<u64>(), 7);
+    assert!(s.to_string().contains("getattr"));
 }
