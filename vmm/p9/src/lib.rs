@@ -8,6 +8,25 @@
 //! * [`socket`]: a unix/TCP stream transport; [`client`]: a small synchronous client used by
 //!   tests and the `p9-bench` benchmark.
 
+//!
+//! ```
+//! use p9::wire::{Rmessage, Tmessage, NOFID, NOTAG};
+//! use p9::{Config, Server, VecReply};
+//!
+//! let dir = std::env::temp_dir();
+//! let server = Server::new(&dir, Config { read_only: true, ..Config::default() }).unwrap();
+//! let mut reply = VecReply::new(8192);
+//! let mut req = Vec::new();
+//! Tmessage::Version { msize: 8192, version: b"9P2000.L" }.encode(NOTAG, &mut req);
+//! let n = server.handle(&req, &mut reply);
+//! let (_, r) = Rmessage::decode(&reply.as_slice()[..n]).unwrap();
+//! assert!(matches!(r, Rmessage::Version { msize: 8192, .. }));
+//! req.clear();
+//! Tmessage::Attach { fid: 1, afid: NOFID, uname: b"", aname: b"", n_uname: 0 }.encode(1, &mut req);
+//! let n = server.handle(&req, &mut reply);
+//! assert!(matches!(Rmessage::decode(&reply.as_slice()[..n]), Ok((1, Rmessage::Attach { .. }))));
+//! ```
+
 pub mod client;
 pub mod fuzz;
 pub mod pool;
