@@ -12,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
+scripts/setup.sh
 fuzz_secs="${BOOTBOX_FUZZ_SECS:-60}"
 
 step "format and lints"

@@ -29,6 +29,26 @@ pub enum Command {
     Bench(BenchArgs),
     /// Check KVM access, the guest kernel and the appliance cache, and say what to fix.
     Doctor(DoctorArgs),
+    /// Write the initramfs `run` would boot (cached appliance + job) to a file, e.g. to boot
+    /// the same appliance under another VMM for comparison.
+    Initrd(InitrdArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct InitrdArgs {
+    /// Where to write the initramfs.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: PathBuf,
+    /// Shares the job expects, as for `run` (mount tags are printed; give the other VMM the
+    /// same tags).
+    #[arg(long = "share", value_name = "DIR[:TAG][:ro|rw]")]
+    pub shares: Vec<String>,
+    /// Add a host program (and its libraries) to the appliance.
+    #[arg(long = "with", value_name = "PROGRAM")]
+    pub with: Vec<String>,
+    /// The job's command.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
 }
 
 /// Options shared by `run` and `boot`.

@@ -13,7 +13,7 @@ use vmm::devices::virtio::{Virtio9p, VirtioConsole};
 use vmm::phases::PhaseLog;
 use vmm::vm::{ConsoleSink, GuestExit, InitrdPart, RunOutcome, Vm, VmConfig};
 
-use super::args::{BootArgs, RunArgs, VmArgs};
+use super::args::{BootArgs, InitrdArgs, RunArgs, VmArgs};
 use super::report::{vmm_peak_rss_kib, Phase, RunRecord};
 use super::{kernel, EXIT_INTERRUPTED, EXIT_LAUNCHER, EXIT_TIMEOUT};
 
@@ -332,33 +332,9 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
         })
         .collect::<Result<Vec<_>, _>>()?;
     let kernel = kernel::find(a.vm.kernel.as_deref())?;
-
-    let spec = ApplianceSpec {
-        init: appliance::find_init()?,
-        extra_programs: a.with.clone(),
-        cache_dir: appliance::default_cache_dir()?,
-    };
-    let prepared = appliance::prepare(&spec)?;
+    let (prepared, job) =
+        appliance_and_job(&shares, &a.with, env, a.workdir.clone(), a.command.clone())?;
     phases.record("appliance ready");
-
-    let mounts: Vec<ShareMount> = shares
-        .iter()
-        .map(|s| ShareMount {
-            tag: s.tag.clone(),
-            mount_point: appliance::default_mount_point(&s.tag, shares.len()),
-            read_only: s.read_only,
-        })
-        .collect();
-    let cwd = a
-        .workdir
-        .clone()
-        .or_else(|| (shares.len() == 1).then(|| "/share".to_string()));
-    let job = Job {
-        argv: a.command.clone(),
-        env,
-        cwd,
-        shares: mounts,
-    };
     let job_cpio = job.to_cpio()?;
 
     let interactive = a.command.is_empty();
@@ -418,6 +394,71 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
         }
     };
     Ok(finish(record, code, &a.vm))
+}
+
+/// The cached base appliance (built if needed) and the job that mounts `shares` and runs
+/// `argv`.
+fn appliance_and_job(
+    shares: &[Share],
+    with: &[String],
+    env: Vec<(String, String)>,
+    workdir: Option<String>,
+    argv: Vec<String>,
+) -> Result<(appliance::Prepared, Job), Failure> {
+    let spec = ApplianceSpec {
+        init: appliance::find_init()?,
+        extra_programs: with.to_vec(),
+        cache_dir: appliance::default_cache_dir()?,
+    };
+    let prepared = appliance::prepare(&spec)?;
+    let mounts: Vec<ShareMount> = shares
+        .iter()
+        .map(|s| ShareMount {
+            tag: s.tag.clone(),
+            mount_point: appliance::default_mount_point(&s.tag, shares.len()),
+            read_only: s.read_only,
+        })
+        .collect();
+    let cwd = workdir.or_else(|| (shares.len() == 1).then(|| "/share".to_string()));
+    Ok((
+        prepared,
+        Job {
+            argv,
+            env,
+            cwd,
+            shares: mounts,
+        },
+    ))
+}
+
+/// `bootbox initrd`.
+pub fn initrd(a: InitrdArgs) -> u8 {
+    let result = (|| -> Result<(), Failure> {
+        let mut shares = a
+            .shares
+            .iter()
+            .map(|s| parse_share(s, true))
+            .collect::<Result<Vec<_>, _>>()?;
+        dedupe_tags(&mut shares)?;
+        let (prepared, job) =
+            appliance_and_job(&shares, &a.with, Vec::new(), None, a.command.clone())?;
+        let bytes = appliance::initramfs(&prepared, &job)?;
+        std::fs::write(&a.output, bytes)
+            .map_err(|e| fail(format!("cannot write {}: {e}", a.output.display())))?;
+        for s in &shares {
+            println!(
+                "share {} tag {} {}",
+                s.dir.display(),
+                s.tag,
+                if s.read_only { "ro" } else { "rw" }
+            );
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => 0,
+        Err(f) => report_failure(f),
+    }
 }
 
 /// `bootbox boot`.

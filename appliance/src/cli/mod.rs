@@ -30,6 +30,7 @@ pub fn main(process_start: Instant) -> ExitCode {
         Command::Boot(a) => launch::boot(process_start, a),
         Command::Bench(a) => bench::bench(a),
         Command::Doctor(a) => doctor::doctor(a),
+        Command::Initrd(a) => launch::initrd(a),
     };
     ExitCode::from(code)
 }

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what bootbox needs on a fresh Debian machine (as root), and nothing when it is
+# already there: qemu (the nested test host and the comparisons), the distribution kernel with
+# kvm-amd (the test host's kernel), the 6.12 kernel source and its build tools (the guest
+# kernel), busybox-static (the test host's userland), diod (the 9p comparison) and the
+# appliance's default tools.
+set -euo pipefail
+
+packages=(qemu-system-x86 linux-image-amd64 linux-source-6.12 build-essential bc flex bison
+    libelf-dev libssl-dev cpio xz-utils zstd kmod file busybox-static diod python3 findutils
+    coreutils grep tar util-linux)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    exit 0
+fi
+echo "setup: installing ${missing[*]}" >&2
+if [ "$(id -u)" != 0 ]; then
+    echo "setup: run as root, or install them yourself: apt-get install ${missing[*]}" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends "${missing[@]}"
