@@ -4,6 +4,8 @@
 //! Workloads (each with one synchronous client, so latency is per round trip):
 //! * `walk+getattr`: walk root -> dir/file, getattr, clunk;
 //! * `open+read`: walk, lopen, read the whole file, clunk;
+//! * `seq-read`: read a 64 MiB file (16 MiB in quick mode) front to back with msize-sized
+//!   requests (rate in MB/s, latency per request);
 //! * `readdir-tree`: walk to every directory, lopen, read all entries, clunk;
 //! * `walk+getattr xN`: N clients at once, aggregate throughput;
 //! * fid scaling: walk+getattr latency with 1k and 100k extra fids held open.
@@ -129,6 +131,7 @@ fn make_tree(base: &Path, n: usize, size: usize) -> std::io::Result<PathBuf> {
         }
         std::fs::write(d.join(format!("f{:05}", i)), &data)?;
     }
+    std::fs::write(root.join("big"), vec![b'y'; 64 << 20])?;
     std::fs::write(root.join(".complete"), b"")?;
     eprintln!(
         "generated {n} files in {:.1}s at {}",
@@ -318,6 +321,39 @@ fn open_read(
     Ok((lat, t.elapsed()))
 }
 
+/// Reads the first `total` bytes of the tree's big file with requests as large as msize allows.
+fn seq_read(c: &mut Conn, root: u32, total: usize) -> R<(Vec<u64>, Duration)> {
+    let fid = c.alloc_fid();
+    c.walk(root, fid, &["big"])
+        .map_err(|e| format!("walk big: {e}"))?;
+    c.lopen(fid, 0).map_err(|e| format!("lopen big: {e}"))?;
+    let count = c.msize().saturating_sub(24);
+    let mut lat = Vec::new();
+    let mut off = 0usize;
+    // One untimed pass pulls the file into the page cache.
+    for timed in [false, true] {
+        off = 0;
+        lat.clear();
+        let t = Instant::now();
+        while off < total {
+            let s = Instant::now();
+            let d = c
+                .read(fid, off as u64, count)
+                .map_err(|e| format!("read big: {e}"))?;
+            if d.is_empty() {
+                return Err(format!("big file ended at {off}"));
+            }
+            off += d.len();
+            lat.push(s.elapsed().as_nanos() as u64);
+        }
+        if timed {
+            c.clunk(fid).map_err(|e| format!("clunk: {e}"))?;
+            return Ok((lat, t.elapsed()));
+        }
+    }
+    Err(format!("unreachable after {off} bytes"))
+}
+
 /// Reads every directory of the tree; latency is per directory, throughput in entries/s.
 fn readdir_tree(c: &mut Conn, root: u32, n_files: usize) -> R<(Vec<u64>, Duration, usize)> {
     let dirs = n_files.div_ceil(FILES_PER_DIR);
@@ -489,6 +525,11 @@ fn run(o: &Opts) -> R<()> {
                 summarize(lat, wall, o.ops),
                 "ops/s",
             ));
+            let big = if o.quick { 16 << 20 } else { 64 << 20 };
+            let (lat, wall) = seq_read(&mut c, root, big)?;
+            let mut s = summarize(lat, wall, 0);
+            s.ops_per_s = big as f64 / wall.as_secs_f64() / 1e6;
+            res.push(("seq-read".to_string(), s, "MB/s"));
             // Several passes over the whole tree (the first one also warms the caches).
             let passes = if o.quick { 3 } else { 2 };
             let (mut lat, mut wall, mut entries) = (Vec::new(), Duration::ZERO, 0);
