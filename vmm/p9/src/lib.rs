@@ -37,4 +37,20 @@ pub mod wire;
 
 pub use pool::WorkerPool;
 pub use reply::{ReplyBuf, VecReply};
-pub use server::{Config, Error, Server, StatsSnapshot};
+pub use server::{raise_nofile_limit, Config, Error, Server, StatsSnapshot};
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn server_is_send_and_sync_and_limits_follow_the_fd_limit() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<crate::Server>();
+        send_sync::<crate::WorkerPool>();
+        let soft = crate::raise_nofile_limit().unwrap();
+        let c = crate::Config::default();
+        assert!(c.max_fids as u64 <= soft.max(128));
+        assert!(c.max_open_files <= c.max_fids);
+        assert_eq!(c.msize, 512_000);
+        assert!(!c.read_only);
+    }
+}

@@ -61,6 +61,32 @@ impl Default for Config {
     }
 }
 
+/// Raises this process's soft limit on open files to its hard limit and returns the new soft
+/// limit. Every fid holds a descriptor, so call this before [`Config::default`] when guests may
+/// keep many files cached (e.g. a Linux client mounted with `cache=loose`).
+pub fn raise_nofile_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        lim.rlim_cur = lim.rlim_max;
+    }
+    Ok(lim.rlim_cur as u64)
+}
+
 /// Errors creating a server.
 #[derive(Debug, Error)]
 pub enum Error {
