@@ -84,7 +84,7 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
         }
         lim.rlim_cur = lim.rlim_max;
     }
-    Ok(lim.rlim_cur as u64)
+    Ok(lim.rlim_cur)
 }
 
 /// Errors creating a server.
