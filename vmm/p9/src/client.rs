@@ -43,6 +43,10 @@ pub struct Client<S> {
     next_fid: u32,
     out: Vec<u8>,
     inb: Vec<u8>,
+    /// Read-ahead buffer: `rbuf[rpos..rend]` holds bytes received but not yet consumed.
+    rbuf: Box<[u8]>,
+    rpos: usize,
+    rend: usize,
 }
 
 macro_rules! expect {
@@ -64,6 +68,9 @@ impl<S: Read + Write> Client<S> {
             next_fid: 1,
             out: Vec::new(),
             inb: Vec::new(),
+            rbuf: vec![0; 1 << 16].into_boxed_slice(),
+            rpos: 0,
+            rend: 0,
         };
         let r = c.call_tag(
             wire::NOTAG,
@@ -99,9 +106,45 @@ impl<S: Read + Write> Client<S> {
         Ok(self.inb.clone())
     }
 
+    /// Fills `dst` from the read-ahead buffer, refilling it (or reading large tails directly).
+    fn fill(
+        stream: &mut S,
+        rb: &mut [u8],
+        rpos: &mut usize,
+        rend: &mut usize,
+        dst: &mut [u8],
+    ) -> io::Result<()> {
+        let mut done = 0;
+        while done < dst.len() {
+            if *rpos == *rend {
+                if dst.len() - done >= rb.len() {
+                    stream.read_exact(&mut dst[done..])?;
+                    return Ok(());
+                }
+                let n = stream.read(rb)?;
+                if n == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                *rpos = 0;
+                *rend = n;
+            }
+            let n = (*rend - *rpos).min(dst.len() - done);
+            dst[done..done + n].copy_from_slice(&rb[*rpos..*rpos + n]);
+            *rpos += n;
+            done += n;
+        }
+        Ok(())
+    }
+
     fn read_reply(&mut self) -> Result<()> {
         let mut size = [0u8; 4];
-        self.stream.read_exact(&mut size)?;
+        Self::fill(
+            &mut self.stream,
+            &mut self.rbuf,
+            &mut self.rpos,
+            &mut self.rend,
+            &mut size,
+        )?;
         let n = u32::from_le_bytes(size) as usize;
         if n < wire::HEADER_LEN {
             return Err(wire::Error::BadSize {
@@ -113,7 +156,13 @@ impl<S: Read + Write> Client<S> {
         self.inb.clear();
         self.inb.extend_from_slice(&size);
         self.inb.resize(n, 0);
-        self.stream.read_exact(&mut self.inb[4..])?;
+        Self::fill(
+            &mut self.stream,
+            &mut self.rbuf,
+            &mut self.rpos,
+            &mut self.rend,
+            &mut self.inb[4..],
+        )?;
         Ok(())
     }
 

@@ -115,7 +115,7 @@ fn pending(fd: RawFd) -> usize {
 
 /// Serves one connection until the peer closes it; `server` is the session to use.
 pub fn serve_connection<C: Conn>(
-    mut stream: C,
+    stream: C,
     server: Arc<Server>,
     pool: Arc<WorkerPool>,
 ) -> io::Result<()> {
@@ -123,6 +123,9 @@ pub fn serve_connection<C: Conn>(
         writer: Mutex::new(stream.try_clone_conn()?),
         inflight: Mutex::new(HashMap::new()),
     });
+    // Buffered reads: one syscall usually brings in a whole request (often several).
+    let fd = stream.as_raw_fd();
+    let mut stream = std::io::BufReader::with_capacity(1 << 16, stream);
     loop {
         let mut size = [0u8; 4];
         match stream.read_exact(&mut size) {
@@ -167,7 +170,8 @@ pub fn serve_connection<C: Conn>(
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .is_empty()
-            && pending(stream.as_raw_fd()) == 0;
+            && stream.buffer().is_empty()
+            && pending(fd) == 0;
         if ty == wire::msg::TVERSION || idle {
             with_reply(&server, &req, reply_cap.max(64), |r| state.write(r));
             continue;
