@@ -158,3 +158,20 @@ fn pipelined_requests_and_flush_ordering() {
     let mut rest = Vec::new();
     assert_eq!(s.read_to_end(&mut rest).unwrap_or(0), 0);
 }
+
+#[test]
+fn tcp_loopback_transport() {
+    let t = TempTree::new("tcp");
+    t.file("share/hello", b"over tcp");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let srv = Server::new(&t.join("share"), Config::default()).unwrap();
+    let pool = Arc::new(WorkerPool::new(2, "p9-tcp"));
+    std::thread::spawn(move || p9::socket::serve_tcp(listener, srv, pool));
+    let mut c = Client::new(std::net::TcpStream::connect(addr).unwrap(), 65536).unwrap();
+    c.attach(1, "", "", 0).unwrap();
+    c.walk(1, 2, &["hello"]).unwrap();
+    c.lopen(2, 0).unwrap();
+    assert_eq!(c.read(2, 0, 100).unwrap(), b"over tcp");
+    assert_eq!(c.statfs(1).unwrap().namelen, 255);
+}
