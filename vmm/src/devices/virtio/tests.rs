@@ -1153,7 +1153,7 @@ fn console_throughput() {
             let h = d.chain(1, &[(DATA + off as u64, chunk as u32, false)]);
             d.publish(1, h);
             used = used.wrapping_add(1);
-            if used % batch == 0 || n + 1 == chains {
+            if used & (batch - 1) == 0 || n + 1 == chains {
                 d.kick(1);
                 while d.used_idx(1) != used {
                     std::hint::spin_loop();
