@@ -1235,3 +1235,135 @@ fn ninep_rflush_follows_the_flushed_reply() {
     assert_eq!(d.used_elem(0, 2).0, u32::from(flush));
     assert_eq!(d.read(DATA + 0x3000, 7)[4], 109, "Rflush");
 }
+
+#[test]
+fn ninep_many_concurrent_reads_all_complete_exactly() {
+    let share = Share::new("many");
+    let content = pattern(1 << 20, 11);
+    std::fs::write(share.dir.join("data"), &content).unwrap();
+    let mut d = real_ninep(&share);
+    let mut used = 0u16;
+    let small = [(DATA + 0x1_0000, 4096u32)];
+    let mut body = 512_000u32.to_le_bytes().to_vec();
+    str9p(&mut body, "9P2000.L");
+    roundtrip(&mut d, &mut used, &msg9p(100, 0xffff, &body), &small);
+    let mut body = 1u32.to_le_bytes().to_vec();
+    body.extend_from_slice(&u32::MAX.to_le_bytes());
+    str9p(&mut body, "root");
+    str9p(&mut body, "");
+    body.extend_from_slice(&0u32.to_le_bytes());
+    roundtrip(&mut d, &mut used, &msg9p(104, 1, &body), &small);
+    let mut body = 1u32.to_le_bytes().to_vec();
+    body.extend_from_slice(&2u32.to_le_bytes());
+    body.extend_from_slice(&1u16.to_le_bytes());
+    str9p(&mut body, "data");
+    roundtrip(&mut d, &mut used, &msg9p(110, 2, &body), &small);
+    let mut body = 2u32.to_le_bytes().to_vec();
+    body.extend_from_slice(&0u32.to_le_bytes());
+    assert_eq!(
+        roundtrip(&mut d, &mut used, &msg9p(12, 3, &body), &small)[4],
+        13
+    );
+
+    // 60 Treads in flight at once (two descriptors each), 16 KiB apiece at staggered offsets.
+    const N: u16 = 60;
+    const LEN: u32 = 16 << 10;
+    let mut heads = Vec::new();
+    for i in 0..N {
+        let mut body = 2u32.to_le_bytes().to_vec();
+        body.extend_from_slice(&(u64::from(i) * 10_007).to_le_bytes());
+        body.extend_from_slice(&LEN.to_le_bytes());
+        let req = msg9p(116, 100 + i, &body);
+        let req_addr = DATA + 0x100 * u64::from(i);
+        d.fill(req_addr, &req);
+        let reply_addr = DATA + 0x10_0000 + 0x8000 * u64::from(i);
+        let h = d.chain(
+            0,
+            &[
+                (req_addr, req.len() as u32, false),
+                (reply_addr, LEN + 11, true),
+            ],
+        );
+        heads.push((h, i, reply_addr));
+    }
+    for &(h, _, _) in &heads {
+        d.publish(0, h);
+    }
+    d.kick(0);
+    used = used.wrapping_add(N);
+    d.wait_used(0, used);
+    let mut seen = std::collections::HashSet::new();
+    for pos in 0..N {
+        let (head, len) = d.used_elem(0, used.wrapping_sub(N).wrapping_add(pos));
+        assert_eq!(len, LEN + 11);
+        let &(_, i, addr) = heads.iter().find(|(h, ..)| u32::from(*h) == head).unwrap();
+        assert!(seen.insert(i), "chain {i} completed twice");
+        let r = d.read(addr, (LEN + 11) as usize);
+        assert_eq!(u16::from_le_bytes([r[5], r[6]]), 100 + i, "tag");
+        let off = usize::from(i) * 10_007;
+        assert!(
+            r[11..] == content[off..off + LEN as usize],
+            "data of read {i}"
+        );
+    }
+    assert_eq!(seen.len(), usize::from(N));
+}
+
+/// Reads a 64 MiB file through the 9p device (the real server, zero-copy into guest memory) in
+/// 256 KiB Treads, 16 in flight, and prints the rate. Run with:
+/// `cargo test -p vmm --release --lib ninep_read_throughput -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark; run by hand in release mode"]
+fn ninep_read_throughput() {
+    const FILE: usize = 64 << 20;
+    const LEN: u32 = 256 << 10;
+    const INFLIGHT: u16 = 16;
+    let share = Share::new("bench");
+    std::fs::write(share.dir.join("data"), pattern(FILE, 5)).unwrap();
+    let mut d = real_ninep(&share);
+    let mut used = 0u16;
+    let small = [(DATA + 0x1_0000, 4096u32)];
+    let mut body = 512_000u32.to_le_bytes().to_vec();
+    str9p(&mut body, "9P2000.L");
+    roundtrip(&mut d, &mut used, &msg9p(100, 0xffff, &body), &small);
+    let mut body = 1u32.to_le_bytes().to_vec();
+    body.extend_from_slice(&u32::MAX.to_le_bytes());
+    str9p(&mut body, "root");
+    str9p(&mut body, "");
+    body.extend_from_slice(&0u32.to_le_bytes());
+    roundtrip(&mut d, &mut used, &msg9p(104, 1, &body), &small);
+    let mut body = 1u32.to_le_bytes().to_vec();
+    body.extend_from_slice(&2u32.to_le_bytes());
+    body.extend_from_slice(&1u16.to_le_bytes());
+    str9p(&mut body, "data");
+    roundtrip(&mut d, &mut used, &msg9p(110, 2, &body), &small);
+    let mut body = 2u32.to_le_bytes().to_vec();
+    body.extend_from_slice(&0u32.to_le_bytes());
+    roundtrip(&mut d, &mut used, &msg9p(12, 3, &body), &small);
+    let start = Instant::now();
+    let mut offset = 0u64;
+    while offset < FILE as u64 {
+        for i in 0..INFLIGHT {
+            let mut body = 2u32.to_le_bytes().to_vec();
+            body.extend_from_slice(&offset.to_le_bytes());
+            body.extend_from_slice(&LEN.to_le_bytes());
+            let req_addr = DATA + 0x100 * u64::from(i);
+            d.fill(req_addr, &msg9p(116, i, &body));
+            let reply = DATA + 0x10_0000 + u64::from(i) * u64::from(LEN + 4096);
+            let h = d.chain(0, &[(req_addr, 23, false), (reply, LEN + 11, true)]);
+            d.publish(0, h);
+            offset += u64::from(LEN);
+        }
+        d.kick(0);
+        used = used.wrapping_add(INFLIGHT);
+        while d.used_idx(0) != used {
+            std::hint::spin_loop();
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "9p Tread 256 KiB x {INFLIGHT} in flight: {} MiB in {secs:.3} s = {:.0} MB/s",
+        FILE >> 20,
+        FILE as f64 / secs / 1e6
+    );
+}
