@@ -7,8 +7,9 @@
 //! VM registered an ioeventfd ([`MmioTransport::register`]), and an MMIO write to QueueNotify
 //! (no ioeventfd, or unit tests) writes the same eventfd. Interrupts always leave through the
 //! [`Interrupt`] eventfd, which KVM injects as `gsi` once registered as an irqfd. Every value
-//! the guest controls is validated; a bad one is logged and puts the device into
-//! DEVICE_NEEDS_RESET, never panics the monitor.
+//! the guest controls is validated; a bad queue setup or chain is logged once and puts the
+//! device into DEVICE_NEEDS_RESET, never panics the monitor. Register accesses that are merely
+//! ignored (wrong width, wrong state) log at debug level only, so a guest cannot flood the log.
 
 use super::{
     DeviceStats, Interrupt, VirtioStats, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -362,7 +363,7 @@ impl MmioTransport {
     fn queue_setup_allowed(&self, state: &State, offset: u64) -> bool {
         let ok = state.status & STATUS_FEATURES_OK != 0 && state.status & STATUS_DRIVER_OK == 0;
         if !ok {
-            log::warn!(
+            log::debug!(
                 "virtio-{}: queue register {offset:#x} written in status {:#x}; ignored",
                 self.name,
                 state.status
@@ -377,7 +378,7 @@ impl MmioTransport {
             REG_DRIVER_FEATURES_SEL => state.driver_features_sel = value,
             REG_DRIVER_FEATURES => {
                 if state.status & STATUS_DRIVER == 0 || state.status & STATUS_FEATURES_OK != 0 {
-                    log::warn!(
+                    log::debug!(
                         "virtio-{}: driver features written in status {:#x}; ignored",
                         self.name,
                         state.status
@@ -412,14 +413,14 @@ impl MmioTransport {
         }
         let sel = state.queue_sel;
         let Some(q) = state.queues.get_mut(sel as usize) else {
-            log::warn!(
+            log::debug!(
                 "virtio-{}: queue {sel} does not exist; write ignored",
                 self.name
             );
             return;
         };
         if q.ready && offset != REG_QUEUE_READY {
-            log::warn!(
+            log::debug!(
                 "virtio-{}: queue {sel} register {offset:#x} written while the queue is ready; ignored",
                 self.name
             );
@@ -456,7 +457,7 @@ impl MmioTransport {
                     log::warn!("virtio-{}: cannot signal queue {value}: {e}", self.name);
                 }
             }
-            None => log::warn!(
+            None => log::debug!(
                 "virtio-{}: notification for queue {value}, which does not exist",
                 self.name
             ),
@@ -480,7 +481,7 @@ impl MmioTransport {
             return;
         }
         if value & old != old {
-            log::warn!(
+            log::debug!(
                 "virtio-{}: status {value:#x} clears bits of {old:#x} without a reset; ignored",
                 self.name
             );
@@ -503,7 +504,7 @@ impl MmioTransport {
                 _ => status & STATUS_FEATURES_OK != 0,
             };
             if !prerequisite {
-                log::warn!(
+                log::debug!(
                     "virtio-{}: status bit {bit:#x} set out of order (status {status:#x}); ignored",
                     self.name
                 );
@@ -748,7 +749,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || offset & 3 != 0 {
-            log::warn!(
+            log::debug!(
                 "virtio-{}: {}-byte read at register {offset:#x}; registers are 32-bit",
                 self.name,
                 data.len()
@@ -767,7 +768,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            log::warn!(
+            log::debug!(
                 "virtio-{}: {}-byte write at register {offset:#x}; registers are 32-bit",
                 self.name,
                 data.len()
@@ -775,7 +776,7 @@ impl BusDevice for MmioTransport {
             return;
         };
         if offset & 3 != 0 {
-            log::warn!(
+            log::debug!(
                 "virtio-{}: unaligned register write at {offset:#x}",
                 self.name
             );
