@@ -408,6 +408,14 @@ impl MmioTransport {
     }
 
     fn write_queue_reg(&self, state: &mut State, offset: u64, value: u32) {
+        if offset == REG_QUEUE_READY && value == 0 {
+            // Linux deactivates queues this way when tearing down, in any state, and checks
+            // that QueueReady reads back 0. It never affects a running device's own queue copy.
+            if let Some(q) = state.queues.get_mut(state.queue_sel as usize) {
+                q.ready = false;
+            }
+            return;
+        }
         if !self.queue_setup_allowed(state, offset) {
             return;
         }
@@ -434,7 +442,6 @@ impl MmioTransport {
             REG_QUEUE_AVAIL_HIGH => set_high(&mut q.avail, value),
             REG_QUEUE_USED_LOW => set_low(&mut q.used, value),
             REG_QUEUE_USED_HIGH => set_high(&mut q.used, value),
-            REG_QUEUE_READY if value == 0 => q.ready = false,
             REG_QUEUE_READY => {
                 let q = *q;
                 match validate_queue(&self.mem, &q, value) {

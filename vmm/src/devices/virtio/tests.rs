@@ -347,6 +347,10 @@ fn status_state_machine_and_reset() {
         d.publish(1, h);
         d.kick(1);
         d.wait_used(1, 1);
+        // Linux's teardown deactivates queues in any state and expects QueueReady to read 0.
+        d.w32(0x30, 0);
+        d.w32(0x44, 0);
+        assert_eq!(d.r32(0x44), 0);
         d.w32(0x70, 0);
         assert_eq!(d.status(), 0);
         d.w32(0x30, 1);
