@@ -182,6 +182,22 @@ fn internal_error_meaning(suberror: u32) -> &'static str {
     }
 }
 
+/// For an emulation failure that carries the instruction bytes (flags bit 0 in data[0], then
+/// a length byte and up to 15 bytes), those bytes as hex; otherwise "unknown".
+fn emulation_failure_bytes(suberror: u32, data: &[u64]) -> String {
+    const EMULATION: u32 = 1;
+    if suberror != EMULATION || data.len() < 2 || data[0] & 1 == 0 {
+        return "unknown".into();
+    }
+    let bytes: Vec<u8> = data[1..].iter().flat_map(|w| w.to_le_bytes()).collect();
+    let len = usize::from(bytes[0]).min(15).min(bytes.len() - 1);
+    bytes[1..=len]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 #[inline]
 fn dispatch_read(bus: &Bus, addr: u64, data: &mut [u8], stats: &Stats, mmio: bool) {
     match bus.resolve(addr) {
@@ -285,11 +301,13 @@ pub fn run_loop(vcpu: &mut VcpuFd, id: u8, ctx: &VcpuContext) {
                     // union member the kernel filled in.
                     let internal = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal };
                     let n = (internal.ndata as usize).min(internal.data.len());
+                    let data = internal.data[..n].to_vec();
                     Some(Err(VmError::InternalError {
                         location: location(vcpu, id),
                         suberror: internal.suberror,
                         meaning: internal_error_meaning(internal.suberror),
-                        data: internal.data[..n].to_vec(),
+                        instruction: emulation_failure_bytes(internal.suberror, &data),
+                        data,
                     }))
                 }
                 other => {
@@ -396,6 +414,18 @@ mod tests {
         let outcome = control.wait();
         let writes = rec.0.lock().unwrap().clone();
         Some((outcome, writes, stats.report()))
+    }
+
+    #[test]
+    fn emulation_failure_shows_the_instruction() {
+        // What KVM reported for `lock cmpxchg16b [rsi+0x20]`.
+        let data = [1, 0x0f20_4ec7_0f48_f00f, 0x44ff_fffe_25e9_c094, 0x1000];
+        assert_eq!(
+            emulation_failure_bytes(1, &data),
+            "f0 48 0f c7 4e 20 0f 94 c0 e9 25 fe ff ff 44"
+        );
+        assert_eq!(emulation_failure_bytes(1, &[0, 5]), "unknown");
+        assert_eq!(emulation_failure_bytes(3, &data), "unknown");
     }
 
     #[test]

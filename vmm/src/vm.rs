@@ -145,11 +145,12 @@ pub enum VmError {
     Device { name: &'static str, reason: String },
     #[error("the guest triple-faulted (KVM_EXIT_SHUTDOWN) on {location}; the kernel crashed before it could report anything - check the kernel configuration and the console output")]
     TripleFault { location: String },
-    #[error("KVM internal error on {location}: suberror {suberror} ({meaning}), data {data:#x?}; the guest hit something KVM cannot emulate (without hardware virtualisation, run on a host with VT-x/AMD-V)")]
+    #[error("KVM internal error on {location}: suberror {suberror} ({meaning}), instruction bytes {instruction}, data {data:x?}; the guest ran something KVM cannot emulate - on a host without VT-x/AMD-V KVM emulates the kernel, so run on a hardware KVM host")]
     InternalError {
         location: String,
         suberror: u32,
         meaning: &'static str,
+        instruction: String,
         data: Vec<u64>,
     },
     #[error("KVM could not enter the guest on {location}: hardware entry failure reason {reason:#x}; the initial vCPU state is not valid on this host")]
@@ -221,15 +222,19 @@ pub struct Vm {
     virtio_count: u32,
 }
 
-fn open_kvm() -> Result<Kvm, VmError> {
-    Kvm::new().map_err(|e| match e.errno() {
+fn kvm_open_error(e: kvm_ioctls::Error) -> VmError {
+    match e.errno() {
         libc::ENOENT | libc::ENXIO | libc::ENODEV => VmError::KvmMissing,
         libc::EACCES | libc::EPERM => VmError::KvmPermission,
         _ => VmError::Kvm {
             what: "opening /dev/kvm",
             source: e,
         },
-    })
+    }
+}
+
+fn open_kvm() -> Result<Kvm, VmError> {
+    Kvm::new().map_err(kvm_open_error)
 }
 
 impl Vm {
@@ -571,6 +576,14 @@ mod tests {
         assert!(cpuinfo_has_virt("flags : fpu svm\n"));
         assert!(!cpuinfo_has_virt("flags : fpu vme sse4_2 vmxnot\n"));
         assert!(!cpuinfo_has_virt(""));
+    }
+
+    #[test]
+    fn kvm_open_errors_say_what_to_do() {
+        let e = |errno| kvm_open_error(kvm_ioctls::Error::new(errno)).to_string();
+        assert!(e(libc::ENOENT).contains("load the kvm module"));
+        assert!(e(libc::EACCES).contains("group kvm"));
+        assert!(e(libc::EBUSY).contains("opening /dev/kvm"));
     }
 
     #[test]

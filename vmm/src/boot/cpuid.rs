@@ -1,6 +1,7 @@
 //! CPUID for a micro-VM: start from what KVM supports (`KVM_GET_SUPPORTED_CPUID`) and make it
 //! describe this VM: per-vCPU APIC ids and topology (leaves 1, 4, 0xb, 0x1f), the hypervisor
-//! bit and KVM signature, and no performance monitoring (leaf 0xa) since there is no vPMU.
+//! bit and KVM signature, AMD core counts (0x8000_0008, 0x8000_001e), and no performance
+//! monitoring (leaf 0xa) since there is no vPMU.
 
 use kvm_bindings::{kvm_cpuid_entry2, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
@@ -11,6 +12,11 @@ const LEAF_PERF_MON: u32 = 0xa;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_EXT_TOPOLOGY_V2: u32 = 0x1f;
 const LEAF_KVM_SIGNATURE: u32 = 0x4000_0000;
+const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
+const LEAF_AMD_SIZES: u32 = 0x8000_0008;
+const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
+/// AMD: core multi-processing legacy mode (leaf 0x8000_0001 ecx), "HTT means cores".
+const ECX_CMP_LEGACY: u32 = 1 << 1;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
@@ -85,6 +91,23 @@ pub fn normalise(entries: &mut Vec<kvm_cpuid_entry2>, cpu: u8, num_cpus: u8) {
                     }
                 }
             }
+            LEAF_EXT_FEATURES => {
+                if num_cpus > 1 {
+                    e.ecx |= ECX_CMP_LEGACY;
+                } else {
+                    e.ecx &= !ECX_CMP_LEGACY;
+                }
+            }
+            LEAF_AMD_SIZES => {
+                // ecx[7:0] = cores - 1, ecx[15:12] = APIC id bits for the cores.
+                e.ecx = (e.ecx & !0xf0ff) | (id_bits(num_cpus) << 12) | ((cpus - 1) & 0xff);
+            }
+            LEAF_AMD_TOPOLOGY => {
+                e.eax = apic_id; // extended APIC id
+                e.ebx = apic_id & 0xff; // one thread per compute unit, unit id = vCPU
+                e.ecx = 0; // one node, node id 0
+                e.edx = 0;
+            }
             _ => {}
         }
     }
@@ -130,6 +153,9 @@ mod tests {
             leaf(0xb, 0, 1, 2, 0x100, 7),
             leaf(0xb, 1, 4, 8, 0x201, 7),
             leaf(0xb, 2, 0, 0, 2, 7),
+            leaf(0x8000_0001, 0, 0, 0, 0x35c1_f3ff, 0x2fd3_fbff),
+            leaf(0x8000_0008, 0, 0x3030, 0, 0x7007, 0),
+            leaf(0x8000_001e, 0, 9, 0x105, 0x300, 0),
         ]
     }
 
@@ -176,6 +202,21 @@ mod tests {
             (sig.ebx, sig.ecx, sig.edx),
             (0x4b4d_564b, 0x564b_4d56, 0x4d)
         );
+    }
+
+    #[test]
+    fn amd_topology_leaves_describe_single_thread_cores() {
+        let mut v = sample();
+        normalise(&mut v, 3, 4);
+        let sizes = find(&v, 0x8000_0008, 0);
+        assert_eq!((sizes.eax, sizes.ecx), (0x3030, 0x2003));
+        let topo = find(&v, 0x8000_001e, 0);
+        assert_eq!((topo.eax, topo.ebx, topo.ecx), (3, 3, 0));
+        assert_ne!(find(&v, 0x8000_0001, 0).ecx & ECX_CMP_LEGACY, 0);
+        let mut one = sample();
+        normalise(&mut one, 0, 1);
+        assert_eq!(find(&one, 0x8000_0008, 0).ecx, 0);
+        assert_eq!(find(&one, 0x8000_0001, 0).ecx & ECX_CMP_LEGACY, 0);
     }
 
     #[test]
