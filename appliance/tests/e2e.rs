@@ -240,7 +240,7 @@ fn find_stat_ls_and_sha256sum_match_the_host() {
         &tree,
         "find . -print0 | LC_ALL=C sort -z | xargs -0 stat -c '%n|%s|%a|%F|%h|%u|%g|%Y|%N'",
     );
-    same_in_guest_and_host(&tree, "LC_ALL=C ls -lR --time-style=+%s .");
+    same_in_guest_and_host(&tree, "LC_ALL=C ls -lnR --time-style=+%s .");
 }
 
 #[test]

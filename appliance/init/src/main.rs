@@ -408,8 +408,8 @@ fn status_code(status: i32) -> u8 {
 
 /// Waits for the job, reaping every other child on the way. After the job ends, remaining
 /// processes are killed and reaped so nothing writes to shares after the final sync.
-fn wait_job(pid: libc::pid_t) -> u8 {
-    let mut code = None;
+fn wait_job(pid: libc::pid_t, already_reaped: Option<u8>) -> u8 {
+    let mut code = already_reaped;
     while code.is_none() {
         let mut status = 0;
         // SAFETY: waitpid writes the status into a valid local.
@@ -435,6 +435,68 @@ fn wait_job(pid: libc::pid_t) -> u8 {
         }
     }
     code.unwrap_or(STATUS_INIT_FAILURE)
+}
+
+/// A pipe with close-on-exec ends: `[read, write]`.
+fn make_pipe() -> Result<[i32; 2], String> {
+    let mut fds = [-1; 2];
+    // SAFETY: pipe2 writes two fds into the array it is given.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", errno_str()));
+    }
+    Ok(fds)
+}
+
+/// Copies the job's output pipes to their consoles until both reach end of file. If the job
+/// exits while something it left behind still holds a pipe open, everything else is killed so
+/// the pipes close. Returns the job's status when it was reaped here.
+fn relay(pid: libc::pid_t, mut pairs: [(i32, i32); 2]) -> Option<u8> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut job_code = None;
+    loop {
+        let mut polls: Vec<libc::pollfd> = pairs
+            .iter()
+            .filter(|(from, _)| *from >= 0)
+            .map(|(from, _)| libc::pollfd {
+                fd: *from,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        if polls.is_empty() {
+            return job_code;
+        }
+        // SAFETY: polls is a valid array of pollfd of the given length.
+        let ready = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, 100) };
+        if ready < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return job_code;
+        }
+        if ready == 0 && job_code.is_none() {
+            let mut status = 0;
+            // SAFETY: waitpid on our own child with a valid status pointer.
+            if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+                job_code = Some(status_code(status));
+                // SAFETY: kill(-1) signals every process except init itself.
+                unsafe { libc::kill(-1, libc::SIGKILL) };
+            }
+            continue;
+        }
+        for p in polls.iter().filter(|p| p.revents != 0) {
+            let Some(pair) = pairs.iter_mut().find(|(from, _)| *from == p.fd) else {
+                continue;
+            };
+            // SAFETY: buf has buf.len() writable bytes; pair.0 is an open pipe read end.
+            let n = unsafe { libc::read(pair.0, buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 0 {
+                write_all(pair.1, &buf[..n as usize]);
+            } else if n == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR)
+            {
+                // SAFETY: closing the read end we own.
+                unsafe { libc::close(pair.0) };
+                pair.0 = -1;
+            }
+        }
+    }
 }
 
 fn run() -> Result<u8, String> {
@@ -482,16 +544,38 @@ fn run() -> Result<u8, String> {
     let tty_fd = if tty_fd >= 0 { tty_fd } else { con };
     let exec = prepare_exec(&job)?;
 
+    // The job writes into pipes and the init relays them to the consoles: a job's stdout is
+    // then a pipe, as on a host whose output is redirected (tools such as ls would otherwise
+    // switch to terminal formatting on the hvc tty).
+    let relay_to = [out_fd, err_fd];
+    let pipes = if !exec.interactive && !test && out_fd != con {
+        Some([make_pipe()?, make_pipe()?])
+    } else {
+        None
+    };
+    let (child_out, child_err) = match &pipes {
+        Some([o, e]) => (o[1], e[1]),
+        None => (out_fd, err_fd),
+    };
+
     // SAFETY: the init is single-threaded; the child only uses prepared data and syscalls.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(format!("fork: {}", errno_str()));
     }
     if pid == 0 {
-        child(&exec, out_fd, err_fd, null_fd, tty_fd);
+        child(&exec, child_out, child_err, null_fd, tty_fd);
     }
     phase(PHASE_JOB_STARTED);
-    let code = wait_job(pid);
+    let reaped = pipes.map(|[o, e]| {
+        // SAFETY: the write ends belong to the child now; closing ours lets EOF arrive.
+        unsafe {
+            libc::close(o[1]);
+            libc::close(e[1]);
+        }
+        relay(pid, [(o[0], relay_to[0]), (e[0], relay_to[1])])
+    });
+    let code = wait_job(pid, reaped.flatten());
     // Push any output still queued in the tty layers to the devices before reporting.
     for fd in [out_fd, err_fd] {
         if fd >= 0 {

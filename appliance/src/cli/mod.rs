@@ -25,6 +25,7 @@ pub const EXIT_INTERRUPTED: u8 = 130;
 
 pub fn main(process_start: Instant) -> ExitCode {
     let cli = Cli::parse();
+    raise_fd_limit();
     let code = match cli.command {
         Command::Run(a) => launch::run(process_start, a),
         Command::Boot(a) => launch::boot(process_start, a),
@@ -33,4 +34,39 @@ pub fn main(process_start: Instant) -> ExitCode {
         Command::Initrd(a) => launch::initrd(a),
     };
     ExitCode::from(code)
+}
+
+/// Every 9p fid holds an O_PATH descriptor on the host, and a guest walking a large tree with
+/// metadata caching keeps a fid per cached dentry, so the default soft limit (often 1024) is far
+/// too low. Raise the soft limit to the hard limit, and as root the hard limit towards the
+/// kernel's `fs.nr_open` (capped at 1 Mi). The 9p server sizes its fid limits from the result.
+fn raise_fd_limit() {
+    const WANT: libc::rlim_t = 1 << 20;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read or write the struct they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+            .unwrap_or(lim.rlim_max);
+        let hard = lim.rlim_max.max(WANT.min(nr_open));
+        let raised = libc::rlimit {
+            rlim_cur: hard,
+            rlim_max: hard,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            // Not allowed to raise the hard limit: take what the hard limit allows.
+            let soft = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &soft);
+        }
+    }
 }

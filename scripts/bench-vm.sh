@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Side-by-side VM benchmarks: bootbox against QEMU (-M microvm, same guest kernel, same
+# appliance initramfs), interleaved A B A B by `bootbox bench --compare`, printing per-phase
+# figures (min/median/p95/mean/stddev) and the ratios of medians.
+#
+#   scripts/bench-vm.sh boot [RUNS]   # launch to job result for `true`
+#   scripts/bench-vm.sh 9p   [RUNS]   # `find | xargs sha256sum` over a generated tree, over
+#                                     # bootbox's virtio-9p vs QEMU's virtio-9p (-fsdev local)
+#   scripts/bench-vm.sh analyze       # the slowest initcalls of the guest kernel
+#
+# Without hardware virtualisation the whole benchmark runs inside the nested test host
+# (scripts/testhost.sh): absolute times there are emulated, the ratios are what count.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+mode="${1:-boot}"
+runs="${2:-10}"
+
+if [ "${BOOTBOX_BENCH_INNER:-}" != 1 ]; then
+    cd "$repo"
+    scripts/setup.sh
+    cargo build --release --bins --quiet
+    kernel=$(scripts/build-kernel.sh)
+    export BOOTBOX_KERNEL="$kernel" BOOTBOX_BENCH_INNER=1
+    if grep -qwE 'vmx|svm' /proc/cpuinfo; then
+        exec "$0" "$mode" "$runs"
+    fi
+    echo "bench-vm: no hardware virtualisation here; running inside the nested test host" >&2
+    exec scripts/testhost.sh --timeout 3600 --appliance-tools \
+        --mirror "$repo/target/release/bootbox" --mirror "$repo/target/release/bootbox-init" \
+        --mirror "$kernel" --mirror "$repo/scripts/bench-vm.sh" \
+        --mirror /usr/bin/qemu-system-x86_64 --mirror /usr/share/qemu/qboot.rom \
+        --mirror /usr/share/qemu/bios-microvm.bin --mirror /usr/share/seabios \
+        -- env BOOTBOX_KERNEL="$kernel" BOOTBOX_BENCH_INNER=1 "$repo/scripts/bench-vm.sh" "$mode" "$runs"
+fi
+
+bootbox="$repo/target/release/bootbox"
+kernel="$BOOTBOX_KERNEL"
+work=$(mktemp -d "${TMPDIR:-/tmp}/bootbox-bench.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+cmdline="console=ttyS0 reboot=k panic=-1 quiet rdinit=/init tsc=reliable no_timer_check"
+# QEMU gets the same guest-visible devices bootbox gives: two consoles (the job's stdout and
+# stderr) and, for 9p, the share; the init's exit-port write ends QEMU through isa-debug-exit
+# (QEMU then exits with (status << 1) | 1, so 1 means the job succeeded).
+qemu_base="qemu-system-x86_64 -M microvm,acpi=off,rtc=off -enable-kvm -cpu host -m 256 -smp 1 \
+ -nodefaults -no-reboot -nographic -serial null \
+ -device isa-debug-exit,iobase=0x600,iosize=1 \
+ -chardev null,id=o -device virtio-serial-device,max_ports=1 -device virtconsole,chardev=o \
+ -chardev null,id=e -device virtio-serial-device,max_ports=1 -device virtconsole,chardev=e \
+ -kernel $kernel"
+
+case "$mode" in
+    boot)
+        "$bootbox" initrd -o "$work/app.cpio" -- true >/dev/null
+        "$bootbox" bench --runs "$runs" --warmup 2 \
+            --compare "$qemu_base -initrd $work/app.cpio -append '$cmdline' >/dev/null; test \$? = 1" \
+            -- run -- true
+        ;;
+    9p)
+        tree="$work/tree"
+        mkdir -p "$tree"
+        for d in $(seq 1 20); do
+            mkdir -p "$tree/d$d"
+            for f in $(seq 1 100); do head -c $(( (d * 131 + f * 977) % 16384 )) /dev/urandom >"$tree/d$d/f$f"; done
+        done
+        job=(sh -c 'find . -type f -print0 | xargs -0 sha256sum | sha256sum')
+        share_line=$("$bootbox" initrd -o "$work/app.cpio" --share "$tree:data" -- "${job[@]}")
+        echo "bench-vm: $(find "$tree" -type f | wc -l) files; $share_line" >&2
+        "$bootbox" bench --runs "$runs" --warmup 1 \
+            --compare "$qemu_base -fsdev local,id=fs0,path=$tree,security_model=none,readonly=on \
+ -device virtio-9p-device,fsdev=fs0,mount_tag=data -initrd $work/app.cpio -append '$cmdline' >/dev/null; test \$? = 1" \
+            -- run --share "$tree:data" -- "${job[@]}"
+        ;;
+    analyze)
+        "$bootbox" bench --analyze
+        ;;
+    *) echo "bench-vm: mode must be boot, 9p or analyze" >&2; exit 2 ;;
+esac
