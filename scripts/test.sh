@@ -25,10 +25,9 @@ cargo build --workspace --release --bins
 step "unit, device and 9p tests (tiny guests run on this machine's /dev/kvm)"
 cargo test --workspace --release
 
-if [ -x target/release/p9-fuzz ]; then
-    step "fuzzing the 9p decoder and server for ${fuzz_secs}s"
-    target/release/p9-fuzz --seconds "$fuzz_secs"
-fi
+step "fuzzing the 9p decoder and server (${fuzz_secs}s writable, $(( fuzz_secs / 2 ))s read-only)"
+target/release/p9-fuzz --secs "$fuzz_secs"
+target/release/p9-fuzz --secs "$(( fuzz_secs / 2 ))" --read-only
 
 step "guest kernel (cached outside the work tree)"
 kernel=$(scripts/build-kernel.sh)

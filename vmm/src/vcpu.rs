@@ -15,7 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::signal::{register_signal_handler, unblock_signal, Killable, SIGRTMIN};
 
 /// How a run ends: the first outcome reported wins; everything after it is ignored.
 pub struct RunControl {
@@ -244,6 +244,8 @@ fn dispatch_write(bus: &Bus, addr: u64, data: &[u8], stats: &Stats, mmio: bool) 
 /// Runs vCPU `id` until the run is stopping or the vCPU hits a fatal exit (which it reports
 /// through `ctx.control`).
 pub fn run_loop(vcpu: &mut VcpuFd, id: u8, ctx: &VcpuContext) {
+    // The caller may have blocked signals before spawning us; the kick must get through.
+    let _ = unblock_signal(kick_signal());
     KVM_RUN.with(|c| c.set(vcpu.get_kvm_run() as *mut kvm_run));
     let mut first = true;
     while !ctx.control.is_stopping() {

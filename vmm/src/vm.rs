@@ -222,6 +222,17 @@ pub struct Vm {
     virtio_count: u32,
 }
 
+fn join_cmdline(base: &str, extras: &[String]) -> String {
+    let mut c = base.trim().to_string();
+    for extra in extras {
+        if !c.is_empty() {
+            c.push(' ');
+        }
+        c.push_str(extra);
+    }
+    c
+}
+
 fn kvm_open_error(e: kvm_ioctls::Error) -> VmError {
     match e.errno() {
         libc::ENOENT | libc::ENXIO | libc::ENODEV => VmError::KvmMissing,
@@ -367,14 +378,7 @@ impl Vm {
 
     /// The command line the kernel will get (config + virtio device entries).
     pub fn kernel_cmdline(&self) -> String {
-        let mut c = self.config.cmdline.trim().to_string();
-        for extra in &self.virtio_cmdline {
-            if !c.is_empty() {
-                c.push(' ');
-            }
-            c.push_str(extra);
-        }
-        c
+        join_cmdline(&self.config.cmdline, &self.virtio_cmdline)
     }
 
     /// Loads kernel, initrd and command line, builds the boot structures, runs the vCPUs until
@@ -430,6 +434,7 @@ impl Vm {
             running: Arc::new(AtomicUsize::new(usize::from(vcpus))),
         };
 
+        let _terminal = self.config.stdin.then(TerminalGuard::new).flatten();
         let event_loop = spawn_event_loop(
             self.control.clone(),
             self.config.stdin.then(|| self.serial.clone()),
@@ -467,6 +472,42 @@ impl Vm {
     }
 }
 
+/// Puts a terminal on stdin into character mode (no line buffering, no local echo: the guest
+/// echoes) for the run, and restores it when dropped. Signals (Ctrl-C) keep working so the
+/// caller can still stop the VM.
+struct TerminalGuard(libc::termios);
+
+impl TerminalGuard {
+    fn new() -> Option<Self> {
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
+            return None;
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it and we check the result.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: valid fd and out-pointer.
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        raw.c_lflag &= !(libc::ICANON | libc::ECHO);
+        raw.c_cc[libc::VMIN] = 1;
+        raw.c_cc[libc::VTIME] = 0;
+        // SAFETY: valid fd and a termios derived from the current settings.
+        if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
+            return None;
+        }
+        Some(TerminalGuard(saved))
+    }
+}
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read in new() on the same descriptor.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.0) };
+    }
+}
+
 /// Wakes on stop requests and the run timeout.
 struct ControlSubscriber {
     control: Arc<RunControl>,
@@ -497,21 +538,22 @@ impl MutEventSubscriber for ControlSubscriber {
     }
 }
 
-/// Forwards host stdin to the serial port.
+/// Forwards a host input descriptor (stdin) to the serial port.
 struct StdinSubscriber {
+    fd: std::os::fd::RawFd,
     serial: Arc<SerialDevice>,
 }
 
 impl MutEventSubscriber for StdinSubscriber {
     fn init(&mut self, ops: &mut EventOps) {
         // Fails for stdin that cannot be polled (a regular file): then there is no input.
-        let _ = ops.add(Events::new_raw(libc::STDIN_FILENO, EventSet::IN));
+        let _ = ops.add(Events::new_raw(self.fd, EventSet::IN));
     }
 
     fn process(&mut self, _events: Events, ops: &mut EventOps) {
         let mut buf = [0u8; 64];
-        // SAFETY: reading into a stack buffer of the given length from fd 0.
-        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        // SAFETY: reading into a stack buffer of the given length from our input descriptor.
+        let n = unsafe { libc::read(self.fd, buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
             let errno = std::io::Error::last_os_error().raw_os_error();
             if matches!(errno, Some(libc::EINTR) | Some(libc::EAGAIN)) {
@@ -520,7 +562,7 @@ impl MutEventSubscriber for StdinSubscriber {
         }
         if n <= 0 {
             // EOF or a hard error: stop watching stdin so the loop does not spin.
-            let _ = ops.remove(Events::new_raw(libc::STDIN_FILENO, EventSet::IN));
+            let _ = ops.remove(Events::new_raw(self.fd, EventSet::IN));
             return;
         }
         self.serial.enqueue_input(&buf[..n as usize]);
@@ -550,7 +592,10 @@ fn spawn_event_loop(
         timer,
     }));
     if let Some(serial) = stdin {
-        em.add_subscriber(Box::new(StdinSubscriber { serial }));
+        em.add_subscriber(Box::new(StdinSubscriber {
+            fd: libc::STDIN_FILENO,
+            serial,
+        }));
     }
     std::thread::Builder::new()
         .name("vmm-events".into())
@@ -579,6 +624,37 @@ mod tests {
     }
 
     #[test]
+    fn input_reaches_the_serial_port_and_eof_stops_polling() {
+        use crate::devices::serial::Console;
+        use event_manager::SubscriberOps;
+        let mut fds = [0; 2];
+        // SAFETY: pipe fills the two-element array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let console = Console::new(ConsoleSink::Off, PhaseLog::new(std::time::Instant::now()));
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let serial = Arc::new(SerialDevice::new(irq, console));
+        let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new().unwrap();
+        em.add_subscriber(Box::new(StdinSubscriber {
+            fd: fds[0],
+            serial: serial.clone(),
+        }));
+        // SAFETY: writing two bytes from a static buffer to the pipe's write end.
+        assert_eq!(unsafe { libc::write(fds[1], b"ls".as_ptr().cast(), 2) }, 2);
+        assert_eq!(em.run_with_timeout(1000).unwrap(), 1);
+        let mut b = [0u8; 1];
+        serial.read(0, &mut b);
+        assert_eq!(b[0], b'l');
+        serial.read(0, &mut b);
+        assert_eq!(b[0], b's');
+        // SAFETY: closing the write end we own.
+        unsafe { libc::close(fds[1]) };
+        assert_eq!(em.run_with_timeout(1000).unwrap(), 1); // EOF seen, fd dropped
+        assert_eq!(em.run_with_timeout(50).unwrap(), 0); // and no longer polled
+                                                         // SAFETY: closing the read end we own.
+        unsafe { libc::close(fds[0]) };
+    }
+
+    #[test]
     fn kvm_open_errors_say_what_to_do() {
         let e = |errno| kvm_open_error(kvm_ioctls::Error::new(errno)).to_string();
         assert!(e(libc::ENOENT).contains("load the kvm module"));
@@ -594,6 +670,13 @@ mod tests {
             (256, 1, ConsoleSink::Stdout)
         );
         assert!(!c.stdin && !c.stats && c.timeout.is_none());
+        let extras = vec!["virtio_mmio.device=4K@0xd0000000:5".to_string()];
+        assert_eq!(
+            join_cmdline(" console=ttyS0 ", &extras),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5"
+        );
+        assert_eq!(join_cmdline("", &extras), extras[0]);
+        assert_eq!(join_cmdline("quiet", &[]), "quiet");
     }
 
     #[test]

@@ -165,7 +165,10 @@ mod tests {
         bus.insert(0x100, 0x10, "a", d.clone()).unwrap();
         assert_eq!(
             bus.insert(0x10f, 1, "b", d.clone()),
-            Err(BusError::Overlap { base: 0x10f, len: 1 })
+            Err(BusError::Overlap {
+                base: 0x10f,
+                len: 1
+            })
         );
         assert_eq!(
             bus.insert(0xf8, 0x9, "c", d.clone()),
@@ -173,11 +176,17 @@ mod tests {
         );
         assert_eq!(
             bus.insert(0x200, 0, "d", d.clone()),
-            Err(BusError::BadRange { base: 0x200, len: 0 })
+            Err(BusError::BadRange {
+                base: 0x200,
+                len: 0
+            })
         );
         assert_eq!(
             bus.insert(u64::MAX, 2, "e", d.clone()),
-            Err(BusError::BadRange { base: u64::MAX, len: 2 })
+            Err(BusError::BadRange {
+                base: u64::MAX,
+                len: 2
+            })
         );
         bus.insert(0x110, 0x10, "adjacent", d).unwrap();
         assert_eq!(bus.resolve(0x110).unwrap().name, "adjacent");
