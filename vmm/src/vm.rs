@@ -386,7 +386,12 @@ impl Vm {
     pub fn run(self) -> Result<RunOutcome, VmError> {
         let kernel = loader::load_kernel(&self.mem, &self.config.kernel)?;
         self.phases.record("kernel loaded");
-        let initrd = loader::load_initrd(&self.mem, &self.config.initrd, kernel.end)?;
+        let initrd = loader::load_initrd(
+            &self.mem,
+            &self.config.initrd,
+            kernel.end,
+            kernel.initrd_ceiling,
+        )?;
         if initrd.is_some() {
             self.phases.record("initrd loaded");
         }

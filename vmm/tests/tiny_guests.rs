@@ -123,8 +123,9 @@ fn elf_kernel(code: &[u8], pvh: bool) -> Vec<u8> {
 
 /// A minimal bzImage: one setup sector with a boot-protocol 2.15 header, then the
 /// "protected-mode kernel" whose 64-bit entry is at offset 0x200.
-fn bzimage_kernel(code64: &[u8]) -> Vec<u8> {
+fn bzimage_kernel(code64: &[u8], init_size: u32) -> Vec<u8> {
     let mut f = vec![0u8; 1024];
+    f[0x260..0x264].copy_from_slice(&init_size.to_le_bytes());
     f[0x1f1] = 1; // setup_sects
     f[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
     f[0x202..0x206].copy_from_slice(b"HdrS");
@@ -283,9 +284,27 @@ fn bzimage_guest_keeps_its_setup_header() {
         .out(0x600, 5)
         .halt_forever()
         .0;
-    let kernel = TempFile::new("bz", &bzimage_kernel(&code));
+    let kernel = TempFile::new("bz", &bzimage_kernel(&code, 0x1000));
     let out = run(config(&kernel, "console=ttyS0")).unwrap();
     assert_eq!(out.exit, GuestExit::Status(5));
+}
+
+#[test]
+fn bzimage_decompression_area_is_kept_free_of_the_initrd() {
+    if !kvm_available() {
+        return;
+    }
+    let code = Asm::default().out(0x600, 6).halt_forever().0;
+    // 1 MiB load address + 24 MiB init_size + an 8 MiB initrd do not fit in 32 MiB ...
+    let kernel = TempFile::new("bz-big", &bzimage_kernel(&code, 24 << 20));
+    let mut c = config(&kernel, "");
+    c.mem_mib = 32;
+    c.initrd = vec![InitrdPart::Bytes(vec![0; 8 << 20])];
+    let err = run(c.clone()).unwrap_err();
+    assert!(matches!(err, VmError::InitrdTooLarge { .. }), "{err}");
+    // ... but do in 40 MiB.
+    c.mem_mib = 40;
+    assert_eq!(run(c).unwrap().exit, GuestExit::Status(6));
 }
 
 #[test]

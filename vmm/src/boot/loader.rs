@@ -27,6 +27,8 @@ pub struct LoadedKernel {
     pub end: u64,
     /// The bzImage setup header, to be copied into the zero page.
     pub setup_header: Option<setup_header>,
+    /// The initrd must end at or below this address (the bzImage's `initrd_addr_max` + 1).
+    pub initrd_ceiling: u64,
 }
 
 fn bad_kernel(path: &Path, reason: impl Into<String>) -> VmError {
@@ -59,6 +61,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, V
             mode,
             end: r.kernel_end,
             setup_header: None,
+            initrd_ceiling: u64::MAX,
         });
     }
     let r = BzImage::load(
@@ -76,11 +79,19 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, V
             ),
         )
     })?;
+    let hdr = r.setup_header.unwrap_or_default();
+    // The decompressor works in place and needs `init_size` bytes from the load address.
+    let end = r.kernel_end.max(r.kernel_load.0 + u64::from(hdr.init_size));
+    let initrd_ceiling = match hdr.initrd_addr_max {
+        0 => u64::MAX,
+        max => u64::from(max) + 1,
+    };
     Ok(LoadedKernel {
         entry: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
         mode: EntryMode::Long64,
-        end: r.kernel_end,
+        end,
         setup_header: r.setup_header,
+        initrd_ceiling,
     })
 }
 
@@ -101,9 +112,15 @@ fn part_len(part: &InitrdPart) -> Result<u64, VmError> {
     }
 }
 
-/// Where an initrd of `size` bytes goes: page-aligned at the top of low RAM, above `kernel_end`.
-pub fn initrd_placement(mem_bytes: u64, kernel_end: u64, size: u64) -> Result<u64, VmError> {
-    let low_end = layout::low_ram_end(mem_bytes);
+/// Where an initrd of `size` bytes goes: page-aligned at the top of low RAM (and below
+/// `ceiling`), above `kernel_end`.
+pub fn initrd_placement(
+    mem_bytes: u64,
+    kernel_end: u64,
+    size: u64,
+    ceiling: u64,
+) -> Result<u64, VmError> {
+    let low_end = layout::low_ram_end(mem_bytes).min(ceiling);
     let floor = kernel_end.div_ceil(PAGE) * PAGE;
     match low_end.checked_sub(size).map(|a| a & !(PAGE - 1)) {
         Some(addr) if addr >= floor => Ok(addr),
@@ -123,6 +140,7 @@ pub fn load_initrd(
     mem: &GuestMemoryMmap,
     parts: &[InitrdPart],
     kernel_end: u64,
+    ceiling: u64,
 ) -> Result<Option<InitrdInfo>, VmError> {
     let mut lens = Vec::with_capacity(parts.len());
     for p in parts {
@@ -132,7 +150,7 @@ pub fn load_initrd(
     if size == 0 {
         return Ok(None);
     }
-    let addr = initrd_placement(mem_size(mem), kernel_end, size)?;
+    let addr = initrd_placement(mem_size(mem), kernel_end, size, ceiling)?;
     let mut at = addr;
     for (part, len) in parts.iter().zip(lens) {
         match part {
@@ -181,15 +199,17 @@ mod tests {
 
     #[test]
     fn initrd_goes_page_aligned_to_the_top() {
-        let addr = initrd_placement(64 << 20, 0x20_0000, 5000).unwrap();
+        let addr = initrd_placement(64 << 20, 0x20_0000, 5000, u64::MAX).unwrap();
         assert_eq!(addr, (64 << 20) - 8192);
-        let big = initrd_placement(8 << 30, 0x20_0000, 4096).unwrap();
+        let big = initrd_placement(8 << 30, 0x20_0000, 4096, u64::MAX).unwrap();
         assert_eq!(big, layout::MMIO_GAP_START - 4096);
+        let capped = initrd_placement(8 << 30, 0x20_0000, 4096, 0x8000_0000).unwrap();
+        assert_eq!(capped, 0x8000_0000 - 4096);
     }
 
     #[test]
     fn initrd_too_large_says_how_much_memory() {
-        let err = initrd_placement(64 << 20, 0x40_0000, 70 << 20).unwrap_err();
+        let err = initrd_placement(64 << 20, 0x40_0000, 70 << 20, u64::MAX).unwrap_err();
         let msg = err.to_string();
         assert!(
             matches!(err, VmError::InitrdTooLarge { needed_mib: 75, .. }),
@@ -207,14 +227,16 @@ mod tests {
             InitrdPart::File(dir.clone()),
             InitrdPart::Bytes(b"world".to_vec()),
         ];
-        let info = load_initrd(&m, &parts, 0x20_0000).unwrap().unwrap();
+        let info = load_initrd(&m, &parts, 0x20_0000, u64::MAX)
+            .unwrap()
+            .unwrap();
         std::fs::remove_file(&dir).unwrap();
         assert_eq!(info.size, 11);
         assert_eq!(info.addr % 4096, 0);
         let mut back = [0u8; 11];
         m.read_slice(&mut back, GuestAddress(info.addr)).unwrap();
         assert_eq!(&back, b"hello world");
-        assert_eq!(load_initrd(&m, &[], 0x20_0000).unwrap(), None);
+        assert_eq!(load_initrd(&m, &[], 0x20_0000, u64::MAX).unwrap(), None);
     }
 
     #[test]
