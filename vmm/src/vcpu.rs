@@ -7,7 +7,7 @@ use crate::devices::bus::Bus;
 use crate::phases::PhaseLog;
 use crate::stats::{ExitKind, Stats, UNMAPPED_MMIO, UNMAPPED_PIO};
 use crate::vm::{GuestExit, VmError};
-use kvm_bindings::kvm_run;
+use kvm_bindings::{kvm_run, KVM_SYSTEM_EVENT_CRASH};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
@@ -293,6 +293,13 @@ pub fn run_loop(vcpu: &mut VcpuFd, id: u8, ctx: &VcpuContext) {
                 VcpuExit::Shutdown => Some(Err(VmError::TripleFault {
                     location: location(vcpu, id),
                 })),
+                // KVM_SYSTEM_EVENT_CRASH: the guest told us it crashed; shutdown/reset otherwise.
+                VcpuExit::SystemEvent(kind, _) if kind == KVM_SYSTEM_EVENT_CRASH => {
+                    Some(Err(VmError::UnexpectedExit {
+                        exit: "system event: guest crash".into(),
+                        location: location(vcpu, id),
+                    }))
+                }
                 VcpuExit::SystemEvent(..) => Some(Ok(GuestExit::Reset)),
                 VcpuExit::FailEntry(reason, _cpu) => Some(Err(VmError::FailEntry {
                     location: location(vcpu, id),

@@ -660,6 +660,18 @@ mod tests {
     }
 
     #[test]
+    fn api_types_cross_threads() {
+        fn send<T: Send>() {}
+        fn send_sync<T: Send + Sync + 'static>() {}
+        send::<Vm>();
+        send::<RunOutcome>();
+        send_sync::<VmError>();
+        send_sync::<StopHandle>();
+        send_sync::<ConsoleHandle>();
+        send_sync::<PhaseLog>();
+    }
+
+    #[test]
     fn kvm_open_errors_say_what_to_do() {
         let e = |errno| kvm_open_error(kvm_ioctls::Error::new(errno)).to_string();
         assert!(e(libc::ENOENT).contains("load the kvm module"));
