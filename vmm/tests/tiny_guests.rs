@@ -308,6 +308,26 @@ fn bzimage_decompression_area_is_kept_free_of_the_initrd() {
 }
 
 #[test]
+fn memory_above_the_mmio_gap_is_in_the_pvh_memory_map() {
+    if !kvm_available() {
+        return;
+    }
+    // Exit status = hvm_start_info.memmap_entries.
+    let code = Asm::default()
+        .raw(&[0x8b, 0x43, 0x30]) // mov eax, [ebx+0x30]
+        .raw(&[0x66, 0xba, 0x00, 0x06, 0xee]) // mov dx, 0x600; out dx, al
+        .halt_forever()
+        .0;
+    let kernel = TempFile::new("split", &elf_kernel(&code, true));
+    let mut c = config(&kernel, "");
+    c.mem_mib = 4096;
+    // Low RAM, EBDA/BIOS reserved, RAM up to the gap, RAM from 4 GiB.
+    assert_eq!(run(c.clone()).unwrap().exit, GuestExit::Status(4));
+    c.mem_mib = 1024;
+    assert_eq!(run(c).unwrap().exit, GuestExit::Status(3));
+}
+
+#[test]
 fn i8042_reset_ends_the_run() {
     if !kvm_available() {
         return;
