@@ -241,9 +241,31 @@ fn dispatch_write(bus: &Bus, addr: u64, data: &[u8], stats: &Stats, mmio: bool) 
     }
 }
 
+/// Ends the run with an error if a vCPU thread unwinds (a bug in a device model, say), so the
+/// VM stops instead of waiting forever for an outcome.
+struct PanicGuard<'a> {
+    id: u8,
+    control: &'a RunControl,
+}
+
+impl Drop for PanicGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.control.finish(Err(VmError::Thread(format!(
+                "vCPU {} thread panicked while handling a VM exit; this is a bootbox bug",
+                self.id
+            ))));
+        }
+    }
+}
+
 /// Runs vCPU `id` until the run is stopping or the vCPU hits a fatal exit (which it reports
 /// through `ctx.control`).
 pub fn run_loop(vcpu: &mut VcpuFd, id: u8, ctx: &VcpuContext) {
+    let _guard = PanicGuard {
+        id,
+        control: &ctx.control,
+    };
     // The caller may have blocked signals before spawning us; the kick must get through.
     let _ = unblock_signal(kick_signal());
     KVM_RUN.with(|c| c.set(vcpu.get_kvm_run() as *mut kvm_run));
@@ -466,6 +488,63 @@ mod tests {
         assert_eq!(report.device_count("serial"), 4);
         assert_eq!(report.device_count(UNMAPPED_PIO), 2);
         assert_eq!(report.exit_count("hlt"), 1);
+    }
+
+    #[test]
+    fn a_panicking_device_ends_the_run_with_an_error() {
+        struct Boom;
+        impl BusDevice for Boom {
+            fn read(&self, _offset: u64, _data: &mut [u8]) {}
+            fn write(&self, _offset: u64, _data: &[u8]) {
+                panic!("device bug");
+            }
+        }
+        let Ok(kvm) = Kvm::new() else {
+            return eprintln!("skipping: cannot open /dev/kvm");
+        };
+        let vm = kvm.create_vm().unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        mem.write_slice(&[0xba, 0xf8, 0x03, 0xee, 0xf4], GuestAddress(0x1000))
+            .unwrap();
+        let region = mem.iter().next().unwrap();
+        let host = region.get_host_address(MemoryRegionAddress(0)).unwrap();
+        // SAFETY: `mem` outlives the VM in this test; one slot.
+        unsafe {
+            vm.set_user_memory_region(kvm_userspace_memory_region {
+                slot: 0,
+                flags: 0,
+                guest_phys_addr: 0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            })
+            .unwrap()
+        };
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let mut sregs = vcpu.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).unwrap();
+        let regs = kvm_bindings::kvm_regs {
+            rip: 0x1000,
+            rflags: 2,
+            ..Default::default()
+        };
+        vcpu.set_regs(&regs).unwrap();
+        let mut pio = Bus::new();
+        pio.insert(0x3f8, 8, "boom", Arc::new(Boom)).unwrap();
+        let control = RunControl::new().unwrap();
+        let ctx = VcpuContext {
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::new()),
+            control: control.clone(),
+            stats: Arc::new(Stats::new(false, [])),
+            phases: PhaseLog::new(Instant::now()),
+            running: Arc::new(AtomicUsize::new(1)),
+        };
+        let handle = std::thread::spawn(move || run_loop(&mut vcpu, 0, &ctx));
+        let err = control.wait().unwrap_err();
+        assert!(err.to_string().contains("vCPU 0 thread panicked"), "{err}");
+        assert!(handle.join().is_err());
     }
 
     #[test]
