@@ -28,8 +28,7 @@ if [ "${BOOTBOX_BENCH_INNER:-}" != 1 ]; then
     exec scripts/testhost.sh --timeout 3600 --appliance-tools \
         --mirror "$repo/target/release/bootbox" --mirror "$repo/target/release/bootbox-init" \
         --mirror "$kernel" --mirror "$repo/scripts/bench-vm.sh" \
-        --mirror /usr/bin/qemu-system-x86_64 --mirror /usr/share/qemu/qboot.rom \
-        --mirror /usr/share/qemu/bios-microvm.bin --mirror /usr/share/seabios \
+        --mirror /usr/bin/qemu-system-x86_64 --mirror /usr/share/qemu --mirror /usr/share/seabios \
         -- env BOOTBOX_KERNEL="$kernel" BOOTBOX_BENCH_INNER=1 "$repo/scripts/bench-vm.sh" "$mode" "$runs"
 fi
 
@@ -39,21 +38,28 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/bootbox-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 cmdline="console=ttyS0 reboot=k panic=-1 quiet rdinit=/init tsc=reliable no_timer_check"
 # QEMU gets the same guest-visible devices bootbox gives: two consoles (the job's stdout and
-# stderr) and, for 9p, the share; the init's exit-port write ends QEMU through isa-debug-exit
-# (QEMU then exits with (status << 1) | 1, so 1 means the job succeeded).
+# stderr) and, for 9p, the share; the init's exit-port write ends QEMU through isa-debug-exit,
+# which exits with (status << 1) | 1. QEMU's own failures also exit 1 and its virtio-serial
+# output is not reliably complete at exit, so the jobs check their own result and exit 5 on
+# success: a QEMU run counts only when it exits 11, a bootbox run only when it exits 5.
 qemu_base="qemu-system-x86_64 -M microvm,acpi=off,rtc=off -enable-kvm -cpu host -m 256 -smp 1 \
  -nodefaults -no-reboot -nographic -serial null \
  -device isa-debug-exit,iobase=0x600,iosize=1 \
- -chardev null,id=o -device virtio-serial-device,max_ports=1 -device virtconsole,chardev=o \
- -chardev null,id=e -device virtio-serial-device,max_ports=1 -device virtconsole,chardev=e \
+ -chardev null,id=o -device virtio-serial-device -device virtconsole,chardev=o \
+ -chardev null,id=e -device virtio-serial-device -device virtconsole,chardev=e \
  -kernel $kernel"
+qemu_check() {
+    echo "$qemu_base $1 >/dev/null 2>$work/qemu.log; st=\$?;" \
+        "test \$st = 11 || { echo \"qemu exit \$st\"; cat $work/qemu.log; false; } >&2"
+}
 
 case "$mode" in
     boot)
-        "$bootbox" initrd -o "$work/app.cpio" -- true >/dev/null
-        "$bootbox" bench --runs "$runs" --warmup 2 \
-            --compare "$qemu_base -initrd $work/app.cpio -append '$cmdline' >/dev/null; test \$? = 1" \
-            -- run -- true
+        job=(sh -c 'exit 5')
+        "$bootbox" initrd -o "$work/app.cpio" -- "${job[@]}" >/dev/null
+        "$bootbox" bench --runs "$runs" --warmup 2 --expect-status 5 \
+            --compare "$(qemu_check "-initrd $work/app.cpio -append '$cmdline'")" \
+            -- run -- "${job[@]}"
         ;;
     9p)
         tree="$work/tree"
@@ -62,12 +68,14 @@ case "$mode" in
             mkdir -p "$tree/d$d"
             for f in $(seq 1 100); do head -c $(( (d * 131 + f * 977) % 16384 )) /dev/urandom >"$tree/d$d/f$f"; done
         done
-        job=(sh -c 'find . -type f -print0 | xargs -0 sha256sum | sha256sum')
+        digest='find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum'
+        expected=$(cd "$tree" && sh -c "$digest")
+        job=(sh -c "test \"\$($digest)\" = '$expected' && exit 5")
         share_line=$("$bootbox" initrd -o "$work/app.cpio" --share "$tree:data" -- "${job[@]}")
         echo "bench-vm: $(find "$tree" -type f | wc -l) files; $share_line" >&2
-        "$bootbox" bench --runs "$runs" --warmup 1 \
-            --compare "$qemu_base -fsdev local,id=fs0,path=$tree,security_model=none,readonly=on \
- -device virtio-9p-device,fsdev=fs0,mount_tag=data -initrd $work/app.cpio -append '$cmdline' >/dev/null; test \$? = 1" \
+        "$bootbox" bench --runs "$runs" --warmup 1 --expect-status 5 \
+            --compare "$(qemu_check "-fsdev local,id=fs0,path=$tree,security_model=none,readonly=on \
+ -device virtio-9p-device,fsdev=fs0,mount_tag=data -initrd $work/app.cpio -append '$cmdline'")" \
             -- run --share "$tree:data" -- "${job[@]}"
         ;;
     analyze)

@@ -142,6 +142,10 @@ pub struct BenchArgs {
     /// Boot with initcall_debug, collect the kernel log and list the slowest initcalls.
     #[arg(long)]
     pub analyze: bool,
+    /// The exit status a successful run of the benchmarked bootbox command has (a non-zero
+    /// status lets a comparison VMM's run prove the job itself succeeded).
+    #[arg(long, default_value_t = 0)]
+    pub expect_status: i32,
     /// How many of the slowest initcalls to list with --analyze.
     #[arg(long, default_value_t = 15)]
     pub top: usize,

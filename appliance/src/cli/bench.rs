@@ -78,7 +78,11 @@ impl Side {
 }
 
 /// Runs `cmd` once, returns its wall time and its run record if it wrote one.
-fn run_once(cmd: &mut Command, json: Option<&Path>) -> Result<(f64, Option<RunRecord>), String> {
+fn run_once(
+    cmd: &mut Command,
+    json: Option<&Path>,
+    expect: i32,
+) -> Result<(f64, Option<RunRecord>), String> {
     if let Some(j) = json {
         let _ = std::fs::remove_file(j);
     }
@@ -89,7 +93,7 @@ fn run_once(cmd: &mut Command, json: Option<&Path>) -> Result<(f64, Option<RunRe
         .output()
         .map_err(|e| e.to_string())?;
     let wall = start.elapsed().as_nanos() as f64;
-    if !out.status.success() {
+    if out.status.code() != Some(expect) {
         return Err(format!(
             "{} ({})",
             out.status,
@@ -182,7 +186,11 @@ fn bench_in(a: &BenchArgs, dir: &Path) -> Result<u8, String> {
 
     for i in 0..a.warmup + a.runs {
         let measured = i >= a.warmup;
-        match run_once(&mut bootbox_command(&target, &ja)?, Some(&ja)) {
+        match run_once(
+            &mut bootbox_command(&target, &ja)?,
+            Some(&ja),
+            a.expect_status,
+        ) {
             Ok((wall, rec)) if measured => {
                 side_a.wall_ns.push(wall);
                 if let Some(r) = rec {
@@ -196,7 +204,7 @@ fn bench_in(a: &BenchArgs, dir: &Path) -> Result<u8, String> {
             }
         }
         if let (Some(b), Some(cmd)) = (side_b.as_mut(), a.compare.as_ref()) {
-            match run_once(&mut compare_command(cmd, &jb), Some(&jb)) {
+            match run_once(&mut compare_command(cmd, &jb), Some(&jb), 0) {
                 Ok((wall, rec)) if measured => {
                     b.wall_ns.push(wall);
                     if let Some(r) = rec {
