@@ -299,7 +299,7 @@ pub fn parse_initcalls(log: &str) -> Vec<Initcall> {
             })
         })
         .collect();
-    out.sort_by(|a, b| b.usecs.cmp(&a.usecs));
+    out.sort_by_key(|c| std::cmp::Reverse(c.usecs));
     out
 }
 
