@@ -35,9 +35,9 @@ pub mod server;
 pub mod socket;
 pub mod wire;
 
-pub use pool::WorkerPool;
+pub use pool::{PoolStats, WorkerPool};
 pub use reply::{ReplyBuf, VecReply};
-pub use server::{raise_nofile_limit, Config, Error, Server, StatsSnapshot};
+pub use server::{histogram_quantile, raise_nofile_limit, Config, Error, Server, StatsSnapshot};
 
 #[cfg(test)]
 mod tests {

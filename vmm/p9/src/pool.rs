@@ -1,10 +1,17 @@
 //! A small fixed-size worker pool with a bounded job queue, used to run 9P requests
 //! concurrently. `submit` blocks when the queue is full (back-pressure on the transport);
 //! dropping the pool finishes queued jobs and joins the threads.
+//!
+//! With statistics on ([`WorkerPool::set_stats_enabled`]) it also counts jobs, the deepest the
+//! queue got, time submitters spent waiting for the queue lock and how often a full queue made
+//! them wait; off, `submit` pays one relaxed load.
 
 use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -18,6 +25,43 @@ struct Shared {
     not_empty: Condvar,
     not_full: Condvar,
     bound: usize,
+    stats: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    enabled: AtomicBool,
+    jobs: AtomicU64,
+    max_depth: AtomicU64,
+    lock_wait_ns: AtomicU64,
+    full_waits: AtomicU64,
+}
+
+/// What the pool saw while statistics were on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub threads: usize,
+    pub jobs: u64,
+    /// The most jobs that were queued at once.
+    pub max_depth: u64,
+    /// Total time `submit` waited to take the queue lock.
+    pub lock_wait: Duration,
+    /// How often `submit` found the queue full and had to wait for a worker.
+    pub full_waits: u64,
+}
+
+impl fmt::Display for PoolStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "worker pool: {} threads, {} jobs, max queue depth {}, queue-lock waits {:.3} ms in total, {} waits on a full queue",
+            self.threads,
+            self.jobs,
+            self.max_depth,
+            self.lock_wait.as_secs_f64() * 1e3,
+            self.full_waits
+        )
+    }
 }
 
 /// A fixed set of worker threads fed from a bounded queue.
@@ -38,6 +82,7 @@ impl WorkerPool {
             not_empty: Condvar::new(),
             not_full: Condvar::new(),
             bound: threads * 64,
+            stats: Counters::default(),
         });
         let mut handles = Vec::with_capacity(threads);
         for i in 0..threads {
@@ -62,13 +107,39 @@ impl WorkerPool {
         self.threads.len()
     }
 
+    /// Turns statistics on or off.
+    pub fn set_stats_enabled(&self, on: bool) {
+        self.shared.stats.enabled.store(on, Ordering::Relaxed);
+    }
+
+    /// The statistics collected so far.
+    pub fn stats(&self) -> PoolStats {
+        let c = &self.shared.stats;
+        PoolStats {
+            threads: self.threads.len(),
+            jobs: c.jobs.load(Ordering::Relaxed),
+            max_depth: c.max_depth.load(Ordering::Relaxed),
+            lock_wait: Duration::from_nanos(c.lock_wait_ns.load(Ordering::Relaxed)),
+            full_waits: c.full_waits.load(Ordering::Relaxed),
+        }
+    }
+
     /// Queues a job, blocking while the queue is full.
     pub fn submit(&self, job: Box<dyn FnOnce() + Send>) {
         if self.threads.is_empty() {
             job();
             return;
         }
+        let c = &self.shared.stats;
+        let t0 = c.enabled.load(Ordering::Relaxed).then(Instant::now);
         let mut q = self.shared.q.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t0) = t0 {
+            c.lock_wait_ns
+                .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            if q.jobs.len() >= self.shared.bound {
+                c.full_waits.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         while q.jobs.len() >= self.shared.bound {
             q = self
                 .shared
@@ -77,6 +148,11 @@ impl WorkerPool {
                 .unwrap_or_else(|e| e.into_inner());
         }
         q.jobs.push_back(job);
+        if t0.is_some() {
+            c.jobs.fetch_add(1, Ordering::Relaxed);
+            c.max_depth
+                .fetch_max(q.jobs.len() as u64, Ordering::Relaxed);
+        }
         drop(q);
         self.shared.not_empty.notify_one();
     }
@@ -136,5 +212,27 @@ mod tests {
             pool.submit(Box::new(|| panic!("job panics")));
         }
         assert_eq!(n.load(Ordering::Relaxed), 1000);
+    }
+
+    #[test]
+    fn counts_jobs_and_queue_depth_only_while_enabled() {
+        let pool = WorkerPool::new(1, "s");
+        pool.submit(Box::new(|| {}));
+        assert_eq!(pool.stats().jobs, 0);
+        pool.set_stats_enabled(true);
+        // Hold the only worker so the next jobs pile up in the queue.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        pool.submit(Box::new(move || {
+            let _ = rx.recv();
+        }));
+        for _ in 0..5 {
+            pool.submit(Box::new(|| {}));
+        }
+        let s = pool.stats();
+        assert_eq!(s.jobs, 6);
+        assert!(s.max_depth >= 5, "{s:?}");
+        assert_eq!(s.threads, 1);
+        assert!(s.to_string().contains("6 jobs"), "{s}");
+        tx.send(()).unwrap();
     }
 }

@@ -366,13 +366,16 @@ impl FidTable {
     }
 }
 
-/// Per-message-type counters and a latency histogram (power-of-two nanosecond buckets).
+/// Per-message-type counters and latency histograms (power-of-two nanosecond buckets),
+/// overall and per type.
 struct Stats {
     enabled: AtomicBool,
     count: Box<[AtomicU64]>,
     nanos: Box<[AtomicU64]>,
     errors: AtomicU64,
     hist: Box<[AtomicU64]>,
+    /// `type_hist[ty * HIST_BUCKETS + b]`.
+    type_hist: Box<[AtomicU64]>,
 }
 
 /// A snapshot of the request statistics.
@@ -382,17 +385,54 @@ pub struct StatsSnapshot {
     pub by_type: Vec<(&'static str, u64, u64)>,
     /// Requests answered with Rlerror.
     pub errors: u64,
-    /// `histogram[i]` counts requests that took between 2^i and 2^(i+1) nanoseconds.
+    /// `histogram[i]` counts requests whose latency in nanoseconds is `i` bits long, i.e. in
+    /// `[2^(i-1), 2^i)`.
     pub histogram: Vec<u64>,
+    /// The same histogram per message type, for the types in `by_type`.
+    pub type_histograms: Vec<(&'static str, Vec<u64>)>,
+}
+
+/// An upper bound of the `q` quantile (0..=1) of a latency histogram, in nanoseconds: the
+/// upper edge of the bucket holding it. None for an empty histogram.
+pub fn histogram_quantile(histogram: &[u64], q: f64) -> Option<u64> {
+    let total: u64 = histogram.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+    let mut seen = 0;
+    for (bits, n) in histogram.iter().enumerate() {
+        seen += n;
+        if seen >= rank {
+            return Some(1u64 << bits.min(63));
+        }
+    }
+    None
 }
 
 impl std::fmt::Display for StatsSnapshot {
+    /// One line per message type: requests, mean, and p50/p95/p99 upper bounds.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{:>12} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "request", "count", "mean ns", "p50 <=", "p95 <=", "p99 <="
+        )?;
         for (name, n, ns) in &self.by_type {
+            let hist = self
+                .type_histograms
+                .iter()
+                .find(|(t, _)| t == name)
+                .map(|(_, h)| h.as_slice())
+                .unwrap_or(&[]);
+            let q = |q| histogram_quantile(hist, q).map_or("-".to_string(), |v| v.to_string());
             writeln!(
                 f,
-                "{name:>12} {n:>10} reqs  mean {:>8} ns",
-                ns / (*n).max(1)
+                "{name:>12} {n:>10} {:>10} {:>10} {:>10} {:>10}",
+                ns / (*n).max(1),
+                q(0.5),
+                q(0.95),
+                q(0.99)
             )?;
         }
         writeln!(f, "{:>12} {:>10}", "errors", self.errors)
@@ -519,6 +559,7 @@ impl Server {
                 nanos: (0..256).map(|_| AtomicU64::new(0)).collect(),
                 errors: AtomicU64::new(0),
                 hist: (0..HIST_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+                type_hist: (0..256 * HIST_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             },
         };
         Ok(Arc::new(Server::with_share(Arc::new(share))))
@@ -581,10 +622,21 @@ impl Server {
                 })
             })
             .collect();
+        let type_histograms = (0..256usize)
+            .filter(|&t| s.count[t].load(Ordering::Relaxed) > 0)
+            .map(|t| {
+                let buckets = &s.type_hist[t * HIST_BUCKETS..(t + 1) * HIST_BUCKETS];
+                (
+                    wire::type_name(t as u8),
+                    buckets.iter().map(|h| h.load(Ordering::Relaxed)).collect(),
+                )
+            })
+            .collect();
         StatsSnapshot {
             by_type,
             errors: s.errors.load(Ordering::Relaxed),
             histogram: s.hist.iter().map(|h| h.load(Ordering::Relaxed)).collect(),
+            type_histograms,
         }
     }
 
@@ -622,6 +674,7 @@ impl Server {
             }
             let b = (64 - ns.leading_zeros() as usize).min(HIST_BUCKETS - 1);
             s.hist[b].fetch_add(1, Ordering::Relaxed);
+            s.type_hist[ty * HIST_BUCKETS + b].fetch_add(1, Ordering::Relaxed);
         }
         len
     }

@@ -657,5 +657,35 @@ fn stats_count_requests_when_enabled() {
     );
     assert_eq!(s.errors, 1);
     assert_eq!(s.histogram.iter().sum::<u64>(), 7);
-    assert!(s.to_string().contains("getattr"));
+    let per_type: u64 = s
+        .type_histograms
+        .iter()
+        .map(|(_, h)| h.iter().sum::<u64>())
+        .sum();
+    assert_eq!(per_type, 7, "every request lands in its type's histogram");
+    let getattr = &s
+        .type_histograms
+        .iter()
+        .find(|(t, _)| *t == "getattr")
+        .unwrap()
+        .1;
+    assert_eq!(getattr.iter().sum::<u64>(), 6);
+    let p99 = p9::histogram_quantile(getattr, 0.99).unwrap();
+    let p50 = p9::histogram_quantile(getattr, 0.5).unwrap();
+    assert!(p50 <= p99 && p99.is_power_of_two());
+    let text = s.to_string();
+    assert!(text.contains("getattr") && text.contains("p95"), "{text}");
+}
+
+#[test]
+fn histogram_quantiles_are_bucket_upper_bounds() {
+    // 10 requests of 2-3 ns (bucket 2), 90 of 512-1023 ns (bucket 10).
+    let mut h = vec![0u64; 40];
+    h[2] = 10;
+    h[10] = 90;
+    assert_eq!(p9::histogram_quantile(&h, 0.05), Some(4));
+    assert_eq!(p9::histogram_quantile(&h, 0.10), Some(4));
+    assert_eq!(p9::histogram_quantile(&h, 0.11), Some(1024));
+    assert_eq!(p9::histogram_quantile(&h, 0.99), Some(1024));
+    assert_eq!(p9::histogram_quantile(&[0; 40], 0.5), None);
 }
