@@ -8,7 +8,7 @@ use crate::devices::exit_port::ExitPort;
 use crate::devices::i8042::{I8042, I8042_LEN};
 use crate::devices::phase_port::PhasePort;
 use crate::devices::serial::{Console, SerialDevice};
-use crate::devices::virtio::{MmioTransport, VirtioDevice};
+use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioStats};
 use crate::memory;
 use crate::phases::PhaseLog;
 use crate::stats::{self, Stats};
@@ -95,6 +95,8 @@ pub struct RunOutcome {
     /// Everything the guest printed, when the console sink is [`ConsoleSink::Capture`].
     pub console_output: Vec<u8>,
     pub stats: Option<stats::Report>,
+    /// Per virtio device: notifications, chains, bytes and service time (with `stats`).
+    pub virtio_stats: Vec<VirtioStats>,
     /// Whether KVM runs on hardware virtualisation (see [`kvm_is_hardware_accelerated`]).
     pub kvm_hardware: bool,
 }
@@ -220,6 +222,8 @@ pub struct Vm {
     serial: Arc<SerialDevice>,
     virtio_cmdline: Vec<String>,
     virtio_count: u32,
+    /// The virtio transports, kept to stop their devices and read their stats after the run.
+    virtio: Vec<Arc<MmioTransport>>,
 }
 
 fn join_cmdline(base: &str, extras: &[String]) -> String {
@@ -330,6 +334,7 @@ impl Vm {
             serial,
             virtio_cmdline: Vec::new(),
             virtio_count: 0,
+            virtio: Vec::new(),
         })
     }
 
@@ -357,9 +362,11 @@ impl Vm {
         transport
             .register(&self.fd, base, gsi)
             .map_err(|e| dev_err(e.to_string()))?;
+        let transport = Arc::new(transport);
         self.mmio
-            .insert(base, layout::VIRTIO_MMIO_SIZE, name, Arc::new(transport))
+            .insert(base, layout::VIRTIO_MMIO_SIZE, name, transport.clone())
             .map_err(|e| dev_err(e.to_string()))?;
+        self.virtio.push(transport);
         self.virtio_count += 1;
         self.virtio_cmdline
             .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
@@ -464,6 +471,11 @@ impl Vm {
         let outcome = self.control.wait();
         vcpu::kick_and_join(handles);
         let _ = event_loop.join();
+        // Stop the devices: in-flight requests finish and console output is flushed before
+        // the caller reports the outcome.
+        for t in &self.virtio {
+            t.shutdown();
+        }
         self.phases.record("vm exit");
         let exit = outcome?;
         Ok(RunOutcome {
@@ -472,6 +484,11 @@ impl Vm {
             console_tail: self.console.tail(),
             console_output: self.console.captured(),
             stats: stats.report(),
+            virtio_stats: if self.config.stats {
+                self.virtio.iter().map(|t| t.stats()).collect()
+            } else {
+                Vec::new()
+            },
             kvm_hardware: kvm_is_hardware_accelerated(),
         })
     }

@@ -210,14 +210,37 @@ fn vm_config(kernel: PathBuf, cmdline: String, a: &VmArgs) -> Result<VmConfig, F
     Ok(c)
 }
 
-fn add_shares(vm: &mut Vm, shares: &[Share]) -> Result<(), Failure> {
+/// The 9p servers behind a VM's shares, kept for their statistics.
+#[derive(Default)]
+struct ShareServers {
+    servers: Vec<(String, Arc<p9::Server>)>,
+    pool: Option<Arc<p9::WorkerPool>>,
+}
+
+impl ShareServers {
+    /// The 9p part of the `--stats` report.
+    fn report(&self) -> String {
+        let mut out = String::new();
+        for (tag, server) in &self.servers {
+            out.push_str(&format!("9p share '{tag}':\n{}", server.stats()));
+        }
+        if let Some(pool) = &self.pool {
+            out.push_str(&format!("{}\n", pool.stats()));
+        }
+        out
+    }
+}
+
+fn add_shares(vm: &mut Vm, shares: &[Share], stats: bool) -> Result<ShareServers, Failure> {
+    let mut kept = ShareServers::default();
     if shares.is_empty() {
-        return Ok(());
+        return Ok(kept);
     }
     let threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(2, 8);
     let pool = Arc::new(p9::WorkerPool::new(threads, "9p-worker"));
+    pool.set_stats_enabled(stats);
     for s in shares {
         let config = p9::Config {
             read_only: s.read_only,
@@ -225,10 +248,27 @@ fn add_shares(vm: &mut Vm, shares: &[Share]) -> Result<(), Failure> {
         };
         let server = p9::Server::new(&s.dir, config)
             .map_err(|e| fail(format!("share {}: {e}", s.dir.display())))?;
+        server.set_stats_enabled(stats);
+        kept.servers.push((s.tag.clone(), server.clone()));
         let dev = Virtio9p::new(&s.tag, server, pool.clone())?;
         vm.add_virtio_device("virtio-9p", Box::new(dev))?;
     }
-    Ok(())
+    kept.pool = Some(pool);
+    Ok(kept)
+}
+
+/// The whole `--stats` report: VM exits and device time, virtio devices, 9p requests.
+fn stats_report(outcome: &RunOutcome, shares: &ShareServers) -> Option<String> {
+    let exits = outcome.stats.as_ref()?;
+    let mut out = format!("{exits}");
+    if !outcome.virtio_stats.is_empty() {
+        out.push_str("virtio devices:\n");
+        for v in &outcome.virtio_stats {
+            out.push_str(&format!("  {v}\n"));
+        }
+    }
+    out.push_str(&shares.report());
+    Some(out)
 }
 
 /// Runs a prepared VM with Ctrl-C handling and builds the record.
@@ -236,6 +276,7 @@ fn execute(
     vm: Vm,
     signals: Signals,
     phases: &PhaseLog,
+    shares: &ShareServers,
     what: &str,
 ) -> Result<(RunOutcome, RunRecord), Failure> {
     let stop = vm.stop_handle();
@@ -278,7 +319,7 @@ fn execute(
         }))
         .collect(),
         vmm_peak_rss_kib: vmm_peak_rss_kib(),
-        stats: outcome.stats.as_ref().map(|s| s.to_string()),
+        stats: stats_report(&outcome, shares),
         ..Default::default()
     };
     Ok((outcome, record))
@@ -365,9 +406,9 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
         "virtio-console (stderr)",
         Box::new(VirtioConsole::new(std_writer(std::io::stderr().as_fd())?)),
     )?;
-    add_shares(&mut vm, &shares)?;
+    let servers = add_shares(&mut vm, &shares, a.vm.stats)?;
 
-    let (outcome, mut record) = execute(vm, signals, &phases, "the appliance")?;
+    let (outcome, mut record) = execute(vm, signals, &phases, &servers, "the appliance")?;
     record.appliance_built = Some(prepared.built);
     let code = match outcome.exit {
         GuestExit::Status(s) => s,
@@ -494,8 +535,8 @@ fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u
     config.stdin = !a.no_stdin;
     vmm::devices::virtio::set_stats_enabled(a.vm.stats);
     let mut vm = Vm::new(config, phases.clone())?;
-    add_shares(&mut vm, &shares)?;
-    let (outcome, record) = execute(vm, signals, &phases, "the guest")?;
+    let servers = add_shares(&mut vm, &shares, a.vm.stats)?;
+    let (outcome, record) = execute(vm, signals, &phases, &servers, "the guest")?;
     let code = match outcome.exit {
         GuestExit::Status(s) => s,
         GuestExit::Reset => 0,
