@@ -446,6 +446,145 @@ fn a_guest_kernel_panic_is_reported_with_the_console_tail() {
     assert!(err.contains("Kernel panic"), "no panic lines in: {err}");
 }
 
+#[test]
+#[ignore = "boots a real kernel: run by scripts/test.sh"]
+fn ctrl_c_stops_the_vm_and_leaves_no_temporary_files() {
+    use std::io::BufRead;
+    // The appliance cache may live under the temporary directory (BOOTBOX_CACHE); it is meant
+    // to stay, so it exists before the snapshot.
+    std::fs::create_dir_all(appliance::default_cache_dir().unwrap()).unwrap();
+    let tmp_before: std::collections::BTreeSet<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let mut child = Command::new(bootbox_bin())
+        .args([
+            "run",
+            "--timeout",
+            "600",
+            "--",
+            "sh",
+            "-c",
+            "echo job-is-running; exec sleep 1000",
+        ])
+        .env("BOOTBOX_KERNEL", kernel())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "job-is-running\n");
+    // SAFETY: sending SIGINT to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    let tmp_after: std::collections::BTreeSet<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let left: Vec<_> = tmp_after.difference(&tmp_before).collect();
+    assert!(left.is_empty(), "temporary files left behind: {left:?}");
+}
+
+#[test]
+#[ignore = "boots a real kernel: run by scripts/test.sh"]
+fn concurrent_runs_work_and_share_one_appliance_build() {
+    let cache = Scratch::new("concurrent-cache");
+    let runs: Vec<_> = (0..3)
+        .map(|i| {
+            let cache = cache.path().to_path_buf();
+            let json = cache.join(format!("run{i}.json"));
+            std::thread::spawn(move || {
+                let out = Command::new(bootbox_bin())
+                    .args([
+                        "run",
+                        "--timeout",
+                        "900",
+                        "--json",
+                        json.to_str().unwrap(),
+                        "--",
+                    ])
+                    .args(["sh", "-c", &format!("echo run-{i}; exit {}", 10 + i)])
+                    .env("BOOTBOX_KERNEL", kernel())
+                    .env("BOOTBOX_CACHE", &cache)
+                    .output()
+                    .unwrap();
+                (i, out, json)
+            })
+        })
+        .collect();
+    let mut built = 0;
+    for r in runs {
+        let (i, out, json) = r.join().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(10 + i),
+            "run {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(stdout(&out), format!("run-{i}\n"));
+        let record: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+        if record["appliance_built"] == serde_json::Value::Bool(true) {
+            built += 1;
+        }
+    }
+    assert_eq!(
+        built, 1,
+        "exactly one of the concurrent runs builds the appliance"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(cache.path().join("appliance"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "temporary build files left: {leftovers:?}"
+    );
+}
+
+#[test]
+#[ignore = "boots a real kernel: run by scripts/test.sh"]
+fn stats_report_exits_devices_and_9p_requests() {
+    let tree = Scratch::new("stats");
+    std::fs::write(tree.path().join("f"), b"data").unwrap();
+    let out = bootbox(&[
+        "run",
+        "--stats",
+        "--share",
+        tree.s(),
+        "--timeout",
+        "600",
+        "--",
+        "cat",
+        "f",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(stdout(&out), "data");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "vm exit reason",
+        "io-out",
+        "exit-port",
+        "virtio-9p",
+        "walk",
+        "read",
+        "p95",
+        "worker pool",
+    ] {
+        assert!(
+            err.contains(needle),
+            "{needle} missing from the stats report:\n{err}"
+        );
+    }
+}
+
 // ---- failures before any VM starts: need no KVM ----
 
 #[test]
