@@ -585,6 +585,50 @@ fn stats_report_exits_devices_and_9p_requests() {
     }
 }
 
+#[test]
+#[ignore = "boots a real kernel: run by scripts/test.sh"]
+fn without_a_command_an_interactive_shell_runs_on_the_console() {
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+    let mut child = Command::new(bootbox_bin())
+        .args(["run", "--timeout", "600"])
+        .env("BOOTBOX_KERNEL", kernel())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut out = child.stdout.take().unwrap();
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    // Type only once the shell prompts, as a person would.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !String::from_utf8_lossy(&seen.lock().unwrap()).contains("# ") {
+        assert!(std::time::Instant::now() < deadline, "no shell prompt");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"echo interactive-$((6 * 7)) from a shell that reads more than sixty-four bytes; exit 3\n")
+        .unwrap();
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    let text = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    assert!(text.contains("interactive-42 from a shell"), "{text}");
+    assert_eq!(status.code(), Some(3), "{text}");
+}
+
 // ---- failures before any VM starts: need no KVM ----
 
 #[test]

@@ -288,7 +288,10 @@ impl Vm {
             .map_err(|e| VmError::Thread(format!("cannot create an eventfd: {e}")))?;
         fd.register_irqfd(&serial_irq, layout::COM1_GSI)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let serial = Arc::new(SerialDevice::new(serial_irq, console.clone()));
+        let serial = Arc::new(
+            SerialDevice::new(serial_irq, console.clone())
+                .map_err(|e| VmError::Thread(format!("cannot create an eventfd: {e}")))?,
+        );
 
         let mut pio = Bus::new();
         let devices: [(u64, u64, &'static str, Arc<dyn BusDevice>); 4] = [
@@ -560,10 +563,47 @@ impl MutEventSubscriber for ControlSubscriber {
     }
 }
 
-/// Forwards a host input descriptor (stdin) to the serial port.
+/// Forwards a host input descriptor (stdin) to the serial port without losing bytes: input
+/// is read only while the UART's receive FIFO has room; what does not fit waits in `pending`
+/// and stdin is not polled until the guest drains the FIFO (the device's input-room eventfd).
 struct StdinSubscriber {
     fd: std::os::fd::RawFd,
     serial: Arc<SerialDevice>,
+    pending: Vec<u8>,
+    eof: bool,
+}
+
+impl StdinSubscriber {
+    fn new(fd: std::os::fd::RawFd, serial: Arc<SerialDevice>) -> Self {
+        StdinSubscriber {
+            fd,
+            serial,
+            pending: Vec::new(),
+            eof: false,
+        }
+    }
+
+    fn room_fd(&self) -> std::os::fd::RawFd {
+        self.serial.input_room().as_raw_fd()
+    }
+
+    /// Pushes pending input into the FIFO and picks what to wait for next.
+    fn feed(&mut self, ops: &mut EventOps) {
+        let n = self.serial.enqueue_input(&self.pending);
+        self.pending.drain(..n);
+        let stdin = Events::new_raw(self.fd, EventSet::IN);
+        let room = Events::new_raw(self.room_fd(), EventSet::IN);
+        if self.pending.is_empty() {
+            let _ = ops.remove(room);
+            if !self.eof {
+                // Fails harmlessly when already registered or not pollable.
+                let _ = ops.add(stdin);
+            }
+        } else {
+            let _ = ops.remove(stdin);
+            let _ = ops.add(room);
+        }
+    }
 }
 
 impl MutEventSubscriber for StdinSubscriber {
@@ -572,8 +612,13 @@ impl MutEventSubscriber for StdinSubscriber {
         let _ = ops.add(Events::new_raw(self.fd, EventSet::IN));
     }
 
-    fn process(&mut self, _events: Events, ops: &mut EventOps) {
-        let mut buf = [0u8; 64];
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.room_fd() {
+            let _ = self.serial.input_room().read();
+            self.feed(ops);
+            return;
+        }
+        let mut buf = [0u8; 256];
         // SAFETY: reading into a stack buffer of the given length from our input descriptor.
         let n = unsafe { libc::read(self.fd, buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
@@ -584,10 +629,12 @@ impl MutEventSubscriber for StdinSubscriber {
         }
         if n <= 0 {
             // EOF or a hard error: stop watching stdin so the loop does not spin.
+            self.eof = true;
             let _ = ops.remove(Events::new_raw(self.fd, EventSet::IN));
             return;
         }
-        self.serial.enqueue_input(&buf[..n as usize]);
+        self.pending.extend_from_slice(&buf[..n as usize]);
+        self.feed(ops);
     }
 }
 
@@ -614,10 +661,7 @@ fn spawn_event_loop(
         timer,
     }));
     if let Some(serial) = stdin {
-        em.add_subscriber(Box::new(StdinSubscriber {
-            fd: libc::STDIN_FILENO,
-            serial,
-        }));
+        em.add_subscriber(Box::new(StdinSubscriber::new(libc::STDIN_FILENO, serial)));
     }
     std::thread::Builder::new()
         .name("vmm-events".into())
@@ -654,12 +698,9 @@ mod tests {
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
         let console = Console::new(ConsoleSink::Off, PhaseLog::new(std::time::Instant::now()));
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let serial = Arc::new(SerialDevice::new(irq, console));
+        let serial = Arc::new(SerialDevice::new(irq, console).unwrap());
         let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new().unwrap();
-        em.add_subscriber(Box::new(StdinSubscriber {
-            fd: fds[0],
-            serial: serial.clone(),
-        }));
+        em.add_subscriber(Box::new(StdinSubscriber::new(fds[0], serial.clone())));
         // SAFETY: writing two bytes from a static buffer to the pipe's write end.
         assert_eq!(unsafe { libc::write(fds[1], b"ls".as_ptr().cast(), 2) }, 2);
         assert_eq!(em.run_with_timeout(1000).unwrap(), 1);
@@ -673,6 +714,47 @@ mod tests {
         assert_eq!(em.run_with_timeout(1000).unwrap(), 1); // EOF seen, fd dropped
         assert_eq!(em.run_with_timeout(50).unwrap(), 0); // and no longer polled
                                                          // SAFETY: closing the read end we own.
+        unsafe { libc::close(fds[0]) };
+    }
+
+    #[test]
+    fn input_larger_than_the_fifo_waits_for_room_instead_of_being_dropped() {
+        use crate::devices::serial::Console;
+        use event_manager::SubscriberOps;
+        let mut fds = [0; 2];
+        // SAFETY: pipe fills the two-element array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let console = Console::new(ConsoleSink::Off, PhaseLog::new(std::time::Instant::now()));
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let serial = Arc::new(SerialDevice::new(irq, console).unwrap());
+        let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new().unwrap();
+        em.add_subscriber(Box::new(StdinSubscriber::new(fds[0], serial.clone())));
+        let input: Vec<u8> = (0..1000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        // SAFETY: writing from a live buffer to the pipe's write end (fits the pipe buffer).
+        let written = unsafe { libc::write(fds[1], input.as_ptr().cast(), input.len()) };
+        assert_eq!(written, input.len() as isize);
+        // SAFETY: closing the write end we own.
+        unsafe { libc::close(fds[1]) };
+        let mut received = Vec::new();
+        for _ in 0..200 {
+            if received.len() == input.len() {
+                break;
+            }
+            em.run_with_timeout(100).unwrap();
+            // The guest drains the FIFO: read while the line status says data is ready.
+            loop {
+                let mut lsr = [0u8];
+                serial.read(5, &mut lsr);
+                if lsr[0] & 1 == 0 {
+                    break;
+                }
+                let mut b = [0u8];
+                serial.read(0, &mut b);
+                received.push(b[0]);
+            }
+        }
+        assert_eq!(received, input, "every byte arrives once, in order");
+        // SAFETY: closing the read end we own.
         unsafe { libc::close(fds[0]) };
     }
 

@@ -147,16 +147,42 @@ impl Trigger for EventFdTrigger {
     }
 }
 
+/// Signals an eventfd when the guest has drained the receive FIFO, so the host can feed more
+/// input instead of dropping it.
+pub struct InputRoom(pub EventFd);
+
+impl vm_superio::serial::SerialEvents for InputRoom {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        let _ = self.0.write(1);
+    }
+}
+
 /// COM1 on the port I/O bus.
 pub struct SerialDevice {
-    uart: Mutex<Serial<EventFdTrigger, vm_superio::serial::NoEvents, ConsoleWriter>>,
+    uart: Mutex<Serial<EventFdTrigger, InputRoom, ConsoleWriter>>,
+    room: EventFd,
 }
 
 impl SerialDevice {
-    pub fn new(irq: EventFd, console: Arc<Console>) -> Self {
-        SerialDevice {
-            uart: Mutex::new(Serial::new(EventFdTrigger(irq), ConsoleWriter(console))),
-        }
+    pub fn new(irq: EventFd, console: Arc<Console>) -> io::Result<Self> {
+        let room = EventFd::new(libc::EFD_NONBLOCK)?;
+        Ok(SerialDevice {
+            uart: Mutex::new(Serial::with_events(
+                EventFdTrigger(irq),
+                InputRoom(room.try_clone()?),
+                ConsoleWriter(console),
+            )),
+            room,
+        })
+    }
+
+    /// Becomes readable when the guest has emptied the receive FIFO (see
+    /// [`SerialDevice::enqueue_input`]).
+    pub fn input_room(&self) -> &EventFd {
+        &self.room
     }
 
     /// Queues host input for the guest; returns how many bytes fit.
@@ -197,7 +223,7 @@ mod tests {
         let phases = PhaseLog::new(Instant::now());
         let console = Console::new(ConsoleSink::Capture, phases.clone());
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let dev = SerialDevice::new(irq.try_clone().unwrap(), console.clone());
+        let dev = SerialDevice::new(irq.try_clone().unwrap(), console.clone()).unwrap();
         for b in b"hi\r\nthere" {
             dev.write(0, &[*b]);
         }
@@ -214,7 +240,7 @@ mod tests {
     fn input_raises_the_interrupt_and_is_readable() {
         let console = Console::new(ConsoleSink::Off, PhaseLog::new(Instant::now()));
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let dev = SerialDevice::new(irq.try_clone().unwrap(), console);
+        let dev = SerialDevice::new(irq.try_clone().unwrap(), console).unwrap();
         dev.write(1, &[1]); // IER: received-data interrupt on
         assert_eq!(dev.enqueue_input(b"ok"), 2);
         assert_eq!(irq.read().unwrap(), 1);
