@@ -25,6 +25,9 @@ cargo build --workspace --release --bins
 step "unit, device and 9p tests (tiny guests run on this machine's /dev/kvm)"
 cargo test --workspace --release
 
+step "the monitor's tests again with its extra internal assertions (feature internal-checks)"
+cargo test --release -p vmm --features internal-checks
+
 step "fuzzing the 9p decoder and server (${fuzz_secs}s writable, $(( fuzz_secs / 2 ))s read-only)"
 target/release/p9-fuzz --secs "$fuzz_secs"
 target/release/p9-fuzz --secs "$(( fuzz_secs / 2 ))" --read-only

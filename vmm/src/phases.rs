@@ -52,8 +52,13 @@ impl PhaseLog {
     }
 
     fn push(&self, name: Cow<'static, str>, guest: bool) {
-        let nanos = self.0.start.elapsed().as_nanos() as u64;
         if let Ok(mut v) = self.0.events.lock() {
+            // Timestamp under the lock, so the log is in time order across threads.
+            let nanos = self.0.start.elapsed().as_nanos() as u64;
+            crate::internal_check!(
+                v.last().is_none_or(|last| last.nanos <= nanos),
+                "phase {name} recorded before the previous one"
+            );
             v.push(PhaseEvent { name, nanos, guest });
         }
     }

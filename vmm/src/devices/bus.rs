@@ -80,6 +80,12 @@ impl Bus {
                 device,
             },
         );
+        crate::internal_check!(
+            self.ranges
+                .windows(2)
+                .all(|w| w[0].base + w[0].len <= w[1].base),
+            "bus ranges out of order or overlapping after inserting {name} at {base:#x}"
+        );
         Ok(())
     }
 

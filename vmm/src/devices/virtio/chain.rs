@@ -209,6 +209,12 @@ pub fn walk(
             });
         }
         if desc.flags & VRING_DESC_F_NEXT == 0 {
+            crate::internal_check!(
+                chain.readable.iter().map(|b| u64::from(b.len)).sum::<u64>() == chain.readable_len
+                    && chain.writable.iter().map(|b| u64::from(b.len)).sum::<u64>()
+                        == chain.writable_len,
+                "chain {head}: buffer lengths disagree with the totals"
+            );
             return Ok(chain);
         }
         index = u32::from(desc.next);
