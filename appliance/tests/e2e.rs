@@ -631,34 +631,44 @@ fn without_a_command_an_interactive_shell_runs_on_the_console() {
 
 // ---- failures before any VM starts: need no KVM ----
 
+/// Runs bootbox with `args` and no KVM needed: it must fail as a launcher error (125) with a
+/// message containing `needle` and no panic. Returns stderr.
+fn launcher_error(args: &[&str], needle: &str) -> String {
+    let out = Command::new(bootbox_bin()).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains(needle), "{needle:?} missing from: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
 #[test]
 fn a_missing_share_is_a_launcher_error() {
-    let out = Command::new(bootbox_bin())
-        .args(["run", "--share", "/nonexistent/tree", "--", "true"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(125));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tree"));
+    launcher_error(
+        &["run", "--share", "/nonexistent/tree", "--", "true"],
+        "/nonexistent/tree",
+    );
 }
 
 #[test]
 fn a_file_that_is_not_a_kernel_is_refused_clearly() {
-    let out = Command::new(bootbox_bin())
-        .args(["boot", "--kernel", "/etc/passwd", "--no-stdin"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(125));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("/etc/passwd"), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
+    launcher_error(
+        &["boot", "--kernel", "/etc/passwd", "--no-stdin"],
+        "/etc/passwd",
+    );
 }
 
 #[test]
 fn a_missing_kernel_says_how_to_build_one() {
-    let out = Command::new(bootbox_bin())
-        .args(["run", "--kernel", "/nonexistent/vmlinux", "--", "true"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(125));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("build-kernel.sh"));
+    launcher_error(
+        &["run", "--kernel", "/nonexistent/vmlinux", "--", "true"],
+        "build-kernel.sh",
+    );
+}
+
+#[test]
+fn bad_arguments_are_launcher_errors() {
+    launcher_error(&["run", "--timeout", "0", "--", "true"], "--timeout");
+    launcher_error(&["run", "--env", "NOEQUALS", "--", "true"], "NAME=VALUE");
+    launcher_error(&["run", "--no-such-flag"], "--no-such-flag");
 }

@@ -392,21 +392,15 @@ mod tests {
         Option<crate::stats::Report>,
     );
 
-    /// Runs real-mode `code` at 0x1000 on a VM without in-kernel irqchip.
-    fn run_real_mode(code: &[u8]) -> Option<RealModeResult> {
-        let kvm = match Kvm::new() {
-            Ok(k) => k,
-            Err(e) => {
-                eprintln!("skipping: cannot open /dev/kvm: {e}");
-                return None;
-            }
-        };
+    /// A VM (no in-kernel irqchip) with 64 KiB of RAM holding `code` at 0x1000 and one vCPU in
+    /// real mode about to run it. The VM and memory must outlive the vCPU's runs.
+    fn real_mode_vcpu(kvm: &Kvm, code: &[u8]) -> (kvm_ioctls::VmFd, GuestMemoryMmap, VcpuFd) {
         let vm = kvm.create_vm().unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         mem.write_slice(code, GuestAddress(0x1000)).unwrap();
         let region = mem.iter().next().unwrap();
         let host = region.get_host_address(MemoryRegionAddress(0)).unwrap();
-        // SAFETY: `mem` outlives the VM in this test; one slot.
+        // SAFETY: the caller keeps `mem` alive as long as the VM; one slot.
         unsafe {
             vm.set_user_memory_region(kvm_userspace_memory_region {
                 slot: 0,
@@ -417,7 +411,7 @@ mod tests {
             })
             .unwrap()
         };
-        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
         let mut sregs = vcpu.get_sregs().unwrap();
         sregs.cs.base = 0;
         sregs.cs.selector = 0;
@@ -428,6 +422,19 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
+        (vm, mem, vcpu)
+    }
+
+    /// Runs real-mode `code` at 0x1000 on a VM without in-kernel irqchip.
+    fn run_real_mode(code: &[u8]) -> Option<RealModeResult> {
+        let kvm = match Kvm::new() {
+            Ok(k) => k,
+            Err(e) => {
+                eprintln!("skipping: cannot open /dev/kvm: {e}");
+                return None;
+            }
+        };
+        let (_vm, _mem, mut vcpu) = real_mode_vcpu(&kvm, code);
         let rec = Arc::new(Recorder(Mutex::new(Vec::new())));
         let mut pio = Bus::new();
         pio.insert(0x3f8, 8, "serial", rec.clone()).unwrap();
@@ -554,34 +561,7 @@ mod tests {
             Err(e) => return eprintln!("skipping: cannot open /dev/kvm: {e}"),
         };
         install_kick_handler().unwrap();
-        let vm = kvm.create_vm().unwrap();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        mem.write_slice(&[0xeb, 0xfe], GuestAddress(0x1000))
-            .unwrap(); // jmp $
-        let region = mem.iter().next().unwrap();
-        let host = region.get_host_address(MemoryRegionAddress(0)).unwrap();
-        // SAFETY: `mem` outlives the VM in this test; one slot.
-        unsafe {
-            vm.set_user_memory_region(kvm_userspace_memory_region {
-                slot: 0,
-                flags: 0,
-                guest_phys_addr: 0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            })
-            .unwrap()
-        };
-        let mut vcpu = vm.create_vcpu(0).unwrap();
-        let mut sregs = vcpu.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        vcpu.set_sregs(&sregs).unwrap();
-        vcpu.set_regs(&kvm_bindings::kvm_regs {
-            rip: 0x1000,
-            rflags: 2,
-            ..Default::default()
-        })
-        .unwrap();
+        let (_vm, _mem, mut vcpu) = real_mode_vcpu(&kvm, &[0xeb, 0xfe]); // jmp $
         let control = RunControl::new().unwrap();
         let ctx = VcpuContext {
             pio: Arc::new(Bus::new()),

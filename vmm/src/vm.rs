@@ -689,8 +689,11 @@ mod tests {
         assert!(!cpuinfo_has_virt(""));
     }
 
-    #[test]
-    fn input_reaches_the_serial_port_and_eof_stops_polling() {
+    type EventLoop = EventManager<Box<dyn MutEventSubscriber + Send>>;
+
+    /// A pipe standing in for stdin (`[read, write]`), a serial port, and an event loop
+    /// forwarding the pipe to it.
+    fn stdin_fixture() -> ([i32; 2], Arc<SerialDevice>, EventLoop) {
         use crate::devices::serial::Console;
         use event_manager::SubscriberOps;
         let mut fds = [0; 2];
@@ -699,8 +702,14 @@ mod tests {
         let console = Console::new(ConsoleSink::Off, PhaseLog::new(std::time::Instant::now()));
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let serial = Arc::new(SerialDevice::new(irq, console).unwrap());
-        let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new().unwrap();
+        let mut em: EventLoop = EventManager::new().unwrap();
         em.add_subscriber(Box::new(StdinSubscriber::new(fds[0], serial.clone())));
+        (fds, serial, em)
+    }
+
+    #[test]
+    fn input_reaches_the_serial_port_and_eof_stops_polling() {
+        let (fds, serial, mut em) = stdin_fixture();
         // SAFETY: writing two bytes from a static buffer to the pipe's write end.
         assert_eq!(unsafe { libc::write(fds[1], b"ls".as_ptr().cast(), 2) }, 2);
         assert_eq!(em.run_with_timeout(1000).unwrap(), 1);
@@ -719,16 +728,7 @@ mod tests {
 
     #[test]
     fn input_larger_than_the_fifo_waits_for_room_instead_of_being_dropped() {
-        use crate::devices::serial::Console;
-        use event_manager::SubscriberOps;
-        let mut fds = [0; 2];
-        // SAFETY: pipe fills the two-element array.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        let console = Console::new(ConsoleSink::Off, PhaseLog::new(std::time::Instant::now()));
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let serial = Arc::new(SerialDevice::new(irq, console).unwrap());
-        let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new().unwrap();
-        em.add_subscriber(Box::new(StdinSubscriber::new(fds[0], serial.clone())));
+        let (fds, serial, mut em) = stdin_fixture();
         let input: Vec<u8> = (0..1000u32).map(|i| b'a' + (i % 26) as u8).collect();
         // SAFETY: writing from a live buffer to the pipe's write end (fits the pipe buffer).
         let written = unsafe { libc::write(fds[1], input.as_ptr().cast(), input.len()) };

@@ -187,16 +187,19 @@ fn std_writer(fd: std::os::fd::BorrowedFd<'_>) -> Result<Box<dyn Write + Send>, 
     Ok(Box::new(File::from(owned)))
 }
 
+/// `--timeout` as a duration; checked before anything expensive happens.
+fn vm_timeout(a: &VmArgs) -> Result<Option<Duration>, Failure> {
+    match a.timeout {
+        Some(t) if t.is_finite() && t > 0.0 => Ok(Some(Duration::from_secs_f64(t))),
+        Some(t) => Err(fail(format!(
+            "--timeout {t}: give a positive number of seconds"
+        ))),
+        None => Ok(None),
+    }
+}
+
 fn vm_config(kernel: PathBuf, cmdline: String, a: &VmArgs) -> Result<VmConfig, Failure> {
-    let timeout = match a.timeout {
-        Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
-        Some(t) => {
-            return Err(fail(format!(
-                "--timeout {t}: give a positive number of seconds"
-            )))
-        }
-        None => None,
-    };
+    let timeout = vm_timeout(a)?;
     let mut cmdline = cmdline;
     if let Some(extra) = &a.append {
         cmdline.push(' ');
@@ -347,17 +350,19 @@ fn report_failure(f: Failure) -> u8 {
     f.code
 }
 
+/// Blocks the stop signals before any thread starts, runs `body`, and reports a failure.
+fn launch(body: impl FnOnce(Signals) -> Result<u8, Failure>) -> u8 {
+    body(Signals::block()).unwrap_or_else(report_failure)
+}
+
 /// `bootbox run`.
 pub fn run(process_start: Instant, a: RunArgs) -> u8 {
-    let signals = Signals::block();
-    match run_inner(process_start, a, signals) {
-        Ok(code) => code,
-        Err(f) => report_failure(f),
-    }
+    launch(|signals| run_inner(process_start, a, signals))
 }
 
 fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8, Failure> {
     let phases = PhaseLog::new(process_start);
+    vm_timeout(&a.vm)?;
     let mut shares = a
         .shares
         .iter()
@@ -504,15 +509,12 @@ pub fn initrd(a: InitrdArgs) -> u8 {
 
 /// `bootbox boot`.
 pub fn boot(process_start: Instant, a: BootArgs) -> u8 {
-    let signals = Signals::block();
-    match boot_inner(process_start, a, signals) {
-        Ok(code) => code,
-        Err(f) => report_failure(f),
-    }
+    launch(|signals| boot_inner(process_start, a, signals))
 }
 
 fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u8, Failure> {
     let phases = PhaseLog::new(process_start);
+    vm_timeout(&a.vm)?;
     let shares = a
         .shares
         .iter()

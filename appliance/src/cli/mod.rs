@@ -24,7 +24,15 @@ pub const EXIT_TIMEOUT: u8 = 124;
 pub const EXIT_INTERRUPTED: u8 = 130;
 
 pub fn main(process_start: Instant) -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version are not errors; bad usage is a launcher error (125), as with
+        // `env` and `docker run`.
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_LAUNCHER } else { 0 });
+        }
+    };
     raise_fd_limit();
     let code = match cli.command {
         Command::Run(a) => launch::run(process_start, a),
