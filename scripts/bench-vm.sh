@@ -7,6 +7,8 @@
 #   scripts/bench-vm.sh 9p   [RUNS]   # `find | xargs sha256sum` over a generated tree, over
 #                                     # bootbox's virtio-9p vs QEMU's virtio-9p (-fsdev local)
 #   scripts/bench-vm.sh analyze       # the slowest initcalls of the guest kernel
+#   scripts/bench-vm.sh stats [RUNS]  # what --stats costs (bootbox with it vs without), and
+#                                     # one run's report: VM exits per boot, device time
 #
 # Without hardware virtualisation the whole benchmark runs inside the nested test host
 # (scripts/testhost.sh): absolute times there are emulated, the ratios are what count.
@@ -81,5 +83,11 @@ case "$mode" in
     analyze)
         "$bootbox" bench --analyze
         ;;
-    *) echo "bench-vm: mode must be boot, 9p or analyze" >&2; exit 2 ;;
+    stats)
+        "$bootbox" run --stats -- sh -c 'exit 5' || true
+        "$bootbox" bench --runs "$runs" --warmup 2 --expect-status 5 \
+            --compare "$bootbox run --stats -- sh -c 'exit 5' 2>/dev/null; test \$? = 5" \
+            -- run -- sh -c 'exit 5'
+        ;;
+    *) echo "bench-vm: mode must be boot, 9p, analyze or stats" >&2; exit 2 ;;
 esac

@@ -113,6 +113,9 @@ impl Driver {
 
     /// Rings of queue q at 0x10000 * (q + 1): descriptors, then avail, then used ring.
     fn setup_queue(&mut self, q: u32, size: u16) {
+        // Like a driver: never more entries than the device offers for this queue.
+        self.w32(0x30, q);
+        let size = size.min(self.r32(0x34) as u16);
         let base = 0x1_0000 * (u64::from(q) + 1);
         let ring = Ring {
             size,
@@ -421,6 +424,16 @@ fn console_needs_its_transmit_queue() {
     d.setup_queue(0, 16);
     d.add_status(STATUS_DRIVER_OK);
     assert_ne!(d.status() & STATUS_DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn console_offers_a_tiny_receive_queue_and_a_full_transmit_queue() {
+    // Linux allocates a page per receive entry at probe time; the console has no input.
+    let (mut d, _) = console();
+    d.w32(0x30, 0);
+    assert_eq!(d.r32(0x34), 4);
+    d.w32(0x30, 1);
+    assert_eq!(d.r32(0x34), 256);
 }
 
 #[test]
