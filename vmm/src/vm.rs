@@ -97,6 +97,8 @@ pub struct RunOutcome {
     pub stats: Option<stats::Report>,
     /// Per virtio device: notifications, chains, bytes and service time (with `stats`).
     pub virtio_stats: Vec<VirtioStats>,
+    /// Guest RAM resident on the host at the end of the run, in KiB.
+    pub guest_resident_kib: Option<u64>,
     /// Whether KVM runs on hardware virtualisation (see [`kvm_is_hardware_accelerated`]).
     pub kvm_hardware: bool,
 }
@@ -492,6 +494,7 @@ impl Vm {
             } else {
                 Vec::new()
             },
+            guest_resident_kib: memory::resident_kib(&self.mem),
             kvm_hardware: kvm_is_hardware_accelerated(),
         })
     }

@@ -321,7 +321,7 @@ fn execute(
             guest: e.guest,
         }))
         .collect(),
-        vmm_peak_rss_kib: vmm_peak_rss_kib(),
+        vmm_peak_rss_kib: vmm_peak_rss_kib(outcome.guest_resident_kib),
         stats: stats_report(&outcome, shares),
         ..Default::default()
     };

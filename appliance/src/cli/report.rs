@@ -130,20 +130,18 @@ pub fn fmt_ns(ns: u64) -> String {
     }
 }
 
-/// Peak RSS of this process minus the guest memory it maps, from /proc/self/status:
-/// guest RAM is a shared mapping (RssShmem), so VmHWM - RssShmem is the VMM's own share.
-pub fn vmm_peak_rss_kib() -> Option<u64> {
+/// Peak RSS of this process (VmHWM) minus the guest RAM resident at the end of the run: guest
+/// pages are never given back while the VM lives, so that is the guest's share of the peak.
+pub fn vmm_peak_rss_kib(guest_resident_kib: Option<u64>) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let field = |name: &str| -> Option<u64> {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
-    Some(field("VmHWM:")?.saturating_sub(field("RssShmem:").unwrap_or(0)))
+    let hwm: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(hwm.saturating_sub(guest_resident_kib?))
 }
 
 #[cfg(test)]

@@ -429,7 +429,7 @@ fn console_needs_its_transmit_queue() {
 #[test]
 fn console_offers_a_tiny_receive_queue_and_a_full_transmit_queue() {
     // Linux allocates a page per receive entry at probe time; the console has no input.
-    let (mut d, _) = console();
+    let (d, _) = console();
     d.w32(0x30, 0);
     assert_eq!(d.r32(0x34), 4);
     d.w32(0x30, 1);
