@@ -629,6 +629,55 @@ fn without_a_command_an_interactive_shell_runs_on_the_console() {
     assert_eq!(status.code(), Some(3), "{text}");
 }
 
+#[test]
+#[ignore = "boots a real kernel: run by scripts/test.sh"]
+fn bench_summarises_phases_and_compares_with_another_command() {
+    let scratch = Scratch::new("bench");
+    let json = scratch.path().join("bench.json");
+    let bin = bootbox_bin();
+    let compare = format!("{} run --timeout 600 -- true", bin.display());
+    let out = bootbox(&[
+        "bench",
+        "--runs",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+        "--compare",
+        &compare,
+        "--",
+        "run",
+        "--timeout",
+        "600",
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = stdout(&out);
+    for needle in ["launch to init", "median", "p95", "stddev", "ratios A/B"] {
+        assert!(text.contains(needle), "{needle} missing:\n{text}");
+    }
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let a = &doc["a"]["summary"];
+    for phase in [
+        "launch to init",
+        "launch to job result",
+        "kernel boot (first KVM_RUN to init)",
+    ] {
+        assert_eq!(a[phase]["n"], 2, "{phase}: {a}");
+        assert!(a[phase]["min"].as_f64().unwrap() <= a[phase]["median"].as_f64().unwrap());
+    }
+    assert_eq!(doc["b"]["summary"]["end-to-end (wall)"]["n"], 2);
+    assert!(
+        doc["ratios_a_over_b"]["end-to-end (wall)"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+}
+
 // ---- failures before any VM starts: need no KVM ----
 
 /// Runs bootbox with `args` and no KVM needed: it must fail as a launcher error (125) with a
