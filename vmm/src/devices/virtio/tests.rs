@@ -1000,6 +1000,32 @@ impl Drop for Share {
 }
 
 /// Sends one request (at `DATA`) and returns the reply gathered from `replies`.
+/// Tversion (msize 512000), Tattach fid 1, Twalk 1 -> 2 "data", Tlopen 2 read-only: the
+/// session the read tests start from. Each reply must be the matching R-message.
+fn open_data_file(d: &mut Driver, used: &mut u16) {
+    let small = [(DATA + 0x1_0000, 4096u32)];
+    let mut body = 512_000u32.to_le_bytes().to_vec();
+    str9p(&mut body, "9P2000.L");
+    assert_eq!(
+        roundtrip(d, used, &msg9p(100, 0xffff, &body), &small)[4],
+        101
+    );
+    let mut body = 1u32.to_le_bytes().to_vec();
+    body.extend_from_slice(&u32::MAX.to_le_bytes());
+    str9p(&mut body, "root");
+    str9p(&mut body, "");
+    body.extend_from_slice(&0u32.to_le_bytes());
+    assert_eq!(roundtrip(d, used, &msg9p(104, 1, &body), &small)[4], 105);
+    let mut body = 1u32.to_le_bytes().to_vec();
+    body.extend_from_slice(&2u32.to_le_bytes());
+    body.extend_from_slice(&1u16.to_le_bytes());
+    str9p(&mut body, "data");
+    assert_eq!(roundtrip(d, used, &msg9p(110, 2, &body), &small)[4], 111);
+    let mut body = 2u32.to_le_bytes().to_vec();
+    body.extend_from_slice(&0u32.to_le_bytes());
+    assert_eq!(roundtrip(d, used, &msg9p(12, 3, &body), &small)[4], 13);
+}
+
 fn roundtrip(d: &mut Driver, used: &mut u16, req: &[u8], replies: &[(u64, u32)]) -> Vec<u8> {
     d.fill(DATA, req);
     let mut bufs = vec![(DATA, req.len() as u32, false)];
@@ -1076,39 +1102,8 @@ fn ninep_zero_copy_read_lands_in_scattered_guest_buffers() {
     std::fs::write(share.dir.join("data"), &content).unwrap();
     let mut d = real_ninep(&share);
     let mut used = 0u16;
-    let small = [(DATA + 0x1_0000, 4096u32)];
 
-    let mut body = 512_000u32.to_le_bytes().to_vec();
-    str9p(&mut body, "9P2000.L");
-    assert_eq!(
-        roundtrip(&mut d, &mut used, &msg9p(100, 0xffff, &body), &small)[4],
-        101
-    );
-    let mut body = 1u32.to_le_bytes().to_vec();
-    body.extend_from_slice(&u32::MAX.to_le_bytes());
-    str9p(&mut body, "root");
-    str9p(&mut body, "");
-    body.extend_from_slice(&0u32.to_le_bytes());
-    assert_eq!(
-        roundtrip(&mut d, &mut used, &msg9p(104, 1, &body), &small)[4],
-        105
-    );
-    // Twalk 1 -> 2 "data"
-    let mut body = 1u32.to_le_bytes().to_vec();
-    body.extend_from_slice(&2u32.to_le_bytes());
-    body.extend_from_slice(&1u16.to_le_bytes());
-    str9p(&mut body, "data");
-    assert_eq!(
-        roundtrip(&mut d, &mut used, &msg9p(110, 2, &body), &small)[4],
-        111
-    );
-    // Tlopen 2 O_RDONLY
-    let mut body = 2u32.to_le_bytes().to_vec();
-    body.extend_from_slice(&0u32.to_le_bytes());
-    assert_eq!(
-        roundtrip(&mut d, &mut used, &msg9p(12, 3, &body), &small)[4],
-        13
-    );
+    open_data_file(&mut d, &mut used);
 
     // Tread 200_000 bytes at offset 12_345 into six scattered, oddly sized guest buffers; the
     // 11-byte Rread header itself straddles the first two.
@@ -1260,27 +1255,7 @@ fn ninep_many_concurrent_reads_all_complete_exactly() {
     std::fs::write(share.dir.join("data"), &content).unwrap();
     let mut d = real_ninep(&share);
     let mut used = 0u16;
-    let small = [(DATA + 0x1_0000, 4096u32)];
-    let mut body = 512_000u32.to_le_bytes().to_vec();
-    str9p(&mut body, "9P2000.L");
-    roundtrip(&mut d, &mut used, &msg9p(100, 0xffff, &body), &small);
-    let mut body = 1u32.to_le_bytes().to_vec();
-    body.extend_from_slice(&u32::MAX.to_le_bytes());
-    str9p(&mut body, "root");
-    str9p(&mut body, "");
-    body.extend_from_slice(&0u32.to_le_bytes());
-    roundtrip(&mut d, &mut used, &msg9p(104, 1, &body), &small);
-    let mut body = 1u32.to_le_bytes().to_vec();
-    body.extend_from_slice(&2u32.to_le_bytes());
-    body.extend_from_slice(&1u16.to_le_bytes());
-    str9p(&mut body, "data");
-    roundtrip(&mut d, &mut used, &msg9p(110, 2, &body), &small);
-    let mut body = 2u32.to_le_bytes().to_vec();
-    body.extend_from_slice(&0u32.to_le_bytes());
-    assert_eq!(
-        roundtrip(&mut d, &mut used, &msg9p(12, 3, &body), &small)[4],
-        13
-    );
+    open_data_file(&mut d, &mut used);
 
     // 60 Treads in flight at once (two descriptors each), 16 KiB apiece at staggered offsets.
     const N: u16 = 60;
@@ -1339,24 +1314,7 @@ fn ninep_read_throughput() {
     std::fs::write(share.dir.join("data"), pattern(FILE, 5)).unwrap();
     let mut d = real_ninep(&share);
     let mut used = 0u16;
-    let small = [(DATA + 0x1_0000, 4096u32)];
-    let mut body = 512_000u32.to_le_bytes().to_vec();
-    str9p(&mut body, "9P2000.L");
-    roundtrip(&mut d, &mut used, &msg9p(100, 0xffff, &body), &small);
-    let mut body = 1u32.to_le_bytes().to_vec();
-    body.extend_from_slice(&u32::MAX.to_le_bytes());
-    str9p(&mut body, "root");
-    str9p(&mut body, "");
-    body.extend_from_slice(&0u32.to_le_bytes());
-    roundtrip(&mut d, &mut used, &msg9p(104, 1, &body), &small);
-    let mut body = 1u32.to_le_bytes().to_vec();
-    body.extend_from_slice(&2u32.to_le_bytes());
-    body.extend_from_slice(&1u16.to_le_bytes());
-    str9p(&mut body, "data");
-    roundtrip(&mut d, &mut used, &msg9p(110, 2, &body), &small);
-    let mut body = 2u32.to_le_bytes().to_vec();
-    body.extend_from_slice(&0u32.to_le_bytes());
-    roundtrip(&mut d, &mut used, &msg9p(12, 3, &body), &small);
+    open_data_file(&mut d, &mut used);
     let start = Instant::now();
     let mut offset = 0u64;
     while offset < FILE as u64 {
