@@ -721,3 +721,34 @@ fn bad_arguments_are_launcher_errors() {
     launcher_error(&["run", "--env", "NOEQUALS", "--", "true"], "NAME=VALUE");
     launcher_error(&["run", "--no-such-flag"], "--no-such-flag");
 }
+
+#[test]
+fn doctor_reports_each_check_and_its_verdict_matches_the_exit_status() {
+    let out = Command::new(bootbox_bin()).arg("doctor").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    for check in ["/dev/kvm", "hardware", "guest init", "appliance cache"] {
+        assert!(text.contains(check), "{check} not checked:\n{text}");
+    }
+    let failed = text.lines().any(|l| l.starts_with("[FAIL]"));
+    assert_eq!(
+        out.status.code(),
+        Some(if failed { 125 } else { 0 }),
+        "{text}"
+    );
+    if failed {
+        assert!(
+            text.contains("fix:"),
+            "a failed check must say what to fix:\n{text}"
+        );
+    }
+    // This host has or lacks hardware virtualisation; doctor must say which.
+    let hw = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap()
+        .split_whitespace()
+        .any(|f| f == "vmx" || f == "svm");
+    assert_eq!(
+        text.contains("[ ok ] KVM is hardware-accelerated"),
+        hw,
+        "{text}"
+    );
+}
