@@ -425,6 +425,18 @@ mod tests {
         (vm, mem, vcpu)
     }
 
+    /// A vCPU context with `pio` as the port bus, an empty MMIO bus and one running vCPU.
+    fn context(pio: Bus, control: &Arc<RunControl>, stats: Arc<Stats>) -> VcpuContext {
+        VcpuContext {
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::new()),
+            control: control.clone(),
+            stats,
+            phases: PhaseLog::new(Instant::now()),
+            running: Arc::new(AtomicUsize::new(1)),
+        }
+    }
+
     /// Runs real-mode `code` at 0x1000 on a VM without in-kernel irqchip.
     fn run_real_mode(code: &[u8]) -> Option<RealModeResult> {
         let kvm = match Kvm::new() {
@@ -440,14 +452,7 @@ mod tests {
         pio.insert(0x3f8, 8, "serial", rec.clone()).unwrap();
         let control = RunControl::new().unwrap();
         let stats = Arc::new(Stats::new(true, [("serial", false)]));
-        let ctx = VcpuContext {
-            pio: Arc::new(pio),
-            mmio: Arc::new(Bus::new()),
-            control: control.clone(),
-            stats: stats.clone(),
-            phases: PhaseLog::new(Instant::now()),
-            running: Arc::new(AtomicUsize::new(1)),
-        };
+        let ctx = context(pio, &control, stats.clone());
         run_loop(&mut vcpu, 0, &ctx);
         let outcome = control.wait();
         let writes = rec.0.lock().unwrap().clone();
@@ -509,45 +514,12 @@ mod tests {
         let Ok(kvm) = Kvm::new() else {
             return eprintln!("skipping: cannot open /dev/kvm");
         };
-        let vm = kvm.create_vm().unwrap();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        mem.write_slice(&[0xba, 0xf8, 0x03, 0xee, 0xf4], GuestAddress(0x1000))
-            .unwrap();
-        let region = mem.iter().next().unwrap();
-        let host = region.get_host_address(MemoryRegionAddress(0)).unwrap();
-        // SAFETY: `mem` outlives the VM in this test; one slot.
-        unsafe {
-            vm.set_user_memory_region(kvm_userspace_memory_region {
-                slot: 0,
-                flags: 0,
-                guest_phys_addr: 0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            })
-            .unwrap()
-        };
-        let mut vcpu = vm.create_vcpu(0).unwrap();
-        let mut sregs = vcpu.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        vcpu.set_sregs(&sregs).unwrap();
-        let regs = kvm_bindings::kvm_regs {
-            rip: 0x1000,
-            rflags: 2,
-            ..Default::default()
-        };
-        vcpu.set_regs(&regs).unwrap();
+        // mov dx, 0x3f8; out dx, al; hlt
+        let (_vm, _mem, mut vcpu) = real_mode_vcpu(&kvm, &[0xba, 0xf8, 0x03, 0xee, 0xf4]);
         let mut pio = Bus::new();
         pio.insert(0x3f8, 8, "boom", Arc::new(Boom)).unwrap();
         let control = RunControl::new().unwrap();
-        let ctx = VcpuContext {
-            pio: Arc::new(pio),
-            mmio: Arc::new(Bus::new()),
-            control: control.clone(),
-            stats: Arc::new(Stats::new(false, [])),
-            phases: PhaseLog::new(Instant::now()),
-            running: Arc::new(AtomicUsize::new(1)),
-        };
+        let ctx = context(pio, &control, Arc::new(Stats::new(false, [])));
         let handle = std::thread::spawn(move || run_loop(&mut vcpu, 0, &ctx));
         let err = control.wait().unwrap_err();
         assert!(err.to_string().contains("vCPU 0 thread panicked"), "{err}");
@@ -563,14 +535,7 @@ mod tests {
         install_kick_handler().unwrap();
         let (_vm, _mem, mut vcpu) = real_mode_vcpu(&kvm, &[0xeb, 0xfe]); // jmp $
         let control = RunControl::new().unwrap();
-        let ctx = VcpuContext {
-            pio: Arc::new(Bus::new()),
-            mmio: Arc::new(Bus::new()),
-            control: control.clone(),
-            stats: Arc::new(Stats::new(false, [])),
-            phases: PhaseLog::new(Instant::now()),
-            running: Arc::new(AtomicUsize::new(1)),
-        };
+        let ctx = context(Bus::new(), &control, Arc::new(Stats::new(false, [])));
         let handle = std::thread::spawn(move || run_loop(&mut vcpu, 0, &ctx));
         std::thread::sleep(Duration::from_millis(50));
         control.finish(Ok(GuestExit::Stopped));
