@@ -95,6 +95,7 @@ impl Target {
             msize: 65536,
             max_fids: 256,
             max_open_files: 64,
+            resolution_checks: true,
         };
         let server = Server::new(&share, config).map_err(|e| FuzzFailure::Setup(e.to_string()))?;
         let mut t = Target {

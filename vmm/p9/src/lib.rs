@@ -28,6 +28,7 @@
 //! ```
 
 pub mod client;
+mod confine;
 pub mod fuzz;
 pub mod pool;
 pub mod reply;

@@ -3,15 +3,20 @@
 //!
 //! Confinement: every fid owns one `O_PATH` descriptor; names are resolved one component at a
 //! time with `openat(O_PATH|O_NOFOLLOW)` so symlinks are never followed on the host, `..` is
-//! clamped at the share root, names with `/` or NUL are refused, device nodes, FIFOs and sockets
-//! are never opened (the type of the inode an `O_PATH` fd refers to cannot change, so checking it
-//! and then reopening through `/proc/self/fd/N` is race-free), read-only shares answer EROFS to
-//! every mutating request, and the numbers of fids and open files are capped.
+//! clamped at the share root, and a directory that has left the share (moved away on the host
+//! while the guest held a fid in it) answers ENOENT to everything named through it (see
+//! [`crate::confine`]). Names with `/` or NUL are refused, device nodes, FIFOs and sockets are
+//! never opened (the type of the inode an `O_PATH` fd refers to cannot change, so checking it and
+//! then reopening through `/proc/self/fd/N` is race-free), read-only shares answer EROFS to every
+//! mutating request, the numbers of fids and open files are capped per session, and a refused
+//! request leaves the host tree as it was (limits are taken before anything is created, and a
+//! create whose later steps fail is undone).
 //!
 //! Speed: fids live in a sharded hash table (no global lock on the hot path), reads go straight
 //! from the file into the reply area (`ReplyBuf::read_from`), readdir builds qids from
 //! `d_ino`/`d_type` without a stat per entry, and msize goes up to [`Config::msize`].
 
+use crate::confine::Root;
 use crate::reply::ReplyBuf;
 use crate::wire::{self, msg, Attr, Qid, SetAttr, StatFs, Tmessage, Writer};
 use std::collections::HashMap;
@@ -32,10 +37,14 @@ pub struct Config {
     pub read_only: bool,
     /// Largest msize accepted in Tversion.
     pub msize: u32,
-    /// Largest number of fids alive at once (across all sessions of the share).
+    /// Largest number of fids alive at once in one session.
     pub max_fids: usize,
-    /// Largest number of opened (lopen/lcreate) fids at once.
+    /// Largest number of opened (lopen/lcreate) fids at once in one session.
     pub max_open_files: usize,
+    /// Test-only: `false` removes the checks that keep walks and requests beneath the share root
+    /// (see [`crate::confine`]), so escape tests can show that the process sandbox alone stops
+    /// them. Never turn it off otherwise.
+    pub resolution_checks: bool,
 }
 
 impl Default for Config {
@@ -57,6 +66,7 @@ impl Default for Config {
             msize: 512_000,
             max_fids: 65_536.min(nofile / 2).max(64),
             max_open_files: 4096.min(nofile / 4).max(16),
+            resolution_checks: true,
         }
     }
 }
@@ -243,26 +253,34 @@ fn dup(fd: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
         .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
 }
 
+/// One session's live fids and open files, counted against its own caps so that one session
+/// cannot lock the others out.
+#[derive(Default)]
+struct Limits {
+    fids: AtomicUsize,
+    open_files: AtomicUsize,
+}
+
 /// Counts a resource for as long as the guard lives.
 struct Count {
-    share: Arc<Share>,
-    which: fn(&Share) -> &AtomicUsize,
+    limits: Arc<Limits>,
+    which: fn(&Limits) -> &AtomicUsize,
 }
 
 impl Count {
     fn take(
-        share: &Arc<Share>,
-        which: fn(&Share) -> &AtomicUsize,
+        limits: &Arc<Limits>,
+        which: fn(&Limits) -> &AtomicUsize,
         max: usize,
         err: Errno,
     ) -> Result<Count, Errno> {
-        let c = which(share);
+        let c = which(limits);
         if c.fetch_add(1, Ordering::Relaxed) >= max {
             c.fetch_sub(1, Ordering::Relaxed);
             return Err(err);
         }
         Ok(Count {
-            share: share.clone(),
+            limits: limits.clone(),
             which,
         })
     }
@@ -270,7 +288,7 @@ impl Count {
 
 impl Drop for Count {
     fn drop(&mut self) {
-        (self.which)(&self.share).fetch_sub(1, Ordering::Relaxed);
+        (self.which)(&self.limits).fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -283,10 +301,14 @@ struct OpenFile {
 
 struct Fid {
     /// O_PATH descriptor of the file this fid names.
-    fd: OwnedFd,
+    fd: Arc<OwnedFd>,
     kind: Kind,
     dev: u64,
     ino: u64,
+    /// The directory this fid was walked or created in and its name there, when known: how
+    /// Tremove and Trename find the entry without rebuilding a path (checked against `dev`/`ino`
+    /// before use, since either may have been renamed since).
+    entry: Option<(Arc<OwnedFd>, Box<[u8]>)>,
     open: OnceLock<OpenFile>,
     _count: Count,
 }
@@ -440,13 +462,8 @@ impl std::fmt::Display for StatsSnapshot {
 }
 
 struct Share {
-    root: OwnedFd,
-    root_dev: u64,
-    root_ino: u64,
-    proc_fd: OwnedFd,
+    root: Root,
     config: Config,
-    fids: AtomicUsize,
-    open_files: AtomicUsize,
     stats: Stats,
 }
 
@@ -456,6 +473,7 @@ struct Share {
 pub struct Server {
     share: Arc<Share>,
     fids: FidTable,
+    limits: Arc<Limits>,
     msize: AtomicU32,
 }
 
@@ -494,7 +512,7 @@ fn dtype_to_qtype(t: u8) -> u8 {
 
 impl Share {
     fn qid_path(&self, dev: u64, ino: u64) -> u64 {
-        if dev == self.root_dev {
+        if dev == self.root.dev {
             ino
         } else {
             ino ^ (dev.wrapping_mul(0x9E37_79B9_7F4A_7C15) & 0xffff_0000_0000_0000)
@@ -546,13 +564,14 @@ impl Server {
         let proc_fd =
             open(c"/proc/self/fd", libc::O_PATH | libc::O_DIRECTORY).map_err(Error::Proc)?;
         let share = Share {
-            root: rootfd,
-            root_dev: st.st_dev,
-            root_ino: st.st_ino,
-            proc_fd,
+            root: Root {
+                fd: rootfd,
+                dev: st.st_dev,
+                ino: st.st_ino,
+                proc_fd,
+                checks: config.resolution_checks,
+            },
             config: config.clone(),
-            fids: AtomicUsize::new(0),
-            open_files: AtomicUsize::new(0),
             stats: Stats {
                 enabled: AtomicBool::new(false),
                 count: (0..256).map(|_| AtomicU64::new(0)).collect(),
@@ -570,11 +589,13 @@ impl Server {
         Server {
             share,
             fids: FidTable::new(),
+            limits: Arc::default(),
             msize: AtomicU32::new(m),
         }
     }
 
-    /// A new session (separate fid space) on the same share, sharing its limits and statistics.
+    /// A new session on the same share: its own fid space and its own fid and open-file caps,
+    /// sharing the share's statistics.
     pub fn new_session(&self) -> Arc<Server> {
         Arc::new(Server::with_share(self.share.clone()))
     }
@@ -594,11 +615,11 @@ impl Server {
         self.fids.len()
     }
 
-    /// Number of fids alive across all sessions of the share, and opened files.
-    pub fn share_usage(&self) -> (usize, usize) {
+    /// Number of fids alive in this session, and of files it has open.
+    pub fn session_usage(&self) -> (usize, usize) {
         (
-            self.share.fids.load(Ordering::Relaxed),
-            self.share.open_files.load(Ordering::Relaxed),
+            self.limits.fids.load(Ordering::Relaxed),
+            self.limits.open_files.load(Ordering::Relaxed),
         )
     }
 
@@ -687,32 +708,52 @@ impl Server {
         }
     }
 
-    fn new_fid(&self, fd: OwnedFd, st: &libc::stat64) -> Result<Fid, Errno> {
-        let count = Count::take(
-            &self.share,
-            |s| &s.fids,
-            self.share.config.max_fids,
-            libc::ENFILE,
-        )?;
-        Ok(Fid {
+    /// Takes one fid from this session's cap; `replacing` allows one over the cap for a request
+    /// that replaces an existing fid (the net count does not grow).
+    fn fid_slot(&self, replacing: bool) -> Result<Count, Errno> {
+        let max = self.share.config.max_fids + usize::from(replacing);
+        Count::take(&self.limits, |l| &l.fids, max, libc::ENFILE)
+    }
+
+    fn open_slot(&self) -> Result<Count, Errno> {
+        let max = self.share.config.max_open_files;
+        Count::take(&self.limits, |l| &l.open_files, max, libc::EMFILE)
+    }
+
+    fn new_fid(
+        slot: Count,
+        fd: Arc<OwnedFd>,
+        st: &libc::stat64,
+        entry: Option<(Arc<OwnedFd>, Box<[u8]>)>,
+    ) -> Fid {
+        Fid {
             fd,
             kind: kind_of(st.st_mode),
             dev: st.st_dev,
             ino: st.st_ino,
+            entry,
             open: OnceLock::new(),
-            _count: count,
-        })
+            _count: slot,
+        }
     }
 
     fn is_root(&self, f: &Fid) -> bool {
-        f.dev == self.share.root_dev && f.ino == self.share.root_ino
+        self.share.root.is(f.dev, f.ino)
     }
 
+    /// ENOENT unless the directory fid `f` still lies beneath the share root.
+    fn check_dir(&self, f: &Fid) -> Result<(), Errno> {
+        self.share.root.check_dir(f.fd.as_fd(), f.dev, f.ino)
+    }
+
+    /// A directory fid that is still beneath the share root, for requests that name something
+    /// in it.
     fn dir_fid(&self, fid: u32) -> Result<Arc<Fid>, Errno> {
         let f = self.fids.get(fid)?;
         if f.kind != Kind::Dir {
             return Err(libc::ENOTDIR);
         }
+        self.check_dir(&f)?;
         Ok(f)
     }
 
@@ -725,11 +766,12 @@ impl Server {
         let share = &*self.share;
         match m {
             Tmessage::Version { msize, version } => {
-                self.fids.clear();
                 // Never answer more than the client offered; below 4 KiB nothing useful fits.
+                // A refused Tversion leaves the session as it was.
                 if msize < MIN_MSIZE {
                     return Err(libc::EINVAL);
                 }
+                self.fids.clear();
                 let m = msize.min(share.config.msize.max(MIN_MSIZE));
                 self.msize.store(m, Ordering::Relaxed);
                 let v: &[u8] = if version == b"9P2000.L" {
@@ -743,9 +785,10 @@ impl Server {
             }
             Tmessage::Auth { .. } => Err(libc::EOPNOTSUPP),
             Tmessage::Attach { fid, .. } => {
-                let fd = dup(share.root.as_fd())?;
+                let slot = self.fid_slot(false)?;
+                let fd = dup(share.root.fd.as_fd())?;
                 let st = fstat(fd.as_fd())?;
-                let f = self.new_fid(fd, &st)?;
+                let f = Self::new_fid(slot, Arc::new(fd), &st, None);
                 self.fids.insert_new(fid, Arc::new(f))?;
                 send(reply, msg::RATTACH, tag, |w| {
                     w.qid(&share.qid(&st));
@@ -856,6 +899,7 @@ impl Server {
                             return Err(libc::EISDIR);
                         }
                         oflags |= libc::O_DIRECTORY;
+                        self.check_dir(&f)?;
                     }
                     Kind::Symlink => return Err(libc::ELOOP),
                     Kind::Special => return Err(libc::EPERM),
@@ -863,16 +907,11 @@ impl Server {
                 if f.open.get().is_some() {
                     return Err(libc::EBADF);
                 }
-                let count = Count::take(
-                    &self.share,
-                    |s| &s.open_files,
-                    share.config.max_open_files,
-                    libc::EMFILE,
-                )?;
+                let count = self.open_slot()?;
                 // Reopen the very inode the O_PATH fd refers to (already checked to be a
                 // regular file or directory) through its /proc magic link.
                 let fd = openat(
-                    share.proc_fd.as_fd(),
+                    share.root.proc_fd.as_fd(),
                     &Name::from_fd(f.fd.as_raw_fd()),
                     oflags,
                     0,
@@ -899,28 +938,36 @@ impl Server {
                 self.ro()?;
                 let f = self.dir_fid(fid)?;
                 let name = Name::new(name, false)?;
-                let count = Count::take(
-                    &self.share,
-                    |s| &s.open_files,
-                    share.config.max_open_files,
-                    libc::EMFILE,
-                )?;
+                // Every limit is taken before the file exists, so a refusal creates nothing.
+                let open_slot = self.open_slot()?;
+                let fid_slot = self.fid_slot(true)?;
                 // O_EXCL always: never open an existing FIFO or device through a create.
                 let oflags =
                     dotl_to_open_flags(flags) | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
-                let fd = openat(f.fd.as_fd(), &name, oflags, mode & 0o7777)?;
-                let path = openat(
-                    share.proc_fd.as_fd(),
-                    &Name::from_fd(fd.as_raw_fd()),
-                    libc::O_PATH,
-                    0,
-                )?;
-                let st = fstat(fd.as_fd())?;
-                let nf = self.new_fid(path, &st)?;
+                let fd = openat(f.fd.as_fd(), &name, oflags, host_mode(mode))?;
+                let created = (|| {
+                    let path = openat(
+                        share.root.proc_fd.as_fd(),
+                        &Name::from_fd(fd.as_raw_fd()),
+                        libc::O_PATH,
+                        0,
+                    )?;
+                    let st = fstat(fd.as_fd())?;
+                    Ok::<_, Errno>((path, st))
+                })();
+                let (path, st) = match created {
+                    Ok(c) => c,
+                    Err(e) => {
+                        undo_create(f.fd.as_fd(), &name, false);
+                        return Err(e);
+                    }
+                };
+                let entry = Some((f.fd.clone(), Box::from(name.bytes())));
+                let nf = Self::new_fid(fid_slot, Arc::new(path), &st, entry);
                 let _ = nf.open.set(OpenFile {
                     fd,
                     dir_lock: Mutex::new(()),
-                    _count: count,
+                    _count: open_slot,
                 });
                 self.fids.replace(fid, Arc::new(nf));
                 send(reply, msg::RLCREATE, tag, |w| {
@@ -936,7 +983,8 @@ impl Server {
                 let target = CString::new(target).map_err(|_| libc::EINVAL)?;
                 // SAFETY: both strings are NUL-terminated; the dir fd is open.
                 cvt(|| unsafe { libc::symlinkat(target.as_ptr(), f.fd.as_raw_fd(), name.ptr()) })?;
-                let st = fstatat(f.fd.as_fd(), &name)?;
+                let st = fstatat(f.fd.as_fd(), &name)
+                    .inspect_err(|_| undo_create(f.fd.as_fd(), &name, false))?;
                 send(reply, msg::RSYMLINK, tag, |w| {
                     w.qid(&share.qid(&st));
                 })
@@ -955,9 +1003,10 @@ impl Server {
                 };
                 // SAFETY: the name is NUL-terminated; the dir fd is open.
                 cvt(|| unsafe {
-                    libc::mknodat(f.fd.as_raw_fd(), name.ptr(), ty | (mode & 0o7777), 0)
+                    libc::mknodat(f.fd.as_raw_fd(), name.ptr(), ty | host_mode(mode), 0)
                 })?;
-                let st = fstatat(f.fd.as_fd(), &name)?;
+                let st = fstatat(f.fd.as_fd(), &name)
+                    .inspect_err(|_| undo_create(f.fd.as_fd(), &name, false))?;
                 send(reply, msg::RMKNOD, tag, |w| {
                     w.qid(&share.qid(&st));
                 })
@@ -967,7 +1016,7 @@ impl Server {
                 let f = self.fids.get(fid)?;
                 let d = self.dir_fid(dfid)?;
                 let new = Name::new(name, false)?;
-                let (parent, old) = self.parent_of(&f)?;
+                let (parent, old) = self.entry_of(&f)?;
                 // SAFETY: names are NUL-terminated; the fds are open.
                 cvt(|| unsafe {
                     libc::renameat(parent.as_raw_fd(), old.ptr(), d.fd.as_raw_fd(), new.ptr())
@@ -1100,7 +1149,7 @@ impl Server {
                         // SAFETY: as above.
                         cvt(|| unsafe {
                             libc::linkat(
-                                share.proc_fd.as_raw_fd(),
+                                share.root.proc_fd.as_raw_fd(),
                                 p.ptr(),
                                 d.fd.as_raw_fd(),
                                 name.ptr(),
@@ -1119,8 +1168,9 @@ impl Server {
                 let f = self.dir_fid(dfid)?;
                 let name = Name::new(name, false)?;
                 // SAFETY: the name is NUL-terminated; the dir fd is open.
-                cvt(|| unsafe { libc::mkdirat(f.fd.as_raw_fd(), name.ptr(), mode & 0o7777) })?;
-                let st = fstatat(f.fd.as_fd(), &name)?;
+                cvt(|| unsafe { libc::mkdirat(f.fd.as_raw_fd(), name.ptr(), host_mode(mode)) })?;
+                let st = fstatat(f.fd.as_fd(), &name)
+                    .inspect_err(|_| undo_create(f.fd.as_fd(), &name, true))?;
                 send(reply, msg::RMKDIR, tag, |w| {
                     w.qid(&share.qid(&st));
                 })
@@ -1167,33 +1217,57 @@ impl Server {
         reply: &mut dyn ReplyBuf,
     ) -> Result<usize, Errno> {
         let share = &*self.share;
+        let root = &share.root;
         let f = self.fids.get(fid)?;
         if newfid != fid && self.fids.get(newfid).is_ok() {
             return Err(libc::EBADF);
         }
+        if names.is_empty() && newfid == fid {
+            // Walking a fid onto itself with no names changes nothing.
+            return send(reply, msg::RWALK, tag, |w| {
+                w.u16(0);
+            });
+        }
+        // Take the new fid's slot first: a walk refused at the cap opens nothing.
+        let slot = self.fid_slot(newfid == fid)?;
+        if !names.is_empty() && f.kind == Kind::Dir {
+            // Names are looked up in this directory: it must still be in the share.
+            self.check_dir(&f)?;
+        }
         let mut qids = [Qid::default(); wire::MAX_WALK_NAMES];
-        let mut cur: Option<(OwnedFd, libc::stat64)> = None;
+        // The current position: its descriptor and identity, and the directory it was found in
+        // with its name there (None after `.`/`..`, whose entry name is not known).
+        let mut cur: Arc<OwnedFd> = f.fd.clone();
+        let mut cur_st: Option<libc::stat64> = None;
+        let mut entry = f.entry.clone();
         let mut walked = 0;
         for (i, raw) in names.iter().enumerate() {
             let step = (|| {
-                let (cfd, cst) = match &cur {
-                    Some((fd, st)) => (fd.as_fd(), (st.st_dev, st.st_ino)),
-                    None => (f.fd.as_fd(), (f.dev, f.ino)),
+                let (dev, ino) = match &cur_st {
+                    Some(st) => (st.st_dev, st.st_ino),
+                    None => (f.dev, f.ino),
                 };
                 let name = Name::new(raw, true)?;
-                let at_root = cst == (share.root_dev, share.root_ino);
-                let fd = if name.bytes() == b"." || (name.bytes() == b".." && at_root) {
-                    dup(cfd)?
+                let dots = name.bytes() == b"." || name.bytes() == b"..";
+                let fd = if name.bytes() == b"." || (name.bytes() == b".." && root.is(dev, ino)) {
+                    dup(cur.as_fd())?
                 } else {
-                    openat(cfd, &name, libc::O_PATH | libc::O_NOFOLLOW, 0)?
+                    openat(cur.as_fd(), &name, libc::O_PATH | libc::O_NOFOLLOW, 0)?
                 };
                 let st = fstat(fd.as_fd())?;
-                Ok::<_, Errno>((fd, st))
+                if name.bytes() == b".." {
+                    // Never stand outside the share, not even for the next step.
+                    root.check_dir(fd.as_fd(), st.st_dev, st.st_ino)?;
+                }
+                Ok::<_, Errno>((fd, st, (!dots).then(|| Box::<[u8]>::from(name.bytes()))))
             })();
             match step {
-                Ok((fd, st)) => {
+                Ok((fd, st, name)) => {
                     qids[i] = share.qid(&st);
-                    cur = Some((fd, st));
+                    let fd = Arc::new(fd);
+                    entry = name.map(|n| (cur.clone(), n));
+                    cur = fd;
+                    cur_st = Some(st);
                     walked += 1;
                 }
                 Err(e) if i == 0 => return Err(e),
@@ -1201,23 +1275,16 @@ impl Server {
             }
         }
         if walked == names.len() {
-            let (fd, st) = match cur {
-                Some(c) => c,
-                None => {
-                    let fd = dup(f.fd.as_fd())?;
-                    let st = fstat(fd.as_fd())?;
-                    (fd, st)
-                }
+            let st = match cur_st {
+                Some(st) => st,
+                None => fstat(cur.as_fd())?,
             };
-            if newfid == fid && names.is_empty() {
-                // Walking a fid onto itself with no names changes nothing.
+            // A clone shares the original's O_PATH descriptor: it has no state of its own.
+            let nf = Arc::new(Self::new_fid(slot, cur, &st, entry));
+            if newfid == fid {
+                self.fids.replace(fid, nf);
             } else {
-                let nf = Arc::new(self.new_fid(fd, &st)?);
-                if newfid == fid {
-                    self.fids.replace(fid, nf);
-                } else {
-                    self.fids.insert_new(newfid, nf)?;
-                }
+                self.fids.insert_new(newfid, nf)?;
             }
         }
         send(reply, msg::RWALK, tag, |w| {
@@ -1228,20 +1295,41 @@ impl Server {
         })
     }
 
-    /// The parent directory (an O_PATH fd resolved from the share root) and name of `f`.
-    fn parent_of(&self, f: &Fid) -> Result<(OwnedFd, Name), Errno> {
+    /// The directory holding `f` and its name there, both checked: the directory is beneath the
+    /// share root and the name still refers to this very file.
+    fn entry_of(&self, f: &Fid) -> Result<(Arc<OwnedFd>, Name), Errno> {
         if self.is_root(f) {
             return Err(libc::EBUSY);
         }
-        // Where is the file now? The kernel knows its current path; resolve it again from the
-        // root one component at a time so nothing outside the share can be reached.
+        if let Some((dir, name)) = &f.entry {
+            let name = Name::new(name, false)?;
+            let dst = fstat(dir.as_fd())?;
+            self.share
+                .root
+                .check_dir(dir.as_fd(), dst.st_dev, dst.st_ino)?;
+            match fstatat(dir.as_fd(), &name) {
+                Ok(st) if (st.st_dev, st.st_ino) == (f.dev, f.ino) => {
+                    return Ok((dir.clone(), name))
+                }
+                // Renamed since: find where it is now.
+                _ => {}
+            }
+        }
+        self.parent_of(f).map(|(dir, name)| (Arc::new(dir), name))
+    }
+
+    /// The parent directory (an O_PATH fd resolved from the share root) and name of `f`, found
+    /// through the kernel's current path of its descriptor. Used when the fid's entry is
+    /// unknown or stale; paths longer than PATH_MAX answer ENAMETOOLONG.
+    fn parent_of(&self, f: &Fid) -> Result<(OwnedFd, Name), Errno> {
+        let root = &self.share.root;
         let link = |fd: RawFd| -> Result<Vec<u8>, Errno> {
             let p = Name::from_fd(fd);
             let mut buf = vec![0u8; libc::PATH_MAX as usize];
             // SAFETY: `buf` is writable for its length; `p` is NUL-terminated.
             let n = cvt(|| unsafe {
                 libc::readlinkat(
-                    self.share.proc_fd.as_raw_fd(),
+                    root.proc_fd.as_raw_fd(),
                     p.ptr(),
                     buf.as_mut_ptr().cast(),
                     buf.len(),
@@ -1250,12 +1338,12 @@ impl Server {
             buf.truncate(n as usize);
             Ok(buf)
         };
-        let root = link(self.share.root.as_raw_fd())?;
+        let rootpath = link(root.fd.as_raw_fd())?;
         let me = link(f.fd.as_raw_fd())?;
-        let rel = if root == b"/" {
+        let rel = if rootpath == b"/" {
             me.strip_prefix(b"/")
         } else {
-            me.strip_prefix(root.as_slice())
+            me.strip_prefix(rootpath.as_slice())
                 .and_then(|r| r.strip_prefix(b"/"))
         }
         .ok_or(libc::ENOENT)?;
@@ -1264,7 +1352,7 @@ impl Server {
             .filter(|c| !c.is_empty())
             .collect();
         let last = comps.pop().ok_or(libc::EBUSY)?;
-        let mut dir = dup(self.share.root.as_fd())?;
+        let mut dir = dup(root.fd.as_fd())?;
         for c in comps {
             let n = Name::new(c, false)?;
             dir = openat(
@@ -1284,7 +1372,7 @@ impl Server {
     }
 
     fn remove(&self, f: &Fid) -> Result<(), Errno> {
-        let (dir, name) = self.parent_of(f)?;
+        let (dir, name) = self.entry_of(f)?;
         let fl = if f.kind == Kind::Dir {
             libc::AT_REMOVEDIR
         } else {
@@ -1297,15 +1385,18 @@ impl Server {
 
     fn setattr(&self, f: &Fid, a: &SetAttr) -> Result<(), Errno> {
         use wire::setattr as sa;
-        let proc_fd = self.share.proc_fd.as_raw_fd();
+        let proc_fd = self.share.root.proc_fd.as_raw_fd();
         let me = Name::from_fd(f.fd.as_raw_fd());
-        let follows_ok = f.kind != Kind::Symlink;
+        let symlink = f.kind == Kind::Symlink;
+        if f.kind == Kind::Dir {
+            self.check_dir(f)?;
+        }
         if a.valid & sa::MODE != 0 {
-            if !follows_ok {
+            if symlink {
                 return Err(libc::EOPNOTSUPP);
             }
             // SAFETY: `me` is NUL-terminated; the magic link names this fid's inode.
-            cvt(|| unsafe { libc::fchmodat(proc_fd, me.ptr(), a.mode & 0o7777, 0) })?;
+            cvt(|| unsafe { libc::fchmodat(proc_fd, me.ptr(), host_mode(a.mode), 0) })?;
         }
         if a.valid & (sa::UID | sa::GID) != 0 {
             let uid = if a.valid & sa::UID != 0 {
@@ -1339,14 +1430,14 @@ impl Server {
             let fd = match f.open.get() {
                 Some(of) if of_writable(&of.fd) => of.fd.as_raw_fd(),
                 _ => {
-                    tmp = openat(self.share.proc_fd.as_fd(), &me, libc::O_WRONLY, 0)?;
+                    tmp = openat(self.share.root.proc_fd.as_fd(), &me, libc::O_WRONLY, 0)?;
                     tmp.as_raw_fd()
                 }
             };
             // SAFETY: the fd is open.
             cvt(|| unsafe { libc::ftruncate64(fd, a.size as libc::off64_t) })?;
         }
-        if a.valid & (sa::ATIME | sa::MTIME) != 0 && follows_ok {
+        if a.valid & (sa::ATIME | sa::MTIME) != 0 {
             let t = |set: u32, upd: u32, s: u64, ns: u64| -> libc::timespec {
                 if a.valid & set != 0 {
                     libc::timespec {
@@ -1369,8 +1460,23 @@ impl Server {
                 t(sa::ATIME_SET, sa::ATIME, a.atime_sec, a.atime_nsec),
                 t(sa::MTIME_SET, sa::MTIME, a.mtime_sec, a.mtime_nsec),
             ];
-            // SAFETY: `times` holds two timespecs; `me` is NUL-terminated.
-            cvt(|| unsafe { libc::utimensat(proc_fd, me.ptr(), times.as_ptr(), 0) })?;
+            if symlink {
+                // A symlink's own times: through its entry, never following it (the magic link
+                // would be followed to the target).
+                let (dir, name) = self.entry_of(f)?;
+                // SAFETY: `times` holds two timespecs; the name is NUL-terminated.
+                cvt(|| unsafe {
+                    libc::utimensat(
+                        dir.as_raw_fd(),
+                        name.ptr(),
+                        times.as_ptr(),
+                        libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                })?;
+            } else {
+                // SAFETY: `times` holds two timespecs; `me` is NUL-terminated.
+                cvt(|| unsafe { libc::utimensat(proc_fd, me.ptr(), times.as_ptr(), 0) })?;
+            }
         }
         Ok(())
     }
@@ -1395,6 +1501,7 @@ impl Server {
             .saturating_sub(hdr);
         let count = (count as usize).min(max);
         let is_root = self.is_root(&f);
+        self.check_dir(&f)?;
         let mut out = Vec::with_capacity(hdr + count.min(65536));
         out.resize(hdr, 0);
         let _g = of.dir_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -1425,7 +1532,7 @@ impl Server {
                     break 'outer;
                 }
                 let ino = if is_root && name == b".." {
-                    share.root_ino
+                    share.root.ino
                 } else {
                     ino
                 };
@@ -1447,6 +1554,20 @@ impl Server {
         reply.write_at(0, &out).map_err(|_| libc::ENOBUFS)?;
         Ok(out.len())
     }
+}
+
+/// The mode a guest-created file gets on the host: never set-user-ID or set-group-ID, so no
+/// guest can leave a set-id trap on the host for the next user or tool that runs it.
+fn host_mode(mode: u32) -> u32 {
+    mode & 0o1777
+}
+
+/// Removes what a create just made, when a later step of the same request failed: a refused
+/// request leaves the host tree as it was.
+fn undo_create(dir: BorrowedFd<'_>, name: &Name, is_dir: bool) {
+    let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
+    // SAFETY: `dir` is open and the name NUL-terminated.
+    unsafe { libc::unlinkat(dir.as_raw_fd(), name.ptr(), flags) };
 }
 
 fn of_writable(fd: &OwnedFd) -> bool {

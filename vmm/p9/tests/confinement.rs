@@ -367,14 +367,14 @@ fn fid_and_open_file_limits() {
     assert_eq!(h.lopen(5, 0).unwrap_err(), libc::EMFILE);
     h.clunk(2).unwrap();
     h.lopen(5, 0).unwrap();
-    assert_eq!(h.srv.share_usage(), (9, 3), "fid 2 was clunked");
+    assert_eq!(h.srv.session_usage(), (9, 3), "fid 2 was clunked");
     // Tversion drops everything.
     h.call(&Tmessage::Version {
         msize: 8192,
         version: b"9P2000.L",
     })
     .unwrap();
-    assert_eq!(h.srv.share_usage(), (0, 0));
+    assert_eq!(h.srv.session_usage(), (0, 0));
     // Sessions share the limits.
     let other = h.srv.new_session();
     let mut r = VecReply::new(8192);
@@ -542,7 +542,7 @@ fn many_threads_hammer_handle() {
     }
     let h = Harness::new(&t.path, Config::default());
     let srv = h.srv.clone();
-    let before = srv.share_usage();
+    let before = srv.session_usage();
     let threads: Vec<_> = (0..8u32)
         .map(|th| {
             let srv = Arc::clone(&srv);
@@ -602,6 +602,6 @@ fn many_threads_hammer_handle() {
     for t in threads {
         t.join().unwrap();
     }
-    assert_eq!(srv.share_usage(), before);
+    assert_eq!(srv.session_usage(), before);
     assert_eq!(srv.fid_count(), 1);
 }

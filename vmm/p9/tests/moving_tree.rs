@@ -1,0 +1,335 @@
+//! Escapes that need the tree to change under a held fid, and the refusals that must leave the
+//! host as it was: a directory moved out of the share on the host, a directory renamed out of
+//! an overlapping share, creates refused at a limit, a refused Tversion, deep paths, symlink
+//! times and set-id bits.
+
+mod common;
+
+use common::*;
+use p9::wire::{self, setattr, Rmessage, SetAttr, Tmessage};
+use p9::{Config, Server, VecReply};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+fn lcreate(h: &mut Harness, fid: u32, name: &str, mode: u32) -> Result<(), i32> {
+    h.call(&Tmessage::Lcreate {
+        fid,
+        name: name.as_bytes(),
+        flags: libc::O_RDWR as u32,
+        mode,
+        gid: 0,
+    })
+    .map(|_| ())
+}
+
+fn mkdir(h: &mut Harness, dfid: u32, name: &str) -> Result<(), i32> {
+    h.call(&Tmessage::Mkdir {
+        dfid,
+        name: name.as_bytes(),
+        mode: 0o755,
+        gid: 0,
+    })
+    .map(|_| ())
+}
+
+/// Everything the guest can try from a fid whose directory is outside the share now. Returns
+/// the names of the attempts that reached outside.
+fn attempts_from(h: &mut Harness, held: u32, outside: &Path) -> Vec<&'static str> {
+    let mut reached = Vec::new();
+    // Climb: enough `..` to reach the host root from any temp dir, then down to the secret.
+    let ups: Vec<&str> = std::iter::repeat_n("..", 12).collect();
+    if let Ok(q) = h.walk(held, 900, &ups) {
+        if q.len() == ups.len() {
+            let _ = h.clunk(900);
+        }
+    }
+    let mut climb: Vec<&str> = std::iter::repeat_n("..", 2).collect();
+    climb.extend(["outside", "secret"]);
+    if let Ok(q) = h.walk(held, 901, &climb) {
+        if q.len() == climb.len() {
+            reached.push("walk .. to the secret");
+            if h.lopen(901, 0).is_ok() && h.read(901, 0, 64).ok().as_deref() == Some(b"SECRET") {
+                reached.push("read the secret");
+            }
+        }
+    }
+    if lcreate(h, held, "planted", 0o644).is_ok() || outside.join("a/b/planted").exists() {
+        reached.push("create in the moved directory");
+    }
+    if h.walk(held, 902, &["inner"]).is_ok() {
+        reached.push("walk into the moved directory");
+    }
+    if h.lopen(held, 0).is_ok() {
+        reached.push("open the moved directory");
+    }
+    reached
+}
+
+fn moved_tree(tag: &str) -> (TempTree, std::path::PathBuf) {
+    let t = TempTree::new(tag);
+    t.file("outside/secret", b"SECRET");
+    t.file("share/a/b/inner", b"inner");
+    let share = t.join("share");
+    (t, share)
+}
+
+#[test]
+fn a_directory_moved_out_on_the_host_leads_nowhere() {
+    let (t, share) = moved_tree("moved-out");
+    let mut h = Harness::new(&share, Config::default());
+    h.walk_to(2, "a/b").unwrap();
+    // The host moves share/a out, next to the secret.
+    std::fs::rename(share.join("a"), t.join("a")).unwrap();
+    let reached = attempts_from(&mut h, 2, &t.path);
+    assert!(reached.is_empty(), "the guest reached outside: {reached:?}");
+    assert_eq!(h.walk(2, 3, &[".."]).unwrap_err(), libc::ENOENT);
+    assert!(!t.join("a/b/planted").exists());
+    // Moved back in, the fid works again.
+    std::fs::rename(t.join("a"), share.join("a")).unwrap();
+    let q = h.walk(2, 4, &["inner"]).unwrap();
+    assert_eq!(q.len(), 1);
+    let q = h.walk(2, 5, &["..", ".."]).unwrap();
+    assert_eq!(q[1].path, ino(&share));
+}
+
+#[test]
+fn without_the_resolution_checks_the_same_attempts_escape() {
+    // The attack is real: with the checks off (a test-only switch) it reaches the secret. The
+    // end-to-end tests use the same switch to show that the process sandbox alone stops it.
+    let (t, share) = moved_tree("moved-out-unchecked");
+    let mut h = Harness::new(
+        &share,
+        Config {
+            resolution_checks: false,
+            ..Config::default()
+        },
+    );
+    h.walk_to(2, "a/b").unwrap();
+    std::fs::rename(share.join("a"), t.join("a")).unwrap();
+    let reached = attempts_from(&mut h, 2, &t.path);
+    assert!(
+        reached.contains(&"read the secret"),
+        "the unchecked server should have been escaped: {reached:?}"
+    );
+}
+
+#[test]
+fn a_directory_renamed_out_of_an_overlapping_share_leads_nowhere() {
+    // Share a is the whole tree (rw); share b is a/nest (ro). Through a, the guest renames a
+    // directory out of nest while b holds a fid in it.
+    let t = TempTree::new("overlap");
+    t.file("outside/secret", b"SECRET");
+    t.file("nest/d/e/f", b"f");
+    let mut a = Harness::new(&t.path, Config::default());
+    let mut b = Harness::new(
+        &t.join("nest"),
+        Config {
+            read_only: true,
+            ..Config::default()
+        },
+    );
+    b.walk_to(2, "d/e").unwrap();
+    a.walk_to(2, "nest").unwrap();
+    a.call(&Tmessage::Renameat {
+        olddirfid: 2,
+        oldname: b"d",
+        newdirfid: ROOT,
+        newname: b"d",
+    })
+    .unwrap();
+    // From b: `..` twice would be t's root, where `outside` lives.
+    assert_eq!(b.walk(2, 3, &["..", ".."]).unwrap_err(), libc::ENOENT);
+    assert_eq!(
+        b.walk(2, 3, &["..", "..", "outside", "secret"])
+            .unwrap_err(),
+        libc::ENOENT
+    );
+    assert_eq!(b.walk(2, 3, &["f"]).unwrap_err(), libc::ENOENT);
+    assert_eq!(b.lopen(2, 0).unwrap_err(), libc::ENOENT);
+}
+
+#[test]
+fn refused_creates_leave_nothing_behind() {
+    let t = TempTree::new("no-side-effects");
+    let mut h = Harness::new(
+        &t.path,
+        Config {
+            max_fids: 3,
+            max_open_files: 1,
+            ..Config::default()
+        },
+    );
+    // Fid cap: the root plus two more; a create replaces its fid, so it fits at the cap...
+    h.walk(ROOT, 2, &[]).unwrap();
+    h.walk(ROOT, 3, &[]).unwrap();
+    assert_eq!(h.walk(ROOT, 4, &[]).unwrap_err(), libc::ENFILE);
+    lcreate(&mut h, 2, "fits", 0o644).unwrap();
+    assert!(t.join("fits").exists());
+    // ... but not over the open-file cap, and then nothing is created.
+    assert_eq!(
+        lcreate(&mut h, 3, "refused", 0o644).unwrap_err(),
+        libc::EMFILE
+    );
+    assert!(!t.join("refused").exists(), "a refused create made a file");
+    // A create that fails on the host (name taken) leaves the existing file alone.
+    h.clunk(2).unwrap();
+    std::fs::write(t.join("taken"), b"keep").unwrap();
+    assert_eq!(
+        lcreate(&mut h, 3, "taken", 0o644).unwrap_err(),
+        libc::EEXIST
+    );
+    assert_eq!(std::fs::read(t.join("taken")).unwrap(), b"keep");
+    // Refused names create nothing either.
+    for bad in ["..", ".", "a/b", ""] {
+        assert!(lcreate(&mut h, 3, bad, 0o644).is_err(), "{bad:?}");
+        assert!(mkdir(&mut h, ROOT, bad).is_err(), "{bad:?}");
+    }
+    let names: Vec<_> = std::fs::read_dir(&t.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
+#[test]
+fn a_refused_tversion_keeps_the_session() {
+    let t = TempTree::new("bad-version");
+    t.file("f", b"x");
+    let mut h = Harness::new(&t.path, Config::default());
+    h.walk_to(2, "f").unwrap();
+    assert_eq!(
+        h.call(&Tmessage::Version {
+            msize: 100,
+            version: b"9P2000.L"
+        })
+        .unwrap_err(),
+        libc::EINVAL
+    );
+    assert_eq!(
+        h.srv.session_usage().0,
+        2,
+        "the fids survive a refused Tversion"
+    );
+    h.getattr(2).unwrap();
+}
+
+#[test]
+fn sessions_have_their_own_caps() {
+    let t = TempTree::new("session-caps");
+    let config = Config {
+        max_fids: 4,
+        ..Config::default()
+    };
+    let mut h = Harness::new(&t.path, config);
+    for fid in 2..=4 {
+        h.walk(ROOT, fid, &[]).unwrap();
+    }
+    assert_eq!(h.walk(ROOT, 5, &[]).unwrap_err(), libc::ENFILE);
+    // A full session does not lock another one out.
+    let other: std::sync::Arc<Server> = h.srv.new_session();
+    let mut b = Vec::new();
+    let mut r = VecReply::new(8192);
+    for fid in 0..4u32 {
+        b.clear();
+        Tmessage::Attach {
+            fid,
+            afid: wire::NOFID,
+            uname: b"",
+            aname: b"",
+            n_uname: 0,
+        }
+        .encode(1, &mut b);
+        let n = other.handle(&b, &mut r);
+        let (_, rep) = Rmessage::decode(&r.as_slice()[..n]).unwrap();
+        assert!(matches!(rep, Rmessage::Attach { .. }), "{rep:?}");
+    }
+    assert_eq!(other.session_usage().0, 4);
+    assert_eq!(h.srv.session_usage().0, 4);
+}
+
+#[test]
+fn remove_and_rename_work_below_path_max() {
+    // A chain deeper than PATH_MAX: Tremove and Trename find the entry without a path.
+    let t = TempTree::new("deep");
+    let comp = "d".repeat(250);
+    let mut h = Harness::new(&t.path, Config::default());
+    let mut fid = ROOT;
+    for i in 0..20u32 {
+        mkdir(&mut h, fid, &comp).unwrap();
+        h.walk(fid, 100 + i, &[&comp]).unwrap();
+        fid = 100 + i;
+    }
+    h.walk(fid, 50, &[]).unwrap();
+    lcreate(&mut h, 50, "leaf", 0o644).unwrap();
+    h.walk(fid, 51, &["leaf"]).unwrap();
+    h.call(&Tmessage::Rename {
+        fid: 51,
+        dfid: fid,
+        name: b"renamed",
+    })
+    .unwrap();
+    h.walk(fid, 52, &["renamed"]).unwrap();
+    h.call(&Tmessage::Remove { fid: 52 }).unwrap();
+    assert_eq!(h.walk(fid, 53, &["renamed"]).unwrap_err(), libc::ENOENT);
+    let _ = std::process::Command::new("rm")
+        .arg("-rf")
+        .arg(&t.path)
+        .status();
+}
+
+#[test]
+fn symlink_times_are_set_on_the_link_itself() {
+    let t = TempTree::new("symlink-times");
+    t.file("target", b"x");
+    std::os::unix::fs::symlink("target", t.join("link")).unwrap();
+    let target_mtime = std::fs::metadata(t.join("target")).unwrap().mtime();
+    let mut h = Harness::new(&t.path, Config::default());
+    h.walk_to(2, "link").unwrap();
+    h.call(&Tmessage::Setattr {
+        fid: 2,
+        attr: SetAttr {
+            valid: setattr::MTIME | setattr::MTIME_SET | setattr::ATIME | setattr::ATIME_SET,
+            atime_sec: 1_000_000,
+            mtime_sec: 2_000_000,
+            ..Default::default()
+        },
+    })
+    .unwrap();
+    let m = std::fs::symlink_metadata(t.join("link")).unwrap();
+    assert_eq!(m.mtime(), 2_000_000);
+    assert_eq!(m.atime(), 1_000_000);
+    assert_eq!(
+        std::fs::metadata(t.join("target")).unwrap().mtime(),
+        target_mtime,
+        "the target must not change"
+    );
+}
+
+#[test]
+fn set_id_bits_never_reach_the_host() {
+    let t = TempTree::new("setid");
+    let mut h = Harness::new(&t.path, Config::default());
+    h.walk(ROOT, 2, &[]).unwrap();
+    lcreate(&mut h, 2, "suid", 0o6755).unwrap();
+    let mode = |p: &str| std::fs::metadata(t.join(p)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode("suid") & 0o6000, 0, "lcreate kept a set-id bit");
+    h.walk_to(3, "suid").unwrap();
+    h.call(&Tmessage::Setattr {
+        fid: 3,
+        attr: SetAttr {
+            valid: setattr::MODE,
+            mode: 0o4755,
+            ..Default::default()
+        },
+    })
+    .unwrap();
+    assert_eq!(mode("suid") & 0o6000, 0, "setattr kept a set-id bit");
+    h.call(&Tmessage::Mkdir {
+        dfid: ROOT,
+        name: b"sgid",
+        mode: 0o2755,
+        gid: 0,
+    })
+    .unwrap();
+    assert_eq!(mode("sgid") & 0o6000, 0, "mkdir kept a set-id bit");
+}
