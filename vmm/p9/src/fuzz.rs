@@ -96,6 +96,7 @@ impl Target {
             max_fids: 256,
             max_open_files: 64,
             resolution_checks: true,
+            ownership: crate::Ownership::Mapped,
         };
         let server = Server::new(&share, config).map_err(|e| FuzzFailure::Setup(e.to_string()))?;
         let mut t = Target {

@@ -29,6 +29,7 @@
 
 pub mod client;
 mod confine;
+pub mod ownership;
 pub mod fuzz;
 pub mod pool;
 pub mod reply;
@@ -36,6 +37,7 @@ pub mod server;
 pub mod socket;
 pub mod wire;
 
+pub use ownership::Ownership;
 pub use pool::{PoolStats, WorkerPool};
 pub use reply::{ReplyBuf, VecReply};
 pub use server::{histogram_quantile, raise_nofile_limit, Config, Error, Server, StatsSnapshot};

@@ -17,6 +17,7 @@
 //! `d_ino`/`d_type` without a stat per entry, and msize goes up to [`Config::msize`].
 
 use crate::confine::Root;
+use crate::ownership::{self, GuestAttr, Ownership};
 use crate::reply::ReplyBuf;
 use crate::wire::{self, msg, Attr, Qid, SetAttr, StatFs, Tmessage, Writer};
 use std::collections::HashMap;
@@ -45,6 +46,8 @@ pub struct Config {
     /// (see [`crate::confine`]), so escape tests can show that the process sandbox alone stops
     /// them. Never turn it off otherwise.
     pub resolution_checks: bool,
+    /// How a writable share treats the guest's owners, set-id bits and device nodes.
+    pub ownership: Ownership,
 }
 
 impl Default for Config {
@@ -67,6 +70,7 @@ impl Default for Config {
             max_fids: 65_536.min(nofile / 2).max(64),
             max_open_files: 4096.min(nofile / 4).max(16),
             resolution_checks: true,
+            ownership: Ownership::Mapped,
         }
     }
 }
@@ -224,6 +228,11 @@ fn fstat(fd: BorrowedFd<'_>) -> Result<libc::stat64, Errno> {
     Ok(st)
 }
 
+fn fstat_raw(fd: RawFd) -> Result<libc::stat64, Errno> {
+    // SAFETY: the caller passes a descriptor it holds open for the duration of the call.
+    fstat(unsafe { BorrowedFd::borrow_raw(fd) })
+}
+
 fn fstatat(dir: BorrowedFd<'_>, name: &Name) -> Result<libc::stat64, Errno> {
     // SAFETY: stat64 is plain data; zeroed is a valid value.
     let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
@@ -309,6 +318,8 @@ struct Fid {
     /// Tremove and Trename find the entry without rebuilding a path (checked against `dev`/`ino`
     /// before use, since either may have been renamed since).
     entry: Option<(Arc<OwnedFd>, Box<[u8]>)>,
+    /// The guest user this fid was attached as (owner of what is created through it).
+    uid: u32,
     open: OnceLock<OpenFile>,
     _count: Count,
 }
@@ -725,6 +736,7 @@ impl Server {
         fd: Arc<OwnedFd>,
         st: &libc::stat64,
         entry: Option<(Arc<OwnedFd>, Box<[u8]>)>,
+        uid: u32,
     ) -> Fid {
         Fid {
             fd,
@@ -732,9 +744,38 @@ impl Server {
             dev: st.st_dev,
             ino: st.st_ino,
             entry,
+            uid,
             open: OnceLock::new(),
             _count: slot,
         }
+    }
+
+    /// Whether the guest's ownership view is kept apart from the host's (writable share in
+    /// mapped mode).
+    fn mapped(&self) -> bool {
+        !self.share.config.read_only && self.share.config.ownership == Ownership::Mapped
+    }
+
+    /// The host mode of something the guest creates or chmods: no set-id bits ever, and in
+    /// mapped mode always readable and writable by the server's own user, whose access the
+    /// guest's view no longer governs.
+    fn host_mode(&self, mode: u32, dir: bool) -> u32 {
+        let owner = match (self.mapped(), dir) {
+            (false, _) => 0,
+            (true, false) => 0o600,
+            (true, true) => 0o700,
+        };
+        host_mode(mode) | owner
+    }
+
+    /// Records the guest's view of what it just created or changed (mapped mode). Best effort
+    /// on creates: without user xattrs on the host the guest sees the host's values.
+    fn record(&self, fd: RawFd, want: &GuestAttr) -> Result<(), Errno> {
+        if !self.mapped() {
+            return Ok(());
+        }
+        let st = fstat_raw(fd)?;
+        ownership::record(fd, &st, want)
     }
 
     fn is_root(&self, f: &Fid) -> bool {
@@ -784,11 +825,13 @@ impl Server {
                 })
             }
             Tmessage::Auth { .. } => Err(libc::EOPNOTSUPP),
-            Tmessage::Attach { fid, .. } => {
+            Tmessage::Attach { fid, n_uname, .. } => {
                 let slot = self.fid_slot(false)?;
                 let fd = dup(share.root.fd.as_fd())?;
                 let st = fstat(fd.as_fd())?;
-                let f = Self::new_fid(slot, Arc::new(fd), &st, None);
+                // n_uname ~0 means "no user given": treat it as root, as the Linux client does.
+                let uid = if n_uname == u32::MAX { 0 } else { n_uname };
+                let f = Self::new_fid(slot, Arc::new(fd), &st, None, uid);
                 self.fids.insert_new(fid, Arc::new(f))?;
                 send(reply, msg::RATTACH, tag, |w| {
                     w.qid(&share.qid(&st));
@@ -933,7 +976,7 @@ impl Server {
                 name,
                 flags,
                 mode,
-                ..
+                gid,
             } => {
                 self.ro()?;
                 let f = self.dir_fid(fid)?;
@@ -944,7 +987,7 @@ impl Server {
                 // O_EXCL always: never open an existing FIFO or device through a create.
                 let oflags =
                     dotl_to_open_flags(flags) | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
-                let fd = openat(f.fd.as_fd(), &name, oflags, host_mode(mode))?;
+                let fd = openat(f.fd.as_fd(), &name, oflags, self.host_mode(mode, false))?;
                 let created = (|| {
                     let path = openat(
                         share.root.proc_fd.as_fd(),
@@ -962,8 +1005,17 @@ impl Server {
                         return Err(e);
                     }
                 };
+                let _ = self.record(
+                    path.as_raw_fd(),
+                    &GuestAttr {
+                        uid: f.uid,
+                        gid,
+                        mode: libc::S_IFREG | (mode & 0o7777),
+                        rdev: 0,
+                    },
+                );
                 let entry = Some((f.fd.clone(), Box::from(name.bytes())));
-                let nf = Self::new_fid(fid_slot, Arc::new(path), &st, entry);
+                let nf = Self::new_fid(fid_slot, Arc::new(path), &st, entry, f.uid);
                 let _ = nf.open.set(OpenFile {
                     fd,
                     dir_lock: Mutex::new(()),
@@ -990,23 +1042,53 @@ impl Server {
                 })
             }
             Tmessage::Mknod {
-                dfid, name, mode, ..
+                dfid,
+                name,
+                mode,
+                major,
+                minor,
+                gid,
             } => {
                 self.ro()?;
                 let f = self.dir_fid(dfid)?;
                 let name = Name::new(name, false)?;
-                let ty = match mode & libc::S_IFMT {
-                    0 | libc::S_IFREG => libc::S_IFREG,
-                    libc::S_IFIFO => libc::S_IFIFO,
-                    libc::S_IFSOCK => libc::S_IFSOCK,
+                let guest_type = match mode & libc::S_IFMT {
+                    0 => libc::S_IFREG,
+                    t => t,
+                };
+                // The host only ever gets regular files in mapped mode (device nodes, FIFOs
+                // and sockets become stand-ins carrying the guest's view), and never a device
+                // node in passthrough mode.
+                let host_type = match guest_type {
+                    libc::S_IFREG => libc::S_IFREG,
+                    t if self.mapped() && ownership::is_special(t) => libc::S_IFREG,
+                    libc::S_IFIFO | libc::S_IFSOCK => guest_type,
                     _ => return Err(libc::EPERM),
                 };
+                let hmode = self.host_mode(mode, false);
                 // SAFETY: the name is NUL-terminated; the dir fd is open.
                 cvt(|| unsafe {
-                    libc::mknodat(f.fd.as_raw_fd(), name.ptr(), ty | host_mode(mode), 0)
+                    libc::mknodat(f.fd.as_raw_fd(), name.ptr(), host_type | hmode, 0)
                 })?;
-                let st = fstatat(f.fd.as_fd(), &name)
-                    .inspect_err(|_| undo_create(f.fd.as_fd(), &name, false))?;
+                let st = (|| {
+                    let want = GuestAttr {
+                        uid: f.uid,
+                        gid,
+                        mode: guest_type | (mode & 0o7777),
+                        rdev: libc::makedev(major, minor),
+                    };
+                    if self.mapped() {
+                        let fd = openat(f.fd.as_fd(), &name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+                        match self.record(fd.as_raw_fd(), &want) {
+                            Ok(()) => {}
+                            // A stand-in the host cannot label would be a lie: refuse.
+                            Err(_) if host_type != guest_type => return Err(libc::EPERM),
+                            Err(_) => {}
+                        }
+                    }
+                    fstatat(f.fd.as_fd(), &name)
+                })()
+                .inspect_err(|_| undo_create(f.fd.as_fd(), &name, false))?;
                 send(reply, msg::RMKNOD, tag, |w| {
                     w.qid(&share.qid(&st));
                 })
@@ -1045,14 +1127,21 @@ impl Server {
             Tmessage::Getattr { fid, .. } => {
                 let f = self.fids.get(fid)?;
                 let st = fstat(f.fd.as_fd())?;
+                let (uid, gid, mode, rdev) = match f.kind {
+                    Kind::File | Kind::Dir if self.mapped() => ownership::load(f.fd.as_raw_fd())
+                        .map_or((st.st_uid, st.st_gid, st.st_mode, st.st_rdev), |g| {
+                            g.apply(&st)
+                        }),
+                    _ => (st.st_uid, st.st_gid, st.st_mode, st.st_rdev),
+                };
                 let a = Attr {
                     valid: wire::GETATTR_BASIC,
                     qid: share.qid(&st),
-                    mode: st.st_mode,
-                    uid: st.st_uid,
-                    gid: st.st_gid,
+                    mode,
+                    uid,
+                    gid,
                     nlink: st.st_nlink,
-                    rdev: st.st_rdev,
+                    rdev,
                     size: st.st_size as u64,
                     blksize: st.st_blksize as u64,
                     blocks: st.st_blocks as u64,
@@ -1162,15 +1251,34 @@ impl Server {
                 send(reply, msg::RLINK, tag, |_| {})
             }
             Tmessage::Mkdir {
-                dfid, name, mode, ..
+                dfid,
+                name,
+                mode,
+                gid,
             } => {
                 self.ro()?;
                 let f = self.dir_fid(dfid)?;
                 let name = Name::new(name, false)?;
                 // SAFETY: the name is NUL-terminated; the dir fd is open.
-                cvt(|| unsafe { libc::mkdirat(f.fd.as_raw_fd(), name.ptr(), host_mode(mode)) })?;
+                cvt(|| unsafe {
+                    libc::mkdirat(f.fd.as_raw_fd(), name.ptr(), self.host_mode(mode, true))
+                })?;
                 let st = fstatat(f.fd.as_fd(), &name)
                     .inspect_err(|_| undo_create(f.fd.as_fd(), &name, true))?;
+                if self.mapped() {
+                    if let Ok(fd) = openat(f.fd.as_fd(), &name, libc::O_PATH | libc::O_NOFOLLOW, 0)
+                    {
+                        let _ = self.record(
+                            fd.as_raw_fd(),
+                            &GuestAttr {
+                                uid: f.uid,
+                                gid,
+                                mode: libc::S_IFDIR | (mode & 0o7777),
+                                rdev: 0,
+                            },
+                        );
+                    }
+                }
                 send(reply, msg::RMKDIR, tag, |w| {
                     w.qid(&share.qid(&st));
                 })
@@ -1280,7 +1388,7 @@ impl Server {
                 None => fstat(cur.as_fd())?,
             };
             // A clone shares the original's O_PATH descriptor: it has no state of its own.
-            let nf = Arc::new(Self::new_fid(slot, cur, &st, entry));
+            let nf = Arc::new(Self::new_fid(slot, cur, &st, entry, f.uid));
             if newfid == fid {
                 self.fids.replace(fid, nf);
             } else {
@@ -1391,14 +1499,21 @@ impl Server {
         if f.kind == Kind::Dir {
             self.check_dir(f)?;
         }
+        if self.mapped() && !symlink && a.valid & (sa::MODE | sa::UID | sa::GID) != 0 {
+            return self.setattr_mapped(f, a);
+        }
         if a.valid & sa::MODE != 0 {
             if symlink {
                 return Err(libc::EOPNOTSUPP);
             }
+            let mode = self.host_mode(a.mode, f.kind == Kind::Dir);
             // SAFETY: `me` is NUL-terminated; the magic link names this fid's inode.
-            cvt(|| unsafe { libc::fchmodat(proc_fd, me.ptr(), host_mode(a.mode), 0) })?;
+            cvt(|| unsafe { libc::fchmodat(proc_fd, me.ptr(), mode, 0) })?;
         }
-        if a.valid & (sa::UID | sa::GID) != 0 {
+        if a.valid & (sa::UID | sa::GID) != 0 && self.mapped() {
+            // A symlink cannot carry the guest's view and its owner means nothing to the host:
+            // accept the guest's lchown (as `tar -x` does it) without changing the host.
+        } else if a.valid & (sa::UID | sa::GID) != 0 {
             let uid = if a.valid & sa::UID != 0 {
                 a.uid
             } else {
@@ -1477,6 +1592,51 @@ impl Server {
                 // SAFETY: `times` holds two timespecs; `me` is NUL-terminated.
                 cvt(|| unsafe { libc::utimensat(proc_fd, me.ptr(), times.as_ptr(), 0) })?;
             }
+        }
+        Ok(())
+    }
+
+    /// setattr in mapped mode: owner, group and mode go to the guest's view; the host file
+    /// only gets the permission bits (without set-id bits); then size and times as usual.
+    fn setattr_mapped(&self, f: &Fid, a: &SetAttr) -> Result<(), Errno> {
+        use wire::setattr as sa;
+        let fd = f.fd.as_raw_fd();
+        let st = fstat(f.fd.as_fd())?;
+        let mut want = ownership::load(fd).unwrap_or_else(|| GuestAttr::of_host(&st));
+        if a.valid & sa::UID != 0 {
+            want.uid = a.uid;
+        }
+        if a.valid & sa::GID != 0 {
+            want.gid = a.gid;
+        }
+        if a.valid & sa::MODE != 0 {
+            want.mode = (want.mode & libc::S_IFMT) | (a.mode & 0o7777);
+            let hmode = self.host_mode(a.mode, f.kind == Kind::Dir);
+            let me = Name::from_fd(fd);
+            // SAFETY: `me` is NUL-terminated; the magic link names this fid's inode.
+            cvt(|| unsafe {
+                libc::fchmodat(self.share.root.proc_fd.as_raw_fd(), me.ptr(), hmode, 0)
+            })?;
+        }
+        let st = fstat(f.fd.as_fd())?;
+        if let Err(e) = ownership::record(fd, &st, &want) {
+            // No user xattrs here: only what the host already shows can be "set".
+            let host = GuestAttr::of_host(&st);
+            let owner_unchanged = want.uid == host.uid && want.gid == host.gid;
+            if !owner_unchanged {
+                return Err(if e == libc::EOPNOTSUPP {
+                    libc::EPERM
+                } else {
+                    e
+                });
+            }
+        }
+        let rest = SetAttr {
+            valid: a.valid & !(sa::MODE | sa::UID | sa::GID),
+            ..*a
+        };
+        if rest.valid != 0 {
+            return self.setattr(f, &rest);
         }
         Ok(())
     }
