@@ -2,10 +2,15 @@
 # Builds bootbox's guest kernel (uncompressed vmlinux with a PVH entry, plus bzImage) from
 # kernel-config/bootbox.config on top of allnoconfig, and caches it outside the work tree.
 #
-#   scripts/build-kernel.sh [--source DIR|TARBALL] [--print-path] [--quiet]
+#   scripts/build-kernel.sh [--source DIR|TARBALL] [--print-path] [--quiet] [--install]
+#
+# --install also copies the kernel, world-readable, to /var/cache/bootbox/kernel/<key>/ (run as
+# root), where bootbox looks after the user's own cache: one build serves every user of the
+# machine, and using bootbox needs no root.
 #
 # The cache key is the hash of: the config fragment, this script, and the source's identity
-# (the tarball's content hash, or a tree's version and git revision). A second run with the
+# (a tarball's name, size, mtime and Debian package version, or a tree's kernel version, git
+# revision and a hash of its uncommitted changes). A second run with the
 # same inputs costs nothing and prints the same path. The last line printed is the path of
 # the cached vmlinux; bzImage and .config sit beside it.
 set -euo pipefail
@@ -16,18 +21,34 @@ source="${BOOTBOX_KERNEL_SOURCE:-/usr/src/linux-source-6.12.tar.xz}"
 cache_root="${BOOTBOX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bootbox}/kernel"
 print_path=0
 quiet=0
+install=0
+system_root=/var/cache/bootbox/kernel
 
 while [ $# -gt 0 ]; do
     case "$1" in
         --source) source="$2"; shift 2 ;;
         --print-path) print_path=1; shift ;;
         --quiet) quiet=1; shift ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        --install) install=1; shift ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "build-kernel: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
 done
 
 say() { [ "$quiet" = 1 ] || echo "build-kernel: $*" >&2; }
+
+# Copies the cached kernel $1 to the system-wide location, world-readable (--install).
+install_system() {
+    [ "$install" = 1 ] || return 0
+    local dest="$system_root/$key" tmp="$system_root/.staging-$key-$$"
+    mkdir -p "$tmp"
+    cp "$1/vmlinux" "$1/bzImage" "$1/config" "$tmp/"
+    chmod 0755 "$system_root" "$tmp"
+    chmod 0644 "$tmp"/*
+    rm -rf "$dest"
+    mv "$tmp" "$dest"
+    say "installed for every user: $dest"
+}
 
 if [ ! -e "$source" ]; then
     echo "build-kernel: kernel source '$source' not found." >&2
@@ -47,6 +68,7 @@ out="$cache_root/$key"
 
 if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
     say "cached: $out (key $key)"
+    install_system "$out"
     echo "$out/vmlinux"
     exit 0
 fi
@@ -115,4 +137,5 @@ echo "$source_id" >"$staging/source"
 rm -rf "$out"
 mv "$staging" "$out"
 say "built in $(( $(date +%s) - start ))s: $out"
+install_system "$out"
 echo "$out/vmlinux"

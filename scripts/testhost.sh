@@ -35,7 +35,7 @@ while [ $# -gt 0 ]; do
             done
             shift ;;
         --) shift; break ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "testhost: unknown argument '$1' (try --help)" >&2; exit 125 ;;
     esac
 done

@@ -1,5 +1,6 @@
 //! Finding the guest kernel: `--kernel`, else `$BOOTBOX_KERNEL`, else the newest kernel that
-//! scripts/build-kernel.sh left in the cache.
+//! scripts/build-kernel.sh left in the user's cache, else the newest one it installed for every
+//! user (`--install`, under [`SYSTEM_KERNELS`]).
 
 use std::path::{Path, PathBuf};
 
@@ -8,13 +9,17 @@ pub enum KernelError {
     #[error("kernel {0} does not exist; build one with scripts/build-kernel.sh or pass --kernel")]
     Missing(PathBuf),
     #[error(
-        "no guest kernel found (looked at $BOOTBOX_KERNEL and {0}); build one with \
-         scripts/build-kernel.sh (needs apt-get install linux-source-6.12) or pass --kernel"
+        "no guest kernel found (looked at $BOOTBOX_KERNEL, {0} and {SYSTEM_KERNELS}); build one \
+         with scripts/build-kernel.sh (needs apt-get install linux-source-6.12; add --install \
+         as root to serve every user) or pass --kernel"
     )]
     NotBuilt(PathBuf),
     #[error(transparent)]
     Cache(#[from] appliance::ApplianceError),
 }
+
+/// Where `scripts/build-kernel.sh --install` puts kernels for every user of the machine.
+pub const SYSTEM_KERNELS: &str = "/var/cache/bootbox/kernel";
 
 /// The kernel to boot.
 pub fn find(explicit: Option<&Path>) -> Result<PathBuf, KernelError> {
@@ -31,7 +36,12 @@ pub fn find(explicit: Option<&Path>) -> Result<PathBuf, KernelError> {
         };
     }
     let dir = appliance::default_cache_dir()?.join("kernel");
-    newest_cached(&dir).ok_or(KernelError::NotBuilt(dir))
+    first_found(&[&dir, Path::new(SYSTEM_KERNELS)]).ok_or(KernelError::NotBuilt(dir))
+}
+
+/// The newest kernel in the first of `dirs` that holds one.
+fn first_found(dirs: &[&Path]) -> Option<PathBuf> {
+    dirs.iter().find_map(|d| newest_cached(d))
 }
 
 /// The most recently built `<dir>/<key>/vmlinux`.
@@ -69,6 +79,28 @@ mod tests {
         assert_eq!(newest_cached(&dir), Some(dir.join("new").join("vmlinux")));
         assert_eq!(newest_cached(&dir.join("absent")), None);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_users_cache_comes_before_the_system_wide_kernels() {
+        let base =
+            std::env::temp_dir().join(format!("bootbox-kernel-order-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (user, system) = (base.join("user"), base.join("system"));
+        std::fs::create_dir_all(system.join("k1")).unwrap();
+        std::fs::write(system.join("k1/vmlinux"), b"x").unwrap();
+        assert_eq!(
+            first_found(&[&user, &system]),
+            Some(system.join("k1/vmlinux")),
+            "with no user cache the system-wide kernel is used"
+        );
+        std::fs::create_dir_all(user.join("k2")).unwrap();
+        std::fs::write(user.join("k2/vmlinux"), b"x").unwrap();
+        assert_eq!(
+            first_found(&[&user, &system]),
+            Some(user.join("k2/vmlinux"))
+        );
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
