@@ -1,34 +1,110 @@
 //! The unix-socket transport with the bundled client: sessions, pipelining, out-of-order
-//! replies, flush ordering and framing errors.
+//! replies, flush ordering and framing errors, and hostile clients: one that never reads its
+//! replies, too many connections, frames beyond the negotiated msize.
 
 mod common;
 
 use common::TempTree;
-use p9::client::Client;
+use p9::client::{Client, ClientError};
+use p9::socket::SocketOptions;
 use p9::wire::{self, Rmessage, Tmessage};
 use p9::{Config, Server, WorkerPool};
 use std::collections::HashSet;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long any single read or write in these tests may take before the test fails.
+const HANG_GUARD: Duration = Duration::from_secs(20);
 
 fn start(t: &TempTree) -> PathBuf {
+    start_with(t, 4, None)
+}
+
+/// Serves `share` on `p9.sock` with `workers` pool threads; `opts` None uses [`p9::socket::serve`].
+fn start_with(t: &TempTree, workers: usize, opts: Option<SocketOptions>) -> PathBuf {
     let sock = t.join("p9.sock");
     let share = t.join("share");
     let listener = UnixListener::bind(&sock).unwrap();
     let srv = Server::new(&share, Config::default()).unwrap();
-    let pool = Arc::new(WorkerPool::new(4, "p9-test"));
-    std::thread::spawn(move || p9::socket::serve(listener, srv, pool));
+    let pool = Arc::new(WorkerPool::new(workers, "p9-test"));
+    std::thread::spawn(move || match opts {
+        None => p9::socket::serve(listener, srv, pool),
+        Some(o) => p9::socket::serve_with(listener, srv, pool, o),
+    });
     sock
+}
+
+/// A connection whose reads and writes fail rather than hang.
+fn connect(sock: &Path) -> UnixStream {
+    let s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(HANG_GUARD)).unwrap();
+    s.set_write_timeout(Some(HANG_GUARD)).unwrap();
+    s
+}
+
+/// Sends the messages in one write and returns the replies in arrival order.
+fn batch(s: &mut UnixStream, msgs: &[(u16, Tmessage<'_>)]) -> Vec<(u16, Rmessage)> {
+    let mut b = Vec::new();
+    for (tag, m) in msgs {
+        m.encode(*tag, &mut b);
+    }
+    s.write_all(&b).unwrap();
+    (0..msgs.len())
+        .map(|_| Rmessage::decode(&read_msg(s)).unwrap())
+        .collect()
+}
+
+/// Version, then attach of fid 1.
+fn open_session(s: &mut UnixStream, msize: u32) {
+    let r = batch(
+        s,
+        &[(
+            wire::NOTAG,
+            Tmessage::Version {
+                msize,
+                version: b"9P2000.L",
+            },
+        )],
+    );
+    assert!(
+        matches!(r[0].1, Rmessage::Version { msize: m, .. } if m == msize),
+        "{r:?}"
+    );
+    let r = batch(
+        s,
+        &[(
+            1,
+            Tmessage::Attach {
+                fid: 1,
+                afid: wire::NOFID,
+                uname: b"",
+                aname: b"",
+                n_uname: 0,
+            },
+        )],
+    );
+    assert!(matches!(r[0].1, Rmessage::Attach { .. }), "{r:?}");
+}
+
+/// Reads until the server ends the connection; it must send nothing more, and not hang.
+fn assert_closed_by_server(s: &mut UnixStream) {
+    let mut rest = Vec::new();
+    match s.read_to_end(&mut rest) {
+        Ok(_) => assert!(rest.is_empty(), "got {} bytes, expected none", rest.len()),
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}"),
+    }
 }
 
 fn read_msg(s: &mut UnixStream) -> Vec<u8> {
     let mut size = [0u8; 4];
-    s.read_exact(&mut size).unwrap();
+    s.read_exact(&mut size).expect("reply header");
     let mut m = size.to_vec();
     m.resize(u32::from_le_bytes(size) as usize, 0);
-    s.read_exact(&mut m[4..]).unwrap();
+    s.read_exact(&mut m[4..]).expect("reply body");
     m
 }
 
@@ -174,4 +250,229 @@ fn tcp_loopback_transport() {
     c.lopen(2, 0).unwrap();
     assert_eq!(c.read(2, 0, 100).unwrap(), b"over tcp");
     assert_eq!(c.statfs(1).unwrap().namelen, 255);
+}
+
+#[test]
+fn a_client_that_never_reads_its_replies_stalls_only_itself() {
+    let t = TempTree::new("noread");
+    t.file("share/big", &vec![3u8; 1 << 20]);
+    t.file("share/small", b"s");
+    // One worker shared by both connections: if it ever waits on A's socket, B starves.
+    let sock = start_with(&t, 1, None);
+    const MSIZE: u32 = 65536;
+
+    // A opens the big file, then asks for far more msize-sized reads than any socket buffer
+    // holds, plus a flush of the last one, and reads nothing.
+    let mut a = connect(&sock);
+    open_session(&mut a, MSIZE);
+    let walk_big = Tmessage::Walk {
+        fid: 1,
+        newfid: 2,
+        names: wire::WalkNames::new(&[b"big"]).unwrap(),
+    };
+    assert!(matches!(
+        batch(&mut a, &[(2, walk_big)])[0].1,
+        Rmessage::Walk { .. }
+    ));
+    let lopen = Tmessage::Lopen { fid: 2, flags: 0 };
+    assert!(matches!(
+        batch(&mut a, &[(3, lopen)])[0].1,
+        Rmessage::Lopen { .. }
+    ));
+    const READS: u16 = 500;
+    let mut b = Vec::new();
+    for tag in 1..=READS {
+        Tmessage::Read {
+            fid: 2,
+            offset: 0,
+            count: MSIZE - 11,
+        }
+        .encode(tag, &mut b);
+    }
+    Tmessage::Flush { oldtag: READS }.encode(READS + 1, &mut b);
+    a.write_all(&b).unwrap();
+    // Wait until A's replies have started to arrive: from here on its socket fills up.
+    let mut p = libc::pollfd {
+        fd: a.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes the one pollfd passed to it.
+    let ready = unsafe { libc::poll(&mut p, 1, HANG_GUARD.as_millis() as i32) };
+    assert_eq!(ready, 1, "no reply to A at all");
+
+    // B, on the same server and pool, still gets every reply. Two requests per write keep
+    // them off the reader's inline path, so they need the shared workers.
+    let mut bc = connect(&sock);
+    open_session(&mut bc, 8192);
+    for _ in 0..100 {
+        let r = batch(
+            &mut bc,
+            &[
+                (
+                    10,
+                    Tmessage::Walk {
+                        fid: 1,
+                        newfid: 2,
+                        names: wire::WalkNames::new(&[b"small"]).unwrap(),
+                    },
+                ),
+                (
+                    11,
+                    Tmessage::Getattr {
+                        fid: 1,
+                        mask: wire::GETATTR_BASIC,
+                    },
+                ),
+            ],
+        );
+        let mut tags: Vec<u16> = r.iter().map(|(t, _)| *t).collect();
+        tags.sort();
+        assert_eq!(tags, [10, 11]);
+        for (tag, m) in &r {
+            match tag {
+                10 => assert!(
+                    matches!(m, Rmessage::Walk { qids } if qids.len() == 1),
+                    "{m:?}"
+                ),
+                _ => assert!(matches!(m, Rmessage::Getattr(_)), "{m:?}"),
+            }
+        }
+        let r = batch(&mut bc, &[(12, Tmessage::Clunk { fid: 2 })]);
+        assert_eq!(r[0], (12, Rmessage::Clunk));
+    }
+
+    // A's replies were only held back: each read is answered once, in full, and the Rflush
+    // comes after the flushed read's reply.
+    let mut seen = HashSet::new();
+    let mut flushed_read_at = None;
+    for i in 0..=READS as usize {
+        match Rmessage::decode(&read_msg(&mut a)).unwrap() {
+            (tag, Rmessage::Read { data }) => {
+                assert_eq!(data.len(), (MSIZE - 11) as usize);
+                assert!(seen.insert(tag), "tag {tag} answered twice");
+                if tag == READS {
+                    flushed_read_at = Some(i);
+                }
+            }
+            (tag, Rmessage::Flush) => {
+                assert_eq!(tag, READS + 1);
+                assert!(
+                    flushed_read_at.is_some(),
+                    "Rflush before the flushed read's reply"
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen.len(), READS as usize);
+}
+
+#[test]
+fn connections_beyond_the_cap_are_closed_until_one_ends() {
+    let t = TempTree::new("cap");
+    t.file("share/f", b"f");
+    let opts = SocketOptions {
+        max_connections: 3,
+        ..SocketOptions::default()
+    };
+    let sock = start_with(&t, 2, Some(opts));
+    let streams: Vec<UnixStream> = (0..3).map(|_| connect(&sock)).collect();
+    let mut clients: Vec<Client<&UnixStream>> = streams
+        .iter()
+        .map(|s| Client::new(s, 8192).unwrap())
+        .collect();
+    for c in &mut clients {
+        c.attach(1, "", "", 0).unwrap();
+    }
+    let refused = |why: &str| {
+        let s = connect(&sock);
+        match Client::new(&s, 8192) {
+            Ok(_) => panic!("{why}: a connection beyond the cap was served"),
+            Err(ClientError::Io(e)) => assert!(
+                matches!(
+                    e.kind(),
+                    ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
+                ),
+                "{why}: expected the connection to be closed, got {e}"
+            ),
+            Err(e) => panic!("{why}: {e}"),
+        }
+    };
+    refused("at the cap");
+    refused("still at the cap");
+    // The server ends its side of a connection only after giving its slot back.
+    streams[0].shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&streams[0]).read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    let s = connect(&sock);
+    let mut c = Client::new(&s, 8192).unwrap();
+    c.attach(1, "", "", 0).unwrap();
+    c.walk(1, 2, &["f"]).unwrap();
+    refused("at the cap again");
+    // The connections within the cap were never disturbed.
+    for c in &mut clients[1..] {
+        c.walk(1, 2, &["f"]).unwrap();
+        assert_eq!(c.getattr(2).unwrap().size, 1);
+    }
+}
+
+#[test]
+fn frames_beyond_the_negotiated_msize_close_the_connection() {
+    let t = TempTree::new("msize");
+    t.file("share/f", b"");
+    let sock = start(&t);
+    // The configured maximum is 512000; this session negotiates 8192.
+    let mut s = connect(&sock);
+    open_session(&mut s, 8192);
+    let walk = Tmessage::Walk {
+        fid: 1,
+        newfid: 2,
+        names: wire::WalkNames::new(&[b"f"]).unwrap(),
+    };
+    assert!(matches!(
+        batch(&mut s, &[(2, walk)])[0].1,
+        Rmessage::Walk { .. }
+    ));
+    let lopen = Tmessage::Lopen { fid: 2, flags: 2 };
+    assert!(matches!(
+        batch(&mut s, &[(3, lopen)])[0].1,
+        Rmessage::Lopen { .. }
+    ));
+    // A frame of exactly msize is served.
+    let data = vec![5u8; 8192 - 23];
+    let w = Tmessage::Write {
+        fid: 2,
+        offset: 0,
+        data: &data,
+    };
+    assert_eq!(
+        batch(&mut s, &[(4, w)]),
+        [(4, Rmessage::Write { count: 8192 - 23 })]
+    );
+    // A 100 KiB Twrite is not: the connection ends without an answer.
+    let big = vec![6u8; 100 << 10];
+    let mut b = Vec::new();
+    Tmessage::Write {
+        fid: 2,
+        offset: 0,
+        data: &big,
+    }
+    .encode(5, &mut b);
+    // The server may close before taking all of it.
+    let _ = s.write_all(&b);
+    assert_closed_by_server(&mut s);
+    assert_eq!(std::fs::read(t.join("share/f")).unwrap(), data);
+
+    // So does a frame shorter than a header, before any Tversion.
+    let mut s = connect(&sock);
+    s.write_all(&[5, 0, 0, 0, wire::msg::TVERSION]).unwrap();
+    assert_closed_by_server(&mut s);
+
+    // The server goes on serving other connections.
+    let mut c = Client::new(connect(&sock), 8192).unwrap();
+    c.attach(1, "", "", 0).unwrap();
+    c.walk(1, 2, &["f"]).unwrap();
+    assert_eq!(c.getattr(2).unwrap().size, 8192 - 23);
 }
