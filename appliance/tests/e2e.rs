@@ -723,6 +723,72 @@ fn bad_arguments_are_launcher_errors() {
 }
 
 #[test]
+fn overlapping_shares_are_refused_before_anything_starts() {
+    let tree = Scratch::new("overlap");
+    let nest = tree.path().join("nest");
+    std::fs::create_dir(&nest).unwrap();
+    let nest = nest.to_str().unwrap();
+    // A share inside another, in each flow that takes shares, and in either order.
+    let err = launcher_error(
+        &[
+            "run",
+            "--share",
+            &format!("{}:a:rw", tree.s()),
+            "--share",
+            &format!("{nest}:b:ro"),
+            "--",
+            "true",
+        ],
+        "is inside",
+    );
+    assert!(
+        err.contains(&format!("'b' ({nest}) is inside 'a'")),
+        "{err}"
+    );
+    let out = tree.path().join("out.cpio");
+    let out = out.to_str().unwrap();
+    for args in [
+        &[
+            "initrd",
+            "-o",
+            out,
+            "--share",
+            &format!("{nest}:b"),
+            "--share",
+            tree.s(),
+        ][..],
+        &[
+            "boot",
+            "--no-stdin",
+            "--share",
+            &format!("{}:a", tree.s()),
+            "--share",
+            &format!("{nest}:b"),
+        ][..],
+    ] {
+        launcher_error(args, "is inside");
+    }
+    assert!(
+        !tree.path().join("out.cpio").exists(),
+        "nothing may be written"
+    );
+    // The same directory twice, once through a symlink placed outside it.
+    let link =
+        std::env::temp_dir().join(format!("bootbox-e2e-overlap-link-{}", std::process::id()));
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(tree.path(), &link).unwrap();
+    let err = Command::new(bootbox_bin())
+        .args(["run", "--share", &format!("{}:a", tree.s())])
+        .args(["--share", &format!("{}:b", link.display()), "--", "true"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&link);
+    let text = String::from_utf8_lossy(&err.stderr);
+    assert_eq!(err.status.code(), Some(125), "{text}");
+    assert!(text.contains("same directory"), "{text}");
+}
+
+#[test]
 fn doctor_reports_each_check_and_its_verdict_matches_the_exit_status() {
     let out = Command::new(bootbox_bin()).arg("doctor").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();

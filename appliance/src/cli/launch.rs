@@ -369,6 +369,7 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
         .map(|s| parse_share(s, true))
         .collect::<Result<Vec<_>, _>>()?;
     dedupe_tags(&mut shares)?;
+    super::shares::refuse_overlaps(&shares)?;
     let env = a
         .env
         .iter()
@@ -486,6 +487,7 @@ pub fn initrd(a: InitrdArgs) -> u8 {
             .map(|s| parse_share(s, true))
             .collect::<Result<Vec<_>, _>>()?;
         dedupe_tags(&mut shares)?;
+        super::shares::refuse_overlaps(&shares)?;
         let (prepared, job) =
             appliance_and_job(&shares, &a.with, Vec::new(), None, a.command.clone())?;
         let bytes = appliance::initramfs(&prepared, &job)?;
@@ -525,6 +527,7 @@ fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u
             parse_share(s, false)
         })
         .collect::<Result<Vec<_>, _>>()?;
+    super::shares::refuse_overlaps(&shares)?;
     let kernel = kernel::find(a.vm.kernel.as_deref())?;
     for i in &a.initrd {
         if !i.is_file() {

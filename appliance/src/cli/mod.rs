@@ -8,6 +8,7 @@ mod doctor;
 mod kernel;
 mod launch;
 mod report;
+mod shares;
 
 use std::process::ExitCode;
 use std::time::Instant;
