@@ -31,6 +31,7 @@ cargo test --release -p vmm --features internal-checks
 step "fuzzing the 9p decoder and server (${fuzz_secs}s writable, $(( fuzz_secs / 2 ))s read-only)"
 target/release/p9-fuzz --secs "$fuzz_secs"
 target/release/p9-fuzz --secs "$(( fuzz_secs / 2 ))" --read-only
+target/release/virtio-fuzz --secs "$(( fuzz_secs / 2 ))"
 
 step "guest kernel (cached outside the work tree)"
 kernel=$(scripts/build-kernel.sh)

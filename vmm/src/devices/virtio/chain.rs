@@ -263,27 +263,48 @@ impl Chain {
     }
 }
 
-/// Takes every head the driver has made available so far (at most the queue size, because
-/// `virtio_queue` refuses an available index that runs further ahead than that).
+/// Takes every head the driver has made available so far (at most the queue size: an
+/// available index further ahead than that is an error).
+///
+/// The ring is read here rather than through `virtio_queue`'s iterator, which refuses an
+/// available ring at guest address 0 (a valid placement) as "not ready" and silently stops at
+/// an unreadable entry, leaving the index behind so that the caller would spin on it.
 pub fn pop_available(
     queue: &mut virtio_queue::Queue,
     mem: &GuestMemoryMmap,
     heads: &mut Vec<u16>,
 ) -> Result<(), ChainError> {
-    use virtio_queue::{QueueOwnedT, QueueT};
+    use std::sync::atomic::Ordering;
+    use virtio_queue::QueueT;
     heads.clear();
+    if !queue.ready() {
+        return Err(ChainError::Ring("the queue is not ready".into()));
+    }
     let next = queue.next_avail();
-    let iter = match queue.iter(mem) {
-        Ok(iter) => iter,
-        Err(virtio_queue::Error::InvalidAvailRingIndex) => {
-            let avail = queue
-                .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-                .map(|w| w.0)
-                .unwrap_or(0);
-            return Err(ChainError::AvailIndex { avail, next });
-        }
-        Err(e) => return Err(ChainError::Ring(e.to_string())),
-    };
-    heads.extend(iter.map(|c| c.head_index()));
+    let size = queue.size();
+    let avail = queue
+        .avail_idx(mem, Ordering::Acquire)
+        .map_err(|e| ChainError::Ring(e.to_string()))?
+        .0;
+    let pending = avail.wrapping_sub(next);
+    if pending > size {
+        return Err(ChainError::AvailIndex { avail, next });
+    }
+    let ring = GuestAddress(queue.avail_ring());
+    for k in 0..pending {
+        // `pending` <= `size`, so `size` is not zero here.
+        let slot = u64::from(next.wrapping_add(k) % size);
+        let entry = ring
+            .checked_add(4 + 2 * slot)
+            .ok_or_else(|| ChainError::Ring("available ring address overflows".into()))?;
+        let head = mem.load::<u16>(entry, Ordering::Acquire).map_err(|_| {
+            ChainError::Ring(format!(
+                "available ring entry at {:#x} is outside guest memory",
+                entry.raw_value()
+            ))
+        })?;
+        heads.push(u16::from_le(head));
+    }
+    queue.set_next_avail(next.wrapping_add(pending));
     Ok(())
 }

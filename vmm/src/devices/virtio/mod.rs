@@ -12,6 +12,8 @@
 //! - [`chain`]: the bounded, validating descriptor-chain walker shared by every device (a bad
 //!   chain becomes an error, never a panic or an endless loop);
 //! - [`console`]: virtio-console (device 3) carrying one output stream to a host sink;
+//! - [`fuzz`]: the hostile-guest generator and oracles behind the `virtio-fuzz` loop and the
+//!   cargo-fuzz target;
 //! - [`fs9p`]: virtio-9p (device 9) handing requests to a [`p9::Server`] on a worker pool,
 //!   with zero-copy file reads into guest buffers;
 //! - the [`Interrupt`] line (interrupt status + irq eventfd + the device error state) and the
@@ -22,6 +24,7 @@
 pub mod chain;
 pub mod console;
 pub mod fs9p;
+pub mod fuzz;
 pub mod mmio;
 
 #[cfg(test)]
