@@ -18,6 +18,7 @@ pub mod boot;
 pub mod devices;
 pub mod memory;
 pub mod phases;
+pub mod sandbox;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;

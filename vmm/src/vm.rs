@@ -11,6 +11,7 @@ use crate::devices::serial::{Console, SerialDevice};
 use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioStats};
 use crate::memory;
 use crate::phases::PhaseLog;
+use crate::sandbox::{self, ThreadRole};
 use crate::stats::{self, Stats};
 use crate::vcpu::{self, RunControl, VcpuContext};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber};
@@ -395,6 +396,11 @@ impl Vm {
 
     /// Loads kernel, initrd and command line, builds the boot structures, runs the vCPUs until
     /// the guest exits (exit port, reset), fails, times out or is stopped, and tears down.
+    ///
+    /// With the sandbox installed ([`crate::sandbox::install`]), every thread started here
+    /// takes its role, and once the vCPUs run the calling thread takes the main role for good:
+    /// after `run` it may still read `/proc`, write files the policy allows and write to its
+    /// open descriptors, but not start threads or processes.
     pub fn run(self) -> Result<RunOutcome, VmError> {
         let kernel = loader::load_kernel(&self.mem, &self.config.kernel)?;
         self.phases.record("kernel loaded");
@@ -462,7 +468,10 @@ impl Vm {
             let ctx = ctx.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu::run_loop(&mut vcpu, id as u8, &ctx));
+                .spawn(move || {
+                    sandbox::enter_thread(ThreadRole::Vcpu);
+                    vcpu::run_loop(&mut vcpu, id as u8, &ctx)
+                });
             match spawned {
                 Ok(h) => handles.push(h),
                 Err(e) => {
@@ -473,6 +482,8 @@ impl Vm {
             }
         }
 
+        // Set up: from here on this thread waits, stops the others and reports.
+        sandbox::enter_thread(ThreadRole::Main);
         let outcome = self.control.wait();
         vcpu::kick_and_join(handles);
         let _ = event_loop.join();
@@ -669,6 +680,7 @@ fn spawn_event_loop(
     std::thread::Builder::new()
         .name("vmm-events".into())
         .spawn(move || {
+            sandbox::enter_thread(ThreadRole::EventLoop);
             while !control.is_stopping() {
                 if let Err(e) = em.run_with_timeout(500) {
                     control.finish(Err(VmError::Thread(format!("event loop failed: {e}"))));

@@ -424,3 +424,289 @@ fn initrd_that_does_not_fit_says_how_much_memory_is_needed() {
     assert!(matches!(err, VmError::InitrdTooLarge { .. }), "{msg}");
     assert!(msg.contains("at least 43 MiB"), "{msg}");
 }
+
+// --- Guests under the sandbox ------------------------------------------------------------------
+//
+// The sandbox is for good once installed, so these run in a child process: the test binary
+// runs itself again with SANDBOXED_CHILD set, and the parent judges the result.
+
+/// Set in the child: the scratch directory shared with the guest.
+const SANDBOXED_CHILD: &str = "VMM_TINY_GUEST_SANDBOXED_SHARE";
+
+impl Asm {
+    /// mov dword [addr], value
+    fn store32(self, addr: u32, value: u32) -> Self {
+        let mut b = vec![0xc7, 0x05];
+        b.extend_from_slice(&addr.to_le_bytes());
+        b.extend_from_slice(&value.to_le_bytes());
+        self.raw(&b)
+    }
+    /// mov word [addr], value
+    fn store16(self, addr: u32, value: u16) -> Self {
+        let mut b = vec![0x66, 0xc7, 0x05];
+        b.extend_from_slice(&addr.to_le_bytes());
+        b.extend_from_slice(&value.to_le_bytes());
+        self.raw(&b)
+    }
+    /// Spins until the word at `addr` equals `value` (cmp word [addr], value; jne back).
+    fn wait16(self, addr: u32, value: u16) -> Self {
+        let mut b = vec![0x66, 0x81, 0x3d];
+        b.extend_from_slice(&addr.to_le_bytes());
+        b.extend_from_slice(&value.to_le_bytes());
+        b.extend_from_slice(&[0x75, (-(b.len() as i8) - 2) as u8]);
+        self.raw(&b)
+    }
+    /// Reports `status` unless the dword at `addr` equals `value`.
+    fn expect32(self, addr: u32, value: u32, status: u8) -> Self {
+        let mut b = vec![0xa1]; // mov eax, [addr]
+        b.extend_from_slice(&addr.to_le_bytes());
+        b.push(0x3d); // cmp eax, value
+        b.extend_from_slice(&value.to_le_bytes());
+        self.raw(&b).fail_unless_equal(status)
+    }
+    /// Reports `status` unless the byte at `addr` equals `value`.
+    fn expect8(self, addr: u32, value: u8, status: u8) -> Self {
+        let mut b = vec![0x80, 0x3d];
+        b.extend_from_slice(&addr.to_le_bytes());
+        b.push(value);
+        self.raw(&b).fail_unless_equal(status)
+    }
+}
+
+/// A PVH guest that drives a virtio-9p device in MMIO slot 0 like a tiny driver: it sets the
+/// device up (the vCPU thread then starts the device thread), sends `requests` one at a time,
+/// checks each reply's type against `replies`, prints the data of the reply at `print_reply`
+/// (an Rread) on the serial port and exits with 42.
+fn virtio_9p_guest(requests: &[Vec<u8>], replies: &[u8], print_reply: usize) -> Vec<u8> {
+    const REGS: u32 = vmm::boot::layout::VIRTIO_MMIO_BASE as u32;
+    const DATA: u32 = LOAD_ADDR as u32 + 0x2000; // descriptor table, then the available ring
+    const AVAIL: u32 = DATA + 0x100;
+    const REQUESTS: u32 = DATA + 0x200;
+    const USED: u32 = 0x20_0000;
+    const REPLIES: u32 = 0x21_0000;
+    const REPLY_LEN: u32 = 0x1000;
+    const QUEUE: u16 = 16;
+    assert!(requests.len() <= usize::from(QUEUE) / 2);
+    let reg = |off: u32| REGS + off;
+    let mut asm = Asm::default()
+        .store32(reg(0x70), 1) // ACKNOWLEDGE
+        .store32(reg(0x70), 3) // DRIVER
+        .store32(reg(0x24), 0)
+        .store32(reg(0x20), 1) // VIRTIO_9P_MOUNT_TAG
+        .store32(reg(0x24), 1)
+        .store32(reg(0x20), 1) // VIRTIO_F_VERSION_1
+        .store32(reg(0x70), 11) // FEATURES_OK
+        .store32(reg(0x30), 0)
+        .store32(reg(0x38), u32::from(QUEUE))
+        .store32(reg(0x80), DATA)
+        .store32(reg(0x90), AVAIL)
+        .store32(reg(0xa0), USED)
+        .store32(reg(0x44), 1)
+        .store32(reg(0x70), 15) // DRIVER_OK: the device thread starts
+        .expect32(reg(0x70), 15, 70);
+    for (i, &reply_type) in replies.iter().enumerate() {
+        let n = i as u16 + 1;
+        asm = asm
+            .store16(AVAIL + 2, n)
+            .store32(reg(0x50), 0) // QueueNotify (the ioeventfd)
+            .wait16(USED + 2, n)
+            .expect8(REPLIES + i as u32 * REPLY_LEN + 4, reply_type, 71 + i as u8);
+    }
+    let data = REPLIES + print_reply as u32 * REPLY_LEN + 11; // size[4] type[1] tag[2] count[4]
+    let mut print = vec![0x8b, 0x0d]; // mov ecx, [count]
+    print.extend_from_slice(&(data - 4).to_le_bytes());
+    print.push(0xbe); // mov esi, data
+    print.extend_from_slice(&data.to_le_bytes());
+    print.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xfc, 0xf3, 0x6e]); // mov dx, 0x3f8; cld; rep outsb
+    let mut image = asm.raw(&print).out(0x600, 42).halt_forever().0;
+    assert!(image.len() <= 0x2000, "guest code too long");
+    image.resize(0x2000, 0);
+
+    // Descriptor table: request i is the chain 2i (device-readable) -> 2i+1 (device-writable).
+    let mut table = Vec::new();
+    let mut request_area = Vec::new();
+    for (i, request) in requests.iter().enumerate() {
+        let addr = REQUESTS + request_area.len() as u32;
+        request_area.extend_from_slice(request);
+        request_area.resize(request_area.len().next_multiple_of(8), 0);
+        for (addr, len, flags, next) in [
+            (addr, request.len() as u32, 1u16, 2 * i as u16 + 1), // NEXT
+            (REPLIES + i as u32 * REPLY_LEN, REPLY_LEN, 2, 0),    // WRITE
+        ] {
+            push_u64(&mut table, u64::from(addr));
+            push_u32(&mut table, len);
+            push_u16(&mut table, flags);
+            push_u16(&mut table, next);
+        }
+    }
+    table.resize(0x100, 0);
+    let mut avail = vec![0u8; 4]; // flags, idx (the guest bumps idx)
+    for i in 0..requests.len() {
+        push_u16(&mut avail, 2 * i as u16);
+    }
+    avail.resize(0x100, 0);
+    image.extend_from_slice(&table);
+    image.extend_from_slice(&avail);
+    image.extend_from_slice(&request_area);
+    image
+}
+
+/// The child: confine the process, boot the 9p guest with a share of `dir`, report.
+fn sandboxed_9p_child(dir: PathBuf) -> ! {
+    use p9::wire::{msg, Tmessage, WalkNames, NOFID, NOTAG};
+    let requests: Vec<Vec<u8>> = [
+        (
+            NOTAG,
+            Tmessage::Version {
+                msize: 8192,
+                version: b"9P2000.L",
+            },
+        ),
+        (
+            1,
+            Tmessage::Attach {
+                fid: 1,
+                afid: NOFID,
+                uname: b"",
+                aname: b"",
+                n_uname: 0,
+            },
+        ),
+        (
+            2,
+            Tmessage::Walk {
+                fid: 1,
+                newfid: 2,
+                names: WalkNames::new(&[b"hello.txt"]).unwrap(),
+            },
+        ),
+        (3, Tmessage::Lopen { fid: 2, flags: 0 }),
+        (
+            4,
+            Tmessage::Read {
+                fid: 2,
+                offset: 0,
+                count: 256,
+            },
+        ),
+        (
+            5,
+            Tmessage::Walk {
+                fid: 1,
+                newfid: 3,
+                names: WalkNames::new(&[]).unwrap(),
+            },
+        ),
+        (
+            6,
+            Tmessage::Lcreate {
+                fid: 3,
+                name: b"created.txt",
+                flags: 0o101,
+                mode: 0o644,
+                gid: 0,
+            },
+        ),
+        (
+            7,
+            Tmessage::Write {
+                fid: 3,
+                offset: 0,
+                data: b"written by the guest",
+            },
+        ),
+    ]
+    .iter()
+    .map(|(tag, m)| {
+        let mut out = Vec::new();
+        m.encode(*tag, &mut out);
+        out
+    })
+    .collect();
+    let replies = [
+        msg::RVERSION,
+        msg::RATTACH,
+        msg::RWALK,
+        msg::RLOPEN,
+        msg::RREAD,
+        msg::RWALK,
+        msg::RLCREATE,
+        msg::RWRITE,
+    ];
+    let kernel = TempFile::new(
+        "sandboxed-9p",
+        &elf_kernel(&virtio_9p_guest(&requests, &replies, 4), true),
+    );
+    let report = vmm::sandbox::install(
+        &vmm::sandbox::Policy::new()
+            .read_file(&kernel.0)
+            .share(&dir, true),
+    )
+    .unwrap();
+    println!("sandbox: {report:?}");
+    let vm_and_run = || -> Result<vmm::RunOutcome, String> {
+        let mut vm = Vm::new(config(&kernel, ""), PhaseLog::new(Instant::now()))
+            .map_err(|e| e.to_string())?;
+        let server = p9::Server::new(&dir, p9::Config::default()).map_err(|e| e.to_string())?;
+        let pool = std::sync::Arc::new(vmm::devices::virtio::fs9p::worker_pool(2, "9p-worker"));
+        let device = vmm::devices::virtio::Virtio9p::new("share", server, pool)
+            .map_err(|e| e.to_string())?;
+        let (base, _) = vm
+            .add_virtio_device("virtio-9p", Box::new(device))
+            .map_err(|e| e.to_string())?;
+        assert_eq!(base, vmm::boot::layout::VIRTIO_MMIO_BASE);
+        vm.run().map_err(|e| e.to_string())
+    };
+    match vm_and_run() {
+        Ok(out) => {
+            println!("exit: {:?}", out.exit);
+            println!("console: {}", String::from_utf8_lossy(&out.console_output));
+            // Read after the run, under the main thread's filter and Landlock.
+            println!("resident: {:?}", out.guest_resident_kib.is_some());
+            std::process::exit(0)
+        }
+        Err(e) => {
+            println!("run failed: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
+#[test]
+fn a_sandboxed_guest_drives_virtio_9p_through_confined_threads() {
+    if let Some(dir) = std::env::var_os(SANDBOXED_CHILD) {
+        sandboxed_9p_child(PathBuf::from(dir));
+    }
+    if !kvm_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("vmm-tiny-sandboxed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("hello.txt"), "hello from the share\n").unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_sandboxed_guest_drives_virtio_9p_through_confined_threads",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(SANDBOXED_CHILD, &dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let created = std::fs::read_to_string(dir.join("created.txt"));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("exit: Status(42)"), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("console: hello from the share"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("resident: true"), "{stdout}\n{stderr}");
+    assert_eq!(created.unwrap(), "written by the guest");
+    if stdout.contains("seccomp: false") {
+        eprintln!("note: this kernel has no seccomp filters; only Landlock was exercised");
+    }
+}

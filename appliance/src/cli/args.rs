@@ -79,6 +79,9 @@ pub struct VmArgs {
     /// Extra kernel command-line arguments.
     #[arg(long, value_name = "ARGS")]
     pub append: Option<String>,
+    /// Run the monitor unconfined (no Landlock, seccomp or no_new_privs), for debugging.
+    #[arg(long)]
+    pub no_sandbox: bool,
 }
 
 #[derive(Args, Debug, Clone)]

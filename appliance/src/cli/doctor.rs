@@ -148,6 +148,63 @@ fn check_appliance() -> Vec<Check> {
     out
 }
 
+/// What the monitor's sandbox can use on this kernel. A missing part does not fail doctor:
+/// runs go on without it (and say so once).
+fn check_sandbox() -> Vec<Check> {
+    use vmm::sandbox::LandlockSupport;
+    let support = vmm::sandbox::host_support();
+    let landlock = match support.landlock {
+        LandlockSupport::Abi(abi) => Check {
+            ok: true,
+            what: format!(
+                "sandbox: Landlock ABI {abi}: the monitor can only open its kernel, initrd, \
+                 shares and /dev/kvm{}",
+                if abi < 3 {
+                    " (truncating files is not restricted before ABI 3)"
+                } else {
+                    ""
+                }
+            ),
+            fix: None,
+        },
+        LandlockSupport::NotEnabled => Check {
+            ok: false,
+            what: "sandbox: Landlock is built in but not enabled; runs go on without file \
+                   confinement"
+                .into(),
+            fix: Some("add landlock to the kernel's lsm= boot parameter".into()),
+        },
+        LandlockSupport::NotBuilt => Check {
+            ok: false,
+            what: "sandbox: the kernel has no Landlock; runs go on without file confinement".into(),
+            fix: Some("use a kernel built with CONFIG_SECURITY_LANDLOCK (5.13 or later)".into()),
+        },
+    };
+    let seccomp = Check {
+        ok: support.seccomp_filters,
+        what: if support.seccomp_filters {
+            "sandbox: seccomp filters: each monitor thread gets its own system call allowlist"
+                .into()
+        } else {
+            "sandbox: no seccomp filters with the trap action; runs go on without system call \
+             filtering"
+                .into()
+        },
+        fix: (!support.seccomp_filters)
+            .then(|| "use a kernel with CONFIG_SECCOMP_FILTER (4.14 or later)".into()),
+    };
+    let no_new_privs = Check {
+        ok: support.no_new_privs,
+        what: if support.no_new_privs {
+            "sandbox: no_new_privs".into()
+        } else {
+            "sandbox: no no_new_privs on this kernel; runs go on without it".into()
+        },
+        fix: (!support.no_new_privs).then(|| "use Linux 3.5 or later".into()),
+    };
+    vec![landlock, seccomp, no_new_privs]
+}
+
 pub fn doctor(a: DoctorArgs) -> u8 {
     let mut checks = check_kvm();
     checks.push(check_kernel(a.fix));
@@ -159,6 +216,12 @@ pub fn doctor(a: DoctorArgs) -> u8 {
             println!("       fix: {f}");
         }
         all_ok &= c.ok;
+    }
+    for c in &check_sandbox() {
+        println!("[{}] {}", if c.ok { " ok " } else { "warn" }, c.what);
+        if let Some(f) = &c.fix {
+            println!("       fix: {f}");
+        }
     }
     if all_ok {
         println!("bootbox is ready: try `bootbox run --share . -- find /share -maxdepth 1`");

@@ -168,6 +168,7 @@ impl Signals {
         let spawned = std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
+                vmm::sandbox::enter_thread(vmm::sandbox::ThreadRole::SignalWaiter);
                 let mut sig: libc::c_int = 0;
                 // SAFETY: `set` is an initialised sigset_t and `sig` a valid out-pointer.
                 if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
@@ -242,7 +243,10 @@ fn add_shares(vm: &mut Vm, shares: &[Share], stats: bool) -> Result<ShareServers
     let threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(2, 8);
-    let pool = Arc::new(p9::WorkerPool::new(threads, "9p-worker"));
+    let pool = Arc::new(vmm::devices::virtio::fs9p::worker_pool(
+        threads,
+        "9p-worker",
+    ));
     pool.set_stats_enabled(stats);
     for s in shares {
         let config = p9::Config {
@@ -402,6 +406,7 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
     }
     vmm::devices::virtio::set_stats_enabled(a.vm.stats);
 
+    confine(&a.vm, &config, &shares)?;
     let mut vm = Vm::new(config, phases.clone())?;
     // Order matters: the guest numbers consoles in probe order, so hvc0 = stdout, hvc1 = stderr.
     vm.add_virtio_device(
@@ -539,6 +544,7 @@ fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u
     config.console = ConsoleSink::Stdout;
     config.stdin = !a.no_stdin;
     vmm::devices::virtio::set_stats_enabled(a.vm.stats);
+    confine(&a.vm, &config, &shares)?;
     let mut vm = Vm::new(config, phases.clone())?;
     let servers = add_shares(&mut vm, &shares, a.vm.stats)?;
     let (outcome, record) = execute(vm, signals, &phases, &servers, "the guest")?;
@@ -557,6 +563,46 @@ fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u
     let _ = std::io::stdout().flush();
     Ok(finish(record, code, &a.vm))
 }
+
+// ---- Confinement (see vmm::sandbox) -------------------------------------------------------------
+
+/// Confines the process before the VM exists and before any thread starts (Landlock binds the
+/// threads created afterwards): from here on it may read only the kernel, the initrd files and
+/// the shares, write only the writable shares and the `--json` report, and open /dev/kvm; each
+/// thread then takes its seccomp role. Says once when the kernel lacks a part and goes on;
+/// `--no-sandbox` skips it all.
+fn confine(a: &VmArgs, config: &VmConfig, shares: &[Share]) -> Result<(), Failure> {
+    use vmm::sandbox::Policy;
+    if a.no_sandbox {
+        return Ok(());
+    }
+    let mut policy = Policy::new().read_file(&config.kernel);
+    for part in &config.initrd {
+        if let InitrdPart::File(path) = part {
+            policy = policy.read_file(path);
+        }
+    }
+    for s in shares {
+        policy = policy.share(&s.dir, !s.read_only);
+    }
+    if let Some(json) = &a.json {
+        // Written after the run; it must exist now for the policy to name it.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(json)
+            .map_err(|e| fail(format!("--json {}: {e}", json.display())))?;
+        policy = policy.write_file(json);
+    }
+    let report = vmm::sandbox::install(&policy)?;
+    if let Some(line) = report.shortfall() {
+        eprintln!("bootbox: warning: {line}");
+    }
+    Ok(())
+}
+
+// ---- End of confinement -------------------------------------------------------------------------
 
 /// Whether `path` looks like something we can boot (used by `doctor`).
 pub fn looks_like_kernel(path: &Path) -> bool {

@@ -70,9 +70,17 @@ pub struct WorkerPool {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// Runs first on each new worker thread (e.g. to confine it), before it takes any job.
+pub type ThreadStart = Arc<dyn Fn() + Send + Sync>;
+
 impl WorkerPool {
     /// Starts `threads` workers (at least one) named `name-N`; the queue holds 64 jobs per thread.
     pub fn new(threads: usize, name: &str) -> Self {
+        Self::with_thread_start(threads, name, Arc::new(|| {}))
+    }
+
+    /// Like [`WorkerPool::new`], with each worker calling `on_start` first thing.
+    pub fn with_thread_start(threads: usize, name: &str, on_start: ThreadStart) -> Self {
         let threads = threads.max(1);
         let shared = Arc::new(Shared {
             q: Mutex::new(Queue {
@@ -87,9 +95,13 @@ impl WorkerPool {
         let mut handles = Vec::with_capacity(threads);
         for i in 0..threads {
             let s = shared.clone();
+            let on_start = on_start.clone();
             let h = std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
-                .spawn(move || worker(&s));
+                .spawn(move || {
+                    on_start();
+                    worker(&s)
+                });
             // A thread that cannot be spawned just leaves the pool smaller; with none at all,
             // submit runs jobs inline.
             if let Ok(h) = h {
@@ -212,6 +224,35 @@ mod tests {
             pool.submit(Box::new(|| panic!("job panics")));
         }
         assert_eq!(n.load(Ordering::Relaxed), 1000);
+    }
+
+    #[test]
+    fn every_worker_runs_the_start_hook_before_any_job() {
+        let started = Arc::new(Mutex::new(Vec::new()));
+        let hook_log = started.clone();
+        let pool = WorkerPool::with_thread_start(
+            3,
+            "h",
+            Arc::new(move || {
+                let me = std::thread::current().name().unwrap_or("").to_string();
+                hook_log.lock().unwrap().push(me);
+            }),
+        );
+        let ran_after_hook = Arc::new(AtomicUsize::new(0));
+        for _ in 0..30 {
+            let (started, ran) = (started.clone(), ran_after_hook.clone());
+            pool.submit(Box::new(move || {
+                let me = std::thread::current().name().unwrap_or("").to_string();
+                if started.lock().unwrap().contains(&me) {
+                    ran.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        drop(pool);
+        let mut names = started.lock().unwrap().clone();
+        names.sort();
+        assert_eq!(names, ["h-0", "h-1", "h-2"]);
+        assert_eq!(ran_after_hook.load(Ordering::Relaxed), 30);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 use super::chain::{self, Buffer, Chain, ChainError};
 use super::mmio::{ActivateContext, QueueHandler, VirtioDevice, VirtioError};
 use super::{DeviceStats, Interrupt, TYPE_9P, VIRTIO_RING_F_INDIRECT_DESC};
+use crate::sandbox::{self, ThreadRole};
 use p9::{ReplyBuf, Server, WorkerPool};
 use std::collections::HashMap;
 use std::io;
@@ -54,10 +55,29 @@ impl RequestHandler for Server {
     }
 }
 
+/// A worker pool for 9p devices: `threads` workers named `name-N`, each of which enters the
+/// file-server role of the sandbox ([`crate::sandbox::ThreadRole::P9Worker`]) before serving.
+pub fn worker_pool(threads: usize, name: &str) -> WorkerPool {
+    WorkerPool::with_thread_start(
+        threads,
+        name,
+        Arc::new(|| sandbox::enter_thread(ThreadRole::P9Worker)),
+    )
+}
+
 impl Virtio9p {
     /// A device the guest mounts with `mount -t 9p -o trans=virtio <tag> <dir>`. `tag` must be
-    /// 1 to [`MAX_TAG_LEN`] bytes.
+    /// 1 to [`MAX_TAG_LEN`] bytes. With the sandbox installed, requests must run on the pool's
+    /// workers (the device thread may not touch files), so the pool needs at least one thread.
     pub fn new(tag: &str, server: Arc<Server>, pool: Arc<WorkerPool>) -> Result<Self, VirtioError> {
+        if sandbox::is_installed() && pool.threads() == 0 {
+            return Err(VirtioError::Activate {
+                device: "9p",
+                reason: "no 9p worker thread could be started, and with the sandbox on \
+                         requests cannot run on the device thread; check thread limits"
+                    .into(),
+            });
+        }
         Self::with_handler(tag, server, pool)
     }
 

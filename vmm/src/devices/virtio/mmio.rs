@@ -614,6 +614,7 @@ impl MmioTransport {
         let thread = std::thread::Builder::new()
             .name(format!("virtio-{name}"))
             .spawn(move || {
+                crate::sandbox::enter_thread(crate::sandbox::ThreadRole::Device);
                 event_loop(name, &evts, &stop_evt, &stats, handler.as_mut());
                 // Dropping the handler here waits for in-flight work before the join returns.
                 drop(handler);
