@@ -338,6 +338,204 @@ fn read_only_shares_refuse_writes_and_rw_shares_write_through() {
     );
 }
 
+/// What a job could still do through its working directory after the host moved that
+/// directory out of the share mid-job: the guest signals it is in place, the host moves
+/// `share/a` next to a secret outside the share, then the guest lists, reads, creates and
+/// makes a directory through its cwd (share/a/b). Returns the guest's stdout.
+fn job_after_the_host_moves_its_cwd_away(
+    name: &str,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> String {
+    let t = Scratch::new(name);
+    let share = t.path().join("share");
+    std::fs::create_dir_all(share.join("a/b")).unwrap();
+    std::fs::write(share.join("a/b/inner"), b"inner").unwrap();
+    std::fs::create_dir_all(t.path().join("outside")).unwrap();
+    std::fs::write(t.path().join("outside/secret"), b"SECRET").unwrap();
+    let spec = format!("{}:rw", share.display());
+    let script = "cd /share/a/b || exit 3; touch /share/ready; i=0; \
+        until ls /share | grep -qx moved; do i=$((i+1)); [ $i -gt 20000 ] && exit 4; sleep 0.05; done; \
+        ls . >/dev/null 2>&1 && echo LISTED; \
+        cat inner 2>/dev/null && echo READ-INNER; \
+        (echo x > planted) 2>/dev/null && echo PLANTED; \
+        mkdir made 2>/dev/null && echo MADE-DIR; \
+        echo finished";
+    let mut all = vec!["run"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&[
+        "--share",
+        &spec,
+        "--timeout",
+        "900",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let mut cmd = Command::new(bootbox_bin());
+    cmd.args(&all)
+        .env("BOOTBOX_KERNEL", kernel())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("cannot start bootbox");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(900);
+    while !share.join("ready").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job never got ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::fs::rename(share.join("a"), t.path().join("a")).unwrap();
+    std::fs::write(share.join("moved"), b"").unwrap();
+    let out = child.wait_with_output().unwrap();
+    eprintln!("--- stderr ---\n{}", String::from_utf8_lossy(&out.stderr));
+    let said = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(said.contains("finished"), "{said}");
+    let planted = t.path().join("a/b/planted").exists() || t.path().join("a/b/made").exists();
+    assert_eq!(
+        planted,
+        said.contains("PLANTED") || said.contains("MADE-DIR"),
+        "the guest's report and the host's tree disagree: {said}"
+    );
+    said
+}
+
+#[test]
+#[ignore = "boots a real kernel: run by scripts/test.sh"]
+fn a_directory_moved_out_mid_job_is_out_of_reach_and_the_sandbox_alone_holds_too() {
+    // The attack is real: with the server's checks off and no sandbox, it gets through.
+    let open = job_after_the_host_moves_its_cwd_away(
+        "moved-open",
+        &[("BOOTBOX_TEST_UNCHECKED_9P", "1")],
+        &["--no-sandbox"],
+    );
+    assert!(
+        open.contains("PLANTED") && open.contains("READ-INNER"),
+        "{open}"
+    );
+    // The server's checks alone stop it ...
+    let checked = job_after_the_host_moves_its_cwd_away("moved-checked", &[], &["--no-sandbox"]);
+    // ... and so does the sandbox alone (Landlock follows the real tree at access time).
+    let sandboxed = job_after_the_host_moves_its_cwd_away(
+        "moved-sandboxed",
+        &[("BOOTBOX_TEST_UNCHECKED_9P", "1")],
+        &[],
+    );
+    for said in [&checked, &sandboxed] {
+        for reached in ["LISTED", "READ-INNER", "PLANTED", "MADE-DIR"] {
+            assert!(!said.contains(reached), "{reached}: {said}");
+        }
+    }
+}
+
+/// Whether `dir`'s filesystem takes user extended attributes (where bootbox keeps a guest's
+/// view of ownership on rw shares).
+fn user_xattrs_work(dir: &Path) -> bool {
+    let probe = dir.join(".xattr-probe");
+    std::fs::write(&probe, b"").unwrap();
+    let path = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: both strings are NUL-terminated and the value is readable for its length.
+    let r = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            c"user.probe".as_ptr(),
+            b"1".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    std::fs::remove_file(&probe).unwrap();
+    r == 0
+}
+
+#[test]
+#[ignore = "boots a real kernel: run by scripts/test.sh"]
+fn an_ordinary_user_runs_jobs_without_root() {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("skipped: needs root to make an ordinary user to run as");
+        return;
+    }
+    const USER: u32 = 4242;
+    let t = Scratch::new("ordinary-user");
+    let home = t.path().join("home");
+    let tree = t.path().join("tree");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("f"), b"user data\n").unwrap();
+    // The kernel where any user can read it, as `build-kernel.sh --install` leaves it.
+    let k = t.path().join("vmlinux");
+    std::fs::copy(kernel(), &k).unwrap();
+    for p in [t.path(), &home, &tree, &tree.join("f"), &k] {
+        std::os::unix::fs::chown(p, Some(USER), Some(USER)).unwrap();
+    }
+    // The user is in the group that owns /dev/kvm, as in the usual `kvm` group setup.
+    std::os::unix::fs::chown("/dev/kvm", None, Some(USER)).unwrap();
+    std::fs::set_permissions(
+        "/dev/kvm",
+        std::os::unix::fs::PermissionsExt::from_mode(0o660),
+    )
+    .unwrap();
+    let spec = format!("{}:rw", tree.display());
+    let out = Command::new(bootbox_bin())
+        .args([
+            "run",
+            "--share",
+            &spec,
+            "--timeout",
+            "900",
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg("cat f; echo made > new; mkdir d; touch tool; chmod 4755 tool; stat -c '%a' tool")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", &home)
+        .env("BOOTBOX_KERNEL", &k)
+        .env(
+            "BOOTBOX_INIT",
+            std::env::var_os("BOOTBOX_INIT").unwrap_or_default(),
+        )
+        .uid(USER)
+        .gid(USER)
+        .output()
+        .unwrap();
+    let said = stdout(&out);
+    eprintln!("--- stderr ---\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(said.starts_with("user data\n"), "{said}");
+    use std::os::unix::fs::MetadataExt;
+    for made in ["new", "d", "tool"] {
+        let m = std::fs::metadata(tree.join(made)).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (USER, USER),
+            "{made} must belong to the user"
+        );
+    }
+    let host_mode = std::fs::metadata(tree.join("tool")).unwrap().mode();
+    assert_eq!(host_mode & 0o7000, 0, "no set-id bit on the host");
+    // The guest reads back its set-uid bit where the host can keep the guest's view.
+    let expect = if user_xattrs_work(&tree) {
+        "4755"
+    } else {
+        "755"
+    };
+    assert_eq!(said.lines().last(), Some(expect), "{said}");
+    // The appliance was built in the user's own cache.
+    let cache = home.join(".cache/bootbox");
+    assert!(cache.is_dir(), "no cache under the user's home");
+    assert_eq!(std::fs::metadata(&cache).unwrap().uid(), USER);
+}
+
 #[test]
 #[ignore = "boots a real kernel: run by scripts/test.sh"]
 fn several_shares_mount_under_their_tags() {
@@ -817,4 +1015,41 @@ fn doctor_reports_each_check_and_its_verdict_matches_the_exit_status() {
         hw,
         "{text}"
     );
+}
+
+#[test]
+fn scripts_refuse_bad_arguments_before_doing_anything_and_print_their_help() {
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");
+    let run = |script: &str, args: &[&str]| {
+        let o = Command::new("bash")
+            .arg(scripts.join(script))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    // A bad mode is refused before any package is installed or kernel built.
+    let (code, _, err) = run("bench-vm.sh", &["bogus"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("unknown mode 'bogus'"), "{err}");
+    assert!(
+        !err.contains("setup:") && !err.contains("build-kernel"),
+        "{err}"
+    );
+    let (code, _, err) = run("bench-vm.sh", &["boot", "0"]);
+    assert_eq!(code, Some(2), "{err}");
+    // --help prints the usage comment, not a line of the script.
+    for script in ["build-kernel.sh", "testhost.sh", "bench-vm.sh"] {
+        let (code, out, _) = run(script, &["--help"]);
+        assert_eq!(code, Some(0), "{script}");
+        assert!(out.lines().count() > 3, "{script}: {out}");
+        assert!(
+            !out.contains("set -euo"),
+            "{script} printed its body: {out}"
+        );
+    }
 }

@@ -29,8 +29,8 @@
 
 pub mod client;
 mod confine;
-pub mod ownership;
 pub mod fuzz;
+pub mod ownership;
 pub mod pool;
 pub mod reply;
 pub mod server;
