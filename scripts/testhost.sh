@@ -26,7 +26,8 @@ while [ $# -gt 0 ]; do
             # The host programs the appliance builder looks for, so `bootbox run` works inside.
             for t in sh bash dash find ls stat cat sha256sum md5sum du grep file tar head tail wc sort \
                      xargs env sleep dd mkdir touch rm cp mv ln readlink true false echo printf yes \
-                     cmp diff dmesg uniq cut tr tee; do
+                     cmp diff dmesg uniq cut tr tee sync id uname df awk sed chmod chown basename \
+                     dirname; do
                 p=$(command -v "$t" || true)
                 case "$p" in /*) mirrors+=("$p") ;; esac
             done
@@ -92,7 +93,14 @@ copy_path() {
     [ -e "$p" ] || die "--mirror $p: no such file or directory"
     mkdir -p "$root$(dirname "$p")"
     cp -a --parents "$p" "$root/" 2>/dev/null || cp -a "$p" "$root$p"
-    if [ -L "$p" ]; then copy_path "$(readlink -f "$p")"; fi
+    # Follow a symlink one hop at a time, so chains such as /usr/bin/awk ->
+    # /etc/alternatives/awk -> /usr/bin/mawk arrive whole.
+    if [ -L "$p" ]; then
+        local t
+        t=$(readlink "$p")
+        case "$t" in /*) ;; *) t="$(dirname "$p")/$t" ;; esac
+        [ -e "$root$t" ] && [ ! -L "$t" ] || copy_path "$t"
+    fi
 }
 copy_libs() {
     local f="$1"

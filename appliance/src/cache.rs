@@ -62,6 +62,21 @@ pub const DEFAULT_TOOLS: &[&str] = &[
     "false",
     "echo",
     "printf",
+    // What common job scripts reach for beyond the inspection tools.
+    "sync",
+    "id",
+    "uname",
+    "df",
+    "awk",
+    "sed",
+    "chmod",
+    "chown",
+    "basename",
+    "dirname",
+    "cut",
+    "tr",
+    "uniq",
+    "tee",
 ];
 
 /// Magic databases for `file`, added if present.

@@ -220,6 +220,17 @@ fn appliance_contains_tools_and_keeps_symlinks() {
         tree.get(ls.to_str().unwrap()),
         Some(Node::HostFile { .. })
     ));
+    // A job script ending in `sync`, or using id/uname/df/awk, finds them.
+    for tool in ["sync", "id", "uname", "df", "awk"] {
+        let host = std::fs::canonicalize(find_program(tool).unwrap()).unwrap();
+        assert!(
+            matches!(
+                tree.get(host.to_str().unwrap()),
+                Some(Node::HostFile { .. })
+            ),
+            "{tool} is missing from the appliance"
+        );
+    }
     if find_program("file").is_ok() && Path::new("/usr/lib/file/magic.mgc").exists() {
         assert!(tree.get("/usr/lib/file/magic.mgc").is_some());
     }
