@@ -16,6 +16,14 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mode="${1:-boot}"
 runs="${2:-10}"
+case "$mode" in
+    boot|9p|analyze|stats) ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    *) echo "bench-vm: unknown mode '$mode': expected boot, 9p, analyze or stats (try --help)" >&2; exit 2 ;;
+esac
+case "$runs" in
+    ''|*[!0-9]*|0) echo "bench-vm: RUNS must be a positive number, not '$runs'" >&2; exit 2 ;;
+esac
 
 if [ "${BOOTBOX_BENCH_INNER:-}" != 1 ]; then
     cd "$repo"
