@@ -188,6 +188,9 @@ impl QueueHandler for ConsoleHandler {
         }
         drop(sink);
         if let Err(e) = result {
+            // Chains completed before the bad one are in the used ring: tell the driver, then
+            // report the error (a spurious used interrupt is harmless; a missing one is not).
+            self.interrupt.signal_used();
             self.interrupt.device_error("console", &e);
         }
         self.stats.finish(timer);
