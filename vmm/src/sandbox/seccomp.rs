@@ -307,8 +307,9 @@ fn p9_worker(list: &mut Allowlist) {
         SYS_fchmod,
         SYS_fchmodat,
         SYS_fchmodat2,
-        SYS_fchown,
-        SYS_fchownat,
+        // No fchown/fchownat: shares run in mapped ownership mode, where a guest's chown only
+        // changes its own view (an xattr), so even a fooled worker cannot give a host file to
+        // root or anyone else. Landlock does not cover chown; this does.
         SYS_utimensat,
         SYS_fsync,
         SYS_fdatasync,
@@ -474,6 +475,11 @@ mod tests {
     #[test]
     fn no_role_may_run_programs_use_the_network_or_escape_its_namespaces() {
         let forbidden = [
+            // Nor give a host file to another owner (Landlock does not cover chown).
+            SYS_chown,
+            SYS_fchown,
+            SYS_fchownat,
+            SYS_lchown,
             SYS_execve,
             SYS_execveat,
             SYS_fork,
