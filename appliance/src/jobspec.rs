@@ -15,8 +15,9 @@
 //! sharec u32, then per share: tag string, mount point string, read_only u8 (0/1)
 //! ```
 //!
-//! A string is `len u32` followed by `len` bytes of UTF-8. Strings must not contain NUL (they
-//! become C strings in the guest); env keys must be non-empty and contain no `=`; share tags
+//! A string is `len u32` followed by `len` bytes: UTF-8, except command arguments, which are
+//! any bytes (a file name need not be UTF-8). No string may contain NUL (they become C strings
+//! in the guest); env keys must be non-empty and contain no `=`; share tags
 //! and mount points are checked as well. Trailing bytes after the last share are an error.
 
 use std::fmt;
@@ -45,8 +46,8 @@ pub struct ShareMount {
 /// What the guest runs.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Job {
-    /// Program and arguments; empty means an interactive shell on the serial console.
-    pub argv: Vec<String>,
+    /// Program and arguments, as bytes; empty means an interactive shell on the serial console.
+    pub argv: Vec<Vec<u8>>,
     /// Extra environment variables for the job (the init adds PATH, HOME, TERM defaults).
     pub env: Vec<(String, String)>,
     /// Working directory of the job; `None` means `/`.
@@ -109,7 +110,11 @@ pub fn default_mount_point(tag: &str, share_count: usize) -> String {
 }
 
 fn check_str(s: &str, what: &'static str) -> Result<(), JobSpecError> {
-    if s.as_bytes().contains(&0) {
+    check_bytes(s.as_bytes(), what)
+}
+
+fn check_bytes(s: &[u8], what: &'static str) -> Result<(), JobSpecError> {
+    if s.contains(&0) {
         return Err(JobSpecError::ContainsNul(what));
     }
     if s.len() > MAX_STRING as usize {
@@ -139,7 +144,7 @@ impl Job {
             return Err(JobSpecError::TooLarge("argument list"));
         }
         for a in &self.argv {
-            check_str(a, "a command argument")?;
+            check_bytes(a, "a command argument")?;
         }
         if let Some(first) = self.argv.first() {
             if first.is_empty() {
@@ -192,7 +197,7 @@ impl Job {
         out.extend_from_slice(&JOB_VERSION.to_le_bytes());
         put_u32(&mut out, self.argv.len());
         for a in &self.argv {
-            put_str(&mut out, a);
+            put_bytes(&mut out, a);
         }
         put_u32(&mut out, self.env.len());
         for (k, v) in &self.env {
@@ -229,7 +234,7 @@ impl Job {
         let argc = r.count("argument count")?;
         let mut argv = Vec::new();
         for _ in 0..argc {
-            argv.push(r.string("a command argument")?);
+            argv.push(r.bytes("a command argument")?.to_vec());
         }
         let envc = r.count("environment count")?;
         let mut env = Vec::new();
@@ -275,8 +280,12 @@ fn put_u32(out: &mut Vec<u8>, n: usize) {
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_bytes(out, s.as_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, s: &[u8]) {
     put_u32(out, s.len());
-    out.extend_from_slice(s.as_bytes());
+    out.extend_from_slice(s);
 }
 
 struct Reader<'a> {
@@ -315,7 +324,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn string(&mut self, what: &'static str) -> Result<String, JobSpecError> {
+    fn bytes(&mut self, what: &'static str) -> Result<&'a [u8], JobSpecError> {
         let n = self.u32()?;
         if n > MAX_STRING {
             return Err(JobSpecError::TooLarge(what));
@@ -324,6 +333,11 @@ impl<'a> Reader<'a> {
         if b.contains(&0) {
             return Err(JobSpecError::ContainsNul(what));
         }
+        Ok(b)
+    }
+
+    fn string(&mut self, what: &'static str) -> Result<String, JobSpecError> {
+        let b = self.bytes(what)?;
         String::from_utf8(b.to_vec()).map_err(|_| JobSpecError::NotUtf8(what))
     }
 }
@@ -338,9 +352,11 @@ mod tests {
                 "sh".into(),
                 "-c".into(),
                 "echo 'a\nb' \"$X\"; printf '\\0'".into(),
-                String::new(),
+                Vec::new(),
                 "ünïcødé ✓ 🚀".into(),
                 " leading space".into(),
+                // A file name that is not UTF-8 passes through as it is.
+                b"latin1-\xe9t\xe9 \xff\xfe".to_vec(),
             ],
             env: vec![
                 ("X".into(), "multi\nline\r\nvalue=with=equals".into()),
@@ -446,7 +462,16 @@ mod tests {
             Job::decode(&bad),
             Err(JobSpecError::ContainsNul(_))
         ));
-        // Invalid UTF-8.
+        // Arguments may be any bytes; other strings must be UTF-8.
+        bad[pos] = 0xff;
+        assert_eq!(Job::decode(&bad).unwrap().argv, vec![b"a\xff".to_vec()]);
+        let job = Job {
+            argv: vec!["true".into()],
+            cwd: Some("/ab".into()),
+            ..Job::default()
+        };
+        let mut bad = job.encode().unwrap();
+        let pos = bad.iter().rposition(|&b| b == b'b').unwrap();
         bad[pos] = 0xff;
         assert!(matches!(Job::decode(&bad), Err(JobSpecError::NotUtf8(_))));
     }

@@ -133,7 +133,7 @@ fn boot_with(job: &Job, alter: impl FnOnce(&Path)) -> Booted {
 
 fn job(argv: &[&str]) -> Job {
     Job {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
+        argv: argv.iter().map(|s| s.as_bytes().to_vec()).collect(),
         ..Job::default()
     }
 }

@@ -215,6 +215,42 @@ fn exit_statuses_propagate() {
         ]);
         assert_eq!(out.status.code(), Some(status), "status {status}");
     }
+    // With --console the kernel's messages go to stderr; stdout stays the job's own.
+    let out = bootbox(&[
+        "run",
+        "--console",
+        "--timeout",
+        "600",
+        "--",
+        "echo",
+        "only this",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(stdout(&out), "only this\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Linux version"),
+        "the console did not reach stderr"
+    );
+    // Arguments travel as bytes: a Latin-1 file name reaches the job unchanged.
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::OsStr::from_bytes(b"caf\xe9 \xff");
+    let out = Command::new(bootbox_bin())
+        .args([
+            "run",
+            "--timeout",
+            "600",
+            "--",
+            "sh",
+            "-c",
+            "printf %s \"$1\"",
+            "sh",
+        ])
+        .arg(name)
+        .env("BOOTBOX_KERNEL", kernel())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.stdout, name.as_bytes());
 }
 
 #[test]
@@ -903,6 +939,62 @@ fn a_file_that_is_not_a_kernel_is_refused_clearly() {
         &["boot", "--kernel", "/etc/passwd", "--no-stdin"],
         "/etc/passwd",
     );
+}
+
+#[test]
+fn cheap_checks_fail_before_the_appliance_is_built() {
+    // A fresh cache stays empty: mem, vCPUs, timeout and the kernel's format are checked
+    // first, and a kernel error is not blamed on the appliance.
+    let cache = Scratch::new("early-checks-cache");
+    let not_a_kernel = Scratch::new("early-checks-kernel");
+    let bogus = not_a_kernel.path().join("vmlinux");
+    std::fs::write(&bogus, vec![0u8; 4096]).unwrap();
+    let k = std::env::var_os("BOOTBOX_KERNEL").map(PathBuf::from);
+    let good = k.as_deref().filter(|k| k.is_file()).unwrap_or(&bogus);
+    let good = good.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["run", "--timeout", "-1", "--", "true"],
+            "--timeout -1: give a positive number",
+        ),
+        (
+            vec!["run", "--timeout", "0", "--", "true"],
+            "--timeout 0: give a positive number",
+        ),
+        (
+            vec!["run", "--kernel", good, "--mem", "1", "--", "true"],
+            "1 MiB",
+        ),
+        (
+            vec!["run", "--kernel", good, "--vcpus", "0", "--", "true"],
+            "vCPUs requested",
+        ),
+        (
+            vec!["run", "--kernel", bogus.to_str().unwrap(), "--", "true"],
+            "neither an ELF vmlinux nor a bzImage",
+        ),
+        (
+            vec!["bench", "--runs", "0", "--", "run", "--", "true"],
+            "--runs",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = Command::new(bootbox_bin())
+            .args(&args)
+            .env("BOOTBOX_CACHE", cache.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: {needle:?} missing from {err}"
+        );
+        assert!(!err.contains("the appliance:"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    let built: Vec<_> = std::fs::read_dir(cache.path()).unwrap().collect();
+    assert!(built.is_empty(), "something was built: {built:?}");
 }
 
 #[test]

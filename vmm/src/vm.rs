@@ -71,6 +71,27 @@ impl VmConfig {
             stats: false,
         }
     }
+
+    /// Checks what needs neither KVM nor guest memory: the vCPU count, the memory size and
+    /// that the kernel file is an x86-64 ELF vmlinux or a bzImage. It reads a few hundred
+    /// bytes; call it before anything expensive so a typo fails at once.
+    pub fn check(&self) -> Result<(), VmError> {
+        if self.vcpus == 0 || self.vcpus > layout::MAX_VCPUS {
+            return Err(VmError::Config(format!(
+                "{} vCPUs requested; use 1 to {}",
+                self.vcpus,
+                layout::MAX_VCPUS
+            )));
+        }
+        if self.mem_mib < layout::MIN_MEM_MIB {
+            return Err(VmError::MemoryTooSmall {
+                mib: self.mem_mib,
+                needed_mib: u64::from(layout::MIN_MEM_MIB),
+                what: "the minimum guest size",
+            });
+        }
+        crate::boot::loader::check_kernel_file(&self.kernel)
+    }
 }
 
 /// How the guest ended.

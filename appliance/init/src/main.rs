@@ -123,6 +123,10 @@ fn cstr(s: &str) -> Result<CString, String> {
     CString::new(s).map_err(|_| format!("{s:?} contains a NUL byte"))
 }
 
+fn cbytes(b: &[u8]) -> Result<CString, String> {
+    CString::new(b).map_err(|_| format!("{:?} contains a NUL byte", String::from_utf8_lossy(b)))
+}
+
 fn mkdir_p(path: &str) -> Result<(), String> {
     let mut cur = String::new();
     for comp in path.split('/').filter(|c| !c.is_empty()) {
@@ -259,17 +263,19 @@ struct Exec {
 
 fn prepare_exec(job: &Job) -> Result<Exec, String> {
     let interactive = job.argv.is_empty();
-    let argv_s: Vec<String> = if interactive {
+    // Arguments are bytes: a file name need not be UTF-8.
+    let argv_s: Vec<Vec<u8>> = if interactive {
         let shell = if std::path::Path::new("/bin/bash").exists() || find_in_path("bash") {
             "bash"
         } else {
             "sh"
         };
-        vec![shell.to_string()]
+        vec![shell.as_bytes().to_vec()]
     } else {
         job.argv.clone()
     };
-    let name = argv_s[0].clone();
+    let name_bytes = argv_s[0].clone();
+    let name = String::from_utf8_lossy(&name_bytes).into_owned();
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), GUEST_PATH.into()),
         ("HOME".into(), "/root".into()),
@@ -286,18 +292,18 @@ fn prepare_exec(job: &Job) -> Result<Exec, String> {
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
-    let candidates = if name.contains('/') {
-        vec![cstr(&name)?]
+    let candidates = if name_bytes.contains(&b'/') {
+        vec![cbytes(&name_bytes)?]
     } else {
         path_var
             .split(':')
             .map(|d| if d.is_empty() { "." } else { d })
-            .map(|d| cstr(&format!("{d}/{name}")))
+            .map(|d| cbytes(&[d.as_bytes(), b"/", &name_bytes].concat()))
             .collect::<Result<_, _>>()?
     };
     Ok(Exec {
         candidates,
-        argv: argv_s.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?,
+        argv: argv_s.iter().map(|a| cbytes(a)).collect::<Result<_, _>>()?,
         envp: env
             .iter()
             .map(|(k, v)| cstr(&format!("{k}={v}")))

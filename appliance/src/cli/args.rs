@@ -46,9 +46,9 @@ pub struct InitrdArgs {
     /// Add a host program (and its libraries) to the appliance.
     #[arg(long = "with", value_name = "PROGRAM")]
     pub with: Vec<String>,
-    /// The job's command.
+    /// The job's command (any bytes: file names need not be UTF-8).
     #[arg(last = true, value_name = "COMMAND")]
-    pub command: Vec<String>,
+    pub command: Vec<std::ffi::OsString>,
 }
 
 /// Options shared by `run` and `boot`.
@@ -65,7 +65,7 @@ pub struct VmArgs {
     #[arg(long, default_value_t = 1)]
     pub vcpus: u8,
     /// Stop the guest after this many seconds (exit status 124).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub timeout: Option<f64>,
     /// Print the boot phase table on stderr when the VM ends.
     #[arg(long)]
@@ -104,9 +104,10 @@ pub struct RunArgs {
     pub console: bool,
     #[command(flatten)]
     pub vm: VmArgs,
-    /// The command to run inside the appliance, and its arguments.
+    /// The command to run inside the appliance, and its arguments (any bytes: file names need
+    /// not be UTF-8).
     #[arg(last = true, value_name = "COMMAND")]
-    pub command: Vec<String>,
+    pub command: Vec<std::ffi::OsString>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -117,8 +118,9 @@ pub struct BootArgs {
     /// Kernel command line (console=ttyS0 and virtio devices are added as needed).
     #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1")]
     pub cmdline: String,
-    /// Share a host directory with the guest: HOSTDIR:TAG[:ro].
-    #[arg(long = "share", value_name = "HOSTDIR:TAG[:ro]")]
+    /// Share a host directory with the guest: DIR[:TAG][:ro|rw] (read-only unless :rw), as
+    /// for `run`; the guest mounts it by TAG.
+    #[arg(long = "share", value_name = "DIR[:TAG][:ro|rw]")]
     pub shares: Vec<String>,
     /// Do not forward the host's stdin to the serial port.
     #[arg(long)]
@@ -129,9 +131,9 @@ pub struct BootArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Measured runs.
-    #[arg(long, default_value_t = 10)]
-    pub runs: usize,
+    /// Measured runs (at least 1).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub runs: u32,
     /// Unmeasured warm-up runs first.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,

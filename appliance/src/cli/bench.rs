@@ -184,7 +184,7 @@ fn bench_in(a: &BenchArgs, dir: &Path) -> Result<u8, String> {
         ..Default::default()
     });
 
-    for i in 0..a.warmup + a.runs {
+    for i in 0..a.warmup + a.runs as usize {
         let measured = i >= a.warmup;
         match run_once(
             &mut bootbox_command(&target, &ja)?,

@@ -306,7 +306,11 @@ fn execute(
         Ok(o) => o,
         Err(e) => {
             let tail = console.tail();
-            let mut message = format!("{what}: {e}");
+            // A kernel the VMM cannot load is the user's file, not the guest's doing.
+            let mut message = match e {
+                vmm::VmError::BadKernel { .. } => e.to_string(),
+                _ => format!("{what}: {e}"),
+            };
             if !tail.is_empty() {
                 message.push_str("\nlast console lines:\n");
                 for l in tail.iter().rev().take(20).rev() {
@@ -396,19 +400,25 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
         })
         .collect::<Result<Vec<_>, _>>()?;
     let kernel = kernel::find(a.vm.kernel.as_deref())?;
+    // Everything cheap is checked before the appliance is built.
+    let mut config = vm_config(kernel, APPLIANCE_CMDLINE.to_string(), &a.vm)?;
+    config.check()?;
     let (prepared, job) =
         appliance_and_job(&shares, &a.with, env, a.workdir.clone(), a.command.clone())?;
     phases.record("appliance ready");
     let job_cpio = job.to_cpio()?;
 
     let interactive = a.command.is_empty();
-    let mut config = vm_config(kernel, APPLIANCE_CMDLINE.to_string(), &a.vm)?;
     config.initrd = vec![
         InitrdPart::File(prepared.path.clone()),
         InitrdPart::Bytes(job_cpio),
     ];
-    config.console = if a.console || interactive {
+    // The interactive shell talks through the serial console on the terminal; otherwise the
+    // kernel's console is diagnostics and never mixes into the job's stdout.
+    config.console = if interactive {
         ConsoleSink::Stdout
+    } else if a.console {
+        ConsoleSink::Stderr
     } else {
         ConsoleSink::Off
     };
@@ -468,8 +478,10 @@ fn appliance_and_job(
     with: &[String],
     env: Vec<(String, String)>,
     workdir: Option<String>,
-    argv: Vec<String>,
+    argv: Vec<std::ffi::OsString>,
 ) -> Result<(appliance::Prepared, Job), Failure> {
+    use std::os::unix::ffi::OsStringExt;
+    let argv: Vec<Vec<u8>> = argv.into_iter().map(OsStringExt::into_vec).collect();
     let spec = ApplianceSpec {
         init: appliance::find_init()?,
         extra_programs: with.to_vec(),
@@ -538,12 +550,7 @@ fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u
     let shares = a
         .shares
         .iter()
-        .map(|s| {
-            if s.split(':').count() < 2 {
-                return Err(fail(format!("--share {s}: expected HOSTDIR:TAG[:ro]")));
-            }
-            parse_share(s, false)
-        })
+        .map(|s| parse_share(s, true))
         .collect::<Result<Vec<_>, _>>()?;
     super::shares::refuse_overlaps(&shares)?;
     let kernel = kernel::find(a.vm.kernel.as_deref())?;
@@ -553,6 +560,7 @@ fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u
         }
     }
     let mut config = vm_config(kernel, a.cmdline.clone(), &a.vm)?;
+    config.check()?;
     config.initrd = a.initrd.iter().cloned().map(InitrdPart::File).collect();
     config.console = ConsoleSink::Stdout;
     config.stdin = !a.no_stdin;

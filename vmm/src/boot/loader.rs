@@ -39,6 +39,44 @@ fn bad_kernel(path: &Path, reason: impl Into<String>) -> VmError {
 }
 
 /// Loads the kernel at `path` into `mem`.
+/// Checks from its first bytes that `path` is an x86-64 ELF vmlinux or a bzImage (the full
+/// check happens when it is loaded).
+pub fn check_kernel_file(path: &Path) -> Result<(), VmError> {
+    let mut file =
+        File::open(path).map_err(|e| bad_kernel(path, format!("cannot open it: {e}")))?;
+    let mut head = [0u8; 0x210];
+    let mut n = 0;
+    while n < head.len() {
+        match file.read(&mut head[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(bad_kernel(path, format!("cannot read it: {e}"))),
+        }
+    }
+    let head = &head[..n];
+    if head.starts_with(b"\x7fELF") {
+        // ELFCLASS64 and EM_X86_64 (62).
+        return if head.len() >= 20 && head[4] == 2 && head[18] == 62 && head[19] == 0 {
+            Ok(())
+        } else {
+            Err(bad_kernel(
+                path,
+                "it is an ELF file but not an x86-64 one; pass an x86-64 vmlinux or bzImage",
+            ))
+        };
+    }
+    // A bzImage: the boot sector signature and the "HdrS" setup header magic.
+    if head.len() >= 0x206 && head[0x1fe..0x200] == [0x55, 0xaa] && &head[0x202..0x206] == b"HdrS" {
+        return Ok(());
+    }
+    Err(bad_kernel(
+        path,
+        "it is neither an ELF vmlinux nor a bzImage; pass an x86-64 Linux kernel \
+         (arch/x86/boot/bzImage or vmlinux)",
+    ))
+}
+
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, VmError> {
     let mut file =
         File::open(path).map_err(|e| bad_kernel(path, format!("cannot open it: {e}")))?;

@@ -19,9 +19,11 @@ const MAX_LINE: usize = 512;
 /// Where guest console output goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ConsoleSink {
-    /// Host stdout.
+    /// Host stdout (the interactive shell).
     #[default]
     Stdout,
+    /// Host stderr (kernel messages beside a job whose stdout is its own).
+    Stderr,
     /// An in-memory buffer, returned in the run outcome.
     Capture,
     /// Discarded (the tail is still kept).
@@ -95,6 +97,7 @@ impl Console {
         }
         match self.sink {
             ConsoleSink::Stdout => io::stdout().write_all(bytes),
+            ConsoleSink::Stderr => io::stderr().write_all(bytes),
             ConsoleSink::Capture => {
                 if let Ok(mut c) = self.capture.lock() {
                     c.extend_from_slice(bytes);
@@ -106,10 +109,10 @@ impl Console {
     }
 
     fn flush(&self) -> io::Result<()> {
-        if self.sink == ConsoleSink::Stdout {
-            io::stdout().flush()
-        } else {
-            Ok(())
+        match self.sink {
+            ConsoleSink::Stdout => io::stdout().flush(),
+            ConsoleSink::Stderr => io::stderr().flush(),
+            _ => Ok(()),
         }
     }
 
