@@ -215,6 +215,18 @@ fn exit_statuses_propagate() {
         ]);
         assert_eq!(out.status.code(), Some(status), "status {status}");
     }
+    // The same with every monitor thread under its seccomp allowlist.
+    let out = bootbox(&[
+        "run",
+        "--seccomp",
+        "--timeout",
+        "600",
+        "--",
+        "sh",
+        "-c",
+        "exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "under seccomp");
     // With --console the kernel's messages go to stderr; stdout stays the job's own.
     let out = bootbox(&[
         "run",

@@ -597,7 +597,7 @@ fn confine(a: &VmArgs, config: &VmConfig, shares: &[Share]) -> Result<(), Failur
     if a.no_sandbox {
         return Ok(());
     }
-    let mut policy = Policy::new().read_file(&config.kernel);
+    let mut policy = Policy::new().seccomp(a.seccomp).read_file(&config.kernel);
     for part in &config.initrd {
         if let InitrdPart::File(path) = part {
             policy = policy.read_file(path);

@@ -96,12 +96,23 @@ pub struct Policy {
     read_files: Vec<PathBuf>,
     shares: Vec<SharedDir>,
     write_files: Vec<PathBuf>,
+    seccomp: bool,
 }
 
 impl Policy {
-    /// A policy that allows only what the monitor itself needs.
+    /// A policy that allows only what the monitor itself needs, with a seccomp allowlist per
+    /// thread.
     pub fn new() -> Self {
-        Self::default()
+        Policy {
+            seccomp: true,
+            ..Self::default()
+        }
+    }
+
+    /// Whether every monitor thread also gets its seccomp allowlist (on by default).
+    pub fn seccomp(mut self, on: bool) -> Self {
+        self.seccomp = on;
+        self
     }
 
     /// Allows reading one file (the kernel, an initrd part).
@@ -161,6 +172,8 @@ pub struct Report {
     pub landlock: LandlockOutcome,
     /// Threads get their role's seccomp filter in [`enter_thread`].
     pub seccomp: bool,
+    /// The policy asked for seccomp filters (so their absence is a shortfall).
+    pub seccomp_requested: bool,
 }
 
 /// Whether the Landlock policy is in force.
@@ -180,7 +193,7 @@ impl Report {
         if let LandlockOutcome::Unavailable(why) = &self.landlock {
             missing.push(format!("no Landlock file confinement ({why})"));
         }
-        if !self.seccomp {
+        if self.seccomp_requested && !self.seccomp {
             missing.push("no seccomp system call filters (the kernel lacks them)".to_string());
         }
         if !self.no_new_privs {
@@ -237,7 +250,7 @@ pub fn install(policy: &Policy) -> Result<Report, SandboxError> {
     // SAFETY: PR_SET_NO_NEW_PRIVS takes plain integer arguments.
     let no_new_privs = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } == 0;
     let landlock = landlock::restrict(policy)?;
-    let filters = if no_new_privs && seccomp::trap_filters_supported() {
+    let filters = if policy.seccomp && no_new_privs && seccomp::trap_filters_supported() {
         sigsys::install_handler().map_err(SandboxError::SignalHandler)?;
         let filters = seccomp::Filters::compile()?;
         filters
@@ -255,6 +268,7 @@ pub fn install(policy: &Policy) -> Result<Report, SandboxError> {
         no_new_privs,
         landlock,
         seccomp,
+        seccomp_requested: policy.seccomp,
     })
 }
 

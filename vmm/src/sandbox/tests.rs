@@ -580,12 +580,21 @@ fn the_shortfall_line_names_what_is_missing() {
             complete: false,
         },
         seccomp: true,
+        seccomp_requested: true,
     };
     assert_eq!(full.shortfall(), None);
+    // Filters left off on purpose are not a shortfall.
+    let chosen = Report {
+        seccomp: false,
+        seccomp_requested: false,
+        ..full.clone()
+    };
+    assert_eq!(chosen.shortfall(), None);
     let bare = Report {
         no_new_privs: true,
         landlock: LandlockOutcome::Unavailable(LandlockSupport::NotEnabled),
         seccomp: false,
+        seccomp_requested: true,
     };
     let line = bare.shortfall().unwrap();
     assert!(
