@@ -375,33 +375,7 @@ fn fid_and_open_file_limits() {
     })
     .unwrap();
     assert_eq!(h.srv.session_usage(), (0, 0));
-    // Sessions share the limits.
-    let other = h.srv.new_session();
-    let mut r = VecReply::new(8192);
-    let mut b = Vec::new();
-    for fid in 0..12u32 {
-        b.clear();
-        Tmessage::Attach {
-            fid,
-            afid: wire::NOFID,
-            uname: b"",
-            aname: b"",
-            n_uname: 0,
-        }
-        .encode(1, &mut b);
-        let n = other.handle(&b, &mut r);
-        let (_, rep) = Rmessage::decode(&r.as_slice()[..n]).unwrap();
-        if fid < 10 {
-            assert!(matches!(rep, Rmessage::Attach { .. }));
-        } else {
-            assert_eq!(
-                rep,
-                Rmessage::Lerror {
-                    ecode: libc::ENFILE as u32
-                }
-            );
-        }
-    }
+    // Each session has its own caps: see moving_tree.rs, sessions_have_their_own_caps.
 }
 
 fn lerror_of(reply: &[u8]) -> (u16, u32) {
