@@ -423,8 +423,9 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
         ConsoleSink::Off
     };
     config.stdin = interactive;
-    if interactive {
-        // The shell talks through the serial console, so the kernel must not be quiet about it.
+    if interactive || a.console {
+        // The shell talks through the serial console, and --console asks to see the kernel's
+        // messages: the kernel must not be quiet then.
         config.cmdline = config.cmdline.replace(" quiet", "");
     }
     vmm::devices::virtio::set_stats_enabled(a.vm.stats);
