@@ -73,8 +73,12 @@ for g in "$@"; do
     done
 done'
 summarise() {
-    awk '{ g = $1; if ($3 == "not") { fail[g]++; if (!(g in shown) || shown[g] < 3) { shown[g]++; print "  FAIL " $0 } } else pass[g]++; seen[g] = 1 }
-         END { for (g in seen) printf "%-16s %5d passed %5d failed\n", g, pass[g], fail[g] }' "$1"
+    # "not ok ... # TODO" marks a check the suite itself expects Linux to fail.
+    awk '{ g = $1; seen[g] = 1
+           if ($3 != "not") pass[g]++
+           else if ($0 ~ /# TODO/) todo[g]++
+           else { fail[g]++; if (shown[g] < 3) { shown[g]++; print "  FAIL " $0 } } }
+         END { for (g in seen) printf "%-16s %5d passed %5d failed %5d expected to fail on Linux\n", g, pass[g], fail[g], todo[g] }' "$1"
 }
 
 echo "== the suite in the appliance, on an rw share (${groups[*]})"
