@@ -628,11 +628,7 @@ fn confine(a: &VmArgs, config: &VmConfig, shares: &[Share]) -> Result<(), Failur
 
 /// Whether `path` looks like something we can boot (used by `doctor`).
 pub fn looks_like_kernel(path: &Path) -> bool {
-    let mut head = [0u8; 0x210];
-    let n = std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
-        .unwrap_or(0);
-    (n >= 4 && &head[..4] == b"\x7fELF") || (n >= 0x206 && &head[0x202..0x206] == b"HdrS")
+    vmm::boot::loader::check_kernel_file(path).is_ok()
 }
 
 #[cfg(test)]

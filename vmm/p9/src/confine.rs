@@ -30,7 +30,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 type Errno = i32;
 
 /// Longest path `readlink` reports before we fall back to walking the ancestry.
-const PATH_BUF: usize = 4096 + 1;
+pub(crate) const PATH_BUF: usize = 4096 + 1;
 /// Deepest ancestry walked before giving up (directories nest at most this deep in practice;
 /// the kernel's own path walk gives up far earlier on anything deeper than PATH_MAX).
 const MAX_DEPTH: usize = 1 << 16;
@@ -77,7 +77,11 @@ impl Root {
     }
 
     /// The kernel's current path of `fd`, or ENAMETOOLONG when it does not fit `buf`.
-    fn path_of<'b>(&self, fd: BorrowedFd<'_>, buf: &'b mut [u8]) -> Result<&'b [u8], Errno> {
+    pub(crate) fn path_of<'b>(
+        &self,
+        fd: BorrowedFd<'_>,
+        buf: &'b mut [u8],
+    ) -> Result<&'b [u8], Errno> {
         let mut name = [0u8; 24];
         let digits = fd.as_raw_fd().to_string();
         name[..digits.len()].copy_from_slice(digits.as_bytes());

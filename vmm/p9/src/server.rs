@@ -16,7 +16,7 @@
 //! from the file into the reply area (`ReplyBuf::read_from`), readdir builds qids from
 //! `d_ino`/`d_type` without a stat per entry, and msize goes up to [`Config::msize`].
 
-use crate::confine::Root;
+use crate::confine::{Root, PATH_BUF};
 use crate::ownership::{self, GuestAttr, Ownership};
 use crate::reply::ReplyBuf;
 use crate::wire::{self, msg, Attr, Qid, SetAttr, StatFs, Tmessage, Writer};
@@ -1431,28 +1431,13 @@ impl Server {
     /// unknown or stale; paths longer than PATH_MAX answer ENAMETOOLONG.
     fn parent_of(&self, f: &Fid) -> Result<(OwnedFd, Name), Errno> {
         let root = &self.share.root;
-        let link = |fd: RawFd| -> Result<Vec<u8>, Errno> {
-            let p = Name::from_fd(fd);
-            let mut buf = vec![0u8; libc::PATH_MAX as usize];
-            // SAFETY: `buf` is writable for its length; `p` is NUL-terminated.
-            let n = cvt(|| unsafe {
-                libc::readlinkat(
-                    root.proc_fd.as_raw_fd(),
-                    p.ptr(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                )
-            })?;
-            buf.truncate(n as usize);
-            Ok(buf)
-        };
-        let rootpath = link(root.fd.as_raw_fd())?;
-        let me = link(f.fd.as_raw_fd())?;
+        let (mut me_buf, mut root_buf) = ([0u8; PATH_BUF], [0u8; PATH_BUF]);
+        let rootpath = root.path_of(root.fd.as_fd(), &mut root_buf)?;
+        let me = root.path_of(f.fd.as_fd(), &mut me_buf)?;
         let rel = if rootpath == b"/" {
             me.strip_prefix(b"/")
         } else {
-            me.strip_prefix(rootpath.as_slice())
-                .and_then(|r| r.strip_prefix(b"/"))
+            me.strip_prefix(rootpath).and_then(|r| r.strip_prefix(b"/"))
         }
         .ok_or(libc::ENOENT)?;
         let mut comps: Vec<&[u8]> = rel
