@@ -545,6 +545,17 @@ impl Share {
     }
 }
 
+/// `open(2)` with `O_CLOEXEC` added, as an owned descriptor.
+fn open_cloexec(path: &CStr, flags: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: `path` is a valid C string; the result is checked before use.
+    let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: open returned a new descriptor we exclusively own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 impl Server {
     /// Exports `root` (must be an existing directory).
     pub fn new(root: &Path, config: Config) -> Result<Arc<Server>, Error> {
@@ -552,31 +563,29 @@ impl Server {
             path: root.into(),
             source: std::io::Error::from_raw_os_error(libc::EINVAL),
         })?;
-        let open = |p: &CStr, flags: i32| -> std::io::Result<OwnedFd> {
-            // SAFETY: `p` is a valid C string; the result is checked before use.
-            let fd = unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC) };
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // SAFETY: open returned a new descriptor we exclusively own.
-            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-        };
-        let rootfd = open(&c, libc::O_PATH).map_err(|source| Error::RootOpen {
+        let rootfd = open_cloexec(&c, libc::O_PATH).map_err(|source| Error::RootOpen {
             path: root.into(),
             source,
         })?;
-        let st = fstat(rootfd.as_fd()).map_err(|e| Error::RootOpen {
-            path: root.into(),
+        Server::with_root(rootfd, root, config)
+    }
+
+    /// Exports the directory `root` refers to: an fd the caller opened once (an `O_PATH` fd
+    /// is enough), so the directory checked by the caller is the one served, whatever is
+    /// renamed onto its path later. `path` only names it in errors.
+    pub fn with_root(root: OwnedFd, path: &Path, config: Config) -> Result<Arc<Server>, Error> {
+        let st = fstat(root.as_fd()).map_err(|e| Error::RootOpen {
+            path: path.into(),
             source: std::io::Error::from_raw_os_error(e),
         })?;
         if kind_of(st.st_mode) != Kind::Dir {
-            return Err(Error::RootNotDir(root.into()));
+            return Err(Error::RootNotDir(path.into()));
         }
-        let proc_fd =
-            open(c"/proc/self/fd", libc::O_PATH | libc::O_DIRECTORY).map_err(Error::Proc)?;
+        let proc_fd = open_cloexec(c"/proc/self/fd", libc::O_PATH | libc::O_DIRECTORY)
+            .map_err(Error::Proc)?;
         let share = Share {
             root: Root {
-                fd: rootfd,
+                fd: root,
                 dev: st.st_dev,
                 ino: st.st_ino,
                 proc_fd,

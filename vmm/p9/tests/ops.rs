@@ -20,6 +20,27 @@ fn new_rejects_missing_or_non_directory_root() {
 }
 
 #[test]
+fn with_root_serves_the_directory_opened_not_what_its_path_names_later() {
+    let t = TempTree::new("withroot");
+    t.file("share/original", b"kept");
+    let fd: std::os::fd::OwnedFd = std::fs::File::open(t.join("share")).unwrap().into();
+    std::fs::rename(t.join("share"), t.join("moved")).unwrap();
+    t.file("share/impostor", b"swapped in");
+    let srv = Server::with_root(fd, &t.join("share"), Config::default()).unwrap();
+    let mut h = Harness::attached(srv);
+    assert!(h.walk_to(3, "original").is_ok());
+    assert_eq!(h.walk_to(4, "impostor"), Err(libc::ENOENT));
+
+    let file: std::os::fd::OwnedFd = std::fs::File::open(t.join("moved/original"))
+        .unwrap()
+        .into();
+    let e = Server::with_root(file, &t.join("moved/original"), Config::default())
+        .err()
+        .unwrap();
+    assert!(matches!(e, p9::Error::RootNotDir(_)), "{e}");
+}
+
+#[test]
 fn version_negotiation() {
     let t = TempTree::new("version");
     let mut h = Harness::new(

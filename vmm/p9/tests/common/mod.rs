@@ -55,7 +55,11 @@ pub const ROOT: u32 = 1;
 
 impl Harness {
     pub fn new(root: &Path, config: Config) -> Harness {
-        let srv = Server::new(root, config).unwrap();
+        Harness::attached(Server::new(root, config).unwrap())
+    }
+
+    /// Negotiates the version and attaches fid [`ROOT`] on `srv`.
+    pub fn attached(srv: Arc<Server>) -> Harness {
         let mut h = Harness { srv, tag: 0 };
         match h.call(&Tmessage::Version {
             msize: 65536,
