@@ -13,9 +13,13 @@
 #   scripts/testhost.sh --mirror target/release/bootbox --mirror target/release/bootbox-init \
 #       --mirror "$(scripts/build-kernel.sh)" --mirror /tmp/posix-suite --appliance-tools \
 #       -- scripts/posix-suite.sh --prepared /tmp/posix-suite
+#
+# The rw share and the host's comparison directory are made under $POSIX_SUITE_SCRATCH (default:
+# the prepared directory). Point it at a filesystem with user extended attributes (ext4; the
+# test host's --ext4-scratch DIR gives one), or the guest's ownership cannot be kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 [ $# -ge 1 ] || { usage >&2; exit 2; }
 case "$1" in -h|--help) usage; exit 0 ;; esac
 
@@ -28,7 +32,7 @@ else
     shift
     [ -f "$src/pjdfstest.c" ] || { echo "posix-suite: $src has no pjdfstest.c" >&2; exit 2; }
     rm -rf "$work"
-    mkdir -p "$work/tools/shim" "$work/rw" "$work/host"
+    mkdir -p "$work/tools/shim"
     cat >"$work/config.h" <<'EOF'
 #define _GNU_SOURCE 1
 #define HAVE_FACCESSAT 1
@@ -58,6 +62,8 @@ EOF
     cp "$(command -v busybox)" "$work/tools/busybox"
 fi
 
+scratch=${POSIX_SUITE_SCRATCH:-$work}
+mkdir -p "$scratch/rw" "$scratch/host"
 groups=("$@")
 if [ ${#groups[@]} -eq 0 ]; then
     groups=(chmod chown ftruncate link mkdir mkfifo mknod open rename rmdir symlink truncate unlink utimensat posix_fallocate)
@@ -83,9 +89,9 @@ summarise() {
 
 echo "== the suite in the appliance, on an rw share (${groups[*]})"
 bin=${BOOTBOX_BIN:-target/release/bootbox}
-"$bin" run --timeout 3600 --share "$work/tools:tools:ro" --share "$work/rw:rw:rw" --workdir /share/rw \
+"$bin" run --timeout 3600 --share "$work/tools:tools:ro" --share "$scratch/rw:rw:rw" --workdir /share/rw \
     -- sh -c "$runner" runner /share/tools/busybox /share/tools/tests "${groups[@]}" >"$work/guest.txt" || true
 summarise "$work/guest.txt"
-echo "== the same suite on the host, in $work/host"
-(cd "$work/host" && env -i PATH="$work/tools/shim:$PATH" sh -c "$runner" runner "$work/tools/busybox" "$work/tools/tests" "${groups[@]}") >"$work/host.txt" 2>&1 || true
+echo "== the same suite on the host, in $scratch/host"
+(cd "$scratch/host" && env -i PATH="$work/tools/shim:$PATH" sh -c "$runner" runner "$work/tools/busybox" "$work/tools/tests" "${groups[@]}") >"$work/host.txt" 2>&1 || true
 summarise "$work/host.txt"

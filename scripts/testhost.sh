@@ -4,7 +4,8 @@
 # so a VMM inside it gets a /dev/kvm that can boot a real Linux guest. Used when this
 # machine's own KVM has no hardware virtualisation (see README: "How the tests pick KVM").
 #
-#   scripts/testhost.sh [--timeout SECS] [--mem MiB] [--appliance-tools] [--mirror PATH]... -- COMMAND [ARGS...]
+#   scripts/testhost.sh [--timeout SECS] [--mem MiB] [--appliance-tools] [--ext4-scratch DIR]
+#                       [--mirror PATH]... -- COMMAND [ARGS...]
 #
 # Every --mirror PATH (file or directory) is copied into the test host at the same absolute
 # path, and every ELF executable among them brings its shared libraries, so absolute paths
@@ -12,16 +13,21 @@
 # serial console, which is streamed here (--appliance-tools mirrors the programs the
 # appliance builder packs); this script exits with COMMAND's exit status
 # (or 124 when the test host times out, 125 when it failed to start).
+# --ext4-scratch DIR mounts a fresh 768 MiB ext4 filesystem (made in the test host's memory,
+# on a loop device) at DIR, for tests that need what the test host's tmpfs lacks, such as
+# user extended attributes. TESTHOST_APPEND adds words to the test host kernel's command line.
 set -euo pipefail
 
 timeout_secs=1800
 mem_mib=4096
 mirrors=()
+scratch=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --timeout) timeout_secs="$2"; shift 2 ;;
         --mem) mem_mib="$2"; shift 2 ;;
         --mirror) mirrors+=("$2"); shift 2 ;;
+        --ext4-scratch) scratch="$2"; shift 2 ;;
         --appliance-tools)
             # The host programs the appliance builder looks for, so `bootbox run` works inside.
             for t in sh bash dash find ls stat cat sha256sum md5sum du grep file tar head tail wc sort \
@@ -76,7 +82,19 @@ done
 cp "$busybox_bin" "$root/bin/busybox"
 
 # Modules in load order; Debian may ship them compressed.
-for m in irqbypass ccp kvm kvm-amd; do
+modules=(irqbypass ccp kvm kvm-amd)
+if [ -n "$scratch" ]; then
+    command -v modprobe >/dev/null || die "--ext4-scratch needs modprobe (kmod) to order the modules"
+    mke2fs_bin=$(command -v mke2fs) || die "--ext4-scratch needs mke2fs: apt-get install e2fsprogs"
+    mirrors+=("$mke2fs_bin")
+    # ext4 and loop with what they depend on, in the order modprobe would load them; what is
+    # built into this kernel has no line.
+    for f in $(modprobe --show-depends -S "$ver" ext4 loop | awk '$1 == "insmod" { print $2 }'); do
+        m=$(basename "$f"); m=${m%%.ko*}
+        case " ${modules[*]} " in *" $m "*) ;; *) modules+=("$m") ;; esac
+    done
+fi
+for m in "${modules[@]}"; do
     f=$(find "/lib/modules/$ver" -name "$m.ko*" | head -n1)
     [ -n "$f" ] || die "module $m not found under /lib/modules/$ver"
     case "$f" in
@@ -86,6 +104,15 @@ for m in irqbypass ccp kvm kvm-amd; do
         *) cp "$f" "$root/modules/$m.ko" ;;
     esac
 done
+scratch_setup=""
+if [ -n "$scratch" ]; then
+    scratch_q=$(printf '%q' "$scratch")
+    scratch_setup="mkdir -p $scratch_q /run/scratch && mount -t tmpfs -o size=800m scratch /run/scratch &&
+    dd if=/dev/zero of=/run/scratch/ext4.img bs=1M count=0 seek=768 2>/dev/null &&
+    $mke2fs_bin -q -F -t ext4 -O ^metadata_csum /run/scratch/ext4.img &&
+    mount -o loop /run/scratch/ext4.img $scratch_q && echo \"testhost: ext4 scratch at $scratch_q\" ||
+    echo \"testhost: could not set up the ext4 scratch at $scratch_q\""
+fi
 
 # Copies one path (and, for ELF files, its shared libraries) to the same place in the root.
 copy_path() {
@@ -127,10 +154,11 @@ export PATH=/usr/local/bin:/usr/bin:/usr/sbin:/bin:/sbin HOME=/root TMPDIR=/tmp
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
-for m in irqbypass ccp kvm kvm-amd; do
+for m in ${modules[*]}; do
     insmod /modules/\$m.ko || echo "testhost: insmod \$m failed"
 done
 [ -c /dev/kvm ] || echo "testhost: /dev/kvm did not appear"
+$scratch_setup
 echo "testhost: up after \$(cut -d' ' -f1 /proc/uptime)s, running: $cmd"
 cd /root
 $cmd
@@ -147,7 +175,7 @@ set +e
 timeout --foreground "$timeout_secs" qemu-system-x86_64 \
     -M q35 -cpu max -smp 1 -m "$mem_mib" -nographic -no-reboot -nic none -vga none \
     -kernel "$host_kernel" -initrd "$stage/testhost.cpio" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=3" </dev/null | tee "$log"
+    -append "console=ttyS0 panic=-1 quiet loglevel=3 ${TESTHOST_APPEND:-}" </dev/null | tee "$log"
 qemu_status=${PIPESTATUS[0]}
 set -e
 status=$(tr -d '\r' <"$log" | sed -n 's/^BOOTBOX-TESTHOST-EXIT=\([0-9]*\)$/\1/p' | tail -n1)
