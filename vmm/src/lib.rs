@@ -16,6 +16,7 @@ macro_rules! internal_check {
 
 pub mod boot;
 pub mod devices;
+pub mod error;
 pub mod memory;
 pub mod phases;
 pub mod sandbox;
@@ -23,10 +24,12 @@ pub mod stats;
 pub mod vcpu;
 pub mod vm;
 
+pub use boot::loader::InitrdPart;
+pub use error::VmError;
 pub use phases::PhaseLog;
 pub use vm::{
-    kvm_is_hardware_accelerated, ConsoleHandle, ConsoleSink, GuestExit, InitrdPart, RunOutcome,
-    StopHandle, Vm, VmConfig, VmError,
+    kvm_is_hardware_accelerated, ConsoleHandle, ConsoleSink, GuestExit, RunOutcome, StopHandle, Vm,
+    VmConfig,
 };
 
 #[cfg(test)]

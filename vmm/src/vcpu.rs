@@ -4,9 +4,10 @@
 //! and [`kick_and_join`] forces every vCPU out of KVM_RUN (signal + `immediate_exit`) and joins it.
 
 use crate::devices::bus::Bus;
+use crate::error::VmError;
 use crate::phases::PhaseLog;
 use crate::stats::{ExitKind, Stats, UNMAPPED_MMIO, UNMAPPED_PIO};
-use crate::vm::{GuestExit, VmError};
+use crate::vm::GuestExit;
 use kvm_bindings::{kvm_run, KVM_SYSTEM_EVENT_CRASH};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::cell::Cell;

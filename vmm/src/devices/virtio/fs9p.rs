@@ -87,7 +87,10 @@ impl Virtio9p {
         pool: Arc<WorkerPool>,
     ) -> Result<Self, VirtioError> {
         if tag.is_empty() || tag.len() > MAX_TAG_LEN || tag.contains('\0') {
-            return Err(VirtioError::BadTag(tag.to_string()));
+            return Err(VirtioError::BadTag {
+                tag: tag.to_string(),
+                max: MAX_TAG_LEN,
+            });
         }
         let mut config = Vec::with_capacity(2 + tag.len());
         // The length fits: MAX_TAG_LEN < u16::MAX.

@@ -45,8 +45,8 @@ pub enum VirtioError {
     },
     #[error("virtio-{device} offers no queues or an invalid queue size (must be a power of two, 1..=32768)")]
     BadQueues { device: &'static str },
-    #[error("9p mount tag {0:?} must be 1 to {max} bytes", max = super::fs9p::MAX_TAG_LEN)]
-    BadTag(String),
+    #[error("9p mount tag {tag:?} must be 1 to {max} bytes")]
+    BadTag { tag: String, max: usize },
     #[error("virtio-{device} cannot start: {reason}")]
     Activate {
         device: &'static str,
