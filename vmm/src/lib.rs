@@ -19,6 +19,7 @@ pub mod devices;
 pub mod error;
 pub mod memory;
 pub mod phases;
+pub mod run_control;
 pub mod sandbox;
 pub mod stats;
 pub mod vcpu;
@@ -27,9 +28,9 @@ pub mod vm;
 pub use boot::loader::InitrdPart;
 pub use error::VmError;
 pub use phases::PhaseLog;
+pub use run_control::GuestExit;
 pub use vm::{
-    kvm_is_hardware_accelerated, ConsoleHandle, ConsoleSink, GuestExit, RunOutcome, StopHandle, Vm,
-    VmConfig,
+    kvm_is_hardware_accelerated, ConsoleHandle, ConsoleSink, RunOutcome, StopHandle, Vm, VmConfig,
 };
 
 #[cfg(test)]

@@ -11,9 +11,10 @@ use crate::devices::serial::{Console, SerialDevice};
 use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioStats};
 use crate::memory;
 use crate::phases::PhaseLog;
+use crate::run_control::RunControl;
 use crate::sandbox::{self, ThreadRole};
 use crate::stats::{self, Stats};
-use crate::vcpu::{self, RunControl, VcpuContext};
+use crate::vcpu::{self, VcpuContext};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
@@ -31,6 +32,7 @@ use vmm_sys_util::timerfd::TimerFd;
 pub use crate::boot::loader::InitrdPart;
 pub use crate::devices::serial::ConsoleSink;
 pub use crate::error::VmError;
+pub use crate::run_control::GuestExit;
 
 /// What to boot and how.
 #[derive(Clone, Debug)]
@@ -87,19 +89,6 @@ impl VmConfig {
         }
         crate::boot::loader::check_kernel_file(&self.kernel)
     }
-}
-
-/// How the guest ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GuestExit {
-    /// The guest wrote this status to the exit port.
-    Status(u8),
-    /// i8042 reset or a guest reboot without a status.
-    Reset,
-    /// [`VmConfig::timeout`] elapsed.
-    Timeout,
-    /// [`StopHandle::stop`] was called.
-    Stopped,
 }
 
 /// The result of a finished run.
