@@ -30,7 +30,8 @@ pub use error::VmError;
 pub use phases::PhaseLog;
 pub use run_control::GuestExit;
 pub use vm::{
-    kvm_is_hardware_accelerated, ConsoleHandle, ConsoleSink, RunOutcome, StopHandle, Vm, VmConfig,
+    kvm_is_hardware_accelerated, ConsoleHandle, ConsoleSink, ReadyVm, RunOutcome, StopHandle, Vm,
+    VmConfig,
 };
 
 #[cfg(test)]
