@@ -188,8 +188,9 @@ impl Vm {
                 layout::VIRTIO_MMIO_MAX_DEVICES
             ))
         })?;
-        let transport =
-            MmioTransport::new(device, self.mem.clone()).map_err(|e| dev_err(e.to_string()))?;
+        let transport = MmioTransport::new(device, self.mem.clone())
+            .map_err(|e| dev_err(e.to_string()))?
+            .with_stats(self.config.stats);
         transport
             .register(&self.fd, base, gsi)
             .map_err(|e| dev_err(e.to_string()))?;

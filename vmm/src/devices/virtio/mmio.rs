@@ -94,7 +94,7 @@ pub struct ActivateContext {
     pub features: u64,
     /// The interrupt line and the error state.
     pub interrupt: Arc<Interrupt>,
-    /// The device's counters.
+    /// The device's counters; [`DeviceStats::enabled`] is the VM's statistics switch.
     pub stats: Arc<DeviceStats>,
 }
 
@@ -284,7 +284,14 @@ impl MmioTransport {
         self.name
     }
 
-    /// The device's counters (all zero unless [`super::set_stats_enabled`] was called).
+    /// Turns the device's counters on or off (off after [`MmioTransport::new`]); the device
+    /// sees the switch in [`ActivateContext::stats`].
+    pub fn with_stats(mut self, enabled: bool) -> Self {
+        self.stats = Arc::new(DeviceStats::new(enabled));
+        self
+    }
+
+    /// The device's counters (all zero unless turned on with [`MmioTransport::with_stats`]).
     pub fn stats(&self) -> VirtioStats {
         self.stats.snapshot(self.name)
     }

@@ -56,22 +56,13 @@ pub const INT_USED_RING: u32 = 1;
 /// Interrupt status bit: the configuration (or the device status) changed.
 pub const INT_CONFIG: u32 = 2;
 
-static STATS_ENABLED: AtomicBool = AtomicBool::new(false);
-
-/// Turns the per-device counters on or off for every virtio device (off by default). When off,
-/// the hot paths do one relaxed load and nothing else: no clock reads, no atomic adds.
-pub fn set_stats_enabled(on: bool) {
-    STATS_ENABLED.store(on, Ordering::Relaxed);
-}
-
-/// Whether the per-device counters are on.
-pub fn stats_enabled() -> bool {
-    STATS_ENABLED.load(Ordering::Relaxed)
-}
-
-/// Per-device counters, updated lock-free by the event thread and the workers.
+/// Per-device counters, updated lock-free by the event thread and the workers. Whether they
+/// count is fixed when the transport is built ([`MmioTransport::with_stats`]) and reaches the
+/// device through [`ActivateContext::stats`]. When off (the default), the hot paths test one
+/// bool and do nothing else: no clock reads, no atomic adds.
 #[derive(Debug, Default)]
 pub struct DeviceStats {
+    enabled: bool,
     notifications: AtomicU64,
     chains: AtomicU64,
     bytes: AtomicU64,
@@ -82,16 +73,29 @@ pub struct DeviceStats {
 pub struct ServiceTimer(Option<Instant>);
 
 impl DeviceStats {
+    /// Counters that count only when `enabled`.
+    pub fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            ..Self::default()
+        }
+    }
+
+    /// Whether the counters count (the VM's statistics switch).
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// Counts one queue notification.
     pub fn notification(&self) {
-        if stats_enabled() {
+        if self.enabled {
             self.notifications.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Counts one processed chain that moved `bytes` payload bytes.
     pub fn chain(&self, bytes: u64) {
-        if stats_enabled() {
+        if self.enabled {
             self.chains.fetch_add(1, Ordering::Relaxed);
             self.bytes.fetch_add(bytes, Ordering::Relaxed);
         }
@@ -99,7 +103,7 @@ impl DeviceStats {
 
     /// Starts timing a piece of device work.
     pub fn start(&self) -> ServiceTimer {
-        ServiceTimer(stats_enabled().then(Instant::now))
+        ServiceTimer(self.enabled.then(Instant::now))
     }
 
     /// Adds the time since `timer` started to the service time.
