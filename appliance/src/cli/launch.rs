@@ -322,6 +322,10 @@ fn execute(
             return Err(fail(message));
         }
     };
+    // A device that panicked was stopped; the guest may have gone on without it.
+    for report in &outcome.device_panics {
+        eprintln!("bootbox: {report}");
+    }
     let record = RunRecord {
         outcome: match outcome.exit {
             GuestExit::Status(_) => "status",

@@ -31,6 +31,9 @@ pub struct RunOutcome {
     pub stats: Option<stats::Report>,
     /// Per virtio device: notifications, chains, bytes and service time (with `stats`).
     pub virtio_stats: Vec<VirtioStats>,
+    /// One report per virtio device whose thread panicked during the run (the device was
+    /// stopped and put into DEVICE_NEEDS_RESET; the run went on without it).
+    pub device_panics: Vec<String>,
     /// Guest RAM resident on the host at the end of the run, in KiB.
     pub guest_resident_kib: Option<u64>,
     /// Whether KVM runs on hardware virtualisation (see [`kvm_is_hardware_accelerated`]).
@@ -131,6 +134,7 @@ impl ReadyVm {
             } else {
                 Vec::new()
             },
+            device_panics: vm.virtio.iter().filter_map(|t| t.panic_report()).collect(),
             guest_resident_kib: memory::resident_kib(&vm.mem),
             kvm_hardware: kvm_is_hardware_accelerated(),
         })

@@ -17,6 +17,7 @@ use p9::{ReplyBuf, Server, WorkerPool};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 use virtio_queue::{Queue, QueueT};
@@ -308,7 +309,12 @@ impl P9Handler {
                 *shared.inflight.lock().unwrap_or_else(|e| e.into_inner()) += 1;
                 let job_shared = shared.clone();
                 self.pool.submit(Box::new(move || {
-                    job_shared.serve_tracked(&chain, tracked);
+                    let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        job_shared.serve_tracked(&chain, tracked)
+                    }));
+                    if let Err(payload) = served {
+                        job_shared.interrupt.device_panicked("9p", &*payload);
+                    }
                     job_shared.done();
                 }));
             }

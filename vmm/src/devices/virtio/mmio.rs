@@ -18,6 +18,7 @@ use super::{
 use crate::devices::bus::BusDevice;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use std::os::fd::AsRawFd;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use virtio_queue::{Queue, QueueT};
@@ -294,6 +295,11 @@ impl MmioTransport {
     /// The device's counters (all zero unless turned on with [`MmioTransport::with_stats`]).
     pub fn stats(&self) -> VirtioStats {
         self.stats.snapshot(self.name)
+    }
+
+    /// Why the device was stopped, if one of its threads panicked during the run.
+    pub fn panic_report(&self) -> Option<String> {
+        self.interrupt.panic_report()
     }
 
     /// The interrupt eventfd (KVM's irqfd; tests read it to see interrupts).
@@ -617,12 +623,19 @@ impl MmioTransport {
             .map(|e| e.try_clone().map_err(VirtioError::EventFd))
             .collect::<Result<Vec<_>, _>>()?;
         let stats = self.stats.clone();
+        let interrupt = self.interrupt.clone();
         let name = self.name;
         let thread = std::thread::Builder::new()
             .name(format!("virtio-{name}"))
             .spawn(move || {
                 crate::sandbox::enter_thread(crate::sandbox::ThreadRole::Device);
-                event_loop(name, &evts, &stop_evt, &stats, handler.as_mut());
+                let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    event_loop(name, &evts, &stop_evt, &stats, handler.as_mut())
+                }));
+                if let Err(payload) = served {
+                    // The thread stops serving; the device waits in DEVICE_NEEDS_RESET.
+                    interrupt.device_panicked(name, &*payload);
+                }
                 // Dropping the handler here waits for in-flight work before the join returns.
                 drop(handler);
             })

@@ -575,6 +575,125 @@ fn console_counts_nothing_when_stats_are_off() {
     assert_eq!((stats.notifications, stats.chains, stats.bytes), (0, 0, 0));
 }
 
+// ---------------------------------------------------------------- panicking devices
+
+/// A device whose queue handler panics on its first `panics` notifications, then counts the
+/// rest.
+struct Panicky {
+    panics: Arc<Mutex<u32>>,
+    served: Arc<Mutex<u32>>,
+}
+
+struct PanickyHandler {
+    panics: Arc<Mutex<u32>>,
+    served: Arc<Mutex<u32>>,
+}
+
+impl QueueHandler for PanickyHandler {
+    fn notify(&mut self, _queue: usize) {
+        let mut left = self.panics.lock().unwrap();
+        if *left > 0 {
+            *left -= 1;
+            drop(left);
+            panic!("handler bug");
+        }
+        *self.served.lock().unwrap() += 1;
+    }
+}
+
+impl VirtioDevice for Panicky {
+    fn device_type(&self) -> u32 {
+        TYPE_CONSOLE
+    }
+    fn name(&self) -> &'static str {
+        "panicky"
+    }
+    fn device_features(&self) -> u64 {
+        0
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16]
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn activate(&mut self, _ctx: ActivateContext) -> Result<Box<dyn QueueHandler>, VirtioError> {
+        Ok(Box::new(PanickyHandler {
+            panics: self.panics.clone(),
+            served: self.served.clone(),
+        }))
+    }
+}
+
+#[test]
+fn a_panicking_queue_handler_resets_the_device_and_is_reported() {
+    let served = Arc::new(Mutex::new(0));
+    let mut d = Driver::new(Box::new(Panicky {
+        panics: Arc::new(Mutex::new(1)),
+        served: served.clone(),
+    }));
+    d.start(F_VERSION_1, 1, 16);
+    assert_eq!(d.t.panic_report(), None);
+    let _ = d.t.interrupt_evt().read();
+    d.kick(0);
+    d.wait_broken();
+    assert_ne!(d.r32(0x60) & INT_CONFIG, 0, "config interrupt");
+    assert!(d.t.interrupt_evt().read().is_ok(), "irq eventfd");
+    let report = d.t.panic_report().expect("the panic is reported");
+    assert!(
+        report.contains("virtio-panicky") && report.contains("handler bug"),
+        "{report}"
+    );
+    // The event thread stopped serving: a later kick reaches no handler.
+    d.kick(0);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(*served.lock().unwrap(), 0);
+    // A driver reset brings the device back; the report stays for the run outcome.
+    d.w32(0x70, 0);
+    d.start(F_VERSION_1, 1, 16);
+    d.kick(0);
+    let start = Instant::now();
+    while *served.lock().unwrap() == 0 {
+        assert!(start.elapsed() < HANG, "the reset device never served");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    assert_eq!(d.status() & STATUS_DEVICE_NEEDS_RESET, 0);
+    assert!(d.t.panic_report().is_some());
+    d.t.shutdown();
+}
+
+/// A 9P server that panics on every request.
+struct PanickingServer;
+
+impl RequestHandler for PanickingServer {
+    fn handle(&self, _request: &[u8], _reply: &mut dyn ReplyBuf) -> usize {
+        panic!("server bug");
+    }
+}
+
+#[test]
+fn a_panicking_9p_request_resets_the_device_without_leaking_it_in_flight() {
+    let mut d = ninep_driver(Arc::new(PanickingServer), 1);
+    d.fill(DATA, b"boom");
+    let h = d.chain(0, &[(DATA, 4, false), (DATA + 0x100, 4, true)]);
+    d.publish(0, h);
+    d.kick(0);
+    d.wait_broken();
+    let report = d.t.panic_report().expect("the panic is reported");
+    assert!(
+        report.contains("virtio-9p") && report.contains("server bug"),
+        "{report}"
+    );
+    // The request no longer counts as in flight, so stopping does not wait it out.
+    let start = Instant::now();
+    d.t.shutdown();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
 // ---------------------------------------------------------------- malformed chains
 
 /// Lays out a malformed chain on the console's transmit queue (size 16) and expects the error
