@@ -16,17 +16,22 @@ macro_rules! internal_check {
 
 pub mod boot;
 pub mod devices;
+pub mod error;
 pub mod memory;
 pub mod phases;
+pub mod run_control;
 pub mod sandbox;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;
 
+pub use boot::loader::InitrdPart;
+pub use error::VmError;
 pub use phases::PhaseLog;
+pub use run_control::GuestExit;
 pub use vm::{
-    kvm_is_hardware_accelerated, ConsoleHandle, ConsoleSink, GuestExit, InitrdPart, RunOutcome,
-    StopHandle, Vm, VmConfig, VmError,
+    kvm_is_hardware_accelerated, ConsoleHandle, ConsoleSink, ReadyVm, RunOutcome, StopHandle, Vm,
+    VmConfig,
 };
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! it to KVM as memory slots, and measuring how much of it is resident.
 
 use crate::boot::layout;
-use crate::vm::VmError;
+use crate::error::VmError;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{

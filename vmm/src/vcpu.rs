@@ -1,95 +1,21 @@
 //! vCPU threads: the KVM_RUN loop that dispatches port and MMIO exits to the buses, turns fatal
 //! exits (triple fault, internal error, failed entry, terminal HLT) into errors that say where
-//! the guest was, and the machinery that ends a run: [`RunControl`] records the first outcome,
-//! and [`kick_and_join`] forces every vCPU out of KVM_RUN (signal + `immediate_exit`) and joins it.
+//! the guest was and report them through [`RunControl`], and [`kick_and_join`], which forces
+//! every vCPU out of KVM_RUN (signal + `immediate_exit`) and joins it.
 
 use crate::devices::bus::Bus;
+use crate::error::VmError;
 use crate::phases::PhaseLog;
+use crate::run_control::{GuestExit, RunControl};
 use crate::stats::{ExitKind, Stats, UNMAPPED_MMIO, UNMAPPED_PIO};
-use crate::vm::{GuestExit, VmError};
 use kvm_bindings::{kvm_run, KVM_SYSTEM_EVENT_CRASH};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, unblock_signal, Killable, SIGRTMIN};
-
-/// How a run ends: the first outcome reported wins; everything after it is ignored.
-pub struct RunControl {
-    stopping: AtomicBool,
-    stop_requested: AtomicBool,
-    outcome: Mutex<Option<Result<GuestExit, VmError>>>,
-    cond: Condvar,
-    /// Readable once the run is ending; wakes the event loop.
-    pub wake: EventFd,
-}
-
-impl RunControl {
-    pub fn new() -> Result<Arc<Self>, VmError> {
-        Ok(Arc::new(RunControl {
-            stopping: AtomicBool::new(false),
-            stop_requested: AtomicBool::new(false),
-            outcome: Mutex::new(None),
-            cond: Condvar::new(),
-            wake: EventFd::new(libc::EFD_NONBLOCK)
-                .map_err(|e| VmError::Thread(format!("cannot create an eventfd: {e}")))?,
-        }))
-    }
-
-    /// Reports how the run ends (ignored when an outcome is already known).
-    pub fn finish(&self, outcome: Result<GuestExit, VmError>) {
-        let mut slot = match self.outcome.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        if slot.is_none() {
-            *slot = Some(outcome);
-        }
-        self.stopping.store(true, Ordering::SeqCst);
-        self.cond.notify_all();
-        let _ = self.wake.write(1);
-    }
-
-    /// Asks the event loop to end the run with [`GuestExit::Stopped`]. Async-signal-safe: an
-    /// atomic store and an eventfd write, no locks.
-    pub fn request_stop(&self) {
-        self.stop_requested.store(true, Ordering::SeqCst);
-        let _ = self.wake.write(1);
-    }
-
-    /// Whether [`RunControl::request_stop`] was called.
-    pub fn stop_requested(&self) -> bool {
-        self.stop_requested.load(Ordering::SeqCst)
-    }
-
-    /// Whether the run is ending.
-    #[inline]
-    pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst)
-    }
-
-    /// Blocks until an outcome is reported and takes it.
-    pub fn wait(&self) -> Result<GuestExit, VmError> {
-        let mut slot = match self.outcome.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        loop {
-            if let Some(outcome) = slot.take() {
-                // Leave a marker so later finish() calls stay ignored.
-                *slot = Some(Ok(GuestExit::Stopped));
-                return outcome;
-            }
-            slot = match self.cond.wait(slot) {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
-        }
-    }
-}
 
 thread_local! {
     /// This thread's `kvm_run` page, for the kick signal handler.
@@ -371,6 +297,7 @@ mod tests {
     use crate::devices::bus::BusDevice;
     use kvm_bindings::kvm_userspace_memory_region;
     use kvm_ioctls::Kvm;
+    use std::sync::Mutex;
     use vm_memory::{
         Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
         MemoryRegionAddress,

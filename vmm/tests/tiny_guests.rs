@@ -247,6 +247,27 @@ fn pvh_elf_guest_runs_end_to_end() {
     assert!(!out.kvm_hardware || vmm::kvm_is_hardware_accelerated());
 }
 
+/// Loading and running are separate steps: after `load` the kernel is in memory and nothing
+/// has run; `run` on the ready VM then boots it.
+#[test]
+fn loading_and_running_are_separate_steps() {
+    if !kvm_available() {
+        return;
+    }
+    let kernel = TempFile::new("steps", &elf_kernel(&pvh_guest_code(), true));
+    let phases = PhaseLog::new(Instant::now());
+    let vm = Vm::new(config(&kernel, "AB"), phases.clone()).unwrap();
+    let ready = vm.load().unwrap();
+    assert!(phases.get("kernel loaded").is_some());
+    assert!(
+        phases.get("first KVM_RUN").is_none(),
+        "nothing runs before run()"
+    );
+    let out = ready.run().unwrap();
+    assert_eq!(out.exit, GuestExit::Status(42));
+    assert!(phases.get("first KVM_RUN").is_some());
+}
+
 #[test]
 fn long_mode_elf_guest_gets_the_zero_page() {
     if !kvm_available() {

@@ -238,7 +238,9 @@ impl ShareServers {
 /// Set (to anything) only by the escape tests: see `add_shares`.
 const UNCHECKED_9P_ENV: &str = "BOOTBOX_TEST_UNCHECKED_9P";
 
-fn add_shares(vm: &mut Vm, shares: &[Share], stats: bool) -> Result<ShareServers, Failure> {
+/// Adds a virtio-9p device per share. Their statistics follow the VM's `stats` switch, which
+/// each device hands to its server and the pool when the guest activates it.
+fn add_shares(vm: &mut Vm, shares: &[Share]) -> Result<ShareServers, Failure> {
     let mut kept = ShareServers::default();
     if shares.is_empty() {
         return Ok(kept);
@@ -250,7 +252,6 @@ fn add_shares(vm: &mut Vm, shares: &[Share], stats: bool) -> Result<ShareServers
         threads,
         "9p-worker",
     ));
-    pool.set_stats_enabled(stats);
     // Test-only: the escape tests turn the 9p server's resolution checks off to show that the
     // process sandbox alone stops an escape. Whoever sets bootbox's environment already
     // controls the host, so this gives a guest nothing.
@@ -268,7 +269,6 @@ fn add_shares(vm: &mut Vm, shares: &[Share], stats: bool) -> Result<ShareServers
         };
         let server = p9::Server::new(&s.dir, config)
             .map_err(|e| fail(format!("share {}: {e}", s.dir.display())))?;
-        server.set_stats_enabled(stats);
         kept.servers.push((s.tag.clone(), server.clone()));
         let dev = Virtio9p::new(&s.tag, server, pool.clone())?;
         vm.add_virtio_device("virtio-9p", Box::new(dev))?;
@@ -322,6 +322,10 @@ fn execute(
             return Err(fail(message));
         }
     };
+    // A device that panicked was stopped; the guest may have gone on without it.
+    for report in &outcome.device_panics {
+        eprintln!("bootbox: {report}");
+    }
     let record = RunRecord {
         outcome: match outcome.exit {
             GuestExit::Status(_) => "status",
@@ -428,7 +432,6 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
         // messages: the kernel must not be quiet then.
         config.cmdline = config.cmdline.replace(" quiet", "");
     }
-    vmm::devices::virtio::set_stats_enabled(a.vm.stats);
 
     confine(&a.vm, &config, &shares)?;
     let mut vm = Vm::new(config, phases.clone())?;
@@ -441,7 +444,7 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
         "virtio-console (stderr)",
         Box::new(VirtioConsole::new(std_writer(std::io::stderr().as_fd())?)),
     )?;
-    let servers = add_shares(&mut vm, &shares, a.vm.stats)?;
+    let servers = add_shares(&mut vm, &shares)?;
 
     let (outcome, mut record) = execute(vm, signals, &phases, &servers, "the appliance")?;
     record.appliance_built = Some(prepared.built);
@@ -565,10 +568,9 @@ fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u
     config.initrd = a.initrd.iter().cloned().map(InitrdPart::File).collect();
     config.console = ConsoleSink::Stdout;
     config.stdin = !a.no_stdin;
-    vmm::devices::virtio::set_stats_enabled(a.vm.stats);
     confine(&a.vm, &config, &shares)?;
     let mut vm = Vm::new(config, phases.clone())?;
-    let servers = add_shares(&mut vm, &shares, a.vm.stats)?;
+    let servers = add_shares(&mut vm, &shares)?;
     let (outcome, record) = execute(vm, signals, &phases, &servers, "the guest")?;
     let code = match outcome.exit {
         GuestExit::Status(s) => s,

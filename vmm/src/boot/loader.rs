@@ -6,17 +6,24 @@
 use super::layout;
 use super::params::InitrdInfo;
 use super::regs::EntryMode;
-use crate::vm::{InitrdPart, VmError};
+use crate::error::VmError;
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{BzImage, Cmdline, Elf, KernelLoader, PvhBootCapability};
 use std::fs::File;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Offset of `startup_64` from the load address of a bzImage's protected-mode kernel.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 const PAGE: u64 = 4096;
+
+/// One piece of the initrd; the pieces are concatenated in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InitrdPart {
+    File(PathBuf),
+    Bytes(Vec<u8>),
+}
 
 /// What the loader learned about the kernel.
 #[derive(Clone, Copy, Debug)]

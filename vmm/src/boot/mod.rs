@@ -3,6 +3,7 @@
 //! state (registers, GDT, page tables, FPU, MSRs, CPUID, LAPIC).
 
 pub mod cpuid;
+pub mod error;
 pub mod gdt;
 pub mod layout;
 pub mod loader;
@@ -12,7 +13,8 @@ pub mod paging;
 pub mod params;
 pub mod regs;
 
-use crate::vm::VmError;
+use crate::error::VmError;
+use error::BootError;
 use kvm_bindings::CpuId;
 use kvm_ioctls::VcpuFd;
 use loader::LoadedKernel;
@@ -37,21 +39,20 @@ pub fn write_boot_structures(
     initrd: Option<InitrdInfo>,
     mem_bytes: u64,
     vcpus: u8,
-) -> Result<BootInfo, VmError> {
+) -> Result<BootInfo, BootError> {
     let e820 = params::e820_map(mem_bytes);
-    mptable::setup(mem, vcpus).map_err(|e| VmError::Boot(e.to_string()))?;
-    regs::write_gdt_idt(mem, kernel.mode).map_err(VmError::Boot)?;
+    mptable::setup(mem, vcpus)?;
+    regs::write_gdt_idt(mem, kernel.mode)?;
     let cr3 = match kernel.mode {
         EntryMode::Pvh => {
-            params::write_pvh(mem, initrd, &e820).map_err(VmError::Boot)?;
+            params::write_pvh(mem, initrd, &e820)?;
             0
         }
         EntryMode::Long64 => {
-            let cr3 = paging::setup(mem).map_err(VmError::Boot)?;
+            let cr3 = paging::setup(mem)?;
             let zp =
-                params::build_zero_page(kernel.setup_header, cmdline_len_with_nul, initrd, &e820)
-                    .map_err(VmError::Boot)?;
-            params::write_zero_page(mem, &zp).map_err(VmError::Boot)?;
+                params::build_zero_page(kernel.setup_header, cmdline_len_with_nul, initrd, &e820)?;
+            params::write_zero_page(mem, &zp)?;
             cr3
         }
     };
@@ -79,16 +80,14 @@ pub fn configure_vcpu(
     };
     let mut entries = supported_cpuid.as_slice().to_vec();
     cpuid::normalise(&mut entries, id, num);
-    let cpuid = CpuId::from_entries(&entries)
-        .map_err(|e| VmError::Boot(format!("CPUID table too large: {e:?}")))?;
+    let cpuid =
+        CpuId::from_entries(&entries).map_err(|e| BootError::CpuidTooLarge(format!("{e:?}")))?;
     vcpu.set_cpuid2(&cpuid).map_err(fail("KVM_SET_CPUID2"))?;
-    let msrs = msr::boot_msrs().map_err(VmError::Boot)?;
+    let msrs = msr::boot_msrs()?;
     let written = vcpu.set_msrs(&msrs).map_err(fail("KVM_SET_MSRS"))?;
     if written != msrs.as_slice().len() {
         let index = msrs.as_slice()[written].index;
-        return Err(VmError::Boot(format!(
-            "vCPU {id}: KVM refused boot MSR {index:#x}; the host KVM is too old or restricted"
-        )));
+        return Err(BootError::MsrRefused { cpu: id, index }.into());
     }
     vcpu.set_regs(&regs::boot_regs(boot.mode, boot.entry))
         .map_err(fail("KVM_SET_REGS"))?;

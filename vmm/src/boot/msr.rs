@@ -1,6 +1,7 @@
 //! Model-specific registers every vCPU starts with: syscall MSRs cleared, fast strings on, and
 //! MTRRs enabled with write-back as the default memory type (otherwise Linux maps RAM uncached).
 
+use super::error::BootError;
 use kvm_bindings::{kvm_msr_entry, Msrs};
 
 pub const MSR_IA32_TSC: u32 = 0x10;
@@ -37,7 +38,7 @@ pub fn boot_msr_values() -> Vec<(u32, u64)> {
 }
 
 /// [`boot_msr_values`] as the FAM structure `KVM_SET_MSRS` takes.
-pub fn boot_msrs() -> Result<Msrs, String> {
+pub fn boot_msrs() -> Result<Msrs, BootError> {
     let entries: Vec<kvm_msr_entry> = boot_msr_values()
         .into_iter()
         .map(|(index, data)| kvm_msr_entry {
@@ -46,7 +47,7 @@ pub fn boot_msrs() -> Result<Msrs, String> {
             ..Default::default()
         })
         .collect();
-    Msrs::from_entries(&entries).map_err(|e| format!("cannot build the MSR list: {e:?}"))
+    Msrs::from_entries(&entries).map_err(|e| BootError::MsrList(format!("{e:?}")))
 }
 
 #[cfg(test)]

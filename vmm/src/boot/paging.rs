@@ -1,6 +1,7 @@
 //! Identity-mapped page tables for the 64-bit entry: the first GiB mapped with 2 MiB pages,
 //! which is what Linux's `startup_64` expects to be running on.
 
+use super::error::BootError;
 use super::layout::{PDE_START, PDPTE_START, PML4_START};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -21,12 +22,12 @@ pub fn build() -> ([u64; 512], [u64; 512], [u64; 512]) {
 }
 
 /// Writes the tables into guest memory; returns the value for CR3.
-pub fn setup(mem: &GuestMemoryMmap) -> Result<u64, String> {
+pub fn setup(mem: &GuestMemoryMmap) -> Result<u64, BootError> {
     let (pml4, pdpt, pd) = build();
     for (table, at) in [(pml4, PML4_START), (pdpt, PDPTE_START), (pd, PDE_START)] {
         let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_le_bytes()).collect();
         mem.write_slice(&bytes, GuestAddress(at))
-            .map_err(|e| format!("cannot write page tables: {e}"))?;
+            .map_err(BootError::WritePageTables)?;
     }
     Ok(PML4_START)
 }

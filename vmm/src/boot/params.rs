@@ -1,6 +1,7 @@
 //! The memory map (e820) and the two boot-information blocks a kernel can be handed: the Linux
 //! zero page (`boot_params`, 64-bit and bzImage boot) and the PVH `hvm_start_info`.
 
+use super::error::BootError;
 use super::layout;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{
@@ -74,7 +75,7 @@ pub fn build_zero_page(
     cmdline_len_with_nul: usize,
     initrd: Option<InitrdInfo>,
     e820: &[E820Entry],
-) -> Result<boot_params, String> {
+) -> Result<boot_params, BootError> {
     let mut params = boot_params {
         hdr: header.unwrap_or_default(),
         ..Default::default()
@@ -86,16 +87,13 @@ pub fn build_zero_page(
     params.hdr.cmd_line_ptr = layout::CMDLINE_START as u32;
     params.hdr.cmdline_size = cmdline_len_with_nul.saturating_sub(1) as u32;
     if let Some(rd) = initrd {
-        params.hdr.ramdisk_image = u32::try_from(rd.addr)
-            .map_err(|_| format!("initrd address {:#x} is above 4 GiB", rd.addr))?;
-        params.hdr.ramdisk_size = u32::try_from(rd.size)
-            .map_err(|_| format!("initrd of {} bytes is too large (4 GiB max)", rd.size))?;
+        params.hdr.ramdisk_image =
+            u32::try_from(rd.addr).map_err(|_| BootError::InitrdAbove4GiB(rd.addr))?;
+        params.hdr.ramdisk_size =
+            u32::try_from(rd.size).map_err(|_| BootError::InitrdOver4GiB(rd.size))?;
     }
     if e820.len() > params.e820_table.len() {
-        return Err(format!(
-            "{} e820 entries do not fit the zero page",
-            e820.len()
-        ));
+        return Err(BootError::ZeroPageE820Full(e820.len()));
     }
     for (slot, e) in params.e820_table.iter_mut().zip(e820) {
         *slot = boot_e820_entry {
@@ -109,9 +107,9 @@ pub fn build_zero_page(
 }
 
 /// Writes the zero page at [`layout::ZERO_PAGE_START`].
-pub fn write_zero_page(mem: &GuestMemoryMmap, params: &boot_params) -> Result<(), String> {
+pub fn write_zero_page(mem: &GuestMemoryMmap, params: &boot_params) -> Result<(), BootError> {
     mem.write_obj(*params, GuestAddress(layout::ZERO_PAGE_START))
-        .map_err(|e| format!("cannot write the zero page: {e}"))
+        .map_err(BootError::WriteZeroPage)
 }
 
 #[repr(transparent)]
@@ -156,12 +154,12 @@ pub fn write_pvh(
     mem: &GuestMemoryMmap,
     initrd: Option<InitrdInfo>,
     e820: &[E820Entry],
-) -> Result<(), String> {
+) -> Result<(), BootError> {
     if e820.len() > layout::PVH_MEMMAP_MAX_ENTRIES {
-        return Err(format!("{} memory map entries do not fit", e820.len()));
+        return Err(BootError::PvhMemmapFull(e820.len()));
     }
     let info = build_pvh_start_info(initrd, e820.len());
-    let err = |e: vm_memory::GuestMemoryError| format!("cannot write the PVH start info: {e}");
+    let err = BootError::WritePvh;
     mem.write_obj(StartInfo(info), GuestAddress(layout::PVH_INFO_START))
         .map_err(err)?;
     if let Some(rd) = initrd {

@@ -2,6 +2,7 @@
 //! off, `ebx` = start info) and the Linux 64-bit protocol (long mode on identity page tables,
 //! `rsi` = zero page). Also the FPU and the local APIC's LINT pins.
 
+use super::error::BootError;
 use super::gdt::{segment_from_gdt, GDT_32, GDT_64};
 use super::layout::{
     BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PVH_INFO_START, ZERO_PAGE_START,
@@ -54,11 +55,11 @@ pub fn gdt_for(mode: EntryMode) -> &'static [u64; 4] {
 }
 
 /// Writes the GDT and an empty IDT into guest memory.
-pub fn write_gdt_idt(mem: &GuestMemoryMmap, mode: EntryMode) -> Result<(), String> {
+pub fn write_gdt_idt(mem: &GuestMemoryMmap, mode: EntryMode) -> Result<(), BootError> {
     let bytes: Vec<u8> = gdt_for(mode).iter().flat_map(|e| e.to_le_bytes()).collect();
     mem.write_slice(&bytes, GuestAddress(BOOT_GDT_START))
         .and_then(|_| mem.write_obj(0u64, GuestAddress(BOOT_IDT_START)))
-        .map_err(|e| format!("cannot write the GDT/IDT: {e}"))
+        .map_err(BootError::WriteGdtIdt)
 }
 
 /// Applies segment, descriptor-table and control registers for `mode` on top of `sregs` (the

@@ -2,8 +2,7 @@
 //! with it. Lets the appliance return the job's status without an orderly shutdown.
 
 use crate::devices::bus::BusDevice;
-use crate::vcpu::RunControl;
-use crate::vm::GuestExit;
+use crate::run_control::{GuestExit, RunControl};
 use std::sync::Arc;
 
 pub struct ExitPort {

@@ -3,8 +3,7 @@
 //! guest reset. Everything else reads as an idle controller with no keyboard.
 
 use crate::devices::bus::BusDevice;
-use crate::vcpu::RunControl;
-use crate::vm::GuestExit;
+use crate::run_control::{GuestExit, RunControl};
 use std::sync::Arc;
 
 /// The device spans 0x60..=0x64; offset 0 is data, offset 4 is command/status.

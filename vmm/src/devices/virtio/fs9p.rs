@@ -17,6 +17,7 @@ use p9::{ReplyBuf, Server, WorkerPool};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 use virtio_queue::{Queue, QueueT};
@@ -47,11 +48,17 @@ pub struct Virtio9p {
 pub(crate) trait RequestHandler: Send + Sync {
     /// Answers `request` into `reply`, returning the reply length.
     fn handle(&self, request: &[u8], reply: &mut dyn ReplyBuf) -> usize;
+    /// Turns the handler's own request statistics on or off (the VM's statistics switch).
+    fn set_stats_enabled(&self, _on: bool) {}
 }
 
 impl RequestHandler for Server {
     fn handle(&self, request: &[u8], reply: &mut dyn ReplyBuf) -> usize {
         Server::handle(self, request, reply)
+    }
+
+    fn set_stats_enabled(&self, on: bool) {
+        Server::set_stats_enabled(self, on);
     }
 }
 
@@ -87,7 +94,10 @@ impl Virtio9p {
         pool: Arc<WorkerPool>,
     ) -> Result<Self, VirtioError> {
         if tag.is_empty() || tag.len() > MAX_TAG_LEN || tag.contains('\0') {
-            return Err(VirtioError::BadTag(tag.to_string()));
+            return Err(VirtioError::BadTag {
+                tag: tag.to_string(),
+                max: MAX_TAG_LEN,
+            });
         }
         let mut config = Vec::with_capacity(2 + tag.len());
         // The length fits: MAX_TAG_LEN < u16::MAX.
@@ -131,6 +141,9 @@ impl VirtioDevice for Virtio9p {
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<Box<dyn QueueHandler>, VirtioError> {
         let indirect_ok = ctx.has_feature(VIRTIO_RING_F_INDIRECT_DESC);
+        // The one statistics switch of the VM also covers the server and its workers.
+        self.server.set_stats_enabled(ctx.stats.enabled());
+        self.pool.set_stats_enabled(ctx.stats.enabled());
         let Some(queue) = ctx.queues.into_iter().next().filter(|q| q.ready()) else {
             return Err(VirtioError::Activate {
                 device: "9p",
@@ -296,7 +309,12 @@ impl P9Handler {
                 *shared.inflight.lock().unwrap_or_else(|e| e.into_inner()) += 1;
                 let job_shared = shared.clone();
                 self.pool.submit(Box::new(move || {
-                    job_shared.serve_tracked(&chain, tracked);
+                    let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        job_shared.serve_tracked(&chain, tracked)
+                    }));
+                    if let Err(payload) = served {
+                        job_shared.interrupt.device_panicked("9p", &*payload);
+                    }
                     job_shared.done();
                 }));
             }

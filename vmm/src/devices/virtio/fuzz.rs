@@ -1059,8 +1059,10 @@ fn device_input(src: &mut Source) -> Result<(), FuzzFailure> {
     let sink = Sink::default();
 
     // 1. The transport accepts exactly the layouts the spec allows.
+    // The per-device counters are part of what is exercised.
     let t = MmioTransport::new(device(kind, &sink, &server, &sh.pool)?, g.mem.clone())
-        .map_err(|e| FuzzFailure::Setup(e.to_string()))?;
+        .map_err(|e| FuzzFailure::Setup(e.to_string()))?
+        .with_stats(true);
     negotiate(&t, features);
     if r32(&t, 0x70) & STATUS_FEATURES_OK == 0 {
         return Err(FuzzFailure::QueueSetup(format!(
@@ -1203,7 +1205,7 @@ fn device_input(src: &mut Source) -> Result<(), FuzzFailure> {
         queues,
         features,
         interrupt: interrupt.clone(),
-        stats: Arc::new(DeviceStats::default()),
+        stats: Arc::new(DeviceStats::new(true)),
     };
     let mut dev = device(kind, &sink, &server, &sh.pool)?;
     let mut handler = dev
@@ -1380,8 +1382,10 @@ fn mmio_input(src: &mut Source) -> Result<(), FuzzFailure> {
         violation: Mutex::new(None),
     });
     let sink = Sink::default();
+    // The per-device counters are part of what is exercised.
     let t = MmioTransport::new(device(kind, &sink, &server, &sh.pool)?, g.mem.clone())
-        .map_err(|e| FuzzFailure::Setup(e.to_string()))?;
+        .map_err(|e| FuzzFailure::Setup(e.to_string()))?
+        .with_stats(true);
     let maxes = kind.max_sizes();
     let config = kind.config();
     // Ring layouts the driver will program, with chains already in place.
@@ -1729,8 +1733,6 @@ pub fn run(
     secs: f64,
     mut before: impl FnMut(u64),
 ) -> Result<Summary, Box<Failed>> {
-    // The per-device counters are part of what is exercised.
-    super::set_stats_enabled(true);
     let start = Instant::now();
     let mut s = Summary::default();
     let mut input_seed = seed;

@@ -18,6 +18,7 @@ use super::{
 use crate::devices::bus::BusDevice;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use std::os::fd::AsRawFd;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use virtio_queue::{Queue, QueueT};
@@ -45,8 +46,8 @@ pub enum VirtioError {
     },
     #[error("virtio-{device} offers no queues or an invalid queue size (must be a power of two, 1..=32768)")]
     BadQueues { device: &'static str },
-    #[error("9p mount tag {0:?} must be 1 to {max} bytes", max = super::fs9p::MAX_TAG_LEN)]
-    BadTag(String),
+    #[error("9p mount tag {tag:?} must be 1 to {max} bytes")]
+    BadTag { tag: String, max: usize },
     #[error("virtio-{device} cannot start: {reason}")]
     Activate {
         device: &'static str,
@@ -94,7 +95,7 @@ pub struct ActivateContext {
     pub features: u64,
     /// The interrupt line and the error state.
     pub interrupt: Arc<Interrupt>,
-    /// The device's counters.
+    /// The device's counters; [`DeviceStats::enabled`] is the VM's statistics switch.
     pub stats: Arc<DeviceStats>,
 }
 
@@ -284,9 +285,21 @@ impl MmioTransport {
         self.name
     }
 
-    /// The device's counters (all zero unless [`super::set_stats_enabled`] was called).
+    /// Turns the device's counters on or off (off after [`MmioTransport::new`]); the device
+    /// sees the switch in [`ActivateContext::stats`].
+    pub fn with_stats(mut self, enabled: bool) -> Self {
+        self.stats = Arc::new(DeviceStats::new(enabled));
+        self
+    }
+
+    /// The device's counters (all zero unless turned on with [`MmioTransport::with_stats`]).
     pub fn stats(&self) -> VirtioStats {
         self.stats.snapshot(self.name)
+    }
+
+    /// Why the device was stopped, if one of its threads panicked during the run.
+    pub fn panic_report(&self) -> Option<String> {
+        self.interrupt.panic_report()
     }
 
     /// The interrupt eventfd (KVM's irqfd; tests read it to see interrupts).
@@ -610,12 +623,19 @@ impl MmioTransport {
             .map(|e| e.try_clone().map_err(VirtioError::EventFd))
             .collect::<Result<Vec<_>, _>>()?;
         let stats = self.stats.clone();
+        let interrupt = self.interrupt.clone();
         let name = self.name;
         let thread = std::thread::Builder::new()
             .name(format!("virtio-{name}"))
             .spawn(move || {
                 crate::sandbox::enter_thread(crate::sandbox::ThreadRole::Device);
-                event_loop(name, &evts, &stop_evt, &stats, handler.as_mut());
+                let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    event_loop(name, &evts, &stop_evt, &stats, handler.as_mut())
+                }));
+                if let Err(payload) = served {
+                    // The thread stops serving; the device waits in DEVICE_NEEDS_RESET.
+                    interrupt.device_panicked(name, &*payload);
+                }
                 // Dropping the handler here waits for in-flight work before the join returns.
                 drop(handler);
             })

@@ -16,8 +16,8 @@
 //!   cargo-fuzz target;
 //! - [`fs9p`]: virtio-9p (device 9) handing requests to a [`p9::Server`] on a worker pool,
 //!   with zero-copy file reads into guest buffers;
-//! - the [`Interrupt`] line (interrupt status + irq eventfd + the device error state) and the
-//!   per-device [`DeviceStats`] counters.
+//! - the [`Interrupt`] line (interrupt status + irq eventfd + the device error state, including
+//!   the report of a device thread that panicked) and the per-device [`DeviceStats`] counters.
 //!
 //! It does not create VMs, map buses or pick addresses: that is the VM's job.
 
@@ -34,8 +34,10 @@ pub use console::VirtioConsole;
 pub use fs9p::Virtio9p;
 pub use mmio::{ActivateContext, MmioTransport, QueueHandler, VirtioDevice, VirtioError};
 
+use std::any::Any;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -56,22 +58,13 @@ pub const INT_USED_RING: u32 = 1;
 /// Interrupt status bit: the configuration (or the device status) changed.
 pub const INT_CONFIG: u32 = 2;
 
-static STATS_ENABLED: AtomicBool = AtomicBool::new(false);
-
-/// Turns the per-device counters on or off for every virtio device (off by default). When off,
-/// the hot paths do one relaxed load and nothing else: no clock reads, no atomic adds.
-pub fn set_stats_enabled(on: bool) {
-    STATS_ENABLED.store(on, Ordering::Relaxed);
-}
-
-/// Whether the per-device counters are on.
-pub fn stats_enabled() -> bool {
-    STATS_ENABLED.load(Ordering::Relaxed)
-}
-
-/// Per-device counters, updated lock-free by the event thread and the workers.
+/// Per-device counters, updated lock-free by the event thread and the workers. Whether they
+/// count is fixed when the transport is built ([`MmioTransport::with_stats`]) and reaches the
+/// device through [`ActivateContext::stats`]. When off (the default), the hot paths test one
+/// bool and do nothing else: no clock reads, no atomic adds.
 #[derive(Debug, Default)]
 pub struct DeviceStats {
+    enabled: bool,
     notifications: AtomicU64,
     chains: AtomicU64,
     bytes: AtomicU64,
@@ -82,16 +75,29 @@ pub struct DeviceStats {
 pub struct ServiceTimer(Option<Instant>);
 
 impl DeviceStats {
+    /// Counters that count only when `enabled`.
+    pub fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            ..Self::default()
+        }
+    }
+
+    /// Whether the counters count (the VM's statistics switch).
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// Counts one queue notification.
     pub fn notification(&self) {
-        if stats_enabled() {
+        if self.enabled {
             self.notifications.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Counts one processed chain that moved `bytes` payload bytes.
     pub fn chain(&self, bytes: u64) {
-        if stats_enabled() {
+        if self.enabled {
             self.chains.fetch_add(1, Ordering::Relaxed);
             self.bytes.fetch_add(bytes, Ordering::Relaxed);
         }
@@ -99,7 +105,7 @@ impl DeviceStats {
 
     /// Starts timing a piece of device work.
     pub fn start(&self) -> ServiceTimer {
-        ServiceTimer(stats_enabled().then(Instant::now))
+        ServiceTimer(self.enabled.then(Instant::now))
     }
 
     /// Adds the time since `timer` started to the service time.
@@ -159,6 +165,8 @@ pub struct Interrupt {
     status: AtomicU32,
     needs_reset: AtomicBool,
     error_reported: AtomicBool,
+    /// The first panic of a device thread, kept across resets for the run outcome.
+    panic_report: Mutex<Option<String>>,
 }
 
 impl Interrupt {
@@ -168,6 +176,7 @@ impl Interrupt {
             status: AtomicU32::new(0),
             needs_reset: AtomicBool::new(false),
             error_reported: AtomicBool::new(false),
+            panic_report: Mutex::new(None),
         })
     }
 
@@ -180,12 +189,50 @@ impl Interrupt {
     /// configuration-change interrupt. Only the first error is logged, so a misbehaving guest
     /// cannot flood the log.
     pub fn device_error(&self, device: &str, what: &dyn fmt::Display) {
-        if !self.error_reported.swap(true, Ordering::AcqRel) {
+        if self.enter_error_state() {
             log::error!("virtio-{device}: {what}; device stopped until the driver resets it");
+        }
+    }
+
+    /// A device thread (the event thread or a worker) panicked: logs it, keeps the report for
+    /// the run outcome and puts the device into its error state, as for [`Self::device_error`].
+    /// The caller stops serving; the driver can reset the device and start it again.
+    pub fn device_panicked(&self, device: &str, payload: &(dyn Any + Send)) {
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("no message");
+        let report = format!(
+            "virtio-{device}: a device thread panicked ({message}); the device was stopped \
+             until the driver resets it; this is a bootbox bug"
+        );
+        log::error!("{report}");
+        self.panic_report
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(report);
+        self.enter_error_state();
+    }
+
+    /// The first panic of a device thread, if one panicked.
+    pub fn panic_report(&self) -> Option<String> {
+        self.panic_report
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Sets DEVICE_NEEDS_RESET and raises a configuration-change interrupt the first time;
+    /// returns whether this was the first error since the last reset.
+    fn enter_error_state(&self) -> bool {
+        let first = !self.error_reported.swap(true, Ordering::AcqRel);
+        if first {
             self.raise(INT_CONFIG);
         }
         // Published last, so whoever sees DEVICE_NEEDS_RESET also sees the interrupt.
         self.needs_reset.store(true, Ordering::Release);
+        first
     }
 
     /// Whether the device is in its error state (stop processing queues).

@@ -46,8 +46,16 @@ struct Driver {
 
 impl Driver {
     fn new(device: Box<dyn VirtioDevice>) -> Self {
+        Self::with_stats(device, false)
+    }
+
+    fn with_stats(device: Box<dyn VirtioDevice>, stats: bool) -> Self {
         let mem = memory();
-        let t = Arc::new(MmioTransport::new(device, mem.clone()).unwrap());
+        let t = Arc::new(
+            MmioTransport::new(device, mem.clone())
+                .unwrap()
+                .with_stats(stats),
+        );
         Driver {
             t,
             mem,
@@ -255,11 +263,13 @@ impl Write for SharedSink {
 }
 
 fn console() -> (Driver, SharedSink) {
+    console_with_stats(false)
+}
+
+fn console_with_stats(stats: bool) -> (Driver, SharedSink) {
     let sink = SharedSink::default();
-    (
-        Driver::new(Box::new(VirtioConsole::new(Box::new(sink.clone())))),
-        sink,
-    )
+    let device = Box::new(VirtioConsole::new(Box::new(sink.clone())));
+    (Driver::with_stats(device, stats), sink)
 }
 
 fn pattern(len: usize, seed: u32) -> Vec<u8> {
@@ -527,8 +537,7 @@ fn console_keeps_order_across_chains_and_segments() {
 
 #[test]
 fn console_large_transfer_is_byte_exact() {
-    set_stats_enabled(true);
-    let (mut d, sink) = console();
+    let (mut d, sink) = console_with_stats(true);
     d.start(F_VERSION_1 | F_EVENT_IDX, 2, 256);
     const TOTAL: usize = 16 << 20;
     const CHUNK: usize = 64 << 10;
@@ -556,6 +565,135 @@ fn console_large_transfer_is_byte_exact() {
     assert!(stats.to_string().starts_with("virtio-console: "));
 }
 
+#[test]
+fn console_counts_nothing_when_stats_are_off() {
+    let (mut d, sink) = console();
+    d.start(F_VERSION_1, 2, 16);
+    transmit_first(&mut d, b"quiet");
+    assert_eq!(&*sink.0.lock().unwrap(), b"quiet");
+    let stats = d.t.stats();
+    assert_eq!((stats.notifications, stats.chains, stats.bytes), (0, 0, 0));
+}
+
+// ---------------------------------------------------------------- panicking devices
+
+/// A device whose queue handler panics on its first `panics` notifications, then counts the
+/// rest.
+struct Panicky {
+    panics: Arc<Mutex<u32>>,
+    served: Arc<Mutex<u32>>,
+}
+
+struct PanickyHandler {
+    panics: Arc<Mutex<u32>>,
+    served: Arc<Mutex<u32>>,
+}
+
+impl QueueHandler for PanickyHandler {
+    fn notify(&mut self, _queue: usize) {
+        let mut left = self.panics.lock().unwrap();
+        if *left > 0 {
+            *left -= 1;
+            drop(left);
+            panic!("handler bug");
+        }
+        *self.served.lock().unwrap() += 1;
+    }
+}
+
+impl VirtioDevice for Panicky {
+    fn device_type(&self) -> u32 {
+        TYPE_CONSOLE
+    }
+    fn name(&self) -> &'static str {
+        "panicky"
+    }
+    fn device_features(&self) -> u64 {
+        0
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16]
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn activate(&mut self, _ctx: ActivateContext) -> Result<Box<dyn QueueHandler>, VirtioError> {
+        Ok(Box::new(PanickyHandler {
+            panics: self.panics.clone(),
+            served: self.served.clone(),
+        }))
+    }
+}
+
+#[test]
+fn a_panicking_queue_handler_resets_the_device_and_is_reported() {
+    let served = Arc::new(Mutex::new(0));
+    let mut d = Driver::new(Box::new(Panicky {
+        panics: Arc::new(Mutex::new(1)),
+        served: served.clone(),
+    }));
+    d.start(F_VERSION_1, 1, 16);
+    assert_eq!(d.t.panic_report(), None);
+    let _ = d.t.interrupt_evt().read();
+    d.kick(0);
+    d.wait_broken();
+    assert_ne!(d.r32(0x60) & INT_CONFIG, 0, "config interrupt");
+    assert!(d.t.interrupt_evt().read().is_ok(), "irq eventfd");
+    let report = d.t.panic_report().expect("the panic is reported");
+    assert!(
+        report.contains("virtio-panicky") && report.contains("handler bug"),
+        "{report}"
+    );
+    // The event thread stopped serving: a later kick reaches no handler.
+    d.kick(0);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(*served.lock().unwrap(), 0);
+    // A driver reset brings the device back; the report stays for the run outcome.
+    d.w32(0x70, 0);
+    d.start(F_VERSION_1, 1, 16);
+    d.kick(0);
+    let start = Instant::now();
+    while *served.lock().unwrap() == 0 {
+        assert!(start.elapsed() < HANG, "the reset device never served");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    assert_eq!(d.status() & STATUS_DEVICE_NEEDS_RESET, 0);
+    assert!(d.t.panic_report().is_some());
+    d.t.shutdown();
+}
+
+/// A 9P server that panics on every request.
+struct PanickingServer;
+
+impl RequestHandler for PanickingServer {
+    fn handle(&self, _request: &[u8], _reply: &mut dyn ReplyBuf) -> usize {
+        panic!("server bug");
+    }
+}
+
+#[test]
+fn a_panicking_9p_request_resets_the_device_without_leaking_it_in_flight() {
+    let mut d = ninep_driver(Arc::new(PanickingServer), 1);
+    d.fill(DATA, b"boom");
+    let h = d.chain(0, &[(DATA, 4, false), (DATA + 0x100, 4, true)]);
+    d.publish(0, h);
+    d.kick(0);
+    d.wait_broken();
+    let report = d.t.panic_report().expect("the panic is reported");
+    assert!(
+        report.contains("virtio-9p") && report.contains("server bug"),
+        "{report}"
+    );
+    // The request no longer counts as in flight, so stopping does not wait it out.
+    let start = Instant::now();
+    d.t.shutdown();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
 // ---------------------------------------------------------------- malformed chains
 
 /// Lays out a malformed chain on the console's transmit queue (size 16) and expects the error
@@ -577,12 +715,18 @@ fn expect_error(what: &str, features: u64, build: impl FnOnce(&mut Driver)) {
     // Recovery: a good chain works after re-initialisation.
     sink.0.lock().unwrap().clear();
     d.start(F_VERSION_1, 2, 16);
-    d.fill(DATA, b"ok");
-    let h = d.chain(1, &[(DATA, 2, false)]);
+    transmit_first(&mut d, b"ok");
+    assert_eq!(*sink.0.lock().unwrap(), b"ok", "{what}: recovered");
+}
+
+/// Sends `bytes` as the first chain on a freshly started console's transmit queue and waits
+/// until the device used it.
+fn transmit_first(d: &mut Driver, bytes: &[u8]) {
+    d.fill(DATA, bytes);
+    let h = d.chain(1, &[(DATA, bytes.len() as u32, false)]);
     d.publish(1, h);
     d.kick(1);
     d.wait_used(1, 1);
-    assert_eq!(*sink.0.lock().unwrap(), b"ok", "{what}: recovered");
 }
 
 fn desc(d: &Driver, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
@@ -824,10 +968,18 @@ impl RequestHandler for Gate {
 }
 
 fn ninep_driver(handler: Arc<dyn RequestHandler>, threads: usize) -> Driver {
-    let pool = Arc::new(WorkerPool::new(threads, "t9p"));
-    let mut d = Driver::new(Box::new(
-        Virtio9p::with_handler("share", handler, pool).unwrap(),
-    ));
+    ninep_driver_with(handler, Arc::new(WorkerPool::new(threads, "t9p")), false)
+}
+
+fn ninep_driver_with(
+    handler: Arc<dyn RequestHandler>,
+    pool: Arc<WorkerPool>,
+    stats: bool,
+) -> Driver {
+    let mut d = Driver::with_stats(
+        Box::new(Virtio9p::with_handler("share", handler, pool).unwrap()),
+        stats,
+    );
     d.start(F_VERSION_1 | F_INDIRECT | F_EVENT_IDX | 1, 1, 64);
     d
 }
@@ -856,6 +1008,43 @@ fn ninep_scatter_gather_through_the_handler() {
     got.extend(d.read(DATA + 0xa000, 2999));
     let want: Vec<u8> = req.iter().rev().copied().collect();
     assert_eq!(got, want);
+}
+
+/// Echo that remembers the statistics switch it was given.
+#[derive(Default)]
+struct StatsProbe(Mutex<Option<bool>>);
+
+impl RequestHandler for StatsProbe {
+    fn handle(&self, request: &[u8], reply: &mut dyn ReplyBuf) -> usize {
+        Echo.handle(request, reply)
+    }
+
+    fn set_stats_enabled(&self, on: bool) {
+        *self.0.lock().unwrap() = Some(on);
+    }
+}
+
+#[test]
+fn ninep_activation_hands_the_stats_switch_to_server_and_pool() {
+    for on in [true, false] {
+        let probe = Arc::new(StatsProbe::default());
+        let pool = Arc::new(WorkerPool::new(1, "t9p"));
+        let mut d = ninep_driver_with(probe.clone(), pool.clone(), on);
+        assert_eq!(*probe.0.lock().unwrap(), Some(on));
+        d.fill(DATA, b"ping");
+        let h = d.chain(0, &[(DATA, 4, false), (DATA + 0x100, 4, true)]);
+        d.publish(0, h);
+        d.kick(0);
+        d.wait_used(0, 1);
+        d.t.shutdown();
+        let jobs = pool.stats().jobs;
+        let chains = d.t.stats().chains;
+        if on {
+            assert_eq!((jobs, chains), (1, 1));
+        } else {
+            assert_eq!((jobs, chains), (0, 0));
+        }
+    }
 }
 
 #[test]
