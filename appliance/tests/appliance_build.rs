@@ -371,7 +371,7 @@ fn initramfs_is_base_then_job() {
     };
     let all = appliance::initramfs(&p, &job).unwrap();
     let base = std::fs::read(&p.path).unwrap();
-    let job_cpio = job.to_cpio().unwrap();
+    let job_cpio = appliance::job_cpio(&job).unwrap();
     assert_eq!(all.len(), base.len() + job_cpio.len());
     assert_eq!(&all[..base.len()], base.as_slice());
     assert_eq!(&all[base.len()..], job_cpio.as_slice());

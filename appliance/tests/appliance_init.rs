@@ -95,7 +95,7 @@ fn boot_with(job: &Job, alter: impl FnOnce(&Path)) -> Booted {
     let root = d.0.join("root");
     std::fs::create_dir(&root).unwrap();
     let job_cpio = d.0.join("job.cpio");
-    std::fs::write(&job_cpio, job.to_cpio().unwrap()).unwrap();
+    std::fs::write(&job_cpio, appliance::job_cpio(job).unwrap()).unwrap();
     for archive in [base.as_path(), job_cpio.as_path()] {
         let out = Command::new("cpio")
             .args(["-idm", "--quiet", "--no-absolute-filenames", "-F"])

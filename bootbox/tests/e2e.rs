@@ -169,7 +169,7 @@ fn bare_boot_reaches_init_and_returns_the_chosen_status() {
         ..Default::default()
     };
     let job_cpio = scratch.path().join("job.cpio");
-    std::fs::write(&job_cpio, job.to_cpio().unwrap()).unwrap();
+    std::fs::write(&job_cpio, appliance::job_cpio(&job).unwrap()).unwrap();
     let out = bootbox(&[
         "boot",
         "--initrd",

@@ -406,7 +406,7 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
     let (prepared, job) =
         appliance_and_job(&shares, &a.with, env, a.workdir.clone(), a.command.clone())?;
     phases.record("appliance ready");
-    let job_cpio = job.to_cpio()?;
+    let job_cpio = appliance::job_cpio(&job)?;
 
     let interactive = a.command.is_empty();
     config.initrd = vec![
