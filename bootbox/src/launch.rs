@@ -13,9 +13,11 @@ use vmm::devices::virtio::{Virtio9p, VirtioConsole};
 use vmm::phases::PhaseLog;
 use vmm::vm::{ConsoleSink, GuestExit, InitrdPart, RunOutcome, Vm, VmConfig};
 
-use super::args::{BootArgs, InitrdArgs, RunArgs, VmArgs};
-use super::report::{vmm_peak_rss_kib, Phase, RunRecord};
-use super::{kernel, EXIT_INTERRUPTED, EXIT_LAUNCHER, EXIT_TIMEOUT};
+use crate::args::{BootArgs, InitrdArgs, RunArgs, VmArgs};
+use crate::overlap::refuse_overlaps;
+use crate::report::{vmm_peak_rss_kib, Phase, RunRecord};
+use crate::share::{dedupe_tags, Share};
+use crate::{kernel, EXIT_INTERRUPTED, EXIT_LAUNCHER, EXIT_TIMEOUT};
 
 /// The kernel command line the appliance boots with. `quiet` keeps the slow UART out of the
 /// boot path; panics still print (they are above the quiet level).
@@ -45,100 +47,11 @@ fn fail(message: impl Into<String>) -> Failure {
     }
 }
 
-/// One host directory shared with the guest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Share {
-    pub dir: PathBuf,
-    pub tag: String,
-    pub read_only: bool,
-}
-
-/// Parses `DIR[:TAG][:ro|rw]` (run) or `DIR:TAG[:ro]` (boot). Read-only unless `default_ro`
-/// is false and no mode is given. Tags default to the directory's name.
-pub fn parse_share(spec: &str, default_ro: bool) -> Result<Share, Failure> {
-    let mut parts: Vec<&str> = spec.split(':').collect();
-    let mut read_only = default_ro;
-    if parts.len() > 1 {
-        match *parts.last().unwrap_or(&"") {
-            "ro" => {
-                read_only = true;
-                parts.pop();
-            }
-            "rw" => {
-                read_only = false;
-                parts.pop();
-            }
-            _ => {}
-        }
-    }
-    let (dir, tag) = match parts.as_slice() {
-        [dir] => (*dir, None),
-        [dir, tag] => (*dir, Some(*tag)),
-        _ => return Err(fail(format!("--share {spec}: expected DIR[:TAG][:ro|rw]"))),
-    };
-    if dir.is_empty() {
-        return Err(fail(format!("--share {spec}: the directory is empty")));
-    }
-    let path = PathBuf::from(dir);
-    let meta = std::fs::metadata(&path)
-        .map_err(|e| fail(format!("--share {spec}: cannot use {dir}: {e}")))?;
-    if !meta.is_dir() {
-        return Err(fail(format!("--share {spec}: {dir} is not a directory")));
-    }
-    let dir = path
-        .canonicalize()
-        .map_err(|e| fail(format!("--share {spec}: cannot resolve {dir}: {e}")))?;
-    let tag = match tag {
-        Some(t) => t.to_string(),
-        None => dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .map(sanitize_tag)
-            .filter(|t| !t.is_empty())
-            .unwrap_or_else(|| "root".to_string()),
-    };
-    if tag.is_empty()
-        || tag.len() > 31
-        || !tag
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
-    {
-        return Err(fail(format!(
-            "--share {spec}: tag '{tag}' must be 1-31 characters of letters, digits, '_', '-' or '.'"
-        )));
-    }
-    Ok(Share {
-        dir,
-        tag,
-        read_only,
-    })
-}
-
-fn sanitize_tag(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "_-.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(31)
-        .collect()
-}
-
-/// Makes tags unique (`tree`, `tree-2`, ...), keeping explicit ones as given.
-fn dedupe_tags(shares: &mut [Share]) -> Result<(), Failure> {
-    let mut seen = std::collections::HashSet::new();
-    for s in shares.iter_mut() {
-        let base = s.tag.clone();
-        let mut n = 1;
-        while !seen.insert(s.tag.clone()) {
-            n += 1;
-            s.tag = format!("{}-{n}", base.chars().take(28).collect::<String>());
-        }
-    }
-    Ok(())
+/// The parsed shares, checked as a set: derived tags made unique, overlaps refused.
+fn checked_shares(mut shares: Vec<Share>) -> Result<Vec<Share>, Failure> {
+    dedupe_tags(&mut shares)?;
+    refuse_overlaps(&shares)?;
+    Ok(shares)
 }
 
 /// Blocks SIGINT/SIGTERM/SIGHUP in every thread (call before any thread starts) and returns
@@ -266,7 +179,9 @@ fn add_shares(vm: &mut Vm, shares: &[Share], stats: bool) -> Result<ShareServers
             resolution_checks,
             ..p9::Config::default()
         };
-        let server = p9::Server::new(&s.dir, config)
+        // The directory opened when --share was parsed, not its path resolved again.
+        let root = s.root.try_clone()?;
+        let server = p9::Server::with_root(root, &s.dir, config)
             .map_err(|e| fail(format!("share {}: {e}", s.dir.display())))?;
         server.set_stats_enabled(stats);
         kept.servers.push((s.tag.clone(), server.clone()));
@@ -384,13 +299,7 @@ pub fn run(process_start: Instant, a: RunArgs) -> u8 {
 fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8, Failure> {
     let phases = PhaseLog::new(process_start);
     vm_timeout(&a.vm)?;
-    let mut shares = a
-        .shares
-        .iter()
-        .map(|s| parse_share(s, true))
-        .collect::<Result<Vec<_>, _>>()?;
-    dedupe_tags(&mut shares)?;
-    super::shares::refuse_overlaps(&shares)?;
+    let shares = checked_shares(a.shares.clone())?;
     let env = a
         .env
         .iter()
@@ -512,13 +421,7 @@ fn appliance_and_job(
 /// `bootbox initrd`.
 pub fn initrd(a: InitrdArgs) -> u8 {
     let result = (|| -> Result<(), Failure> {
-        let mut shares = a
-            .shares
-            .iter()
-            .map(|s| parse_share(s, true))
-            .collect::<Result<Vec<_>, _>>()?;
-        dedupe_tags(&mut shares)?;
-        super::shares::refuse_overlaps(&shares)?;
+        let shares = checked_shares(a.shares.clone())?;
         let (prepared, job) =
             appliance_and_job(&shares, &a.with, Vec::new(), None, a.command.clone())?;
         let bytes = appliance::initramfs(&prepared, &job)?;
@@ -548,12 +451,7 @@ pub fn boot(process_start: Instant, a: BootArgs) -> u8 {
 fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u8, Failure> {
     let phases = PhaseLog::new(process_start);
     vm_timeout(&a.vm)?;
-    let shares = a
-        .shares
-        .iter()
-        .map(|s| parse_share(s, true))
-        .collect::<Result<Vec<_>, _>>()?;
-    super::shares::refuse_overlaps(&shares)?;
+    let shares = checked_shares(a.shares.clone())?;
     let kernel = kernel::find(a.vm.kernel.as_deref())?;
     for i in &a.initrd {
         if !i.is_file() {
@@ -634,46 +532,6 @@ pub fn looks_like_kernel(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn share_specs_parse_with_defaults_and_modes() {
-        let dir = std::env::temp_dir();
-        let d = dir.display();
-        let s = parse_share(&format!("{d}"), true).unwrap();
-        assert!(s.read_only);
-        assert_eq!(s.dir, dir.canonicalize().unwrap());
-        let s = parse_share(&format!("{d}:data:rw"), true).unwrap();
-        assert_eq!((s.tag.as_str(), s.read_only), ("data", false));
-        let s = parse_share(&format!("{d}:rw"), true).unwrap();
-        assert!(!s.read_only);
-        let s = parse_share(&format!("{d}:tag1"), false).unwrap();
-        assert_eq!((s.tag.as_str(), s.read_only), ("tag1", false));
-    }
-
-    #[test]
-    fn bad_share_specs_say_what_is_wrong() {
-        let e = parse_share("/nonexistent/dir", true).unwrap_err();
-        assert_eq!(e.code, EXIT_LAUNCHER);
-        assert!(e.message.contains("/nonexistent/dir"), "{}", e.message);
-        let e = parse_share("/etc/passwd", true).unwrap_err();
-        assert!(e.message.contains("not a directory"), "{}", e.message);
-        let e = parse_share("/tmp:bad tag", true).unwrap_err();
-        assert!(e.message.contains("tag"), "{}", e.message);
-        assert!(parse_share("/tmp:a:b:c", true).is_err());
-    }
-
-    #[test]
-    fn duplicate_tags_are_made_unique() {
-        let mk = |t: &str| Share {
-            dir: "/tmp".into(),
-            tag: t.into(),
-            read_only: true,
-        };
-        let mut v = vec![mk("tree"), mk("tree"), mk("other"), mk("tree")];
-        dedupe_tags(&mut v).unwrap();
-        let tags: Vec<_> = v.iter().map(|s| s.tag.as_str()).collect();
-        assert_eq!(tags, ["tree", "tree-2", "other", "tree-3"]);
-    }
 
     #[test]
     fn recognises_kernels_by_their_headers() {

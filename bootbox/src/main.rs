@@ -11,8 +11,9 @@ mod bench;
 mod doctor;
 mod kernel;
 mod launch;
+mod overlap;
 mod report;
-mod shares;
+mod share;
 
 use std::process::ExitCode;
 use std::time::Instant;
