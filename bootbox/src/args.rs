@@ -24,6 +24,10 @@ const SHARE_HELP: &str = "Share a host directory: DIR[:TAG][:ro|rw], read-only u
                   Example: bootbox run --share ./tree -- find /share -type f"
 )]
 pub struct Cli {
+    /// Say more on stderr: -v what bootbox does, -vv device and 9p debugging, -vvv
+    /// everything. Default: warnings and errors only (see also BOOTBOX_LOG).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
     #[command(subcommand)]
     pub command: Command,
 }

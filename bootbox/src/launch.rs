@@ -51,6 +51,14 @@ fn fail(message: impl Into<String>) -> Failure {
 fn checked_shares(mut shares: Vec<Share>) -> Result<Vec<Share>, Failure> {
     dedupe_tags(&mut shares)?;
     refuse_overlaps(&shares)?;
+    for s in &shares {
+        let mode = if s.read_only {
+            "read-only"
+        } else {
+            "read-write"
+        };
+        log::info!("share {} as tag '{}', {mode}", s.dir.display(), s.tag);
+    }
     Ok(shares)
 }
 
@@ -89,7 +97,7 @@ impl Signals {
                 }
             });
         if let Err(e) = spawned {
-            eprintln!("bootbox: warning: Ctrl-C handling is off ({e})");
+            log::warn!("Ctrl-C handling is off ({e})");
         }
     }
 }
@@ -169,9 +177,7 @@ fn add_shares(vm: &mut Vm, shares: &[Share], stats: bool) -> Result<ShareServers
     // controls the host, so this gives a guest nothing.
     let resolution_checks = std::env::var_os(UNCHECKED_9P_ENV).is_none();
     if !resolution_checks {
-        eprintln!(
-            "bootbox: {UNCHECKED_9P_ENV} is set: the 9p resolution checks are off (tests only)"
-        );
+        log::warn!("{UNCHECKED_9P_ENV} is set: the 9p resolution checks are off (tests only)");
     }
     for s in shares {
         let config = p9::Config {
@@ -309,6 +315,7 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
         })
         .collect::<Result<Vec<_>, _>>()?;
     let kernel = kernel::find(a.vm.kernel.as_deref())?;
+    log::info!("using kernel {}", kernel.display());
     // Everything cheap is checked before the appliance is built.
     let mut config = vm_config(kernel, APPLIANCE_CMDLINE.to_string(), &a.vm)?;
     config.check()?;
@@ -398,6 +405,13 @@ fn appliance_and_job(
         cache_dir: appliance::default_cache_dir()?,
     };
     let prepared = appliance::prepare(&spec)?;
+    log::info!(
+        "appliance {} ({} KiB, {} in {:.0?})",
+        prepared.path.display(),
+        prepared.size / 1024,
+        if prepared.built { "built" } else { "cached" },
+        prepared.build_time
+    );
     let mounts: Vec<ShareMount> = shares
         .iter()
         .map(|s| ShareMount {
@@ -453,6 +467,7 @@ fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u
     vm_timeout(&a.vm)?;
     let shares = checked_shares(a.shares.clone())?;
     let kernel = kernel::find(a.vm.kernel.as_deref())?;
+    log::info!("using kernel {}", kernel.display());
     for i in &a.initrd {
         if !i.is_file() {
             return Err(fail(format!("--initrd {}: no such file", i.display())));
@@ -516,8 +531,9 @@ fn confine(a: &VmArgs, config: &VmConfig, shares: &[Share]) -> Result<(), Failur
         policy = policy.write_file(json);
     }
     let report = vmm::sandbox::install(&policy)?;
-    if let Some(line) = report.shortfall() {
-        eprintln!("bootbox: warning: {line}");
+    match report.shortfall() {
+        Some(line) => log::warn!("{line}"),
+        None => log::info!("the monitor is confined (see --no-sandbox)"),
     }
     Ok(())
 }

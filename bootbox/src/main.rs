@@ -11,6 +11,7 @@ mod bench;
 mod doctor;
 mod kernel;
 mod launch;
+mod logger;
 mod overlap;
 mod report;
 mod share;
@@ -40,6 +41,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_LAUNCHER } else { 0 });
         }
     };
+    logger::install(cli.verbose);
     raise_fd_limit();
     let code = match cli.command {
         Command::Run(a) => launch::run(process_start, a),
@@ -82,6 +84,9 @@ fn raise_fd_limit() {
                 rlim_max: lim.rlim_max,
             };
             libc::setrlimit(libc::RLIMIT_NOFILE, &soft);
+        }
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            log::debug!("open file limit: {} (hard {})", lim.rlim_cur, lim.rlim_max);
         }
     }
 }

@@ -19,6 +19,9 @@ use std::sync::Arc;
 
 use guest_abi::{check_share_tag, is_share_tag_byte, BadShareTag, MAX_SHARE_TAG_LEN};
 
+// Every tag the rule allows fits the monitor's virtio-9p device (checked when building).
+const _: () = assert!(MAX_SHARE_TAG_LEN <= vmm::devices::virtio::fs9p::MAX_TAG_LEN);
+
 /// The value name clap shows for `--share`.
 pub const SHARE_GRAMMAR: &str = "DIR[:TAG][:ro|rw]";
 
