@@ -344,10 +344,8 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
         // messages: the kernel must not be quiet then.
         config.cmdline = config.cmdline.replace(" quiet", "");
     }
-    vmm::devices::virtio::set_stats_enabled(a.vm.stats);
-
-    confine(&a.vm, &config, &shares)?;
-    let mut vm = Vm::new(config, phases.clone())?;
+    let stats = config.stats;
+    let mut vm = confined_vm(&a.vm, config, &phases, &shares)?;
     // Order matters: the guest numbers consoles in probe order, so hvc0 = stdout, hvc1 = stderr.
     vm.add_virtio_device(
         "virtio-console (stdout)",
@@ -357,7 +355,7 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
         "virtio-console (stderr)",
         Box::new(VirtioConsole::new(std_writer(std::io::stderr().as_fd())?)),
     )?;
-    let servers = add_shares(&mut vm, &shares, a.vm.stats)?;
+    let servers = add_shares(&mut vm, &shares, stats)?;
 
     let (outcome, mut record) = execute(vm, signals, &phases, &servers, "the appliance")?;
     record.appliance_built = Some(prepared.built);
@@ -478,10 +476,9 @@ fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u
     config.initrd = a.initrd.iter().cloned().map(InitrdPart::File).collect();
     config.console = ConsoleSink::Stdout;
     config.stdin = !a.no_stdin;
-    vmm::devices::virtio::set_stats_enabled(a.vm.stats);
-    confine(&a.vm, &config, &shares)?;
-    let mut vm = Vm::new(config, phases.clone())?;
-    let servers = add_shares(&mut vm, &shares, a.vm.stats)?;
+    let stats = config.stats;
+    let mut vm = confined_vm(&a.vm, config, &phases, &shares)?;
+    let servers = add_shares(&mut vm, &shares, stats)?;
     let (outcome, record) = execute(vm, signals, &phases, &servers, "the guest")?;
     let code = match outcome.exit {
         GuestExit::Status(s) => s,
@@ -497,6 +494,19 @@ fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u
     };
     let _ = std::io::stdout().flush();
     Ok(finish(record, code, &a.vm))
+}
+
+/// Switches the virtio layer's counters on with `--stats` (read once, into the config),
+/// confines the process and creates the VM.
+fn confined_vm(
+    a: &VmArgs,
+    config: VmConfig,
+    phases: &PhaseLog,
+    shares: &[Share],
+) -> Result<Vm, Failure> {
+    vmm::devices::virtio::set_stats_enabled(config.stats);
+    confine(a, &config, shares)?;
+    Ok(Vm::new(config, phases.clone())?)
 }
 
 // ---- Confinement (see vmm::sandbox) -------------------------------------------------------------
