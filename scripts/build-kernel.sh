@@ -13,6 +13,11 @@
 # revision and a hash of its uncommitted changes). A second run with the
 # same inputs costs nothing and prints the same path. The last line printed is the path of
 # the cached vmlinux; bzImage and .config sit beside it.
+#
+# While building it shows progress on stderr: on a terminal one updating line (percent of
+# kbuild steps, elapsed and remaining time), otherwise a line every 10%. The step total is
+# estimated from the count the previous cached build recorded; a first build shows the count
+# and elapsed time only.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -43,6 +48,7 @@ install_system() {
     local dest="$system_root/$key" tmp="$system_root/.staging-$key-$$"
     mkdir -p "$tmp"
     cp "$1/vmlinux" "$1/bzImage" "$1/config" "$tmp/"
+    [ ! -f "$1/steps" ] || cp "$1/steps" "$tmp/"
     chmod 0755 "$system_root" "$tmp"
     chmod 0644 "$tmp"/*
     rm -rf "$dest"
@@ -117,14 +123,58 @@ done <"$fragment"
 [ "$missing" = 0 ] || { echo "build-kernel: fix kernel-config/bootbox.config (a dependency is missing)" >&2; exit 1; }
 
 jobs=$(nproc)
-say "building vmlinux and bzImage with $jobs jobs (about 10 minutes on 2 cores)"
+# Progress is counted in kbuild's steps: the lines like "  CC      kernel/fork.o" it prints
+# for each object compiled, assembled, linked or generated. How many there will be is not
+# known before the build; the estimate is the step count recorded by the newest previous
+# build in the cache (file "steps" beside its vmlinux), which is close when the config and
+# source changed little. The first build has no estimate and shows steps and elapsed time only.
+step_pattern='^  [A-Z0-9_]+ '
+estimate=0
+estimate_from=
+for previous in $(ls -t "$cache_root"/*/steps "$system_root"/*/steps 2>/dev/null); do
+    n=$(cat "$previous" 2>/dev/null || true)
+    case "$n" in ''|*[!0-9]*) continue ;; esac
+    [ "$n" -gt 0 ] && { estimate=$n; estimate_from=$(basename "$(dirname "$previous")"); break; }
+done
+if [ "$estimate" -gt 0 ]; then
+    say "building vmlinux and bzImage with $jobs jobs: about $estimate steps (the count of the previous build, $estimate_from)"
+else
+    say "building vmlinux and bzImage with $jobs jobs (first build: no step count to estimate from; minutes on a few cores)"
+fi
 start=$(date +%s)
 if [ "$quiet" = 1 ]; then
     make "${make_args[@]}" -j"$jobs" vmlinux bzImage >"$build/build.log" 2>&1 || { tail -50 "$build/build.log" >&2; exit 1; }
 else
-    # Progress: one line per 200 objects compiled, plus the elapsed time.
+    # On a terminal one line is rewritten in place; otherwise a plain line every 10% (every
+    # 1000 steps without an estimate).
+    tty=0
+    [ -t 2 ] && tty=1
     make "${make_args[@]}" -j"$jobs" vmlinux bzImage 2>&1 | tee "$build/build.log" |
-        awk -v start="$start" '/^  (CC|AS|LD|AR)/ { n++; if (n % 200 == 0) { printf "build-kernel: %d objects, %ds\n", n, systime() - start > "/dev/stderr"; fflush("/dev/stderr") } }'
+        awk -v start="$start" -v total="$estimate" -v tty="$tty" -v pat="$step_pattern" '
+            function clock(s) { return sprintf("%d:%02d", s / 60, s % 60) }
+            $0 ~ pat {
+                n++
+                now = systime(); elapsed = now - start
+                if (total > 0) {
+                    pct = int(100 * n / total); if (pct > 99) pct = 99
+                    left = (n < total && n >= total / 20) ? clock(elapsed * (total - n) / n) : "?"
+                    line = sprintf("%d%% (%d of ~%d steps), %s elapsed, %s left", pct, n, total, clock(elapsed), left)
+                    due = (n < total && int(10 * n / total) > int(10 * (n - 1) / total))
+                } else {
+                    line = sprintf("%d steps, %s elapsed", n, clock(elapsed))
+                    due = (n % 1000 == 0)
+                }
+                if (tty) {
+                    if (now != shown) { printf "\rbuild-kernel: %s\033[K", line > "/dev/stderr"; fflush("/dev/stderr"); shown = now }
+                } else if (due) {
+                    printf "build-kernel: %s\n", line > "/dev/stderr"; fflush("/dev/stderr")
+                }
+            }
+            END {
+                if (n == 0) exit
+                if (tty) printf "\r\033[K" > "/dev/stderr"
+                printf "build-kernel: %d steps in %s\n", n, clock(systime() - start) > "/dev/stderr"
+            }'
     [ "${PIPESTATUS[0]}" = 0 ] || { tail -50 "$build/build.log" >&2; exit 1; }
 fi
 
@@ -134,6 +184,8 @@ cp "$objdir/vmlinux" "$staging/vmlinux"
 cp "$objdir/arch/x86/boot/bzImage" "$staging/bzImage"
 cp "$objdir/.config" "$staging/config"
 echo "$source_id" >"$staging/source"
+# The next build's progress estimate.
+grep -cE "$step_pattern" "$build/build.log" >"$staging/steps" || true
 rm -rf "$out"
 mv "$staging" "$out"
 say "built in $(( $(date +%s) - start ))s: $out"

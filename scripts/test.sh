@@ -43,7 +43,7 @@ if [ "$mode" = auto ]; then
 fi
 
 step "end-to-end tests ($mode KVM)"
-e2e_bin=$(cargo test --release -p appliance --test e2e --no-run --message-format=json 2>/dev/null |
+e2e_bin=$(cargo test --release -p bootbox --test e2e --no-run --message-format=json 2>/dev/null |
     python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)

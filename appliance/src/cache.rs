@@ -496,7 +496,7 @@ pub fn initramfs(
     prepared: &Prepared,
     job: &crate::jobspec::Job,
 ) -> Result<Vec<u8>, ApplianceError> {
-    let job_cpio = job.to_cpio()?;
+    let job_cpio = crate::job::job_cpio(job)?;
     let mut v = read_archive(prepared)?;
     v.extend_from_slice(&job_cpio);
     Ok(v)

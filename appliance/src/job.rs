@@ -1,27 +1,25 @@
 //! The per-run job archive: a tiny second cpio holding `/bootbox/job`, which the kernel
 //! unpacks on top of the cached base appliance (the VMM concatenates both archives in guest
-//! memory). The job type and its wire format live in [`crate::jobspec`], shared verbatim with
-//! the guest init.
+//! memory). The job type and its wire format live in [`crate::jobspec`], shared with the guest
+//! init through the `guest-abi` crate.
 
 pub use crate::jobspec::{default_mount_point, Job, JobSpecError, ShareMount, JOB_PATH};
 
 use crate::cpio::CpioWriter;
 
-impl Job {
-    /// An archive with the directory `/bootbox` and the encoded job at `/bootbox/job`.
-    ///
-    /// Fails only if the job is invalid (NUL bytes, bad env names, relative mount points...).
-    pub fn to_cpio(&self) -> Result<Vec<u8>, JobSpecError> {
-        let data = self.encode()?;
-        let mut w = CpioWriter::new(Vec::with_capacity(data.len() + 512));
-        let written = (|| {
-            w.add_dir("bootbox", 0o755)?;
-            w.add_bytes(JOB_PATH.trim_start_matches('/'), 0o644, &data)?;
-            w.finish()
-        })();
-        // Writing to a Vec cannot fail and the names are constants.
-        written.map_err(|e| JobSpecError::Invalid(e.to_string()))
-    }
+/// An archive with the directory `/bootbox` and the encoded job at `/bootbox/job`.
+///
+/// Fails only if the job is invalid (NUL bytes, bad env names, relative mount points...).
+pub fn job_cpio(job: &Job) -> Result<Vec<u8>, JobSpecError> {
+    let data = job.encode()?;
+    let mut w = CpioWriter::new(Vec::with_capacity(data.len() + 512));
+    let written = (|| {
+        w.add_dir("bootbox", 0o755)?;
+        w.add_bytes(JOB_PATH.trim_start_matches('/'), 0o644, &data)?;
+        w.finish()
+    })();
+    // Writing to a Vec cannot fail and the names are constants.
+    written.map_err(|e| JobSpecError::Invalid(e.to_string()))
 }
 
 #[cfg(test)]
@@ -40,7 +38,7 @@ mod tests {
                 read_only: true,
             }],
         };
-        let cpio = job.to_cpio().unwrap();
+        let cpio = job_cpio(&job).unwrap();
         let enc = job.encode().unwrap();
         assert!(cpio.windows(enc.len()).any(|w| w == enc.as_slice()));
         assert!(cpio.windows(12).any(|w| w == b"bootbox/job\0"));
@@ -49,6 +47,6 @@ mod tests {
             argv: vec!["a\0".into()],
             ..Job::default()
         };
-        assert!(bad.to_cpio().is_err());
+        assert!(job_cpio(&bad).is_err());
     }
 }

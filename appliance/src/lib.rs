@@ -13,12 +13,14 @@ pub mod cache;
 pub mod cpio;
 pub mod elf;
 pub mod job;
-pub mod jobspec;
 pub mod sha256;
 pub mod tree;
+
+/// The job format, shared with the guest init (it lives in the `guest-abi` crate).
+pub use guest_abi::jobspec;
 
 pub use cache::{
     default_cache_dir, find_init, initramfs, prepare, read_archive, ApplianceError, ApplianceSpec,
     Prepared, DEFAULT_TOOLS,
 };
-pub use job::{default_mount_point, Job, JobSpecError, ShareMount};
+pub use job::{default_mount_point, job_cpio, Job, JobSpecError, ShareMount};

@@ -14,7 +14,7 @@ use appliance::tree::{Node, Tree};
 use appliance::{prepare, ApplianceError, ApplianceSpec};
 
 mod common;
-use common::TempDir;
+use common::scratch;
 
 /// What `ldd` says the loader maps for `prog` (canonical paths, plus the interpreter).
 fn ldd_set(prog: &Path) -> BTreeSet<PathBuf> {
@@ -61,8 +61,8 @@ fn elf_closure_matches_the_dynamic_loader() {
 
 #[test]
 fn scripts_bring_their_interpreter() {
-    let d = TempDir::new("script");
-    let script = d.0.join("hello.sh");
+    let d = scratch("script");
+    let script = d.path().join("hello.sh");
     std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     let c = closure(std::slice::from_ref(&script)).unwrap();
@@ -103,8 +103,8 @@ fn cpio_extract(archive: &Path, into: &Path) {
 
 #[test]
 fn cpio_round_trips_through_system_cpio() {
-    let d = TempDir::new("cpio");
-    let src = d.0.join("big.bin");
+    let d = scratch("cpio");
+    let src = d.path().join("big.bin");
     // Odd size over 1 MiB to exercise streaming and padding.
     let data: Vec<u8> = (0..(1u32 << 20) + 13)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
@@ -120,14 +120,14 @@ fn cpio_round_trips_through_system_cpio() {
         .unwrap();
     t.add_symlink("/data/link", "big.bin").unwrap();
     t.add_symlink("/abs", "/data/x").unwrap();
-    let archive = d.0.join("out.cpio");
+    let archive = d.path().join("out.cpio");
     let f = std::fs::File::create(&archive).unwrap();
     t.write_cpio(f).unwrap();
 
     let expect: Vec<String> = t.iter().map(|(p, _)| p.to_string()).collect();
     assert_eq!(cpio_list(&archive), expect);
 
-    let root = d.0.join("root");
+    let root = d.path().join("root");
     std::fs::create_dir(&root).unwrap();
     cpio_extract(&archive, &root);
     assert_eq!(std::fs::read(root.join("data/big.bin")).unwrap(), data);
@@ -174,9 +174,9 @@ fn spec(dir: &Path, init: &Path, extra: &[&str]) -> ApplianceSpec {
 
 #[test]
 fn appliance_contains_tools_and_keeps_symlinks() {
-    let d = TempDir::new("tree");
-    let init = fake_init(&d.0);
-    let (tree, key) = assemble(&spec(&d.0, &init, &[])).unwrap();
+    let d = scratch("tree");
+    let init = fake_init(d.path());
+    let (tree, key) = assemble(&spec(d.path(), &init, &[])).unwrap();
     assert_eq!(key.len(), 64);
     assert!(matches!(
         tree.get("/init"),
@@ -238,9 +238,9 @@ fn appliance_contains_tools_and_keeps_symlinks() {
 
 #[test]
 fn missing_with_program_is_a_clear_error() {
-    let d = TempDir::new("missing");
-    let init = fake_init(&d.0);
-    let err = prepare(&spec(&d.0, &init, &["definitely-not-a-program-xyz"])).unwrap_err();
+    let d = scratch("missing");
+    let init = fake_init(d.path());
+    let err = prepare(&spec(d.path(), &init, &["definitely-not-a-program-xyz"])).unwrap_err();
     assert!(matches!(err, ApplianceError::Elf(_)));
     assert!(
         err.to_string()
@@ -251,18 +251,18 @@ fn missing_with_program_is_a_clear_error() {
 
 #[test]
 fn same_inputs_give_identical_archives() {
-    let a = TempDir::new("det-a");
-    let b = TempDir::new("det-b");
-    let init = fake_init(&a.0);
-    let pa = prepare(&spec(&a.0, &init, &[])).unwrap();
-    let pb = prepare(&spec(&b.0, &init, &[])).unwrap();
+    let a = scratch("det-a");
+    let b = scratch("det-b");
+    let init = fake_init(a.path());
+    let pa = prepare(&spec(a.path(), &init, &[])).unwrap();
+    let pb = prepare(&spec(b.path(), &init, &[])).unwrap();
     assert!(pa.built && pb.built);
     assert_eq!(pa.key, pb.key);
     assert_eq!(
         std::fs::read(&pa.path).unwrap(),
         std::fs::read(&pb.path).unwrap()
     );
-    let root = a.0.join("x");
+    let root = a.path().join("x");
     std::fs::create_dir(&root).unwrap();
     let names = cpio_list(&pa.path);
     assert!(names.contains(&"init".to_string()));
@@ -271,16 +271,16 @@ fn same_inputs_give_identical_archives() {
 
 #[test]
 fn cache_hit_miss_and_rebuild_on_change() {
-    let d = TempDir::new("cache");
-    let init = fake_init(&d.0);
-    let tool = d.0.join("mytool");
+    let d = scratch("cache");
+    let init = fake_init(d.path());
+    let tool = d.path().join("mytool");
     std::fs::write(&tool, "#!/bin/sh\necho mytool\n").unwrap();
     std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let s = spec(&d.0, &init, &[tool.to_str().unwrap()]);
+    let s = spec(d.path(), &init, &[tool.to_str().unwrap()]);
 
     let first = prepare(&s).unwrap();
     assert!(first.built);
-    assert!(first.path.starts_with(d.0.join("cache/appliance")));
+    assert!(first.path.starts_with(d.path().join("cache/appliance")));
     assert_eq!(first.size, std::fs::metadata(&first.path).unwrap().len());
     let second = prepare(&s).unwrap();
     assert!(!second.built, "warm run must not build");
@@ -311,14 +311,14 @@ fn cache_hit_miss_and_rebuild_on_change() {
 
 #[test]
 fn old_entries_are_pruned() {
-    let d = TempDir::new("prune");
-    let init = fake_init(&d.0);
-    let s = spec(&d.0, &init, &[]);
+    let d = scratch("prune");
+    let init = fake_init(d.path());
+    let s = spec(d.path(), &init, &[]);
     for i in 0..(appliance::cache::KEEP_ENTRIES + 2) {
         std::fs::write(&init, format!("\x7fELF fake init {i}")).unwrap();
         assert!(prepare(&s).unwrap().built);
     }
-    let n = std::fs::read_dir(d.0.join("cache/appliance"))
+    let n = std::fs::read_dir(d.path().join("cache/appliance"))
         .unwrap()
         .filter(|e| {
             e.as_ref()
@@ -333,9 +333,9 @@ fn old_entries_are_pruned() {
 
 #[test]
 fn concurrent_prepares_build_once() {
-    let d = TempDir::new("conc");
-    let init = fake_init(&d.0);
-    let s = spec(&d.0, &init, &[]);
+    let d = scratch("conc");
+    let init = fake_init(d.path());
+    let s = spec(d.path(), &init, &[]);
     let results: Vec<_> = std::thread::scope(|sc| {
         let handles: Vec<_> = (0..4).map(|_| sc.spawn(|| prepare(&s).unwrap())).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -347,7 +347,7 @@ fn concurrent_prepares_build_once() {
         assert_eq!(r.size as usize, bytes.len());
     }
     // No temp files are left behind.
-    let leftovers = std::fs::read_dir(d.0.join("cache/appliance"))
+    let leftovers = std::fs::read_dir(d.path().join("cache/appliance"))
         .unwrap()
         .filter(|e| {
             e.as_ref()
@@ -362,16 +362,16 @@ fn concurrent_prepares_build_once() {
 
 #[test]
 fn initramfs_is_base_then_job() {
-    let d = TempDir::new("initrd");
-    let init = fake_init(&d.0);
-    let p = prepare(&spec(&d.0, &init, &[])).unwrap();
+    let d = scratch("initrd");
+    let init = fake_init(d.path());
+    let p = prepare(&spec(d.path(), &init, &[])).unwrap();
     let job = appliance::Job {
         argv: vec!["true".into()],
         ..appliance::Job::default()
     };
     let all = appliance::initramfs(&p, &job).unwrap();
     let base = std::fs::read(&p.path).unwrap();
-    let job_cpio = job.to_cpio().unwrap();
+    let job_cpio = appliance::job_cpio(&job).unwrap();
     assert_eq!(all.len(), base.len() + job_cpio.len());
     assert_eq!(&all[..base.len()], base.as_slice());
     assert_eq!(&all[base.len()..], job_cpio.as_slice());
@@ -395,8 +395,8 @@ fn helper_prepare_in_child_process() {
 
 #[test]
 fn concurrent_processes_build_once() {
-    let d = TempDir::new("conc-proc");
-    fake_init(&d.0);
+    let d = scratch("conc-proc");
+    fake_init(d.path());
     let exe = std::env::current_exe().unwrap();
     let children: Vec<_> = (0..4)
         .map(|_| {
@@ -407,7 +407,7 @@ fn concurrent_processes_build_once() {
                     "helper_prepare_in_child_process",
                     "--nocapture",
                 ])
-                .env("BOOTBOX_TEST_CONC_DIR", &d.0)
+                .env("BOOTBOX_TEST_CONC_DIR", d.path())
                 .stdout(std::process::Stdio::piped())
                 .spawn()
                 .unwrap()
@@ -434,10 +434,10 @@ fn concurrent_processes_build_once() {
 
 #[test]
 fn mutated_elf_headers_never_panic() {
-    let d = TempDir::new("elf-fuzz");
+    let d = scratch("elf-fuzz");
     let ls = std::fs::read(find_program("ls").unwrap()).unwrap();
     let head = &ls[..ls.len().min(64 * 1024)];
-    let path = d.0.join("mutant");
+    let path = d.path().join("mutant");
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let mut next = move || {
         state ^= state << 13;

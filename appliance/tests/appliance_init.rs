@@ -12,7 +12,7 @@ use appliance::elf::{inspect, FileKind};
 use appliance::{prepare, ApplianceSpec, Job, ShareMount};
 
 mod common;
-use common::TempDir;
+use common::scratch;
 
 /// The init binary: `$BOOTBOX_INIT`, or built from this workspace into the test temp dir.
 fn init_binary() -> PathBuf {
@@ -91,11 +91,11 @@ fn boot_with(job: &Job, alter: impl FnOnce(&Path)) -> Booted {
         .unwrap();
         p.path
     });
-    let d = TempDir::new("boot");
-    let root = d.0.join("root");
+    let d = scratch("boot");
+    let root = d.path().join("root");
     std::fs::create_dir(&root).unwrap();
-    let job_cpio = d.0.join("job.cpio");
-    std::fs::write(&job_cpio, job.to_cpio().unwrap()).unwrap();
+    let job_cpio = d.path().join("job.cpio");
+    std::fs::write(&job_cpio, appliance::job_cpio(job).unwrap()).unwrap();
     for archive in [base.as_path(), job_cpio.as_path()] {
         let out = Command::new("cpio")
             .args(["-idm", "--quiet", "--no-absolute-filenames", "-F"])

@@ -16,11 +16,12 @@ pub struct PhaseEvent {
     pub guest: bool,
 }
 
-/// Well-known guest phase ids written to the phase port.
-pub const GUEST_PHASE_INIT_STARTED: u8 = 1;
-pub const GUEST_PHASE_SHARES_MOUNTED: u8 = 2;
-pub const GUEST_PHASE_JOB_STARTED: u8 = 3;
-pub const GUEST_PHASE_JOB_FINISHED: u8 = 4;
+/// Well-known guest phase ids written to the phase port (defined with the init in `guest_abi`).
+pub use guest_abi::{
+    PHASE_INIT_STARTED as GUEST_PHASE_INIT_STARTED, PHASE_JOB_FINISHED as GUEST_PHASE_JOB_FINISHED,
+    PHASE_JOB_STARTED as GUEST_PHASE_JOB_STARTED,
+    PHASE_SHARES_MOUNTED as GUEST_PHASE_SHARES_MOUNTED,
+};
 
 /// The name of guest phase `id`.
 pub fn guest_phase_name(id: u8) -> Cow<'static, str> {

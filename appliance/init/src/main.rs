@@ -1,6 +1,7 @@
 //! `bootbox-init`: the static PID 1 of the bootbox appliance.
 //!
-//! It owns the guest side of the bootbox ABI: it marks boot phases on I/O port 0x610
+//! It owns the guest side of the bootbox ABI (the numbers are defined once, with the host's
+//! side, in the `guest-abi` crate): it marks boot phases on I/O port 0x610
 //! (1 = init started, 2 = shares mounted, 3 = job started, 4 = job finished), mounts the
 //! pseudo filesystems and the virtio-9p shares listed in `/bootbox/job`, runs the job with a
 //! clean environment (stdout on `/dev/hvc0`, stderr on `/dev/hvc1`, both raw; stdin
@@ -8,23 +9,16 @@
 //! reports the exit status on I/O port 0x600 (128+signal if killed, 127 command not found,
 //! 126 not executable, 125 for any failure of the init itself).
 
-#[allow(dead_code)]
-#[path = "../../src/jobspec.rs"]
-mod jobspec;
-
 use std::ffi::{CStr, CString};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
-use jobspec::Job;
+use guest_abi::jobspec::{self, Job};
+use guest_abi::{
+    EXIT_PORT, NINEP_MSIZE, PHASE_INIT_STARTED, PHASE_JOB_FINISHED, PHASE_JOB_STARTED, PHASE_PORT,
+    PHASE_SHARES_MOUNTED, PORT_SPAN, STATUS_INIT_FAILURE, STATUS_NOT_EXECUTABLE, STATUS_NOT_FOUND,
+    STATUS_SIGNAL_BASE,
+};
 
-const EXIT_PORT: u16 = 0x600;
-const PHASE_PORT: u16 = 0x610;
-const PHASE_INIT_STARTED: u8 = 1;
-const PHASE_SHARES_MOUNTED: u8 = 2;
-const PHASE_JOB_STARTED: u8 = 3;
-const PHASE_JOB_FINISHED: u8 = 4;
-/// Exit status for failures of the init itself (bad job, mount failure...).
-const STATUS_INIT_FAILURE: u8 = 125;
 const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// When this file exists the init runs as a host-side test (PID 1 of a PID namespace in a
@@ -71,7 +65,7 @@ fn say(msg: &str) {
 
 fn setup_ports() {
     // SAFETY: ioperm only changes this process's I/O permission bitmap.
-    if unsafe { libc::ioperm(u64::from(EXIT_PORT), 0x20, 1) } == 0 {
+    if unsafe { libc::ioperm(u64::from(EXIT_PORT), u64::from(PORT_SPAN), 1) } == 0 {
         PORT_MODE.store(1, Ordering::Relaxed);
         return;
     }
@@ -244,7 +238,7 @@ fn mount_shares(job: &Job) -> Result<(), String> {
         } else {
             (0, "none")
         };
-        let opts = format!("trans=virtio,version=9p2000.L,msize=512000,cache={cache}");
+        let opts = format!("trans=virtio,version=9p2000.L,msize={NINEP_MSIZE},cache={cache}");
         mount(&s.tag, &s.mount_point, "9p", flags, &opts)?;
     }
     Ok(())
@@ -326,7 +320,7 @@ fn child(exec: &Exec, out_fd: i32, err_fd: i32, null_fd: i32, tty_fd: i32) -> ! 
     unsafe {
         // I/O port permissions survive fork and execve: the job must not reach the ports.
         if PORT_MODE.load(Ordering::Relaxed) == 1 {
-            libc::ioperm(u64::from(EXIT_PORT), 0x20, 0);
+            libc::ioperm(u64::from(EXIT_PORT), u64::from(PORT_SPAN), 0);
         }
         libc::setsid();
         if exec.interactive {
@@ -389,7 +383,7 @@ fn child(exec: &Exec, out_fd: i32, err_fd: i32, null_fd: i32, tty_fd: i32) -> ! 
         Some(e) => {
             m.extend_from_slice(b": ");
             m.extend_from_slice(e.to_string().as_bytes());
-            fail(126, &m)
+            fail(i32::from(STATUS_NOT_EXECUTABLE), &m)
         }
         None => {
             m.extend_from_slice(if exec.name.contains('/') {
@@ -397,7 +391,7 @@ fn child(exec: &Exec, out_fd: i32, err_fd: i32, null_fd: i32, tty_fd: i32) -> ! 
             } else {
                 b": command not found".as_slice()
             });
-            fail(127, &m)
+            fail(i32::from(STATUS_NOT_FOUND), &m)
         }
     }
 }
@@ -406,7 +400,7 @@ fn status_code(status: i32) -> u8 {
     if libc::WIFEXITED(status) {
         (libc::WEXITSTATUS(status) & 0xff) as u8
     } else if libc::WIFSIGNALED(status) {
-        (128 + libc::WTERMSIG(status)).clamp(0, 255) as u8
+        (i32::from(STATUS_SIGNAL_BASE) + libc::WTERMSIG(status)).clamp(0, 255) as u8
     } else {
         STATUS_INIT_FAILURE
     }

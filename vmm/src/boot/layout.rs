@@ -62,10 +62,10 @@ pub const COM1_LEN: u64 = 8;
 pub const COM1_GSI: u32 = 4;
 pub const I8042_DATA_PORT: u64 = 0x60;
 pub const I8042_COMMAND_PORT: u64 = 0x64;
-/// bootbox's exit port: one byte, the guest's exit status.
-pub const EXIT_PORT: u64 = 0x600;
-/// bootbox's phase port: one byte, a phase id.
-pub const PHASE_PORT: u64 = 0x610;
+/// bootbox's exit port: one byte, the guest's exit status (see `guest_abi`).
+pub const EXIT_PORT: u64 = guest_abi::EXIT_PORT as u64;
+/// bootbox's phase port: one byte, a phase id (see `guest_abi`).
+pub const PHASE_PORT: u64 = guest_abi::PHASE_PORT as u64;
 
 /// Smallest guest we agree to build.
 pub const MIN_MEM_MIB: u32 = 32;

@@ -1,21 +1,27 @@
-//! Argument parsing and dispatch to the subcommands. Exit codes follow `env`/`docker run`:
-//! the job's own status when it ran; 124 on timeout; 125 when bootbox itself failed; 126/127
-//! when the job's command could not be run (reported by the guest init); 130 on Ctrl-C.
+//! The `bootbox` command line: `run` (the appliance), `boot` (a bare kernel), `bench`,
+//! `doctor`, `initrd`. This file parses the arguments, sets the process up and dispatches;
+//! errors from every layer are turned into one message and an exit code.
+//!
+//! Exit codes follow `env`/`docker run`: the job's own status when it ran; 124 on timeout;
+//! 125 when bootbox itself failed; 126/127 when the job's command could not be run (reported
+//! by the guest init); 130 on Ctrl-C.
 
 mod args;
 mod bench;
 mod doctor;
 mod kernel;
 mod launch;
+mod logger;
+mod overlap;
 mod report;
-mod shares;
+mod share;
 
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
 
-pub use args::{Cli, Command};
+use args::{Cli, Command};
 
 /// Exit code when bootbox itself failed (bad arguments, no KVM, missing kernel...).
 pub const EXIT_LAUNCHER: u8 = 125;
@@ -24,7 +30,8 @@ pub const EXIT_TIMEOUT: u8 = 124;
 /// Exit code after Ctrl-C / SIGTERM.
 pub const EXIT_INTERRUPTED: u8 = 130;
 
-pub fn main(process_start: Instant) -> ExitCode {
+fn main() -> ExitCode {
+    let process_start = Instant::now();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // --help and --version are not errors; bad usage is a launcher error (125), as with
@@ -34,6 +41,7 @@ pub fn main(process_start: Instant) -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_LAUNCHER } else { 0 });
         }
     };
+    logger::install(cli.verbose);
     raise_fd_limit();
     let code = match cli.command {
         Command::Run(a) => launch::run(process_start, a),
@@ -76,6 +84,9 @@ fn raise_fd_limit() {
                 rlim_max: lim.rlim_max,
             };
             libc::setrlimit(libc::RLIMIT_NOFILE, &soft);
+        }
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            log::debug!("open file limit: {} (hard {})", lim.rlim_cur, lim.rlim_max);
         }
     }
 }

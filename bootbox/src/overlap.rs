@@ -8,8 +8,9 @@
 //! Path strings cannot tell: symlinks, `..`, bind mounts and different spellings all name one
 //! directory several ways. The check therefore works on what the kernel resolves:
 //!
-//! 1. Each share's directory is opened (`O_PATH | O_DIRECTORY`, following symlinks) and its
-//!    `(st_dev, st_ino)` taken, then `..` is opened again and again up to the root, collecting
+//! 1. Each share's directory, as opened once when `--share` was parsed (`O_PATH |
+//!    O_DIRECTORY`, symlinks followed; the same descriptor the 9p server serves), gives its
+//!    `(st_dev, st_ino)`, then `..` is opened again and again up to the root, collecting
 //!    the `(st_dev, st_ino)` of every directory above it. Two shares overlap when one's
 //!    identity is in the other's chain (the chain starts with the directory itself, so the same
 //!    directory twice is caught too, whatever path or bind mount reaches it).
@@ -27,14 +28,12 @@
 //! runs. And the check sees the host as it is when bootbox starts: mounts or renames made on
 //! the host afterwards are the 9p server's confinement to handle.
 
-use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
-use super::launch::{Failure, Share};
-use super::EXIT_LAUNCHER;
+use crate::share::Share;
 
 /// `(st_dev, st_ino)`: what makes a directory the same directory whatever path reaches it.
 type FileId = (u64, u64);
@@ -64,9 +63,22 @@ enum Overlap {
     SecondInsideFirst,
 }
 
+/// Why shares cannot be used together.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlapError {
+    #[error("--share {tag}: cannot inspect {dir}: {source}")]
+    Inspect {
+        tag: String,
+        dir: PathBuf,
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Overlap(String),
+}
+
 /// Refuses any two shares of which one is inside the other or both are the same directory,
-/// as seen by the kernel (symlinks and bind mounts resolved). A usage error (exit 125).
-pub fn refuse_overlaps(shares: &[Share]) -> Result<(), Failure> {
+/// as seen by the kernel (symlinks and bind mounts resolved).
+pub fn refuse_overlaps(shares: &[Share]) -> Result<(), OverlapError> {
     if shares.len() < 2 {
         return Ok(());
     }
@@ -74,30 +86,21 @@ pub fn refuse_overlaps(shares: &[Share]) -> Result<(), Failure> {
     let located = shares
         .iter()
         .map(|s| {
-            locate(&s.dir, &mountinfo).map_err(|e| {
-                failure(format!(
-                    "--share {}: cannot inspect {}: {e}",
-                    s.tag,
-                    s.dir.display()
-                ))
+            locate(s.root.as_fd(), &mountinfo).map_err(|source| OverlapError::Inspect {
+                tag: s.tag.clone(),
+                dir: s.dir.clone(),
+                source,
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
     for i in 0..shares.len() {
         for j in i + 1..shares.len() {
             if let Some(how) = overlap(&located[i], &located[j]) {
-                return Err(failure(describe(&shares[i], &shares[j], how)));
+                return Err(OverlapError::Overlap(describe(&shares[i], &shares[j], how)));
             }
         }
     }
     Ok(())
-}
-
-fn failure(message: String) -> Failure {
-    Failure {
-        code: EXIT_LAUNCHER,
-        message,
-    }
 }
 
 fn describe(a: &Share, b: &Share, how: Overlap) -> String {
@@ -146,14 +149,12 @@ fn overlap(a: &Located, b: &Located) -> Option<Overlap> {
     }
 }
 
-fn open_path(dir: Option<&OwnedFd>, path: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+/// Opens the parent (`..`) of the directory open at `dir`, as `O_PATH | O_DIRECTORY`.
+fn open_parent(dir: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
-    let dirfd = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
-    // SAFETY: `c` is a valid NUL-terminated string; `dirfd` is AT_FDCWD or a descriptor that
-    // `dir` keeps open for the call. openat only reads the path.
-    let fd = unsafe { libc::openat(dirfd, c.as_ptr(), flags) };
+    // SAFETY: the path is a NUL-terminated literal and `dir` is open for the call; openat
+    // only reads the path.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), c"..".as_ptr(), flags) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -161,7 +162,7 @@ fn open_path(dir: Option<&OwnedFd>, path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn file_id(fd: &OwnedFd) -> io::Result<FileId> {
+fn file_id(fd: BorrowedFd<'_>) -> io::Result<FileId> {
     // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `fd` is open for the call and `st` is a writable stat struct.
@@ -171,29 +172,26 @@ fn file_id(fd: &OwnedFd) -> io::Result<FileId> {
     Ok((st.st_dev, st.st_ino))
 }
 
-fn locate(dir: &Path, mountinfo: &str) -> io::Result<Located> {
-    let fd = open_path(None, dir)?;
-    let id = file_id(&fd)?;
-    let fs_path = fs_path_of(&fd, mountinfo);
+fn locate(dir: BorrowedFd<'_>, mountinfo: &str) -> io::Result<Located> {
+    let id = file_id(dir)?;
+    let fs_path = fs_path_of(dir, mountinfo);
     let mut chain = vec![id];
-    let mut current = fd;
-    let mut current_id = id;
+    // The parent of the last directory in the chain.
+    let mut above = open_parent(dir)?;
     for _ in 0..MAX_DEPTH {
-        let parent = open_path(Some(&current), Path::new(".."))?;
-        let parent_id = file_id(&parent)?;
-        if parent_id == current_id {
+        let above_id = file_id(above.as_fd())?;
+        if chain.last() == Some(&above_id) {
             break; // `..` of the root is the root
         }
-        chain.push(parent_id);
-        current = parent;
-        current_id = parent_id;
+        chain.push(above_id);
+        above = open_parent(above.as_fd())?;
     }
     Ok(Located { id, chain, fs_path })
 }
 
 /// The device and path from the filesystem's root of the directory open at `fd`, from the
 /// mount the descriptor is on (its `mnt_id`) and that mount's line in `mountinfo`.
-fn fs_path_of(fd: &OwnedFd, mountinfo: &str) -> Option<(String, PathBuf)> {
+fn fs_path_of(fd: BorrowedFd<'_>, mountinfo: &str) -> Option<(String, PathBuf)> {
     let raw = fd.as_raw_fd();
     let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{raw}")).ok()?;
     let mnt_id = fdinfo
@@ -271,69 +269,63 @@ fn filesystem_path(mount: &Mount, resolved: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::share::open_dir;
     use std::os::unix::fs::symlink;
+    use std::sync::Arc;
 
-    /// A scratch directory removed when dropped.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new(name: &str) -> Scratch {
-            let p =
-                std::env::temp_dir().join(format!("bootbox-shares-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            Scratch(p)
-        }
+    fn scratch(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("bootbox-shares-{name}-"))
+            .tempdir()
+            .unwrap()
     }
 
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    /// A share of `dir` exactly as given (not canonicalized), so the check cannot lean on
-    /// path strings having been cleaned up by the parser.
+    /// A share of `dir` opened by the path exactly as given, with that path kept as its name
+    /// (not canonicalized), so the check cannot lean on path strings cleaned up by the parser.
     fn share(dir: &Path, tag: &str) -> Share {
         Share {
+            root: Arc::new(open_dir(dir).unwrap()),
             dir: dir.to_path_buf(),
             tag: tag.to_string(),
+            tag_given: true,
             read_only: false,
         }
     }
 
     fn refused(shares: &[Share]) -> String {
-        let f = refuse_overlaps(shares).expect_err("overlapping shares must be refused");
-        assert_eq!(f.code, EXIT_LAUNCHER);
-        f.message
+        let e = refuse_overlaps(shares).expect_err("overlapping shares must be refused");
+        e.to_string()
     }
 
     #[test]
     fn the_same_directory_twice_is_refused() {
-        let t = Scratch::new("same");
-        let m = refused(&[share(&t.0, "a"), share(&t.0, "b")]);
+        let t = scratch("same");
+        let m = refused(&[share(t.path(), "a"), share(t.path(), "b")]);
         assert!(m.contains("same directory"), "{m}");
         assert!(m.contains("'a'") && m.contains("'b'"), "{m}");
         // Spelled differently: a trailing `.` and a `sub/..` detour.
-        std::fs::create_dir(t.0.join("sub")).unwrap();
-        let m = refused(&[share(&t.0.join("."), "a"), share(&t.0.join("sub/.."), "b")]);
+        std::fs::create_dir(t.path().join("sub")).unwrap();
+        let m = refused(&[
+            share(&t.path().join("."), "a"),
+            share(&t.path().join("sub/.."), "b"),
+        ]);
         assert!(m.contains("same directory"), "{m}");
     }
 
     #[test]
     fn nested_shares_are_refused_in_either_order() {
-        let t = Scratch::new("nested");
-        let inner = t.0.join("a/nest");
+        let t = scratch("nested");
+        let inner = t.path().join("a/nest");
         std::fs::create_dir_all(&inner).unwrap();
-        let outer = t.0.join("a");
+        let outer = t.path().join("a");
         let m = refused(&[share(&outer, "a"), share(&inner, "b")]);
         assert!(m.contains("'b'") && m.contains("is inside 'a'"), "{m}");
         let m = refused(&[share(&inner, "b"), share(&outer, "a")]);
         assert!(m.contains("'b'") && m.contains("is inside 'a'"), "{m}");
         // Deeper nesting, with an unrelated share in between.
-        let deep = t.0.join("a/nest/x/y");
+        let deep = t.path().join("a/nest/x/y");
         std::fs::create_dir_all(&deep).unwrap();
-        let other = t.0.join("other");
+        let other = t.path().join("other");
         std::fs::create_dir(&other).unwrap();
         let m = refused(&[share(&deep, "d"), share(&other, "o"), share(&outer, "a")]);
         assert!(m.contains("'d'") && m.contains("is inside 'a'"), "{m}");
@@ -341,44 +333,44 @@ mod tests {
 
     #[test]
     fn a_symlink_to_a_nested_directory_is_refused() {
-        let t = Scratch::new("link");
-        std::fs::create_dir_all(t.0.join("a/nest")).unwrap();
+        let t = scratch("link");
+        std::fs::create_dir_all(t.path().join("a/nest")).unwrap();
         // The link sits outside `a`, so its path string shares no prefix with `a`.
-        let link = t.0.join("elsewhere");
-        symlink(t.0.join("a/nest"), &link).unwrap();
-        let m = refused(&[share(&t.0.join("a"), "a"), share(&link, "b")]);
+        let link = t.path().join("elsewhere");
+        symlink(t.path().join("a/nest"), &link).unwrap();
+        let m = refused(&[share(&t.path().join("a"), "a"), share(&link, "b")]);
         assert!(m.contains("'b'") && m.contains("is inside 'a'"), "{m}");
         // And the other way: a link to the outer directory, the inner one by its real path.
-        let up = t.0.join("up");
-        symlink(t.0.join("a"), &up).unwrap();
-        let m = refused(&[share(&t.0.join("a/nest"), "n"), share(&up, "u")]);
+        let up = t.path().join("up");
+        symlink(t.path().join("a"), &up).unwrap();
+        let m = refused(&[share(&t.path().join("a/nest"), "n"), share(&up, "u")]);
         assert!(m.contains("'n'") && m.contains("is inside 'u'"), "{m}");
     }
 
     #[test]
     fn the_same_directory_through_a_symlinked_path_is_refused() {
-        let t = Scratch::new("samelink");
-        std::fs::create_dir_all(t.0.join("real/dir")).unwrap();
-        symlink(t.0.join("real"), t.0.join("alias")).unwrap();
+        let t = scratch("samelink");
+        std::fs::create_dir_all(t.path().join("real/dir")).unwrap();
+        symlink(t.path().join("real"), t.path().join("alias")).unwrap();
         let m = refused(&[
-            share(&t.0.join("real/dir"), "a"),
-            share(&t.0.join("alias/dir"), "b"),
+            share(&t.path().join("real/dir"), "a"),
+            share(&t.path().join("alias/dir"), "b"),
         ]);
         assert!(m.contains("same directory"), "{m}");
     }
 
     #[test]
     fn siblings_and_single_shares_are_allowed() {
-        let t = Scratch::new("siblings");
+        let t = scratch("siblings");
         for d in ["a", "b", "ab", "a-b/c"] {
-            std::fs::create_dir_all(t.0.join(d)).unwrap();
+            std::fs::create_dir_all(t.path().join(d)).unwrap();
         }
         // `ab` and `a-b` start with the same characters as `a` but are not inside it.
         let shares = [
-            share(&t.0.join("a"), "a"),
-            share(&t.0.join("b"), "b"),
-            share(&t.0.join("ab"), "ab"),
-            share(&t.0.join("a-b/c"), "c"),
+            share(&t.path().join("a"), "a"),
+            share(&t.path().join("b"), "b"),
+            share(&t.path().join("ab"), "ab"),
+            share(&t.path().join("a-b/c"), "c"),
         ];
         refuse_overlaps(&shares).unwrap();
         refuse_overlaps(&shares[..1]).unwrap();
@@ -386,27 +378,33 @@ mod tests {
     }
 
     #[test]
-    fn a_share_that_vanished_is_reported() {
-        let t = Scratch::new("gone");
-        std::fs::create_dir(t.0.join("a")).unwrap();
-        let m = refused(&[share(&t.0.join("a"), "a"), share(&t.0.join("gone"), "g")]);
-        assert!(
-            m.contains("--share g") && m.contains("cannot inspect"),
-            "{m}"
-        );
+    fn the_check_inspects_the_opened_directories_not_their_paths() {
+        let t = scratch("swap");
+        std::fs::create_dir_all(t.path().join("a/nest")).unwrap();
+        std::fs::create_dir(t.path().join("b")).unwrap();
+        let a = share(&t.path().join("a"), "a");
+        let b = share(&t.path().join("b"), "b");
+        // After parsing, `b`'s path is made to name a directory inside `a`: what was opened
+        // (a sibling of `a`) is what counts, and what the server will serve.
+        std::fs::rename(t.path().join("b"), t.path().join("b-moved")).unwrap();
+        symlink(t.path().join("a/nest"), t.path().join("b")).unwrap();
+        refuse_overlaps(&[a.clone(), b]).unwrap();
+        // Opened now, the same path is refused.
+        let m = refused(&[a, share(&t.path().join("b"), "b")]);
+        assert!(m.contains("is inside 'a'"), "{m}");
     }
 
     #[test]
     fn the_chain_reaches_the_root() {
-        let t = Scratch::new("chain");
-        let l = locate(&t.0, "").unwrap();
-        let root = file_id(&open_path(None, Path::new("/")).unwrap()).unwrap();
+        let t = scratch("chain");
+        let l = locate(open_dir(t.path()).unwrap().as_fd(), "").unwrap();
+        let root = file_id(open_dir(Path::new("/")).unwrap().as_fd()).unwrap();
         assert_eq!(l.chain.first(), Some(&l.id));
         assert_eq!(l.chain.last(), Some(&root));
         // One entry per component of the real path: the directory, each parent, and `/`.
         assert_eq!(
             l.chain.len(),
-            t.0.canonicalize().unwrap().components().count()
+            t.path().canonicalize().unwrap().components().count()
         );
     }
 
@@ -459,11 +457,12 @@ mod tests {
 
     #[test]
     fn mountinfo_of_this_process_locates_a_plain_directory() {
-        let t = Scratch::new("fspath");
-        std::fs::create_dir(t.0.join("inner")).unwrap();
+        let t = scratch("fspath");
+        std::fs::create_dir(t.path().join("inner")).unwrap();
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let outer = locate(&t.0, &mountinfo).unwrap();
-        let inner = locate(&t.0.join("inner"), &mountinfo).unwrap();
+        let at = |p: &Path, mountinfo: &str| locate(open_dir(p).unwrap().as_fd(), mountinfo);
+        let outer = at(t.path(), &mountinfo).unwrap();
+        let inner = at(&t.path().join("inner"), &mountinfo).unwrap();
         let (da, pa) = outer
             .fs_path
             .as_ref()
@@ -477,10 +476,10 @@ mod tests {
         // Even without mountinfo, step 1 alone sees the nesting.
         let bare = |p: &Path| Located {
             fs_path: None,
-            ..locate(p, "").unwrap()
+            ..at(p, "").unwrap()
         };
         assert_eq!(
-            overlap(&bare(&t.0), &bare(&t.0.join("inner"))),
+            overlap(&bare(t.path()), &bare(&t.path().join("inner"))),
             Some(Overlap::SecondInsideFirst)
         );
     }

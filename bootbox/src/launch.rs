@@ -13,9 +13,11 @@ use vmm::devices::virtio::{Virtio9p, VirtioConsole};
 use vmm::phases::PhaseLog;
 use vmm::vm::{ConsoleSink, GuestExit, InitrdPart, RunOutcome, Vm, VmConfig};
 
-use super::args::{BootArgs, InitrdArgs, RunArgs, VmArgs};
-use super::report::{vmm_peak_rss_kib, Phase, RunRecord};
-use super::{kernel, EXIT_INTERRUPTED, EXIT_LAUNCHER, EXIT_TIMEOUT};
+use crate::args::{BootArgs, InitrdArgs, RunArgs, VmArgs};
+use crate::overlap::refuse_overlaps;
+use crate::report::{vmm_peak_rss_kib, Phase, RunRecord};
+use crate::share::{dedupe_tags, Share};
+use crate::{kernel, EXIT_INTERRUPTED, EXIT_LAUNCHER, EXIT_TIMEOUT};
 
 /// The kernel command line the appliance boots with. `quiet` keeps the slow UART out of the
 /// boot path; panics still print (they are above the quiet level).
@@ -45,100 +47,19 @@ fn fail(message: impl Into<String>) -> Failure {
     }
 }
 
-/// One host directory shared with the guest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Share {
-    pub dir: PathBuf,
-    pub tag: String,
-    pub read_only: bool,
-}
-
-/// Parses `DIR[:TAG][:ro|rw]` (run) or `DIR:TAG[:ro]` (boot). Read-only unless `default_ro`
-/// is false and no mode is given. Tags default to the directory's name.
-pub fn parse_share(spec: &str, default_ro: bool) -> Result<Share, Failure> {
-    let mut parts: Vec<&str> = spec.split(':').collect();
-    let mut read_only = default_ro;
-    if parts.len() > 1 {
-        match *parts.last().unwrap_or(&"") {
-            "ro" => {
-                read_only = true;
-                parts.pop();
-            }
-            "rw" => {
-                read_only = false;
-                parts.pop();
-            }
-            _ => {}
-        }
+/// The parsed shares, checked as a set: derived tags made unique, overlaps refused.
+fn checked_shares(mut shares: Vec<Share>) -> Result<Vec<Share>, Failure> {
+    dedupe_tags(&mut shares)?;
+    refuse_overlaps(&shares)?;
+    for s in &shares {
+        let mode = if s.read_only {
+            "read-only"
+        } else {
+            "read-write"
+        };
+        log::info!("share {} as tag '{}', {mode}", s.dir.display(), s.tag);
     }
-    let (dir, tag) = match parts.as_slice() {
-        [dir] => (*dir, None),
-        [dir, tag] => (*dir, Some(*tag)),
-        _ => return Err(fail(format!("--share {spec}: expected DIR[:TAG][:ro|rw]"))),
-    };
-    if dir.is_empty() {
-        return Err(fail(format!("--share {spec}: the directory is empty")));
-    }
-    let path = PathBuf::from(dir);
-    let meta = std::fs::metadata(&path)
-        .map_err(|e| fail(format!("--share {spec}: cannot use {dir}: {e}")))?;
-    if !meta.is_dir() {
-        return Err(fail(format!("--share {spec}: {dir} is not a directory")));
-    }
-    let dir = path
-        .canonicalize()
-        .map_err(|e| fail(format!("--share {spec}: cannot resolve {dir}: {e}")))?;
-    let tag = match tag {
-        Some(t) => t.to_string(),
-        None => dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .map(sanitize_tag)
-            .filter(|t| !t.is_empty())
-            .unwrap_or_else(|| "root".to_string()),
-    };
-    if tag.is_empty()
-        || tag.len() > 31
-        || !tag
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
-    {
-        return Err(fail(format!(
-            "--share {spec}: tag '{tag}' must be 1-31 characters of letters, digits, '_', '-' or '.'"
-        )));
-    }
-    Ok(Share {
-        dir,
-        tag,
-        read_only,
-    })
-}
-
-fn sanitize_tag(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "_-.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(31)
-        .collect()
-}
-
-/// Makes tags unique (`tree`, `tree-2`, ...), keeping explicit ones as given.
-fn dedupe_tags(shares: &mut [Share]) -> Result<(), Failure> {
-    let mut seen = std::collections::HashSet::new();
-    for s in shares.iter_mut() {
-        let base = s.tag.clone();
-        let mut n = 1;
-        while !seen.insert(s.tag.clone()) {
-            n += 1;
-            s.tag = format!("{}-{n}", base.chars().take(28).collect::<String>());
-        }
-    }
-    Ok(())
+    Ok(shares)
 }
 
 /// Blocks SIGINT/SIGTERM/SIGHUP in every thread (call before any thread starts) and returns
@@ -176,7 +97,7 @@ impl Signals {
                 }
             });
         if let Err(e) = spawned {
-            eprintln!("bootbox: warning: Ctrl-C handling is off ({e})");
+            log::warn!("Ctrl-C handling is off ({e})");
         }
     }
 }
@@ -257,9 +178,7 @@ fn add_shares(vm: &mut Vm, shares: &[Share]) -> Result<ShareServers, Failure> {
     // controls the host, so this gives a guest nothing.
     let resolution_checks = std::env::var_os(UNCHECKED_9P_ENV).is_none();
     if !resolution_checks {
-        eprintln!(
-            "bootbox: {UNCHECKED_9P_ENV} is set: the 9p resolution checks are off (tests only)"
-        );
+        log::warn!("{UNCHECKED_9P_ENV} is set: the 9p resolution checks are off (tests only)");
     }
     for s in shares {
         let config = p9::Config {
@@ -267,7 +186,9 @@ fn add_shares(vm: &mut Vm, shares: &[Share]) -> Result<ShareServers, Failure> {
             resolution_checks,
             ..p9::Config::default()
         };
-        let server = p9::Server::new(&s.dir, config)
+        // The directory opened when --share was parsed, not its path resolved again.
+        let root = s.root.try_clone()?;
+        let server = p9::Server::with_root(root, &s.dir, config)
             .map_err(|e| fail(format!("share {}: {e}", s.dir.display())))?;
         kept.servers.push((s.tag.clone(), server.clone()));
         let dev = Virtio9p::new(&s.tag, server, pool.clone())?;
@@ -388,13 +309,7 @@ pub fn run(process_start: Instant, a: RunArgs) -> u8 {
 fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8, Failure> {
     let phases = PhaseLog::new(process_start);
     vm_timeout(&a.vm)?;
-    let mut shares = a
-        .shares
-        .iter()
-        .map(|s| parse_share(s, true))
-        .collect::<Result<Vec<_>, _>>()?;
-    dedupe_tags(&mut shares)?;
-    super::shares::refuse_overlaps(&shares)?;
+    let shares = checked_shares(a.shares.clone())?;
     let env = a
         .env
         .iter()
@@ -404,13 +319,14 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
         })
         .collect::<Result<Vec<_>, _>>()?;
     let kernel = kernel::find(a.vm.kernel.as_deref())?;
+    log::info!("using kernel {}", kernel.display());
     // Everything cheap is checked before the appliance is built.
     let mut config = vm_config(kernel, APPLIANCE_CMDLINE.to_string(), &a.vm)?;
     config.check()?;
     let (prepared, job) =
         appliance_and_job(&shares, &a.with, env, a.workdir.clone(), a.command.clone())?;
     phases.record("appliance ready");
-    let job_cpio = job.to_cpio()?;
+    let job_cpio = appliance::job_cpio(&job)?;
 
     let interactive = a.command.is_empty();
     config.initrd = vec![
@@ -432,9 +348,7 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
         // messages: the kernel must not be quiet then.
         config.cmdline = config.cmdline.replace(" quiet", "");
     }
-
-    confine(&a.vm, &config, &shares)?;
-    let mut vm = Vm::new(config, phases.clone())?;
+    let mut vm = confined_vm(&a.vm, config, &phases, &shares)?;
     // Order matters: the guest numbers consoles in probe order, so hvc0 = stdout, hvc1 = stderr.
     vm.add_virtio_device(
         "virtio-console (stdout)",
@@ -492,6 +406,13 @@ fn appliance_and_job(
         cache_dir: appliance::default_cache_dir()?,
     };
     let prepared = appliance::prepare(&spec)?;
+    log::info!(
+        "appliance {} ({} KiB, {} in {:.0?})",
+        prepared.path.display(),
+        prepared.size / 1024,
+        if prepared.built { "built" } else { "cached" },
+        prepared.build_time
+    );
     let mounts: Vec<ShareMount> = shares
         .iter()
         .map(|s| ShareMount {
@@ -515,13 +436,7 @@ fn appliance_and_job(
 /// `bootbox initrd`.
 pub fn initrd(a: InitrdArgs) -> u8 {
     let result = (|| -> Result<(), Failure> {
-        let mut shares = a
-            .shares
-            .iter()
-            .map(|s| parse_share(s, true))
-            .collect::<Result<Vec<_>, _>>()?;
-        dedupe_tags(&mut shares)?;
-        super::shares::refuse_overlaps(&shares)?;
+        let shares = checked_shares(a.shares.clone())?;
         let (prepared, job) =
             appliance_and_job(&shares, &a.with, Vec::new(), None, a.command.clone())?;
         let bytes = appliance::initramfs(&prepared, &job)?;
@@ -551,13 +466,9 @@ pub fn boot(process_start: Instant, a: BootArgs) -> u8 {
 fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u8, Failure> {
     let phases = PhaseLog::new(process_start);
     vm_timeout(&a.vm)?;
-    let shares = a
-        .shares
-        .iter()
-        .map(|s| parse_share(s, true))
-        .collect::<Result<Vec<_>, _>>()?;
-    super::shares::refuse_overlaps(&shares)?;
+    let shares = checked_shares(a.shares.clone())?;
     let kernel = kernel::find(a.vm.kernel.as_deref())?;
+    log::info!("using kernel {}", kernel.display());
     for i in &a.initrd {
         if !i.is_file() {
             return Err(fail(format!("--initrd {}: no such file", i.display())));
@@ -568,8 +479,7 @@ fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u
     config.initrd = a.initrd.iter().cloned().map(InitrdPart::File).collect();
     config.console = ConsoleSink::Stdout;
     config.stdin = !a.no_stdin;
-    confine(&a.vm, &config, &shares)?;
-    let mut vm = Vm::new(config, phases.clone())?;
+    let mut vm = confined_vm(&a.vm, config, &phases, &shares)?;
     let servers = add_shares(&mut vm, &shares)?;
     let (outcome, record) = execute(vm, signals, &phases, &servers, "the guest")?;
     let code = match outcome.exit {
@@ -586,6 +496,17 @@ fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u
     };
     let _ = std::io::stdout().flush();
     Ok(finish(record, code, &a.vm))
+}
+
+/// Confines the process and creates the VM (whose config carries the one `--stats` switch).
+fn confined_vm(
+    a: &VmArgs,
+    config: VmConfig,
+    phases: &PhaseLog,
+    shares: &[Share],
+) -> Result<Vm, Failure> {
+    confine(a, &config, shares)?;
+    Ok(Vm::new(config, phases.clone())?)
 }
 
 // ---- Confinement (see vmm::sandbox) -------------------------------------------------------------
@@ -620,8 +541,9 @@ fn confine(a: &VmArgs, config: &VmConfig, shares: &[Share]) -> Result<(), Failur
         policy = policy.write_file(json);
     }
     let report = vmm::sandbox::install(&policy)?;
-    if let Some(line) = report.shortfall() {
-        eprintln!("bootbox: warning: {line}");
+    match report.shortfall() {
+        Some(line) => log::warn!("{line}"),
+        None => log::info!("the monitor is confined (see --no-sandbox)"),
     }
     Ok(())
 }
@@ -636,46 +558,6 @@ pub fn looks_like_kernel(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn share_specs_parse_with_defaults_and_modes() {
-        let dir = std::env::temp_dir();
-        let d = dir.display();
-        let s = parse_share(&format!("{d}"), true).unwrap();
-        assert!(s.read_only);
-        assert_eq!(s.dir, dir.canonicalize().unwrap());
-        let s = parse_share(&format!("{d}:data:rw"), true).unwrap();
-        assert_eq!((s.tag.as_str(), s.read_only), ("data", false));
-        let s = parse_share(&format!("{d}:rw"), true).unwrap();
-        assert!(!s.read_only);
-        let s = parse_share(&format!("{d}:tag1"), false).unwrap();
-        assert_eq!((s.tag.as_str(), s.read_only), ("tag1", false));
-    }
-
-    #[test]
-    fn bad_share_specs_say_what_is_wrong() {
-        let e = parse_share("/nonexistent/dir", true).unwrap_err();
-        assert_eq!(e.code, EXIT_LAUNCHER);
-        assert!(e.message.contains("/nonexistent/dir"), "{}", e.message);
-        let e = parse_share("/etc/passwd", true).unwrap_err();
-        assert!(e.message.contains("not a directory"), "{}", e.message);
-        let e = parse_share("/tmp:bad tag", true).unwrap_err();
-        assert!(e.message.contains("tag"), "{}", e.message);
-        assert!(parse_share("/tmp:a:b:c", true).is_err());
-    }
-
-    #[test]
-    fn duplicate_tags_are_made_unique() {
-        let mk = |t: &str| Share {
-            dir: "/tmp".into(),
-            tag: t.into(),
-            read_only: true,
-        };
-        let mut v = vec![mk("tree"), mk("tree"), mk("other"), mk("tree")];
-        dedupe_tags(&mut v).unwrap();
-        let tags: Vec<_> = v.iter().map(|s| s.tag.as_str()).collect();
-        assert_eq!(tags, ["tree", "tree-2", "other", "tree-3"]);
-    }
 
     #[test]
     fn recognises_kernels_by_their_headers() {

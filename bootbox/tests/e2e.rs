@@ -43,27 +43,25 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// A scratch directory removed when dropped.
-struct Scratch(PathBuf);
+/// A scratch directory removed when dropped. Mode 0755 like an ordinary directory (not
+/// tempfile's 0700): an unprivileged user and the guest's view of it must be able to enter.
+struct Scratch(tempfile::TempDir);
 
 impl Scratch {
     fn new(name: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("bootbox-e2e-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::Builder::new()
+            .prefix(&format!("bootbox-e2e-{name}-"))
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        Scratch(t)
     }
     fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
     fn s(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.path().to_str().unwrap()
     }
 }
 
@@ -169,7 +167,7 @@ fn bare_boot_reaches_init_and_returns_the_chosen_status() {
         ..Default::default()
     };
     let job_cpio = scratch.path().join("job.cpio");
-    std::fs::write(&job_cpio, job.to_cpio().unwrap()).unwrap();
+    std::fs::write(&job_cpio, appliance::job_cpio(&job).unwrap()).unwrap();
     let out = bootbox(&[
         "boot",
         "--initrd",

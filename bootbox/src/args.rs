@@ -4,6 +4,15 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::share::{parse_share, Share, SHARE_GRAMMAR};
+
+/// What `--help` says about `--share`, the same for every subcommand.
+const SHARE_HELP: &str = "Share a host directory: DIR[:TAG][:ro|rw], read-only unless :rw. \
+    TAG (default: the directory's name) is 1 to 36 letters, digits, '_', '-' or '.'. \
+    Write a ':' in DIR as '\\:' (and a '\\' just before a ':' as '\\\\'). \
+    Give it several times for several shares; `run` mounts one share at /share, several at \
+    /share/TAG";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "bootbox",
@@ -15,6 +24,10 @@ use clap::{Args, Parser, Subcommand};
                   Example: bootbox run --share ./tree -- find /share -type f"
 )]
 pub struct Cli {
+    /// Say more on stderr: -v what bootbox does, -vv device and 9p debugging, -vvv
+    /// everything. Default: warnings and errors only (see also BOOTBOX_LOG).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -41,8 +54,8 @@ pub struct InitrdArgs {
     pub output: PathBuf,
     /// Shares the job expects, as for `run` (mount tags are printed; give the other VMM the
     /// same tags).
-    #[arg(long = "share", value_name = "DIR[:TAG][:ro|rw]")]
-    pub shares: Vec<String>,
+    #[arg(long = "share", value_name = SHARE_GRAMMAR, value_parser = parse_share, long_help = SHARE_HELP)]
+    pub shares: Vec<Share>,
     /// Add a host program (and its libraries) to the appliance.
     #[arg(long = "with", value_name = "PROGRAM")]
     pub with: Vec<String>,
@@ -92,8 +105,8 @@ pub struct VmArgs {
 pub struct RunArgs {
     /// Share a host directory: DIR[:TAG][:ro|rw] (read-only unless :rw). One share is mounted
     /// at /share, several at /share/TAG.
-    #[arg(long = "share", value_name = "DIR[:TAG][:ro|rw]")]
-    pub shares: Vec<String>,
+    #[arg(long = "share", value_name = SHARE_GRAMMAR, value_parser = parse_share, long_help = SHARE_HELP)]
+    pub shares: Vec<Share>,
     /// Add a host program (and its libraries) to the appliance.
     #[arg(long = "with", value_name = "PROGRAM")]
     pub with: Vec<String>,
@@ -124,8 +137,8 @@ pub struct BootArgs {
     pub cmdline: String,
     /// Share a host directory with the guest: DIR[:TAG][:ro|rw] (read-only unless :rw), as
     /// for `run`; the guest mounts it by TAG.
-    #[arg(long = "share", value_name = "DIR[:TAG][:ro|rw]")]
-    pub shares: Vec<String>,
+    #[arg(long = "share", value_name = SHARE_GRAMMAR, value_parser = parse_share, long_help = SHARE_HELP)]
+    pub shares: Vec<Share>,
     /// Do not forward the host's stdin to the serial port.
     #[arg(long)]
     pub no_stdin: bool,

@@ -1,8 +1,7 @@
 //! The job description handed from the host to the guest init, and its wire format.
 //!
-//! This file has no dependencies beyond `std` on purpose: the `appliance` library uses it as
-//! a normal module and the guest init (`bootbox-init`) includes the very same source with
-//! `#[path = ...] mod jobspec;`, so encoder and decoder can never drift apart.
+//! The `appliance` library encodes with it and the guest init (`bootbox-init`) decodes with
+//! it: one source for both ends, so encoder and decoder can never drift apart.
 //!
 //! Wire format (all integers little-endian):
 //!
@@ -17,8 +16,8 @@
 //!
 //! A string is `len u32` followed by `len` bytes: UTF-8, except command arguments, which are
 //! any bytes (a file name need not be UTF-8). No string may contain NUL (they become C strings
-//! in the guest); env keys must be non-empty and contain no `=`; share tags
-//! and mount points are checked as well. Trailing bytes after the last share are an error.
+//! in the guest); env keys must be non-empty and contain no `=`; share tags follow
+//! [`crate::check_share_tag`] and mount points are checked as well. Trailing bytes after the last share are an error.
 
 use std::fmt;
 
@@ -173,12 +172,7 @@ impl Job {
         for s in &self.shares {
             check_str(&s.tag, "a share tag")?;
             check_str(&s.mount_point, "a share mount point")?;
-            if s.tag.is_empty() || s.tag.contains(['/', ',']) || s.tag.len() > 255 {
-                return Err(JobSpecError::Invalid(format!(
-                    "share tag {:?} must be 1..255 bytes without '/' or ','",
-                    s.tag
-                )));
-            }
+            crate::check_share_tag(&s.tag).map_err(|e| JobSpecError::Invalid(e.to_string()))?;
             check_abs_path(&s.mount_point, "share mount point")?;
             if s.mount_point == "/" {
                 return Err(JobSpecError::Invalid(
@@ -421,6 +415,9 @@ mod tests {
         let mut job = hostile();
         job.shares[0].tag = "a,b".into();
         assert!(matches!(job.encode(), Err(JobSpecError::Invalid(_))));
+        let mut job = hostile();
+        job.shares[0].tag = "t".repeat(crate::MAX_SHARE_TAG_LEN + 1);
+        assert!(matches!(job.encode(), Err(JobSpecError::Invalid(m)) if m.contains("share tag")));
     }
 
     #[test]

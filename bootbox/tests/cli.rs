@@ -1,0 +1,241 @@
+//! The command line without a VM: argument errors, the share grammar and logging, checked on
+//! the real `bootbox` binary. None of these need KVM: every run stops at a bogus kernel file
+//! or earlier, so they run in a plain `cargo test`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bootbox() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_bootbox"));
+    c.env_remove("BOOTBOX_LOG");
+    c
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A scratch directory with a file that is not a kernel (`vmlinux`, 4 KiB of zeros): a run
+/// given it gets through argument and share checks, then stops without building anything.
+struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vmlinux"), vec![0u8; 4096]).unwrap();
+        Scratch { dir }
+    }
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    fn kernel(&self) -> String {
+        self.path().join("vmlinux").display().to_string()
+    }
+    fn subdir(&self, name: &str) -> PathBuf {
+        let p = self.path().join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+}
+
+/// Runs `bootbox` and expects a launcher failure (125) without a panic; returns stderr.
+fn fails(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn a_warning_reaches_stderr_by_default() {
+    let t = Scratch::new();
+    let err = fails(
+        bootbox()
+            .args(["run", "--kernel", &t.kernel(), "--", "true"])
+            .env("BOOTBOX_LOG", "loud"),
+    );
+    assert!(
+        err.contains("bootbox: warning: BOOTBOX_LOG=loud is not a level"),
+        "{err}"
+    );
+    // And an explicit level can silence it.
+    let err = fails(
+        bootbox()
+            .args(["run", "--kernel", &t.kernel(), "--", "true"])
+            .env("BOOTBOX_LOG", "error"),
+    );
+    assert!(!err.contains("warning"), "{err}");
+}
+
+#[test]
+fn logging_is_quiet_by_default_and_raised_by_v_or_bootbox_log() {
+    let t = Scratch::new();
+    let tree = t.subdir("tree");
+    let run = |extra: &[&str], env: Option<&str>| {
+        let mut c = bootbox();
+        c.args(extra)
+            .args(["run", "--kernel", &t.kernel(), "--share"]);
+        c.arg(&tree).args(["--", "true"]);
+        if let Some(level) = env {
+            c.env("BOOTBOX_LOG", level);
+        }
+        fails(&mut c)
+    };
+    let info = format!("bootbox: share {} as tag 'tree', read-only", tree.display());
+    let has_info = |err: &str| err.lines().any(|l| l == info);
+    let has_debug = |err: &str| {
+        err.lines()
+            .any(|l| l.starts_with("bootbox: debug: [bootbox] open file limit: "))
+    };
+    let quiet = run(&[], None);
+    assert!(
+        quiet.contains("neither an ELF vmlinux nor a bzImage"),
+        "{quiet}"
+    );
+    assert_eq!(quiet.lines().count(), 1, "only the error: {quiet}");
+    let v = run(&["-v"], None);
+    assert!(has_info(&v) && !has_debug(&v), "{v}");
+    for vv in [run(&["-vv"], None), run(&[], Some("debug"))] {
+        assert!(has_info(&vv) && has_debug(&vv), "{vv}");
+    }
+}
+
+/// The line `-v` prints for each share, after parsing and checking.
+fn share_lines(subcommand: &[&str], shares: &[&str], t: &Scratch) -> Vec<String> {
+    let mut c = bootbox();
+    c.arg("-v").args(subcommand).args(["--kernel", &t.kernel()]);
+    for s in shares {
+        c.args(["--share", s]);
+    }
+    let err = fails(&mut c);
+    err.lines()
+        .filter_map(|l| l.strip_prefix("bootbox: share "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn run_and_boot_share_one_grammar_and_one_default() {
+    let t = Scratch::new();
+    let a = t.subdir("a");
+    let b = t.subdir("b");
+    let (a, b) = (a.display().to_string(), b.display().to_string());
+    for sub in [&["run"][..], &["boot", "--no-stdin"][..]] {
+        let lines = share_lines(sub, &[&a, &format!("{b}:data:rw")], &t);
+        assert_eq!(
+            lines,
+            [
+                format!("{a} as tag 'a', read-only"),
+                format!("{b} as tag 'data', read-write"),
+            ],
+            "{sub:?}"
+        );
+        let lines = share_lines(sub, &[&format!("{a}:ro")], &t);
+        assert_eq!(lines, [format!("{a} as tag 'a', read-only")], "{sub:?}");
+    }
+}
+
+#[test]
+fn a_directory_with_a_colon_is_shared_with_a_backslash_escape() {
+    let t = Scratch::new();
+    let odd = t.subdir("x:y");
+    let spec = format!("{}/x\\:y", t.path().display());
+    let lines = share_lines(&["run"], &[&format!("{spec}:rw")], &t);
+    assert_eq!(
+        lines,
+        [format!("{} as tag 'x_y', read-write", odd.display())]
+    );
+    let lines = share_lines(&["run"], &[&format!("{spec}:odd")], &t);
+    assert_eq!(
+        lines,
+        [format!("{} as tag 'odd', read-only", odd.display())]
+    );
+    // The help says how.
+    let help = bootbox().args(["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("Write a ':' in DIR as '\\:'"), "{help}");
+    assert!(
+        help.contains(&format!("1 to {} letters", guest_abi::MAX_SHARE_TAG_LEN)),
+        "{help}"
+    );
+}
+
+#[test]
+fn derived_tags_are_numbered_and_given_ones_must_differ() {
+    let t = Scratch::new();
+    let one = t.subdir("1/tree").display().to_string();
+    let two = t.subdir("2/tree").display().to_string();
+    let lines = share_lines(&["run"], &[&one, &two], &t);
+    assert_eq!(
+        lines,
+        [
+            format!("{one} as tag 'tree', read-only"),
+            format!("{two} as tag 'tree-2', read-only"),
+        ]
+    );
+    let err = fails(bootbox().args([
+        "run",
+        "--kernel",
+        &t.kernel(),
+        "--share",
+        &format!("{one}:same"),
+        "--share",
+        &format!("{two}:same"),
+    ]));
+    assert!(err.contains("two shares have the tag 'same'"), "{err}");
+}
+
+#[test]
+fn each_share_error_says_what_is_wrong() {
+    let t = Scratch::new();
+    let d = t.subdir("d").display().to_string();
+    let long = "t".repeat(guest_abi::MAX_SHARE_TAG_LEN + 1);
+    let cases = [
+        (
+            format!("{d}:a:b:c"),
+            "expected DIR[:TAG][:ro|rw]".to_string(),
+        ),
+        (
+            format!("{d}:bad tag"),
+            "share tag \"bad tag\" must be 1 to 36".into(),
+        ),
+        (format!("{d}:{long}"), format!("share tag \"{long}\"")),
+        (format!("{d}:.hidden"), "not start with '.'".into()),
+        (":tag".into(), "the directory is empty".into()),
+        (t.kernel(), "is not a directory".into()),
+        (format!("{d}/missing"), format!("cannot use {d}/missing")),
+    ];
+    for sub in ["run", "boot", "initrd"] {
+        for (spec, needle) in &cases {
+            let mut c = bootbox();
+            c.arg(sub).args(["--share", spec]);
+            if sub == "initrd" {
+                c.args(["-o", &t.path().join("out").display().to_string()]);
+            }
+            let err = fails(&mut c);
+            assert!(
+                err.contains(needle.as_str()),
+                "{sub} {spec}: {needle:?} in {err}"
+            );
+        }
+    }
+    assert!(!t.path().join("out").exists());
+}
+
+#[test]
+fn a_missing_initrd_is_named() {
+    let t = Scratch::new();
+    let missing = t.path().join("no-initrd");
+    let err = fails(
+        bootbox()
+            .args(["boot", "--no-stdin", "--kernel", &t.kernel(), "--initrd"])
+            .arg(&missing),
+    );
+    assert!(
+        err.contains(&format!("--initrd {}: no such file", missing.display())),
+        "{err}"
+    );
+}
