@@ -249,8 +249,8 @@ fn add_shares(vm: &mut Vm, shares: &[Share], stats: bool) -> Result<ShareServers
     let pool = Arc::new(vmm::devices::virtio::fs9p::worker_pool(
         threads,
         "9p-worker",
+        stats,
     ));
-    pool.set_stats_enabled(stats);
     // Test-only: the escape tests turn the 9p server's resolution checks off to show that the
     // process sandbox alone stops an escape. Whoever sets bootbox's environment already
     // controls the host, so this gives a guest nothing.
@@ -264,11 +264,11 @@ fn add_shares(vm: &mut Vm, shares: &[Share], stats: bool) -> Result<ShareServers
         let config = p9::Config {
             read_only: s.read_only,
             resolution_checks,
+            stats,
             ..p9::Config::default()
         };
         let server = p9::Server::new(&s.dir, config)
             .map_err(|e| fail(format!("share {}: {e}", s.dir.display())))?;
-        server.set_stats_enabled(stats);
         kept.servers.push((s.tag.clone(), server.clone()));
         let dev = Virtio9p::new(&s.tag, server, pool.clone())?;
         vm.add_virtio_device("virtio-9p", Box::new(dev))?;
