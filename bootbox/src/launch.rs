@@ -172,6 +172,7 @@ fn add_shares(vm: &mut Vm, shares: &[Share]) -> Result<ShareServers, Failure> {
     let pool = Arc::new(vmm::devices::virtio::fs9p::worker_pool(
         threads,
         "9p-worker",
+        stats,
     ));
     // Test-only: the escape tests turn the 9p server's resolution checks off to show that the
     // process sandbox alone stops an escape. Whoever sets bootbox's environment already
@@ -184,6 +185,7 @@ fn add_shares(vm: &mut Vm, shares: &[Share]) -> Result<ShareServers, Failure> {
         let config = p9::Config {
             read_only: s.read_only,
             resolution_checks,
+            stats,
             ..p9::Config::default()
         };
         // The directory opened when --share was parsed, not its path resolved again.

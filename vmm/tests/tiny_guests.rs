@@ -669,7 +669,11 @@ fn sandboxed_9p_child(dir: PathBuf) -> ! {
         let mut vm = Vm::new(config(&kernel, ""), PhaseLog::new(Instant::now()))
             .map_err(|e| e.to_string())?;
         let server = p9::Server::new(&dir, p9::Config::default()).map_err(|e| e.to_string())?;
-        let pool = std::sync::Arc::new(vmm::devices::virtio::fs9p::worker_pool(2, "9p-worker"));
+        let pool = std::sync::Arc::new(vmm::devices::virtio::fs9p::worker_pool(
+            2,
+            "9p-worker",
+            false,
+        ));
         let device = vmm::devices::virtio::Virtio9p::new("share", server, pool)
             .map_err(|e| e.to_string())?;
         let (base, _) = vm

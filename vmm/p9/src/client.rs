@@ -18,7 +18,7 @@ pub enum ClientError {
     #[error("server answered tag {got} to request tag {want}; the connection is out of sync")]
     TagMismatch { want: u16, got: u16 },
     #[error("unexpected reply {0:?}")]
-    Unexpected(Box<Rmessage>),
+    Unexpected(Box<Rmessage<'static>>),
     #[error("server does not speak 9P2000.L (answered {0:?})")]
     Version(String),
 }
@@ -80,7 +80,7 @@ impl<S: Read + Write> Client<S> {
             },
         )?;
         let (m, v) = expect!(r, Rmessage::Version { msize, version } => (msize, version))?;
-        if v != b"9P2000.L" {
+        if *v != *b"9P2000.L" {
             return Err(ClientError::Version(String::from_utf8_lossy(&v).into()));
         }
         c.msize = m;
@@ -166,12 +166,13 @@ impl<S: Read + Write> Client<S> {
         Ok(())
     }
 
-    fn call_tag(&mut self, tag: u16, m: &Tmessage<'_>) -> Result<Rmessage> {
+    fn call_tag(&mut self, tag: u16, m: &Tmessage<'_>) -> Result<Rmessage<'static>> {
         self.out.clear();
         m.encode(tag, &mut self.out);
         self.stream.write_all(&self.out)?;
         self.read_reply()?;
         let (got, r) = Rmessage::decode(&self.inb)?;
+        let r = r.into_owned();
         if got != tag {
             return Err(ClientError::TagMismatch { want: tag, got });
         }
@@ -182,7 +183,7 @@ impl<S: Read + Write> Client<S> {
     }
 
     /// Sends one request and waits for its reply; Rlerror becomes [`ClientError::Remote`].
-    pub fn call(&mut self, m: &Tmessage<'_>) -> Result<Rmessage> {
+    pub fn call(&mut self, m: &Tmessage<'_>) -> Result<Rmessage<'static>> {
         self.tag = (self.tag + 1) % 0xfff0;
         self.call_tag(self.tag, m)
     }
@@ -205,7 +206,7 @@ impl<S: Read + Write> Client<S> {
             wire::Error::TooManyWalkNames(b.len() as u16),
         ))?;
         let r = self.call(&Tmessage::Walk { fid, newfid, names })?;
-        expect!(r, Rmessage::Walk { qids } => qids)
+        expect!(r, Rmessage::Walk { qids } => qids.into_owned())
     }
 
     pub fn getattr(&mut self, fid: u32) -> Result<Attr> {
@@ -234,7 +235,7 @@ impl<S: Read + Write> Client<S> {
 
     pub fn read(&mut self, fid: u32, offset: u64, count: u32) -> Result<Vec<u8>> {
         let r = self.call(&Tmessage::Read { fid, offset, count })?;
-        expect!(r, Rmessage::Read { data } => data)
+        expect!(r, Rmessage::Read { data } => data.into_owned())
     }
 
     pub fn write(&mut self, fid: u32, offset: u64, data: &[u8]) -> Result<u32> {
@@ -266,7 +267,7 @@ impl<S: Read + Write> Client<S> {
 
     pub fn readlink(&mut self, fid: u32) -> Result<Vec<u8>> {
         let r = self.call(&Tmessage::Readlink { fid })?;
-        expect!(r, Rmessage::Readlink { target } => target)
+        expect!(r, Rmessage::Readlink { target } => target.into_owned())
     }
 
     pub fn statfs(&mut self, fid: u32) -> Result<StatFs> {

@@ -97,6 +97,8 @@ impl Target {
             max_open_files: 64,
             resolution_checks: true,
             ownership: crate::Ownership::Mapped,
+            // Counting requests is part of what every request goes through: fuzz it too.
+            stats: true,
         };
         let server = Server::new(&share, config).map_err(|e| FuzzFailure::Setup(e.to_string()))?;
         let mut t = Target {

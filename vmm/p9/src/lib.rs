@@ -4,7 +4,8 @@
 //! * [`Server`]: one per exported directory; [`Server::handle`] turns one request into one reply
 //!   and may be called from many threads at once.
 //! * [`ReplyBuf`]/[`VecReply`]: where replies go (guest memory for virtio, a Vec otherwise).
-//! * [`WorkerPool`]: runs requests concurrently.
+//! * [`WorkerPool`]: runs requests concurrently; [`FlushTracker`]: the Tflush bookkeeping a
+//!   transport running requests concurrently needs.
 //! * [`socket`]: a unix/TCP stream transport; [`client`]: a small synchronous client used by
 //!   tests and the `p9-bench` benchmark.
 
@@ -29,6 +30,7 @@
 
 pub mod client;
 mod confine;
+pub mod flush;
 pub mod fuzz;
 pub mod ownership;
 pub mod pool;
@@ -37,6 +39,7 @@ pub mod server;
 pub mod socket;
 pub mod wire;
 
+pub use flush::FlushTracker;
 pub use ownership::Ownership;
 pub use pool::{PoolStats, WorkerPool};
 pub use reply::{ReplyBuf, VecReply};

@@ -2,13 +2,14 @@
 //! concurrently. `submit` blocks when the queue is full (back-pressure on the transport);
 //! dropping the pool finishes queued jobs and joins the threads.
 //!
-//! With statistics on ([`WorkerPool::set_stats_enabled`]) it also counts jobs, the deepest the
-//! queue got, time submitters spent waiting for the queue lock and how often a full queue made
-//! them wait; off, `submit` pays one relaxed load.
+//! With statistics on (chosen at creation, [`WorkerPool::with_thread_start`], like the server's
+//! [`crate::Config::stats`]) it also counts jobs, the deepest the queue got, time submitters
+//! spent waiting for the queue lock and how often a full queue made them wait; off, `submit`
+//! pays one branch.
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -30,7 +31,7 @@ struct Shared {
 
 #[derive(Default)]
 struct Counters {
-    enabled: AtomicBool,
+    enabled: bool,
     jobs: AtomicU64,
     max_depth: AtomicU64,
     lock_wait_ns: AtomicU64,
@@ -74,13 +75,20 @@ pub struct WorkerPool {
 pub type ThreadStart = Arc<dyn Fn() + Send + Sync>;
 
 impl WorkerPool {
-    /// Starts `threads` workers (at least one) named `name-N`; the queue holds 64 jobs per thread.
+    /// Starts `threads` workers (at least one) named `name-N`, without statistics; the queue
+    /// holds 64 jobs per thread.
     pub fn new(threads: usize, name: &str) -> Self {
-        Self::with_thread_start(threads, name, Arc::new(|| {}))
+        Self::with_thread_start(threads, name, Arc::new(|| {}), false)
     }
 
-    /// Like [`WorkerPool::new`], with each worker calling `on_start` first thing.
-    pub fn with_thread_start(threads: usize, name: &str, on_start: ThreadStart) -> Self {
+    /// Like [`WorkerPool::new`], with each worker calling `on_start` first thing, and statistics
+    /// collected if `stats` ([`WorkerPool::stats`]).
+    pub fn with_thread_start(
+        threads: usize,
+        name: &str,
+        on_start: ThreadStart,
+        stats: bool,
+    ) -> Self {
         let threads = threads.max(1);
         let shared = Arc::new(Shared {
             q: Mutex::new(Queue {
@@ -90,7 +98,10 @@ impl WorkerPool {
             not_empty: Condvar::new(),
             not_full: Condvar::new(),
             bound: threads * 64,
-            stats: Counters::default(),
+            stats: Counters {
+                enabled: stats,
+                ..Counters::default()
+            },
         });
         let mut handles = Vec::with_capacity(threads);
         for i in 0..threads {
@@ -119,12 +130,7 @@ impl WorkerPool {
         self.threads.len()
     }
 
-    /// Turns statistics on or off.
-    pub fn set_stats_enabled(&self, on: bool) {
-        self.shared.stats.enabled.store(on, Ordering::Relaxed);
-    }
-
-    /// The statistics collected so far.
+    /// The statistics collected so far (all zero unless the pool was created with them on).
     pub fn stats(&self) -> PoolStats {
         let c = &self.shared.stats;
         PoolStats {
@@ -143,7 +149,7 @@ impl WorkerPool {
             return;
         }
         let c = &self.shared.stats;
-        let t0 = c.enabled.load(Ordering::Relaxed).then(Instant::now);
+        let t0 = c.enabled.then(Instant::now);
         let mut q = self.shared.q.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t0) = t0 {
             c.lock_wait_ns
@@ -237,6 +243,7 @@ mod tests {
                 let me = std::thread::current().name().unwrap_or("").to_string();
                 hook_log.lock().unwrap().push(me);
             }),
+            false,
         );
         let ran_after_hook = Arc::new(AtomicUsize::new(0));
         for _ in 0..30 {
@@ -256,11 +263,11 @@ mod tests {
     }
 
     #[test]
-    fn counts_jobs_and_queue_depth_only_while_enabled() {
-        let pool = WorkerPool::new(1, "s");
-        pool.submit(Box::new(|| {}));
-        assert_eq!(pool.stats().jobs, 0);
-        pool.set_stats_enabled(true);
+    fn counts_jobs_and_queue_depth_only_when_created_with_stats() {
+        let off = WorkerPool::new(1, "s");
+        off.submit(Box::new(|| {}));
+        assert_eq!(off.stats().jobs, 0);
+        let pool = WorkerPool::with_thread_start(1, "s", Arc::new(|| {}), true);
         // Hold the only worker so the next jobs pile up in the queue.
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         pool.submit(Box::new(move || {

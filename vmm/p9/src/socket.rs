@@ -32,15 +32,16 @@
 //!   most that many replies (each at most msize bytes) in memory. There are no timeouts: such a
 //!   client keeps its connection slot until it reads or goes away.
 //! * Tflush: the Rflush goes out only after the flushed request's reply, as the protocol
-//!   requires: a finishing request takes its tag out of the in-flight table and puts its reply
+//!   requires: a finishing request takes its tag out of the [`FlushTracker`] and puts its reply
 //!   into the ordered stream in one step, and Rflushes waiting on it follow it.
 
+use crate::flush::{flushed_tag, FlushTracker};
 use crate::pool::WorkerPool;
 use crate::reply::VecReply;
 use crate::server::Server;
 use crate::wire;
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -273,7 +274,7 @@ enum SendMode {
 #[derive(Default)]
 struct Inner {
     /// In-flight tags with the Tflush tags waiting for each of them.
-    flush_waits: HashMap<u16, Vec<u16>>,
+    flushes: FlushTracker<u16>,
     /// Replies not produced yet: requests running plus Rflushes waiting on them.
     owed: usize,
     /// Reply bytes to write, in order; only the token holder writes, so nothing here goes out
@@ -332,7 +333,7 @@ impl<C> ConnState<C> {
         let mut i = self.lock();
         let mut with_flushes = None;
         if let Some(tag) = done {
-            let waiting = i.flush_waits.remove(&tag).unwrap_or_default();
+            let waiting = i.flushes.finish(tag);
             i.owed = i.owed.saturating_sub(1 + waiting.len());
             if !waiting.is_empty() {
                 let mut b = reply.to_vec();
@@ -552,13 +553,9 @@ fn read_loop<C: Conn>(
         if i.broken {
             return Ok(());
         }
-        if ty == wire::msg::TFLUSH {
-            let oldtag = u16::from_le_bytes([
-                req.get(7).copied().unwrap_or(0),
-                req.get(8).copied().unwrap_or(0),
-            ]);
-            if let Some(w) = i.flush_waits.get_mut(&oldtag) {
-                w.push(tag);
+        if let Some(oldtag) = flushed_tag(&req) {
+            if i.flushes.flush(oldtag, tag).is_none() {
+                // Answered after the flushed request's reply.
                 i.owed += 1;
                 continue;
             }
@@ -590,8 +587,8 @@ fn read_loop<C: Conn>(
                     .spawn(move || st.write_loop())?,
             );
         }
-        // A reused tag shares the entry, so no waiting Rflush is ever lost.
-        i.flush_waits.entry(tag).or_default();
+        // A reused tag is counted, so no waiting Rflush is ever lost or sent early.
+        i.flushes.start(tag);
         i.owed += 1;
         drop(i);
         let st = state.clone();

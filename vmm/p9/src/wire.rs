@@ -1,11 +1,21 @@
 //! 9P2000.L wire format: the message type numbers, the request (`T`) and reply (`R`) messages a
 //! Linux client and this server exchange, and their little-endian encoding and decoding.
 //!
+//! Every message is declared once, in the two tables at [`Tmessage`] and [`Rmessage`] (the
+//! `messages!` invocations below): its variant, its type number, its name and its fields in
+//! wire order. Decoding, encoding, [`Tmessage::msg_type`], [`Tmessage::name_of`] and the `msg`
+//! constants are all generated from those tables; each field's layout comes from its type's
+//! [`Codec`] (or the codec named with `as`, e.g. `data: &'a [u8] as Data` for count[4]-prefixed
+//! bytes instead of a len[2] string). The bodies shared by several messages ([`Qid`],
+//! [`SetAttr`], [`Attr`], [`StatFs`], [`Lock`], [`DirEntry`]) are declared once the same way.
+//!
 //! Decoding never panics: truncated messages, bad sizes, oversized counts and strings that run
 //! past the end of the message all come back as [`Error`]. Requests borrow their strings and
-//! write payloads from the input buffer so the server's hot path does not allocate; replies are
-//! owned because only clients (tests, the benchmark) decode them.
+//! write payloads from the input buffer so the server's hot path does not allocate; replies
+//! borrow where they can too (`Cow`), so the server encodes them without copying and clients
+//! keep them with [`Rmessage::into_owned`].
 
+use std::borrow::Cow;
 use thiserror::Error;
 
 /// Size of the common header: size[4] type[1] tag[2].
@@ -42,130 +52,18 @@ pub enum Error {
     BadString,
 }
 
-/// Message type numbers (9P2000 and the 9P2000.L extensions).
+/// Message type numbers (9P2000 and the 9P2000.L extensions), generated from the message
+/// tables, plus Tlerror, which no peer ever sends.
 pub mod msg {
+    pub use super::rtypes::*;
+    pub use super::ttypes::*;
     pub const TLERROR: u8 = 6;
-    pub const RLERROR: u8 = 7;
-    pub const TSTATFS: u8 = 8;
-    pub const RSTATFS: u8 = 9;
-    pub const TLOPEN: u8 = 12;
-    pub const RLOPEN: u8 = 13;
-    pub const TLCREATE: u8 = 14;
-    pub const RLCREATE: u8 = 15;
-    pub const TSYMLINK: u8 = 16;
-    pub const RSYMLINK: u8 = 17;
-    pub const TMKNOD: u8 = 18;
-    pub const RMKNOD: u8 = 19;
-    pub const TRENAME: u8 = 20;
-    pub const RRENAME: u8 = 21;
-    pub const TREADLINK: u8 = 22;
-    pub const RREADLINK: u8 = 23;
-    pub const TGETATTR: u8 = 24;
-    pub const RGETATTR: u8 = 25;
-    pub const TSETATTR: u8 = 26;
-    pub const RSETATTR: u8 = 27;
-    pub const TXATTRWALK: u8 = 30;
-    pub const RXATTRWALK: u8 = 31;
-    pub const TXATTRCREATE: u8 = 32;
-    pub const RXATTRCREATE: u8 = 33;
-    pub const TREADDIR: u8 = 40;
-    pub const RREADDIR: u8 = 41;
-    pub const TFSYNC: u8 = 50;
-    pub const RFSYNC: u8 = 51;
-    pub const TLOCK: u8 = 52;
-    pub const RLOCK: u8 = 53;
-    pub const TGETLOCK: u8 = 54;
-    pub const RGETLOCK: u8 = 55;
-    pub const TLINK: u8 = 70;
-    pub const RLINK: u8 = 71;
-    pub const TMKDIR: u8 = 72;
-    pub const RMKDIR: u8 = 73;
-    pub const TRENAMEAT: u8 = 74;
-    pub const RRENAMEAT: u8 = 75;
-    pub const TUNLINKAT: u8 = 76;
-    pub const RUNLINKAT: u8 = 77;
-    pub const TVERSION: u8 = 100;
-    pub const RVERSION: u8 = 101;
-    pub const TAUTH: u8 = 102;
-    pub const RAUTH: u8 = 103;
-    pub const TATTACH: u8 = 104;
-    pub const RATTACH: u8 = 105;
-    pub const TFLUSH: u8 = 108;
-    pub const RFLUSH: u8 = 109;
-    pub const TWALK: u8 = 110;
-    pub const RWALK: u8 = 111;
-    pub const TREAD: u8 = 116;
-    pub const RREAD: u8 = 117;
-    pub const TWRITE: u8 = 118;
-    pub const RWRITE: u8 = 119;
-    pub const TCLUNK: u8 = 120;
-    pub const RCLUNK: u8 = 121;
-    pub const TREMOVE: u8 = 122;
-    pub const RREMOVE: u8 = 123;
-}
-
-/// Human-readable name of a message type, for statistics.
-pub fn type_name(t: u8) -> &'static str {
-    use msg::*;
-    match t {
-        TSTATFS => "statfs",
-        TLOPEN => "lopen",
-        TLCREATE => "lcreate",
-        TSYMLINK => "symlink",
-        TMKNOD => "mknod",
-        TRENAME => "rename",
-        TREADLINK => "readlink",
-        TGETATTR => "getattr",
-        TSETATTR => "setattr",
-        TXATTRWALK => "xattrwalk",
-        TXATTRCREATE => "xattrcreate",
-        TREADDIR => "readdir",
-        TFSYNC => "fsync",
-        TLOCK => "lock",
-        TGETLOCK => "getlock",
-        TLINK => "link",
-        TMKDIR => "mkdir",
-        TRENAMEAT => "renameat",
-        TUNLINKAT => "unlinkat",
-        TVERSION => "version",
-        TAUTH => "auth",
-        TATTACH => "attach",
-        TFLUSH => "flush",
-        TWALK => "walk",
-        TREAD => "read",
-        TWRITE => "write",
-        TCLUNK => "clunk",
-        TREMOVE => "remove",
-        _ => "other",
-    }
 }
 
 /// Qid type bits.
 pub const QTDIR: u8 = 0x80;
 pub const QTSYMLINK: u8 = 0x02;
 pub const QTFILE: u8 = 0x00;
-
-/// A server's unique identification of a file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Qid {
-    pub ty: u8,
-    pub version: u32,
-    pub path: u64,
-}
-
-/// Fields of Tsetattr after the fid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct SetAttr {
-    pub valid: u32,
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub size: u64,
-    pub atime_sec: u64,
-    pub atime_nsec: u64,
-    pub mtime_sec: u64,
-    pub mtime_nsec: u64,
-}
 
 /// Tsetattr valid bits.
 pub mod setattr {
@@ -180,307 +78,10 @@ pub mod setattr {
     pub const MTIME_SET: u32 = 0x100;
 }
 
-/// Rgetattr body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Attr {
-    pub valid: u64,
-    pub qid: Qid,
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub nlink: u64,
-    pub rdev: u64,
-    pub size: u64,
-    pub blksize: u64,
-    pub blocks: u64,
-    pub atime_sec: u64,
-    pub atime_nsec: u64,
-    pub mtime_sec: u64,
-    pub mtime_nsec: u64,
-    pub ctime_sec: u64,
-    pub ctime_nsec: u64,
-    pub btime_sec: u64,
-    pub btime_nsec: u64,
-    pub gen: u64,
-    pub data_version: u64,
-}
-
 /// The basic Tgetattr mask (everything but btime, gen, data_version).
 pub const GETATTR_BASIC: u64 = 0x0000_07ff;
 /// Every Tgetattr field.
 pub const GETATTR_ALL: u64 = 0x0000_3fff;
-
-/// Rstatfs body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct StatFs {
-    pub ty: u32,
-    pub bsize: u32,
-    pub blocks: u64,
-    pub bfree: u64,
-    pub bavail: u64,
-    pub files: u64,
-    pub ffree: u64,
-    pub fsid: u64,
-    pub namelen: u32,
-}
-
-/// Tlock / Rgetlock / Tgetlock body (proc_id and client id identify the lock owner).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Lock<'a> {
-    pub ty: u8,
-    pub flags: u32,
-    pub start: u64,
-    pub length: u64,
-    pub proc_id: u32,
-    pub client_id: &'a [u8],
-}
-
-/// A fixed array of walk names (no allocation while decoding).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct WalkNames<'a> {
-    names: [&'a [u8]; MAX_WALK_NAMES],
-    len: usize,
-}
-
-impl<'a> WalkNames<'a> {
-    /// Builds a name list; returns None for more than 16 names.
-    pub fn new(names: &[&'a [u8]]) -> Option<Self> {
-        if names.len() > MAX_WALK_NAMES {
-            return None;
-        }
-        let mut w = WalkNames::default();
-        w.names[..names.len()].copy_from_slice(names);
-        w.len = names.len();
-        Some(w)
-    }
-    pub fn as_slice(&self) -> &[&'a [u8]] {
-        &self.names[..self.len]
-    }
-}
-
-/// A request message.
-// Twalk's inline name array makes it the largest variant; keeping it inline (rather than boxed)
-// is what lets decoding stay allocation-free, and requests live on the stack only briefly.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tmessage<'a> {
-    Version {
-        msize: u32,
-        version: &'a [u8],
-    },
-    Auth {
-        afid: u32,
-        uname: &'a [u8],
-        aname: &'a [u8],
-        n_uname: u32,
-    },
-    Attach {
-        fid: u32,
-        afid: u32,
-        uname: &'a [u8],
-        aname: &'a [u8],
-        n_uname: u32,
-    },
-    Flush {
-        oldtag: u16,
-    },
-    Walk {
-        fid: u32,
-        newfid: u32,
-        names: WalkNames<'a>,
-    },
-    Read {
-        fid: u32,
-        offset: u64,
-        count: u32,
-    },
-    Write {
-        fid: u32,
-        offset: u64,
-        data: &'a [u8],
-    },
-    Clunk {
-        fid: u32,
-    },
-    Remove {
-        fid: u32,
-    },
-    Statfs {
-        fid: u32,
-    },
-    Lopen {
-        fid: u32,
-        flags: u32,
-    },
-    Lcreate {
-        fid: u32,
-        name: &'a [u8],
-        flags: u32,
-        mode: u32,
-        gid: u32,
-    },
-    Symlink {
-        fid: u32,
-        name: &'a [u8],
-        target: &'a [u8],
-        gid: u32,
-    },
-    Mknod {
-        dfid: u32,
-        name: &'a [u8],
-        mode: u32,
-        major: u32,
-        minor: u32,
-        gid: u32,
-    },
-    Rename {
-        fid: u32,
-        dfid: u32,
-        name: &'a [u8],
-    },
-    Readlink {
-        fid: u32,
-    },
-    Getattr {
-        fid: u32,
-        mask: u64,
-    },
-    Setattr {
-        fid: u32,
-        attr: SetAttr,
-    },
-    Xattrwalk {
-        fid: u32,
-        newfid: u32,
-        name: &'a [u8],
-    },
-    Xattrcreate {
-        fid: u32,
-        name: &'a [u8],
-        size: u64,
-        flags: u32,
-    },
-    Readdir {
-        fid: u32,
-        offset: u64,
-        count: u32,
-    },
-    Fsync {
-        fid: u32,
-        datasync: u32,
-    },
-    Lock {
-        fid: u32,
-        lock: Lock<'a>,
-    },
-    Getlock {
-        fid: u32,
-        lock: Lock<'a>,
-    },
-    Link {
-        dfid: u32,
-        fid: u32,
-        name: &'a [u8],
-    },
-    Mkdir {
-        dfid: u32,
-        name: &'a [u8],
-        mode: u32,
-        gid: u32,
-    },
-    Renameat {
-        olddirfid: u32,
-        oldname: &'a [u8],
-        newdirfid: u32,
-        newname: &'a [u8],
-    },
-    Unlinkat {
-        dirfid: u32,
-        name: &'a [u8],
-        flags: u32,
-    },
-}
-
-/// One Rreaddir entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirEntry {
-    pub qid: Qid,
-    pub offset: u64,
-    pub ty: u8,
-    pub name: Vec<u8>,
-}
-
-/// A reply message (owned; decoded by clients).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Rmessage {
-    Lerror {
-        ecode: u32,
-    },
-    Version {
-        msize: u32,
-        version: Vec<u8>,
-    },
-    Attach {
-        qid: Qid,
-    },
-    Flush,
-    Walk {
-        qids: Vec<Qid>,
-    },
-    Read {
-        data: Vec<u8>,
-    },
-    Write {
-        count: u32,
-    },
-    Clunk,
-    Remove,
-    Statfs(StatFs),
-    Lopen {
-        qid: Qid,
-        iounit: u32,
-    },
-    Lcreate {
-        qid: Qid,
-        iounit: u32,
-    },
-    Symlink {
-        qid: Qid,
-    },
-    Mknod {
-        qid: Qid,
-    },
-    Rename,
-    Readlink {
-        target: Vec<u8>,
-    },
-    Getattr(Attr),
-    Setattr,
-    Xattrwalk {
-        size: u64,
-    },
-    Xattrcreate,
-    Readdir {
-        data: Vec<u8>,
-    },
-    Fsync,
-    Lock {
-        status: u8,
-    },
-    Getlock {
-        ty: u8,
-        start: u64,
-        length: u64,
-        proc_id: u32,
-        client_id: Vec<u8>,
-    },
-    Link,
-    Mkdir {
-        qid: Qid,
-    },
-    Renameat,
-    Unlinkat,
-}
 
 /// Little-endian reader over a message body.
 pub struct Reader<'a> {
@@ -515,42 +116,6 @@ impl<'a> Reader<'a> {
         a.copy_from_slice(self.bytes(N)?);
         Ok(a)
     }
-    pub fn u8(&mut self) -> Result<u8, Error> {
-        Ok(self.bytes(1)?[0])
-    }
-    pub fn u16(&mut self) -> Result<u16, Error> {
-        Ok(u16::from_le_bytes(self.arr()?))
-    }
-    pub fn u32(&mut self) -> Result<u32, Error> {
-        Ok(u32::from_le_bytes(self.arr()?))
-    }
-    pub fn u64(&mut self) -> Result<u64, Error> {
-        Ok(u64::from_le_bytes(self.arr()?))
-    }
-    /// A 9P string: len[2] followed by that many bytes.
-    pub fn str(&mut self) -> Result<&'a [u8], Error> {
-        let n = self.u16()? as usize;
-        self.bytes(n)
-    }
-    pub fn qid(&mut self) -> Result<Qid, Error> {
-        Ok(Qid {
-            ty: self.u8()?,
-            version: self.u32()?,
-            path: self.u64()?,
-        })
-    }
-    fn lock(&mut self, with_flags: bool) -> Result<Lock<'a>, Error> {
-        let ty = self.u8()?;
-        let flags = if with_flags { self.u32()? } else { 0 };
-        Ok(Lock {
-            ty,
-            flags,
-            start: self.u64()?,
-            length: self.u64()?,
-            proc_id: self.u32()?,
-            client_id: self.str()?,
-        })
-    }
 }
 
 /// Little-endian writer appending to a Vec.
@@ -559,45 +124,394 @@ pub struct Writer<'a> {
 }
 
 impl Writer<'_> {
-    pub fn u8(&mut self, v: u8) -> &mut Self {
-        self.buf.push(v);
-        self
-    }
-    pub fn u16(&mut self, v: u16) -> &mut Self {
-        self.buf.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-    pub fn u32(&mut self, v: u32) -> &mut Self {
-        self.buf.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-    pub fn u64(&mut self, v: u64) -> &mut Self {
-        self.buf.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-    /// Writes a 9P string, truncating at 65535 bytes.
-    pub fn str(&mut self, s: &[u8]) -> &mut Self {
-        let n = s.len().min(u16::MAX as usize);
-        self.u16(n as u16);
-        self.buf.extend_from_slice(&s[..n]);
-        self
-    }
     pub fn bytes(&mut self, s: &[u8]) -> &mut Self {
         self.buf.extend_from_slice(s);
         self
     }
-    pub fn qid(&mut self, q: &Qid) -> &mut Self {
-        self.u8(q.ty).u32(q.version).u64(q.path)
-    }
-    fn lock(&mut self, l: &Lock<'_>, with_flags: bool) -> &mut Self {
-        self.u8(l.ty);
-        if with_flags {
-            self.u32(l.flags);
+}
+
+/// How a value of type `T` is laid out on the wire. A field type is usually its own codec;
+/// marker codecs ([`Data`], [`NoFlags`]) give a type a second layout.
+pub trait Codec<'a, T> {
+    /// Reads one value.
+    fn get(r: &mut Reader<'a>) -> Result<T, Error>;
+    /// Appends one value.
+    fn put(v: &T, w: &mut Writer<'_>);
+    /// Encoded size of `v` in bytes.
+    fn len(v: &T) -> usize;
+}
+
+macro_rules! int_codecs {
+    ($($t:ty),*) => {$(
+        impl<'a> Codec<'a, $t> for $t {
+            fn get(r: &mut Reader<'a>) -> Result<$t, Error> {
+                Ok(<$t>::from_le_bytes(r.arr()?))
+            }
+            fn put(v: &$t, w: &mut Writer<'_>) {
+                w.bytes(&v.to_le_bytes());
+            }
+            fn len(_: &$t) -> usize {
+                std::mem::size_of::<$t>()
+            }
         }
-        self.u64(l.start)
-            .u64(l.length)
-            .u32(l.proc_id)
-            .str(l.client_id)
+    )*};
+}
+int_codecs!(u8, u16, u32, u64);
+
+/// A 9P string: len[2] followed by that many bytes. Encoding truncates at 65535 bytes.
+fn get_str<'a>(r: &mut Reader<'a>) -> Result<&'a [u8], Error> {
+    let n = u16::get(r)? as usize;
+    r.bytes(n)
+}
+
+fn put_str(s: &[u8], w: &mut Writer<'_>) {
+    let n = s.len().min(u16::MAX as usize);
+    u16::put(&(n as u16), w);
+    w.bytes(&s[..n]);
+}
+
+fn str_len(s: &[u8]) -> usize {
+    2 + s.len().min(u16::MAX as usize)
+}
+
+/// Counted bytes: count[4] followed by that many bytes (Twrite, Rread, Rreaddir payloads).
+pub struct Data;
+
+fn get_data<'a>(r: &mut Reader<'a>) -> Result<&'a [u8], Error> {
+    let count = u32::get(r)?;
+    if count as usize > r.remaining() {
+        return Err(Error::BadCount {
+            count,
+            available: r.remaining(),
+        });
+    }
+    r.bytes(count as usize)
+}
+
+fn data_len(s: &[u8]) -> usize {
+    4 + s.len()
+}
+
+fn put_data(s: &[u8], w: &mut Writer<'_>) {
+    u32::put(&(s.len() as u32), w);
+    w.bytes(s);
+}
+
+/// Implements a byte-string codec (`$codec`) for the borrowed and owned byte types.
+macro_rules! bytes_codecs {
+    ($codec:ty, $get:ident, $put:ident, $len:expr) => {
+        impl<'a> Codec<'a, &'a [u8]> for $codec {
+            fn get(r: &mut Reader<'a>) -> Result<&'a [u8], Error> {
+                $get(r)
+            }
+            fn put(v: &&'a [u8], w: &mut Writer<'_>) {
+                $put(v, w)
+            }
+            fn len(v: &&'a [u8]) -> usize {
+                $len(v)
+            }
+        }
+        impl<'a> Codec<'a, Cow<'a, [u8]>> for $codec {
+            fn get(r: &mut Reader<'a>) -> Result<Cow<'a, [u8]>, Error> {
+                $get(r).map(Cow::Borrowed)
+            }
+            fn put(v: &Cow<'a, [u8]>, w: &mut Writer<'_>) {
+                $put(v, w)
+            }
+            fn len(v: &Cow<'a, [u8]>) -> usize {
+                $len(v)
+            }
+        }
+        impl<'a> Codec<'a, Vec<u8>> for $codec {
+            fn get(r: &mut Reader<'a>) -> Result<Vec<u8>, Error> {
+                $get(r).map(<[u8]>::to_vec)
+            }
+            fn put(v: &Vec<u8>, w: &mut Writer<'_>) {
+                $put(v, w)
+            }
+            fn len(v: &Vec<u8>) -> usize {
+                $len(v)
+            }
+        }
+    };
+}
+bytes_codecs!(&'a [u8], get_str, put_str, str_len);
+bytes_codecs!(Cow<'a, [u8]>, get_str, put_str, str_len);
+bytes_codecs!(Vec<u8>, get_str, put_str, str_len);
+bytes_codecs!(Data, get_data, put_data, data_len);
+
+/// Declares a plain struct whose fields are laid out one after the other on the wire, and its
+/// [`Codec`].
+macro_rules! wire_struct {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident $(<$lt:lifetime>)? $(<$N:ident = $ND:ty>)? {
+            $($(#[$fmeta:meta])* pub $f:ident : $fty:ty $(as $codec:ty)?),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        pub struct $name $(<$lt>)? $(<$N = $ND>)? {
+            $($(#[$fmeta])* pub $f: $fty),*
+        }
+
+        impl<'a, $($N: Codec<'a, $N>)?> Codec<'a, $name $(<$lt>)? $(<$N>)?>
+            for $name $(<$lt>)? $(<$N>)?
+        {
+            fn get(r: &mut Reader<'a>) -> Result<Self, Error> {
+                Ok($name {
+                    $($f: <codec!($fty $(, $codec)?) as Codec<'a, $fty>>::get(r)?),*
+                })
+            }
+            fn put(v: &Self, w: &mut Writer<'_>) {
+                $(<codec!($fty $(, $codec)?) as Codec<'a, $fty>>::put(&v.$f, w);)*
+            }
+            fn len(v: &Self) -> usize {
+                0 $(+ <codec!($fty $(, $codec)?) as Codec<'a, $fty>>::len(&v.$f))*
+            }
+        }
+    };
+}
+
+/// The codec of a field: the one named with `as`, else the field's own type.
+macro_rules! codec {
+    ($t:ty) => {
+        $t
+    };
+    ($t:ty, $c:ty) => {
+        $c
+    };
+}
+
+/// Expands to the given binding name; lets a repetition over a tuple variant's type emit a
+/// pattern or expression that names its single field.
+macro_rules! tuple_binding {
+    ($i:ident, $t:ty) => {
+        $i
+    };
+}
+
+wire_struct! {
+    /// A server's unique identification of a file.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub struct Qid {
+        pub ty: u8,
+        pub version: u32,
+        pub path: u64,
+    }
+}
+
+wire_struct! {
+    /// Fields of Tsetattr after the fid.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub struct SetAttr {
+        pub valid: u32,
+        pub mode: u32,
+        pub uid: u32,
+        pub gid: u32,
+        pub size: u64,
+        pub atime_sec: u64,
+        pub atime_nsec: u64,
+        pub mtime_sec: u64,
+        pub mtime_nsec: u64,
+    }
+}
+
+wire_struct! {
+    /// Rgetattr body.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub struct Attr {
+        pub valid: u64,
+        pub qid: Qid,
+        pub mode: u32,
+        pub uid: u32,
+        pub gid: u32,
+        pub nlink: u64,
+        pub rdev: u64,
+        pub size: u64,
+        pub blksize: u64,
+        pub blocks: u64,
+        pub atime_sec: u64,
+        pub atime_nsec: u64,
+        pub mtime_sec: u64,
+        pub mtime_nsec: u64,
+        pub ctime_sec: u64,
+        pub ctime_nsec: u64,
+        pub btime_sec: u64,
+        pub btime_nsec: u64,
+        pub gen: u64,
+        pub data_version: u64,
+    }
+}
+
+wire_struct! {
+    /// Rstatfs body.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub struct StatFs {
+        pub ty: u32,
+        pub bsize: u32,
+        pub blocks: u64,
+        pub bfree: u64,
+        pub bavail: u64,
+        pub files: u64,
+        pub ffree: u64,
+        pub fsid: u64,
+        pub namelen: u32,
+    }
+}
+
+wire_struct! {
+    /// Tlock body (proc_id and client id identify the lock owner). Tgetlock carries the same
+    /// fields without `flags` (see [`NoFlags`]).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub struct Lock<'a> {
+        pub ty: u8,
+        pub flags: u32,
+        pub start: u64,
+        pub length: u64,
+        pub proc_id: u32,
+        pub client_id: &'a [u8],
+    }
+}
+
+/// The Tgetlock layout of a [`Lock`]: every field but `flags` (decoded as 0).
+pub struct NoFlags;
+
+impl<'a> Codec<'a, Lock<'a>> for NoFlags {
+    fn get(r: &mut Reader<'a>) -> Result<Lock<'a>, Error> {
+        Ok(Lock {
+            ty: u8::get(r)?,
+            flags: 0,
+            start: u64::get(r)?,
+            length: u64::get(r)?,
+            proc_id: u32::get(r)?,
+            client_id: get_str(r)?,
+        })
+    }
+    fn put(v: &Lock<'a>, w: &mut Writer<'_>) {
+        u8::put(&v.ty, w);
+        u64::put(&v.start, w);
+        u64::put(&v.length, w);
+        u32::put(&v.proc_id, w);
+        put_str(v.client_id, w);
+    }
+    fn len(v: &Lock<'a>) -> usize {
+        Lock::len(v) - 4
+    }
+}
+
+wire_struct! {
+    /// One Rreaddir entry. Clients get owned names ([`parse_dirents`]); the server writes
+    /// entries whose names borrow from its getdents buffer (`DirEntry<&[u8]>`).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct DirEntry<N = Vec<u8>> {
+        pub qid: Qid,
+        pub offset: u64,
+        pub ty: u8,
+        pub name: N,
+    }
+}
+
+/// A fixed array of walk names (no allocation while decoding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WalkNames<'a> {
+    names: [&'a [u8]; MAX_WALK_NAMES],
+    len: usize,
+}
+
+impl<'a> WalkNames<'a> {
+    /// Builds a name list; returns None for more than 16 names.
+    pub fn new(names: &[&'a [u8]]) -> Option<Self> {
+        if names.len() > MAX_WALK_NAMES {
+            return None;
+        }
+        let mut w = WalkNames::default();
+        w.names[..names.len()].copy_from_slice(names);
+        w.len = names.len();
+        Some(w)
+    }
+    pub fn as_slice(&self) -> &[&'a [u8]] {
+        &self.names[..self.len]
+    }
+}
+
+/// Reads a Twalk/Rwalk element count: n[2], at most [`MAX_WALK_NAMES`].
+fn get_walk_count(r: &mut Reader<'_>) -> Result<usize, Error> {
+    let n = u16::get(r)?;
+    if n as usize > MAX_WALK_NAMES {
+        return Err(Error::TooManyWalkNames(n));
+    }
+    Ok(n as usize)
+}
+
+impl<'a> Codec<'a, WalkNames<'a>> for WalkNames<'a> {
+    fn get(r: &mut Reader<'a>) -> Result<Self, Error> {
+        let len = get_walk_count(r)?;
+        let mut names = WalkNames {
+            len,
+            ..Default::default()
+        };
+        for slot in names.names.iter_mut().take(len) {
+            *slot = get_str(r)?;
+        }
+        Ok(names)
+    }
+    fn put(v: &Self, w: &mut Writer<'_>) {
+        u16::put(&(v.len as u16), w);
+        for n in v.as_slice() {
+            put_str(n, w);
+        }
+    }
+    fn len(v: &Self) -> usize {
+        2 + v.as_slice().iter().map(|n| str_len(n)).sum::<usize>()
+    }
+}
+
+/// Rwalk's qids: n[2] then n qids (at most 16). The server encodes a borrowed slice.
+impl<'a> Codec<'a, Cow<'a, [Qid]>> for Cow<'a, [Qid]> {
+    fn get(r: &mut Reader<'a>) -> Result<Self, Error> {
+        let n = get_walk_count(r)?;
+        (0..n)
+            .map(|_| Qid::get(r))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Cow::Owned)
+    }
+    fn put(v: &Self, w: &mut Writer<'_>) {
+        let n = v.len().min(MAX_WALK_NAMES);
+        u16::put(&(n as u16), w);
+        for q in &v[..n] {
+            Qid::put(q, w);
+        }
+    }
+    fn len(v: &Self) -> usize {
+        2 + QID_LEN * v.len().min(MAX_WALK_NAMES)
+    }
+}
+
+/// A field type that can let go of what it borrows (for [`Rmessage::into_owned`]).
+pub trait IntoStatic {
+    type Static: 'static;
+    fn into_static(self) -> Self::Static;
+}
+
+macro_rules! static_as_is {
+    ($($t:ty),*) => {$(
+        impl IntoStatic for $t {
+            type Static = $t;
+            fn into_static(self) -> $t {
+                self
+            }
+        }
+    )*};
+}
+static_as_is!(u8, u16, u32, u64, Qid, Attr, StatFs);
+
+impl<T: ToOwned + ?Sized + 'static> IntoStatic for Cow<'_, T>
+where
+    T::Owned: 'static,
+{
+    type Static = Cow<'static, T>;
+    fn into_static(self) -> Cow<'static, T> {
+        Cow::Owned(self.into_owned())
     }
 }
 
@@ -645,387 +559,222 @@ pub fn peek_tag(buf: &[u8]) -> u16 {
     }
 }
 
-impl<'a> Tmessage<'a> {
-    /// The T message type number.
-    pub fn msg_type(&self) -> u8 {
-        use msg::*;
-        match self {
-            Tmessage::Version { .. } => TVERSION,
-            Tmessage::Auth { .. } => TAUTH,
-            Tmessage::Attach { .. } => TATTACH,
-            Tmessage::Flush { .. } => TFLUSH,
-            Tmessage::Walk { .. } => TWALK,
-            Tmessage::Read { .. } => TREAD,
-            Tmessage::Write { .. } => TWRITE,
-            Tmessage::Clunk { .. } => TCLUNK,
-            Tmessage::Remove { .. } => TREMOVE,
-            Tmessage::Statfs { .. } => TSTATFS,
-            Tmessage::Lopen { .. } => TLOPEN,
-            Tmessage::Lcreate { .. } => TLCREATE,
-            Tmessage::Symlink { .. } => TSYMLINK,
-            Tmessage::Mknod { .. } => TMKNOD,
-            Tmessage::Rename { .. } => TRENAME,
-            Tmessage::Readlink { .. } => TREADLINK,
-            Tmessage::Getattr { .. } => TGETATTR,
-            Tmessage::Setattr { .. } => TSETATTR,
-            Tmessage::Xattrwalk { .. } => TXATTRWALK,
-            Tmessage::Xattrcreate { .. } => TXATTRCREATE,
-            Tmessage::Readdir { .. } => TREADDIR,
-            Tmessage::Fsync { .. } => TFSYNC,
-            Tmessage::Lock { .. } => TLOCK,
-            Tmessage::Getlock { .. } => TGETLOCK,
-            Tmessage::Link { .. } => TLINK,
-            Tmessage::Mkdir { .. } => TMKDIR,
-            Tmessage::Renameat { .. } => TRENAMEAT,
-            Tmessage::Unlinkat { .. } => TUNLINKAT,
-        }
-    }
+/// The header of an Rread or Rreaddir (`ty`) whose `count` data bytes the caller places right
+/// after it in the reply area: the zero-copy form of `Rmessage::Read`/`Readdir`'s layout
+/// (size[4] type[1] tag[2] count[4] data[count]; a unit test checks it against the table).
+pub fn data_reply_header(ty: u8, tag: u16, count: u32) -> [u8; RREAD_HEADER_LEN] {
+    let mut h = [0u8; RREAD_HEADER_LEN];
+    h[..4].copy_from_slice(&(RREAD_HEADER_LEN as u32).wrapping_add(count).to_le_bytes());
+    h[4] = ty;
+    h[5..7].copy_from_slice(&tag.to_le_bytes());
+    h[7..].copy_from_slice(&count.to_le_bytes());
+    h
+}
 
-    /// Decodes a complete request; returns its tag and the message.
-    pub fn decode(buf: &'a [u8]) -> Result<(u16, Tmessage<'a>), Error> {
-        use msg::*;
-        let (ty, tag, body) = split_header(buf)?;
-        let mut r = Reader::new(body);
-        let m = match ty {
-            TVERSION => Tmessage::Version {
-                msize: r.u32()?,
-                version: r.str()?,
-            },
-            TAUTH => Tmessage::Auth {
-                afid: r.u32()?,
-                uname: r.str()?,
-                aname: r.str()?,
-                n_uname: r.u32()?,
-            },
-            TATTACH => Tmessage::Attach {
-                fid: r.u32()?,
-                afid: r.u32()?,
-                uname: r.str()?,
-                aname: r.str()?,
-                n_uname: r.u32()?,
-            },
-            TFLUSH => Tmessage::Flush { oldtag: r.u16()? },
-            TWALK => {
-                let fid = r.u32()?;
-                let newfid = r.u32()?;
-                let n = r.u16()?;
-                if n as usize > MAX_WALK_NAMES {
-                    return Err(Error::TooManyWalkNames(n));
+/// Declares a message enum from its table: one line per message with its variant, its fields
+/// in wire order (`name: Type` or `name: Type as Codec`), its type-number constant, value and
+/// name. Generates the enum, the constants (in module `$consts`), `msg_type`, `name`,
+/// `name_of`, `decode`, `encode`, `encoded_len`, and (with `owned: yes`) `into_owned`.
+macro_rules! messages {
+    (
+        $(#[$emeta:meta])*
+        pub enum $Enum:ident<'a>, constants $consts:ident, owned: $owned:ident {
+            $(
+                $(#[$vmeta:meta])*
+                $Var:ident
+                $({ $($f:ident : $fty:ty $(as $codec:ty)?),* $(,)? })?
+                $(( $tty:ty ))?
+                = $CONST:ident($num:literal, $name:literal)
+            ),* $(,)?
+        }
+    ) => {
+        /// Type numbers of the messages in this table.
+        pub mod $consts {
+            $(pub const $CONST: u8 = $num;)*
+        }
+
+        $(#[$emeta])*
+        pub enum $Enum<'a> {
+            $(
+                $(#[$vmeta])*
+                $Var $({ $($f: $fty),* })? $(($tty))?
+            ),*
+        }
+
+        impl<'a> $Enum<'a> {
+            /// The message type number.
+            pub fn msg_type(&self) -> u8 {
+                match self {
+                    $(Self::$Var { .. } => $consts::$CONST,)*
                 }
-                let mut names = WalkNames {
-                    len: n as usize,
-                    ..Default::default()
+            }
+
+            /// The message's name, for statistics and logs.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(Self::$Var { .. } => $name,)*
+                }
+            }
+
+            /// The name of message type `ty`, if this table has it.
+            pub fn name_of(ty: u8) -> Option<&'static str> {
+                match ty {
+                    $($consts::$CONST => Some($name),)*
+                    _ => None,
+                }
+            }
+
+            /// Decodes a complete message; returns its tag and the message, which borrows
+            /// from `buf`.
+            pub fn decode(buf: &'a [u8]) -> Result<(u16, Self), Error> {
+                let (ty, tag, body) = split_header(buf)?;
+                let r = &mut Reader::new(body);
+                let m = match ty {
+                    $(
+                        $consts::$CONST => Self::$Var
+                            $({ $($f: <codec!($fty $(, $codec)?) as Codec<'a, $fty>>::get(r)?),* })?
+                            $(( <$tty as Codec<'a, $tty>>::get(r)? ))?,
+                    )*
+                    other => return Err(Error::UnknownType(other)),
                 };
-                for slot in names.names.iter_mut().take(n as usize) {
-                    *slot = r.str()?;
-                }
-                Tmessage::Walk { fid, newfid, names }
+                Ok((tag, m))
             }
-            TREAD => Tmessage::Read {
-                fid: r.u32()?,
-                offset: r.u64()?,
-                count: r.u32()?,
-            },
-            TWRITE => {
-                let fid = r.u32()?;
-                let offset = r.u64()?;
-                let count = r.u32()?;
-                if count as usize > r.remaining() {
-                    return Err(Error::BadCount {
-                        count,
-                        available: r.remaining(),
-                    });
-                }
-                Tmessage::Write {
-                    fid,
-                    offset,
-                    data: r.bytes(count as usize)?,
-                }
-            }
-            TCLUNK => Tmessage::Clunk { fid: r.u32()? },
-            TREMOVE => Tmessage::Remove { fid: r.u32()? },
-            TSTATFS => Tmessage::Statfs { fid: r.u32()? },
-            TLOPEN => Tmessage::Lopen {
-                fid: r.u32()?,
-                flags: r.u32()?,
-            },
-            TLCREATE => Tmessage::Lcreate {
-                fid: r.u32()?,
-                name: r.str()?,
-                flags: r.u32()?,
-                mode: r.u32()?,
-                gid: r.u32()?,
-            },
-            TSYMLINK => Tmessage::Symlink {
-                fid: r.u32()?,
-                name: r.str()?,
-                target: r.str()?,
-                gid: r.u32()?,
-            },
-            TMKNOD => Tmessage::Mknod {
-                dfid: r.u32()?,
-                name: r.str()?,
-                mode: r.u32()?,
-                major: r.u32()?,
-                minor: r.u32()?,
-                gid: r.u32()?,
-            },
-            TRENAME => Tmessage::Rename {
-                fid: r.u32()?,
-                dfid: r.u32()?,
-                name: r.str()?,
-            },
-            TREADLINK => Tmessage::Readlink { fid: r.u32()? },
-            TGETATTR => Tmessage::Getattr {
-                fid: r.u32()?,
-                mask: r.u64()?,
-            },
-            TSETATTR => Tmessage::Setattr {
-                fid: r.u32()?,
-                attr: SetAttr {
-                    valid: r.u32()?,
-                    mode: r.u32()?,
-                    uid: r.u32()?,
-                    gid: r.u32()?,
-                    size: r.u64()?,
-                    atime_sec: r.u64()?,
-                    atime_nsec: r.u64()?,
-                    mtime_sec: r.u64()?,
-                    mtime_nsec: r.u64()?,
-                },
-            },
-            TXATTRWALK => Tmessage::Xattrwalk {
-                fid: r.u32()?,
-                newfid: r.u32()?,
-                name: r.str()?,
-            },
-            TXATTRCREATE => Tmessage::Xattrcreate {
-                fid: r.u32()?,
-                name: r.str()?,
-                size: r.u64()?,
-                flags: r.u32()?,
-            },
-            TREADDIR => Tmessage::Readdir {
-                fid: r.u32()?,
-                offset: r.u64()?,
-                count: r.u32()?,
-            },
-            TFSYNC => Tmessage::Fsync {
-                fid: r.u32()?,
-                datasync: r.u32()?,
-            },
-            TLOCK => Tmessage::Lock {
-                fid: r.u32()?,
-                lock: r.lock(true)?,
-            },
-            TGETLOCK => Tmessage::Getlock {
-                fid: r.u32()?,
-                lock: r.lock(false)?,
-            },
-            TLINK => Tmessage::Link {
-                dfid: r.u32()?,
-                fid: r.u32()?,
-                name: r.str()?,
-            },
-            TMKDIR => Tmessage::Mkdir {
-                dfid: r.u32()?,
-                name: r.str()?,
-                mode: r.u32()?,
-                gid: r.u32()?,
-            },
-            TRENAMEAT => Tmessage::Renameat {
-                olddirfid: r.u32()?,
-                oldname: r.str()?,
-                newdirfid: r.u32()?,
-                newname: r.str()?,
-            },
-            TUNLINKAT => Tmessage::Unlinkat {
-                dirfid: r.u32()?,
-                name: r.str()?,
-                flags: r.u32()?,
-            },
-            other => return Err(Error::UnknownType(other)),
-        };
-        Ok((tag, m))
-    }
 
-    /// Appends the encoded request to `out`.
-    pub fn encode(&self, tag: u16, out: &mut Vec<u8>) {
-        let at = start(out, self.msg_type(), tag);
-        let mut w = Writer { buf: out };
-        match self {
-            Tmessage::Version { msize, version } => {
-                w.u32(*msize).str(version);
-            }
-            Tmessage::Auth {
-                afid,
-                uname,
-                aname,
-                n_uname,
-            } => {
-                w.u32(*afid).str(uname).str(aname).u32(*n_uname);
-            }
-            Tmessage::Attach {
-                fid,
-                afid,
-                uname,
-                aname,
-                n_uname,
-            } => {
-                w.u32(*fid).u32(*afid).str(uname).str(aname).u32(*n_uname);
-            }
-            Tmessage::Flush { oldtag } => {
-                w.u16(*oldtag);
-            }
-            Tmessage::Walk { fid, newfid, names } => {
-                w.u32(*fid).u32(*newfid).u16(names.len as u16);
-                for n in names.as_slice() {
-                    w.str(n);
+            /// Appends the encoded message to `out`.
+            pub fn encode(&self, tag: u16, out: &mut Vec<u8>) {
+                let at = start(out, self.msg_type(), tag);
+                let w = &mut Writer { buf: out };
+                match self {
+                    $(
+                        Self::$Var $({ $($f),* })? $((tuple_binding!(body, $tty)))? => {
+                            $($(<codec!($fty $(, $codec)?) as Codec<'a, $fty>>::put($f, w);)*)?
+                            $(<$tty as Codec<'a, $tty>>::put(tuple_binding!(body, $tty), w);)?
+                        }
+                    )*
                 }
+                finish(out, at);
             }
-            Tmessage::Read { fid, offset, count } | Tmessage::Readdir { fid, offset, count } => {
-                w.u32(*fid).u64(*offset).u32(*count);
-            }
-            Tmessage::Write { fid, offset, data } => {
-                w.u32(*fid).u64(*offset).u32(data.len() as u32).bytes(data);
-            }
-            Tmessage::Clunk { fid }
-            | Tmessage::Remove { fid }
-            | Tmessage::Statfs { fid }
-            | Tmessage::Readlink { fid } => {
-                w.u32(*fid);
-            }
-            Tmessage::Lopen { fid, flags } => {
-                w.u32(*fid).u32(*flags);
-            }
-            Tmessage::Lcreate {
-                fid,
-                name,
-                flags,
-                mode,
-                gid,
-            } => {
-                w.u32(*fid).str(name).u32(*flags).u32(*mode).u32(*gid);
-            }
-            Tmessage::Symlink {
-                fid,
-                name,
-                target,
-                gid,
-            } => {
-                w.u32(*fid).str(name).str(target).u32(*gid);
-            }
-            Tmessage::Mknod {
-                dfid,
-                name,
-                mode,
-                major,
-                minor,
-                gid,
-            } => {
-                w.u32(*dfid)
-                    .str(name)
-                    .u32(*mode)
-                    .u32(*major)
-                    .u32(*minor)
-                    .u32(*gid);
-            }
-            Tmessage::Rename { fid, dfid, name } => {
-                w.u32(*fid).u32(*dfid).str(name);
-            }
-            Tmessage::Getattr { fid, mask } => {
-                w.u32(*fid).u64(*mask);
-            }
-            Tmessage::Setattr { fid, attr: a } => {
-                w.u32(*fid)
-                    .u32(a.valid)
-                    .u32(a.mode)
-                    .u32(a.uid)
-                    .u32(a.gid)
-                    .u64(a.size);
-                w.u64(a.atime_sec)
-                    .u64(a.atime_nsec)
-                    .u64(a.mtime_sec)
-                    .u64(a.mtime_nsec);
-            }
-            Tmessage::Xattrwalk { fid, newfid, name } => {
-                w.u32(*fid).u32(*newfid).str(name);
-            }
-            Tmessage::Xattrcreate {
-                fid,
-                name,
-                size,
-                flags,
-            } => {
-                w.u32(*fid).str(name).u64(*size).u32(*flags);
-            }
-            Tmessage::Fsync { fid, datasync } => {
-                w.u32(*fid).u32(*datasync);
-            }
-            Tmessage::Lock { fid, lock } => {
-                w.u32(*fid).lock(lock, true);
-            }
-            Tmessage::Getlock { fid, lock } => {
-                w.u32(*fid).lock(lock, false);
-            }
-            Tmessage::Link { dfid, fid, name } => {
-                w.u32(*dfid).u32(*fid).str(name);
-            }
-            Tmessage::Mkdir {
-                dfid,
-                name,
-                mode,
-                gid,
-            } => {
-                w.u32(*dfid).str(name).u32(*mode).u32(*gid);
-            }
-            Tmessage::Renameat {
-                olddirfid,
-                oldname,
-                newdirfid,
-                newname,
-            } => {
-                w.u32(*olddirfid).str(oldname).u32(*newdirfid).str(newname);
-            }
-            Tmessage::Unlinkat {
-                dirfid,
-                name,
-                flags,
-            } => {
-                w.u32(*dirfid).str(name).u32(*flags);
+
+            /// The size of the encoded message, header included.
+            pub fn encoded_len(&self) -> usize {
+                HEADER_LEN + match self {
+                    $(
+                        Self::$Var $({ $($f),* })? $((tuple_binding!(body, $tty)))? => {
+                            0 $($(+ <codec!($fty $(, $codec)?) as Codec<'a, $fty>>::len($f))*)?
+                            $(+ <$tty as Codec<'a, $tty>>::len(tuple_binding!(body, $tty)))?
+                        }
+                    )*
+                }
             }
         }
-        finish(out, at);
+
+        messages!(@owned $owned $Enum [$($Var $({ $($f),* })? $(($tty))?),*]);
+    };
+
+    (@owned no $($rest:tt)*) => {};
+    (@owned yes $Enum:ident [$($Var:ident $({ $($f:ident),* })? $(($tty:ty))?),*]) => {
+        impl $Enum<'_> {
+            /// The same message owning everything it borrowed.
+            pub fn into_owned(self) -> $Enum<'static> {
+                match self {
+                    $(
+                        Self::$Var $({ $($f),* })? $((tuple_binding!(body, $tty)))? =>
+                            $Enum::$Var
+                                $({ $($f: IntoStatic::into_static($f)),* })?
+                                $((IntoStatic::into_static(tuple_binding!(body, $tty))))?,
+                    )*
+                }
+            }
+        }
+    };
+}
+
+messages! {
+    /// A request message. Strings and write data borrow from the request buffer.
+    // Twalk's inline name array makes it the largest variant; keeping it inline (rather than
+    // boxed) is what lets decoding stay allocation-free, and requests live on the stack only
+    // briefly.
+    #[allow(clippy::large_enum_variant)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Tmessage<'a>, constants ttypes, owned: no {
+        Statfs { fid: u32 } = TSTATFS(8, "statfs"),
+        Lopen { fid: u32, flags: u32 } = TLOPEN(12, "lopen"),
+        Lcreate { fid: u32, name: &'a [u8], flags: u32, mode: u32, gid: u32 }
+            = TLCREATE(14, "lcreate"),
+        Symlink { fid: u32, name: &'a [u8], target: &'a [u8], gid: u32 } = TSYMLINK(16, "symlink"),
+        Mknod { dfid: u32, name: &'a [u8], mode: u32, major: u32, minor: u32, gid: u32 }
+            = TMKNOD(18, "mknod"),
+        Rename { fid: u32, dfid: u32, name: &'a [u8] } = TRENAME(20, "rename"),
+        Readlink { fid: u32 } = TREADLINK(22, "readlink"),
+        Getattr { fid: u32, mask: u64 } = TGETATTR(24, "getattr"),
+        Setattr { fid: u32, attr: SetAttr } = TSETATTR(26, "setattr"),
+        Xattrwalk { fid: u32, newfid: u32, name: &'a [u8] } = TXATTRWALK(30, "xattrwalk"),
+        Xattrcreate { fid: u32, name: &'a [u8], size: u64, flags: u32 }
+            = TXATTRCREATE(32, "xattrcreate"),
+        Readdir { fid: u32, offset: u64, count: u32 } = TREADDIR(40, "readdir"),
+        Fsync { fid: u32, datasync: u32 } = TFSYNC(50, "fsync"),
+        Lock { fid: u32, lock: Lock<'a> } = TLOCK(52, "lock"),
+        Getlock { fid: u32, lock: Lock<'a> as NoFlags } = TGETLOCK(54, "getlock"),
+        Link { dfid: u32, fid: u32, name: &'a [u8] } = TLINK(70, "link"),
+        Mkdir { dfid: u32, name: &'a [u8], mode: u32, gid: u32 } = TMKDIR(72, "mkdir"),
+        Renameat { olddirfid: u32, oldname: &'a [u8], newdirfid: u32, newname: &'a [u8] }
+            = TRENAMEAT(74, "renameat"),
+        Unlinkat { dirfid: u32, name: &'a [u8], flags: u32 } = TUNLINKAT(76, "unlinkat"),
+        Version { msize: u32, version: &'a [u8] } = TVERSION(100, "version"),
+        Auth { afid: u32, uname: &'a [u8], aname: &'a [u8], n_uname: u32 } = TAUTH(102, "auth"),
+        Attach { fid: u32, afid: u32, uname: &'a [u8], aname: &'a [u8], n_uname: u32 }
+            = TATTACH(104, "attach"),
+        Flush { oldtag: u16 } = TFLUSH(108, "flush"),
+        Walk { fid: u32, newfid: u32, names: WalkNames<'a> } = TWALK(110, "walk"),
+        Read { fid: u32, offset: u64, count: u32 } = TREAD(116, "read"),
+        Write { fid: u32, offset: u64, data: &'a [u8] as Data } = TWRITE(118, "write"),
+        Clunk { fid: u32 } = TCLUNK(120, "clunk"),
+        Remove { fid: u32 } = TREMOVE(122, "remove"),
     }
 }
 
-/// Encodes the Rgetattr body.
-pub fn write_attr(w: &mut Writer<'_>, a: &Attr) {
-    w.u64(a.valid).qid(&a.qid).u32(a.mode).u32(a.uid).u32(a.gid);
-    w.u64(a.nlink)
-        .u64(a.rdev)
-        .u64(a.size)
-        .u64(a.blksize)
-        .u64(a.blocks);
-    w.u64(a.atime_sec)
-        .u64(a.atime_nsec)
-        .u64(a.mtime_sec)
-        .u64(a.mtime_nsec);
-    w.u64(a.ctime_sec)
-        .u64(a.ctime_nsec)
-        .u64(a.btime_sec)
-        .u64(a.btime_nsec);
-    w.u64(a.gen).u64(a.data_version);
+messages! {
+    /// A reply message. Decoding borrows strings and data from the reply buffer (the qids of
+    /// Rwalk are collected); [`Rmessage::into_owned`] keeps a reply past its buffer. The server
+    /// builds replies around borrowed slices, so encoding copies nothing twice.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Rmessage<'a>, constants rtypes, owned: yes {
+        Lerror { ecode: u32 } = RLERROR(7, "lerror"),
+        Statfs(StatFs) = RSTATFS(9, "statfs"),
+        Lopen { qid: Qid, iounit: u32 } = RLOPEN(13, "lopen"),
+        Lcreate { qid: Qid, iounit: u32 } = RLCREATE(15, "lcreate"),
+        Symlink { qid: Qid } = RSYMLINK(17, "symlink"),
+        Mknod { qid: Qid } = RMKNOD(19, "mknod"),
+        Rename = RRENAME(21, "rename"),
+        Readlink { target: Cow<'a, [u8]> } = RREADLINK(23, "readlink"),
+        Getattr(Attr) = RGETATTR(25, "getattr"),
+        Setattr = RSETATTR(27, "setattr"),
+        Xattrwalk { size: u64 } = RXATTRWALK(31, "xattrwalk"),
+        Xattrcreate = RXATTRCREATE(33, "xattrcreate"),
+        Readdir { data: Cow<'a, [u8]> as Data } = RREADDIR(41, "readdir"),
+        Fsync = RFSYNC(51, "fsync"),
+        Lock { status: u8 } = RLOCK(53, "lock"),
+        Getlock { ty: u8, start: u64, length: u64, proc_id: u32, client_id: Cow<'a, [u8]> }
+            = RGETLOCK(55, "getlock"),
+        Link = RLINK(71, "link"),
+        Mkdir { qid: Qid } = RMKDIR(73, "mkdir"),
+        Renameat = RRENAMEAT(75, "renameat"),
+        Unlinkat = RUNLINKAT(77, "unlinkat"),
+        Version { msize: u32, version: Cow<'a, [u8]> } = RVERSION(101, "version"),
+        Auth { aqid: Qid } = RAUTH(103, "auth"),
+        Attach { qid: Qid } = RATTACH(105, "attach"),
+        Flush = RFLUSH(109, "flush"),
+        Walk { qids: Cow<'a, [Qid]> } = RWALK(111, "walk"),
+        Read { data: Cow<'a, [u8]> as Data } = RREAD(117, "read"),
+        Write { count: u32 } = RWRITE(119, "write"),
+        Clunk = RCLUNK(121, "clunk"),
+        Remove = RREMOVE(123, "remove"),
+    }
 }
 
-/// Appends one Rreaddir entry.
-pub fn write_dirent(out: &mut Vec<u8>, qid: &Qid, offset: u64, ty: u8, name: &[u8]) {
-    Writer { buf: out }.qid(qid).u64(offset).u8(ty).str(name);
-}
-
-/// Encoded size of one Rreaddir entry with a name of `name_len` bytes.
-pub const fn dirent_len(name_len: usize) -> usize {
-    QID_LEN + 8 + 1 + 2 + name_len
+/// Human-readable name of a request type, for statistics ("other" for unknown types).
+pub fn type_name(t: u8) -> &'static str {
+    Tmessage::name_of(t).unwrap_or("other")
 }
 
 /// Parses the data of an Rreaddir into entries.
@@ -1033,238 +782,14 @@ pub fn parse_dirents(data: &[u8]) -> Result<Vec<DirEntry>, Error> {
     let mut r = Reader::new(data);
     let mut v = Vec::new();
     while r.remaining() > 0 {
-        v.push(DirEntry {
-            qid: r.qid()?,
-            offset: r.u64()?,
-            ty: r.u8()?,
-            name: r.str()?.to_vec(),
-        });
+        v.push(DirEntry::get(&mut r)?);
     }
     Ok(v)
 }
 
-impl Rmessage {
-    /// The R message type number.
-    pub fn msg_type(&self) -> u8 {
-        use msg::*;
-        match self {
-            Rmessage::Lerror { .. } => RLERROR,
-            Rmessage::Version { .. } => RVERSION,
-            Rmessage::Attach { .. } => RATTACH,
-            Rmessage::Flush => RFLUSH,
-            Rmessage::Walk { .. } => RWALK,
-            Rmessage::Read { .. } => RREAD,
-            Rmessage::Write { .. } => RWRITE,
-            Rmessage::Clunk => RCLUNK,
-            Rmessage::Remove => RREMOVE,
-            Rmessage::Statfs(_) => RSTATFS,
-            Rmessage::Lopen { .. } => RLOPEN,
-            Rmessage::Lcreate { .. } => RLCREATE,
-            Rmessage::Symlink { .. } => RSYMLINK,
-            Rmessage::Mknod { .. } => RMKNOD,
-            Rmessage::Rename => RRENAME,
-            Rmessage::Readlink { .. } => RREADLINK,
-            Rmessage::Getattr(_) => RGETATTR,
-            Rmessage::Setattr => RSETATTR,
-            Rmessage::Xattrwalk { .. } => RXATTRWALK,
-            Rmessage::Xattrcreate => RXATTRCREATE,
-            Rmessage::Readdir { .. } => RREADDIR,
-            Rmessage::Fsync => RFSYNC,
-            Rmessage::Lock { .. } => RLOCK,
-            Rmessage::Getlock { .. } => RGETLOCK,
-            Rmessage::Link => RLINK,
-            Rmessage::Mkdir { .. } => RMKDIR,
-            Rmessage::Renameat => RRENAMEAT,
-            Rmessage::Unlinkat => RUNLINKAT,
-        }
-    }
-
-    /// Appends the encoded reply to `out`.
-    pub fn encode(&self, tag: u16, out: &mut Vec<u8>) {
-        let at = start(out, self.msg_type(), tag);
-        let mut w = Writer { buf: out };
-        match self {
-            Rmessage::Lerror { ecode } => {
-                w.u32(*ecode);
-            }
-            Rmessage::Version { msize, version } => {
-                w.u32(*msize).str(version);
-            }
-            Rmessage::Attach { qid }
-            | Rmessage::Symlink { qid }
-            | Rmessage::Mknod { qid }
-            | Rmessage::Mkdir { qid } => {
-                w.qid(qid);
-            }
-            Rmessage::Walk { qids } => {
-                w.u16(qids.len() as u16);
-                for q in qids {
-                    w.qid(q);
-                }
-            }
-            Rmessage::Read { data } | Rmessage::Readdir { data } => {
-                w.u32(data.len() as u32).bytes(data);
-            }
-            Rmessage::Write { count } => {
-                w.u32(*count);
-            }
-            Rmessage::Statfs(s) => {
-                w.u32(s.ty)
-                    .u32(s.bsize)
-                    .u64(s.blocks)
-                    .u64(s.bfree)
-                    .u64(s.bavail);
-                w.u64(s.files).u64(s.ffree).u64(s.fsid).u32(s.namelen);
-            }
-            Rmessage::Lopen { qid, iounit } | Rmessage::Lcreate { qid, iounit } => {
-                w.qid(qid).u32(*iounit);
-            }
-            Rmessage::Readlink { target } => {
-                w.str(target);
-            }
-            Rmessage::Getattr(a) => write_attr(&mut w, a),
-            Rmessage::Xattrwalk { size } => {
-                w.u64(*size);
-            }
-            Rmessage::Lock { status } => {
-                w.u8(*status);
-            }
-            Rmessage::Getlock {
-                ty,
-                start,
-                length,
-                proc_id,
-                client_id,
-            } => {
-                w.u8(*ty)
-                    .u64(*start)
-                    .u64(*length)
-                    .u32(*proc_id)
-                    .str(client_id);
-            }
-            Rmessage::Flush
-            | Rmessage::Clunk
-            | Rmessage::Remove
-            | Rmessage::Rename
-            | Rmessage::Setattr
-            | Rmessage::Xattrcreate
-            | Rmessage::Fsync
-            | Rmessage::Link
-            | Rmessage::Renameat
-            | Rmessage::Unlinkat => {}
-        }
-        finish(out, at);
-    }
-
-    /// Decodes a complete reply; returns its tag and the message.
-    pub fn decode(buf: &[u8]) -> Result<(u16, Rmessage), Error> {
-        use msg::*;
-        let (ty, tag, body) = split_header(buf)?;
-        let mut r = Reader::new(body);
-        let m = match ty {
-            RLERROR => Rmessage::Lerror { ecode: r.u32()? },
-            RVERSION => Rmessage::Version {
-                msize: r.u32()?,
-                version: r.str()?.to_vec(),
-            },
-            RATTACH => Rmessage::Attach { qid: r.qid()? },
-            RFLUSH => Rmessage::Flush,
-            RWALK => {
-                let n = r.u16()?;
-                if n as usize > MAX_WALK_NAMES {
-                    return Err(Error::TooManyWalkNames(n));
-                }
-                let mut qids = Vec::with_capacity(n as usize);
-                for _ in 0..n {
-                    qids.push(r.qid()?);
-                }
-                Rmessage::Walk { qids }
-            }
-            RREAD | RREADDIR => {
-                let count = r.u32()?;
-                if count as usize > r.remaining() {
-                    return Err(Error::BadCount {
-                        count,
-                        available: r.remaining(),
-                    });
-                }
-                let data = r.bytes(count as usize)?.to_vec();
-                if ty == RREAD {
-                    Rmessage::Read { data }
-                } else {
-                    Rmessage::Readdir { data }
-                }
-            }
-            RWRITE => Rmessage::Write { count: r.u32()? },
-            RCLUNK => Rmessage::Clunk,
-            RREMOVE => Rmessage::Remove,
-            RSTATFS => Rmessage::Statfs(StatFs {
-                ty: r.u32()?,
-                bsize: r.u32()?,
-                blocks: r.u64()?,
-                bfree: r.u64()?,
-                bavail: r.u64()?,
-                files: r.u64()?,
-                ffree: r.u64()?,
-                fsid: r.u64()?,
-                namelen: r.u32()?,
-            }),
-            RLOPEN => Rmessage::Lopen {
-                qid: r.qid()?,
-                iounit: r.u32()?,
-            },
-            RLCREATE => Rmessage::Lcreate {
-                qid: r.qid()?,
-                iounit: r.u32()?,
-            },
-            RSYMLINK => Rmessage::Symlink { qid: r.qid()? },
-            RMKNOD => Rmessage::Mknod { qid: r.qid()? },
-            RRENAME => Rmessage::Rename,
-            RREADLINK => Rmessage::Readlink {
-                target: r.str()?.to_vec(),
-            },
-            RGETATTR => Rmessage::Getattr(Attr {
-                valid: r.u64()?,
-                qid: r.qid()?,
-                mode: r.u32()?,
-                uid: r.u32()?,
-                gid: r.u32()?,
-                nlink: r.u64()?,
-                rdev: r.u64()?,
-                size: r.u64()?,
-                blksize: r.u64()?,
-                blocks: r.u64()?,
-                atime_sec: r.u64()?,
-                atime_nsec: r.u64()?,
-                mtime_sec: r.u64()?,
-                mtime_nsec: r.u64()?,
-                ctime_sec: r.u64()?,
-                ctime_nsec: r.u64()?,
-                btime_sec: r.u64()?,
-                btime_nsec: r.u64()?,
-                gen: r.u64()?,
-                data_version: r.u64()?,
-            }),
-            RSETATTR => Rmessage::Setattr,
-            RXATTRWALK => Rmessage::Xattrwalk { size: r.u64()? },
-            RXATTRCREATE => Rmessage::Xattrcreate,
-            RFSYNC => Rmessage::Fsync,
-            RLOCK => Rmessage::Lock { status: r.u8()? },
-            RGETLOCK => Rmessage::Getlock {
-                ty: r.u8()?,
-                start: r.u64()?,
-                length: r.u64()?,
-                proc_id: r.u32()?,
-                client_id: r.str()?.to_vec(),
-            },
-            RLINK => Rmessage::Link,
-            RMKDIR => Rmessage::Mkdir { qid: r.qid()? },
-            RRENAMEAT => Rmessage::Renameat,
-            RUNLINKAT => Rmessage::Unlinkat,
-            other => return Err(Error::UnknownType(other)),
-        };
-        Ok((tag, m))
-    }
+/// Appends one Rreaddir entry.
+pub fn write_dirent(out: &mut Vec<u8>, entry: &DirEntry<&[u8]>) {
+    DirEntry::put(entry, &mut Writer { buf: out });
 }
 
 #[cfg(test)]
@@ -1426,20 +951,24 @@ mod tests {
         ]
     }
 
-    fn all_replies() -> Vec<Rmessage> {
+    fn all_replies() -> Vec<Rmessage<'static>> {
         vec![
             Rmessage::Lerror { ecode: 2 },
             Rmessage::Version {
                 msize: 8192,
-                version: b"9P2000.L".to_vec(),
+                version: b"9P2000.L"[..].into(),
             },
             Rmessage::Attach { qid: q(1) },
             Rmessage::Flush,
             Rmessage::Walk {
-                qids: vec![q(1), q(2)],
+                qids: vec![q(1), q(2)].into(),
             },
+            Rmessage::Walk {
+                qids: Cow::Borrowed(&[]),
+            },
+            Rmessage::Auth { aqid: q(11) },
             Rmessage::Read {
-                data: b"abc".to_vec(),
+                data: b"abc"[..].into(),
             },
             Rmessage::Write { count: 3 },
             Rmessage::Clunk,
@@ -1467,7 +996,7 @@ mod tests {
             Rmessage::Mknod { qid: q(6) },
             Rmessage::Rename,
             Rmessage::Readlink {
-                target: b"../t".to_vec(),
+                target: b"../t"[..].into(),
             },
             Rmessage::Getattr(Attr {
                 valid: GETATTR_BASIC,
@@ -1481,7 +1010,7 @@ mod tests {
             Rmessage::Xattrwalk { size: 12 },
             Rmessage::Xattrcreate,
             Rmessage::Readdir {
-                data: vec![1, 2, 3],
+                data: vec![1, 2, 3].into(),
             },
             Rmessage::Fsync,
             Rmessage::Lock { status: 0 },
@@ -1490,7 +1019,7 @@ mod tests {
                 start: 1,
                 length: 2,
                 proc_id: 3,
-                client_id: b"c".to_vec(),
+                client_id: b"c"[..].into(),
             },
             Rmessage::Link,
             Rmessage::Mkdir { qid: q(10) },
@@ -1530,9 +1059,63 @@ mod tests {
         for m in all_replies() {
             let mut buf = Vec::new();
             m.encode(7, &mut buf);
+            assert_eq!(buf.len(), m.encoded_len(), "encoded_len of {m:?}");
             let (tag, d) = Rmessage::decode(&buf).unwrap();
             assert_eq!(tag, 7);
             assert_eq!(d, m);
+            assert_eq!(d.into_owned(), m);
+            for cut in HEADER_LEN..buf.len() {
+                let mut p = buf[..cut].to_vec();
+                p[..4].copy_from_slice(&(cut as u32).to_le_bytes());
+                assert!(
+                    Rmessage::decode(&p).is_err(),
+                    "prefix {cut} of {m:?} accepted"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_message_type_is_named_and_numbered_from_the_tables() {
+        let mut seen = std::collections::HashSet::new();
+        for m in all_requests() {
+            assert_eq!(Tmessage::name_of(m.msg_type()), Some(m.name()));
+            // Replies are numbered one above their request.
+            assert_eq!(Rmessage::name_of(m.msg_type() + 1), Some(m.name()), "{m:?}");
+            seen.insert(m.msg_type());
+        }
+        for m in all_replies() {
+            assert_eq!(Rmessage::name_of(m.msg_type()), Some(m.name()));
+            seen.insert(m.msg_type());
+        }
+        // Every type in either table is covered by the round-trip lists above.
+        for ty in 0..=255u8 {
+            let known = Tmessage::name_of(ty).is_some() || Rmessage::name_of(ty).is_some();
+            assert_eq!(known, seen.contains(&ty), "type {ty}");
+        }
+        assert_eq!(type_name(msg::TWALK), "walk");
+        assert_eq!(type_name(99), "other");
+        assert_eq!(msg::RLERROR, 7);
+        assert_eq!(msg::TLERROR, 6);
+    }
+
+    #[test]
+    fn zero_copy_data_header_matches_the_table() {
+        for ty in [msg::RREAD, msg::RREADDIR] {
+            let data = b"payload";
+            let m = match ty {
+                msg::RREAD => Rmessage::Read {
+                    data: data[..].into(),
+                },
+                _ => Rmessage::Readdir {
+                    data: data[..].into(),
+                },
+            };
+            let mut buf = Vec::new();
+            m.encode(0x4321, &mut buf);
+            let h = data_reply_header(ty, 0x4321, data.len() as u32);
+            assert_eq!(&buf[..RREAD_HEADER_LEN], &h[..]);
+            assert_eq!(&buf[RREAD_HEADER_LEN..], data);
         }
     }
 
@@ -1613,9 +1196,22 @@ mod tests {
     #[test]
     fn dirents_round_trip() {
         let mut data = Vec::new();
-        write_dirent(&mut data, &q(5), 10, 4, b"dir");
-        write_dirent(&mut data, &q(6), 20, 8, b"file");
-        assert_eq!(data.len(), dirent_len(3) + dirent_len(4));
+        let dir = DirEntry {
+            qid: q(5),
+            offset: 10,
+            ty: 4,
+            name: &b"dir"[..],
+        };
+        let file = DirEntry {
+            qid: q(6),
+            offset: 20,
+            ty: 8,
+            name: &b"file"[..],
+        };
+        write_dirent(&mut data, &dir);
+        write_dirent(&mut data, &file);
+        assert_eq!(data.len(), DirEntry::len(&dir) + DirEntry::len(&file));
+        assert_eq!(DirEntry::len(&dir), QID_LEN + 8 + 1 + 2 + 3);
         let e = parse_dirents(&data).unwrap();
         assert_eq!(e.len(), 2);
         assert_eq!(e[1].name, b"file");

@@ -498,7 +498,7 @@ fn malformed_messages_get_rlerror() {
         (
             7,
             Rmessage::Read {
-                data: b"ab".to_vec()
+                data: b"ab"[..].into()
             }
         )
     );
@@ -523,13 +523,13 @@ fn many_threads_hammer_handle() {
             std::thread::spawn(move || {
                 let mut r = VecReply::new(65536);
                 let mut b = Vec::new();
-                let mut call = |m: Tmessage<'_>| -> Rmessage {
+                let mut call = |m: Tmessage<'_>| -> Rmessage<'static> {
                     b.clear();
                     m.encode(th as u16, &mut b);
                     let n = srv.handle(&b, &mut r);
                     let (tag, rep) = Rmessage::decode(&r.as_slice()[..n]).unwrap();
                     assert_eq!(tag, th as u16);
-                    rep
+                    rep.into_owned()
                 };
                 for i in 0..500u32 {
                     let fid = 1000 + th * 100_000 + i;
@@ -565,7 +565,7 @@ fn many_threads_hammer_handle() {
                     assert_eq!(
                         rep,
                         Rmessage::Read {
-                            data: format!("content-{k}").into_bytes()
+                            data: format!("content-{k}").into_bytes().into()
                         }
                     );
                     assert_eq!(call(Tmessage::Clunk { fid }), Rmessage::Clunk);

@@ -59,7 +59,7 @@ fn version_negotiation() {
     {
         Rmessage::Version { msize, version } => {
             assert_eq!(msize, 100_000);
-            assert_eq!(version, b"9P2000.L");
+            assert_eq!(*version, *b"9P2000.L");
         }
         r => panic!("{r:?}"),
     }
@@ -72,7 +72,7 @@ fn version_negotiation() {
         })
         .unwrap()
     {
-        Rmessage::Version { version, .. } => assert_eq!(version, b"unknown"),
+        Rmessage::Version { version, .. } => assert_eq!(*version, *b"unknown"),
         r => panic!("{r:?}"),
     }
     assert_eq!(h.srv.msize(), 8192);
@@ -368,7 +368,7 @@ fn namespace_operations() {
     }
     h.walk_to(2, "sl").unwrap();
     match h.call(&Tmessage::Readlink { fid: 2 }).unwrap() {
-        Rmessage::Readlink { target } => assert_eq!(target, b"../../etc/passwd"),
+        Rmessage::Readlink { target } => assert_eq!(*target, *b"../../etc/passwd"),
         r => panic!("{r:?}"),
     }
     h.walk_to(3, "f").unwrap();
@@ -608,7 +608,7 @@ fn setattr_statfs_locks_xattrs_flush() {
         } => {
             assert_eq!(ty, libc::F_UNLCK as u8);
             assert_eq!((start, length, proc_id), (0, 10, 42));
-            assert_eq!(client_id, b"guest");
+            assert_eq!(*client_id, *b"guest");
         }
         r => panic!("{r:?}"),
     }
@@ -654,13 +654,20 @@ fn setattr_statfs_locks_xattrs_flush() {
 fn stats_count_requests_when_enabled() {
     let t = TempTree::new("stats");
     t.file("f", b"x");
-    let mut h = Harness::new(&t.path, Config::default());
-    h.walk_to(2, "f").unwrap();
+    let mut off = Harness::new(&t.path, Config::default());
+    off.walk_to(2, "f").unwrap();
+    off.getattr(2).unwrap();
     assert!(
-        h.srv.stats().by_type.is_empty(),
+        off.srv.stats().by_type.is_empty(),
         "statistics are off by default"
     );
-    h.srv.set_stats_enabled(true);
+    let config = Config {
+        stats: true,
+        ..Config::default()
+    };
+    // Tversion, Tattach and the walk are counted too: 3 requests before the getattrs.
+    let mut h = Harness::new(&t.path, config);
+    h.walk_to(2, "f").unwrap();
     for _ in 0..5 {
         h.getattr(2).unwrap();
     }
@@ -677,13 +684,13 @@ fn stats_count_requests_when_enabled() {
         Some(1)
     );
     assert_eq!(s.errors, 1);
-    assert_eq!(s.histogram.iter().sum::<u64>(), 7);
+    assert_eq!(s.histogram.iter().sum::<u64>(), 10);
     let per_type: u64 = s
         .type_histograms
         .iter()
         .map(|(_, h)| h.iter().sum::<u64>())
         .sum();
-    assert_eq!(per_type, 7, "every request lands in its type's histogram");
+    assert_eq!(per_type, 10, "every request lands in its type's histogram");
     let getattr = &s
         .type_histograms
         .iter()

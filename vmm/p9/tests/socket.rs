@@ -46,15 +46,21 @@ fn connect(sock: &Path) -> UnixStream {
     s
 }
 
+/// Decodes a reply and keeps it past its buffer.
+fn decode_owned(b: &[u8]) -> (u16, Rmessage<'static>) {
+    let (tag, m) = Rmessage::decode(b).unwrap();
+    (tag, m.into_owned())
+}
+
 /// Sends the messages in one write and returns the replies in arrival order.
-fn batch(s: &mut UnixStream, msgs: &[(u16, Tmessage<'_>)]) -> Vec<(u16, Rmessage)> {
+fn batch(s: &mut UnixStream, msgs: &[(u16, Tmessage<'_>)]) -> Vec<(u16, Rmessage<'static>)> {
     let mut b = Vec::new();
     for (tag, m) in msgs {
         m.encode(*tag, &mut b);
     }
     s.write_all(&b).unwrap();
     (0..msgs.len())
-        .map(|_| Rmessage::decode(&read_msg(s)).unwrap())
+        .map(|_| decode_owned(&read_msg(s)))
         .collect()
 }
 
@@ -191,7 +197,7 @@ fn pipelined_requests_and_flush_ordering() {
     s.write_all(&b).unwrap();
     let mut seen = HashSet::new();
     for _ in 100..300 {
-        let (tag, r) = Rmessage::decode(&read_msg(&mut s)).unwrap();
+        let (tag, r) = decode_owned(&read_msg(&mut s));
         assert!(matches!(r, Rmessage::Getattr(_)));
         assert!(seen.insert(tag), "tag {tag} answered twice");
     }
@@ -211,7 +217,7 @@ fn pipelined_requests_and_flush_ordering() {
         s.write_all(&b).unwrap();
         let mut order = Vec::new();
         for _ in 0..3 {
-            order.push(Rmessage::decode(&read_msg(&mut s)).unwrap().0);
+            order.push(decode_owned(&read_msg(&mut s)).0);
         }
         let p5 = order.iter().position(|&t| t == 5).unwrap();
         let p6 = order.iter().position(|&t| t == 6).unwrap();
@@ -225,10 +231,7 @@ fn pipelined_requests_and_flush_ordering() {
     b.clear();
     Tmessage::Flush { oldtag: 999 }.encode(9, &mut b);
     s.write_all(&b).unwrap();
-    assert_eq!(
-        Rmessage::decode(&read_msg(&mut s)).unwrap(),
-        (9, Rmessage::Flush)
-    );
+    assert_eq!(decode_owned(&read_msg(&mut s)), (9, Rmessage::Flush));
     // A frame larger than msize ends the connection.
     s.write_all(&u32::MAX.to_le_bytes()).unwrap();
     let mut rest = Vec::new();
@@ -347,7 +350,7 @@ fn a_client_that_never_reads_its_replies_stalls_only_itself() {
     let mut seen = HashSet::new();
     let mut flushed_read_at = None;
     for i in 0..=READS as usize {
-        match Rmessage::decode(&read_msg(&mut a)).unwrap() {
+        match decode_owned(&read_msg(&mut a)) {
             (tag, Rmessage::Read { data }) => {
                 assert_eq!(data.len(), (MSIZE - 11) as usize);
                 assert!(seen.insert(tag), "tag {tag} answered twice");

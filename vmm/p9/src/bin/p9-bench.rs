@@ -14,6 +14,7 @@
 //!                  [--fids 1000,100000] [--workers N] [--dir DIR] [--no-diod]`
 //! Trees are cached under `--dir` (default: $TMPDIR/p9-bench) and reused between runs.
 
+use clap::Parser;
 use p9::client::Client;
 use p9::{Config, Server, WorkerPool};
 use std::io::{Read, Write};
@@ -29,6 +30,40 @@ type Conn = Client<Box<dyn Stream>>;
 
 const FILES_PER_DIR: usize = 1000;
 
+/// Measures the p9 server through its unix-socket transport, side by side with diod (when
+/// installed), on generated trees.
+#[derive(Parser, Debug)]
+#[command(name = "p9-bench")]
+struct Args {
+    /// Fewer files, operations and fids (defaults 10000 files, 3000 ops, 1000,20000 fids).
+    #[arg(long)]
+    quick: bool,
+    /// Tree sizes to measure, comma-separated [default: 10000,100000].
+    #[arg(long, value_delimiter = ',')]
+    files: Option<Vec<usize>>,
+    /// Size of each file in bytes.
+    #[arg(long, default_value_t = 4096)]
+    size: usize,
+    /// Operations per workload [default: 20000].
+    #[arg(long)]
+    ops: Option<usize>,
+    /// Clients of the concurrent workload.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Extra fids to hold for the fid-scaling runs, comma-separated [default: 1000,100000].
+    #[arg(long, value_delimiter = ',')]
+    fids: Option<Vec<usize>>,
+    /// Server worker threads.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Where trees are cached and reused [default: $TMPDIR/p9-bench].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Do not compare with diod.
+    #[arg(long)]
+    no_diod: bool,
+}
+
 struct Opts {
     quick: bool,
     files: Vec<usize>,
@@ -41,78 +76,30 @@ struct Opts {
     diod: bool,
 }
 
-fn list(v: &str) -> Result<Vec<usize>, String> {
-    v.split(',')
-        .map(|s| {
-            s.trim()
-                .parse::<usize>()
-                .map_err(|_| format!("not a number: {s:?}"))
-        })
-        .collect()
-}
-
-fn parse_opts() -> Result<Opts, String> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let mut o = Opts {
-        quick,
-        files: if quick {
-            vec![10_000]
-        } else {
-            vec![10_000, 100_000]
-        },
-        size: 4096,
-        ops: if quick { 3000 } else { 20_000 },
-        clients: 4,
-        fids: if quick {
-            vec![1000, 20_000]
-        } else {
-            vec![1000, 100_000]
-        },
-        workers: 4,
-        dir: std::env::temp_dir().join("p9-bench"),
-        diod: true,
-    };
-    let mut i = 0;
-    while i < args.len() {
-        let val = || {
-            args.get(i + 1)
-                .cloned()
-                .ok_or_else(|| format!("{} needs a value", args[i]))
-        };
-        match args[i].as_str() {
-            "--quick" => {}
-            "--no-diod" => o.diod = false,
-            "--files" => {
-                o.files = list(&val()?)?;
-                i += 1;
-            }
-            "--fids" => {
-                o.fids = list(&val()?)?;
-                i += 1;
-            }
-            "--size" | "--ops" | "--clients" | "--workers" => {
-                let n: usize = val()?
-                    .parse()
-                    .map_err(|_| format!("{} wants a number", args[i]))?;
-                match args[i].as_str() {
-                    "--size" => o.size = n,
-                    "--ops" => o.ops = n.max(1),
-                    "--clients" => o.clients = n.max(1),
-                    _ => o.workers = n.max(1),
-                }
-                i += 1;
-            }
-            "--dir" => {
-                o.dir = PathBuf::from(val()?);
-                i += 1;
-            }
-            "-h" | "--help" => return Err(String::new()),
-            other => return Err(format!("unknown argument {other:?}")),
+impl From<Args> for Opts {
+    /// Fills in the defaults that depend on `--quick`.
+    fn from(a: Args) -> Opts {
+        let quick = a.quick;
+        let by_mode =
+            |quick_value: Vec<usize>, full: Vec<usize>| if quick { quick_value } else { full };
+        Opts {
+            quick,
+            files: a
+                .files
+                .unwrap_or_else(|| by_mode(vec![10_000], vec![10_000, 100_000])),
+            size: a.size,
+            ops: a.ops.unwrap_or(if quick { 3000 } else { 20_000 }).max(1),
+            clients: a.clients.max(1),
+            fids: a
+                .fids
+                .unwrap_or_else(|| by_mode(vec![1000, 20_000], vec![1000, 100_000])),
+            workers: a.workers.max(1),
+            dir: a
+                .dir
+                .unwrap_or_else(|| std::env::temp_dir().join("p9-bench")),
+            diod: !a.no_diod,
         }
-        i += 1;
     }
-    Ok(o)
 }
 
 /// Creates (or reuses) a tree of `n` files of `size` bytes in directories of 1000.
@@ -587,19 +574,7 @@ fn run(o: &Opts) -> R<()> {
 }
 
 fn main() -> ExitCode {
-    let o = match parse_opts() {
-        Ok(o) => o,
-        Err(e) => {
-            if !e.is_empty() {
-                eprintln!("p9-bench: {e}");
-            }
-            eprintln!(
-                "usage: p9-bench [--quick] [--files 10000,100000] [--size BYTES] [--ops N] [--clients N] \
-                 [--fids 1000,100000] [--workers N] [--dir DIR] [--no-diod]"
-            );
-            return ExitCode::from(2);
-        }
-    };
+    let o = Opts::from(Args::parse());
     let t = Instant::now();
     match run(&o) {
         Ok(()) => {

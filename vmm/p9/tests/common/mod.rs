@@ -89,7 +89,7 @@ impl Harness {
     }
 
     /// Calls with a fresh tag, checks the tag of the reply, and maps Rlerror to Err(errno).
-    pub fn call(&mut self, m: &Tmessage<'_>) -> Result<Rmessage, i32> {
+    pub fn call(&mut self, m: &Tmessage<'_>) -> Result<Rmessage<'static>, i32> {
         self.tag = self.tag.wrapping_add(1) % 0xff00;
         let mut b = Vec::new();
         m.encode(self.tag, &mut b);
@@ -98,7 +98,7 @@ impl Harness {
         assert_eq!(tag, self.tag, "reply tag must match request tag");
         match r {
             Rmessage::Lerror { ecode } => Err(ecode as i32),
-            r => Ok(r),
+            r => Ok(r.into_owned()),
         }
     }
 
@@ -109,7 +109,7 @@ impl Harness {
             newfid,
             names: WalkNames::new(&b).unwrap(),
         })? {
-            Rmessage::Walk { qids } => Ok(qids),
+            Rmessage::Walk { qids } => Ok(qids.into_owned()),
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -143,7 +143,7 @@ impl Harness {
 
     pub fn read(&mut self, fid: u32, offset: u64, count: u32) -> Result<Vec<u8>, i32> {
         match self.call(&Tmessage::Read { fid, offset, count })? {
-            Rmessage::Read { data } => Ok(data),
+            Rmessage::Read { data } => Ok(data.into_owned()),
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -13,8 +13,8 @@ use super::chain::{self, Buffer, Chain, ChainError};
 use super::mmio::{ActivateContext, QueueHandler, VirtioDevice, VirtioError};
 use super::{DeviceStats, Interrupt, TYPE_9P, VIRTIO_RING_F_INDIRECT_DESC};
 use crate::sandbox::{self, ThreadRole};
+use p9::flush::{flushed_tag, FlushTracker};
 use p9::{ReplyBuf, Server, WorkerPool};
-use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::panic::AssertUnwindSafe;
@@ -31,8 +31,6 @@ pub const VIRTIO_9P_MOUNT_TAG: u32 = 0;
 pub const MAX_REQUEST_BYTES: u64 = 64 << 20;
 
 const QUEUE_SIZE: u16 = 256;
-/// 9P message type of Tflush (size[4] type[1] tag[2] oldtag[2]).
-const TFLUSH: u8 = 108;
 /// How long a reset or shutdown waits for in-flight requests before abandoning them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -63,12 +61,14 @@ impl RequestHandler for Server {
 }
 
 /// A worker pool for 9p devices: `threads` workers named `name-N`, each of which enters the
-/// file-server role of the sandbox ([`crate::sandbox::ThreadRole::P9Worker`]) before serving.
-pub fn worker_pool(threads: usize, name: &str) -> WorkerPool {
+/// file-server role of the sandbox ([`crate::sandbox::ThreadRole::P9Worker`]) before serving,
+/// with statistics if `stats` (as [`p9::Config::stats`] is for the servers).
+pub fn worker_pool(threads: usize, name: &str, stats: bool) -> WorkerPool {
     WorkerPool::with_thread_start(
         threads,
         name,
         Arc::new(|| sandbox::enter_thread(ThreadRole::P9Worker)),
+        stats,
     )
 }
 
@@ -159,7 +159,7 @@ impl VirtioDevice for Virtio9p {
                 server: self.server.clone(),
                 inflight: Mutex::new(0),
                 idle: Condvar::new(),
-                tags: Mutex::new(HashMap::new()),
+                flushes: Mutex::new(FlushTracker::new()),
             }),
             pool: self.pool.clone(),
             indirect_ok,
@@ -176,9 +176,9 @@ struct Shared {
     server: Arc<dyn RequestHandler>,
     inflight: Mutex<usize>,
     idle: Condvar,
-    /// Tags of requests being served (with a count, in case a guest reuses one), and the
-    /// Tflush chains waiting for each: 9P requires Rflush after the flushed request's reply.
-    tags: Mutex<HashMap<u16, (u32, Vec<Chain>)>>,
+    /// Tags of requests being served and the Tflush chains waiting for each: 9P requires
+    /// Rflush after the flushed request's reply.
+    flushes: Mutex<FlushTracker<Chain>>,
 }
 
 impl Shared {
@@ -194,17 +194,11 @@ impl Shared {
     fn serve_tracked(&self, chain: &Chain, tag: Option<u16>) {
         self.serve(chain);
         let Some(tag) = tag else { return };
-        let waiters = {
-            let mut tags = self.tags.lock().unwrap_or_else(|e| e.into_inner());
-            match tags.get_mut(&tag) {
-                Some(entry) if entry.0 > 1 => {
-                    entry.0 -= 1;
-                    Vec::new()
-                }
-                Some(_) => tags.remove(&tag).map(|e| e.1).unwrap_or_default(),
-                None => Vec::new(),
-            }
-        };
+        let waiters = self
+            .flushes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .finish(tag);
         // The flushed request's reply is in the used ring now, so its Rflush may follow.
         for flush in &waiters {
             self.serve(flush);
@@ -289,21 +283,20 @@ impl P9Handler {
                 let mut header = [0u8; 9];
                 let n = chain.peek(mem, &mut header)?;
                 let tag = (n >= 7).then(|| u16::from_le_bytes([header[5], header[6]]));
-                let tracked = {
-                    let mut tags = shared.tags.lock().unwrap_or_else(|e| e.into_inner());
-                    if n == 9 && header[4] == TFLUSH {
-                        let oldtag = u16::from_le_bytes([header[7], header[8]]);
-                        if let Some(entry) = tags.get_mut(&oldtag) {
-                            // Answered by the worker that completes `oldtag`.
-                            entry.1.push(chain);
-                            continue;
+                let (chain, tracked) = {
+                    let mut flushes = shared.flushes.lock().unwrap_or_else(|e| e.into_inner());
+                    match flushed_tag(&header[..n]) {
+                        // Answered by the worker that completes `oldtag`.
+                        Some(oldtag) => match flushes.flush(oldtag, chain) {
+                            None => continue,
+                            Some(chain) => (chain, None),
+                        },
+                        None => {
+                            if let Some(tag) = tag {
+                                flushes.start(tag);
+                            }
+                            (chain, tag)
                         }
-                        None
-                    } else {
-                        if let Some(tag) = tag {
-                            tags.entry(tag).or_insert((0, Vec::new())).0 += 1;
-                        }
-                        tag
                     }
                 };
                 *shared.inflight.lock().unwrap_or_else(|e| e.into_inner()) += 1;
