@@ -159,9 +159,10 @@ impl ShareServers {
 /// Set (to anything) only by the escape tests: see `add_shares`.
 const UNCHECKED_9P_ENV: &str = "BOOTBOX_TEST_UNCHECKED_9P";
 
-/// Adds a virtio-9p device per share. Their statistics follow the VM's `stats` switch, which
-/// each device hands to its server and the pool when the guest activates it.
+/// Adds a virtio-9p device per share. The servers and their worker pool count requests when
+/// the VM's one statistics switch is on.
 fn add_shares(vm: &mut Vm, shares: &[Share]) -> Result<ShareServers, Failure> {
+    let stats = vm.stats_enabled();
     let mut kept = ShareServers::default();
     if shares.is_empty() {
         return Ok(kept);

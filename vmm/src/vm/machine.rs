@@ -215,6 +215,11 @@ impl Vm {
         ConsoleHandle(self.console.clone())
     }
 
+    /// The run's one statistics switch (`VmConfig::stats`), for the devices the caller builds.
+    pub fn stats_enabled(&self) -> bool {
+        self.config.stats
+    }
+
     /// The command line the kernel will get (config + virtio device entries).
     pub fn kernel_cmdline(&self) -> String {
         join_cmdline(&self.config.cmdline, &self.virtio_cmdline)

@@ -46,17 +46,11 @@ pub struct Virtio9p {
 pub(crate) trait RequestHandler: Send + Sync {
     /// Answers `request` into `reply`, returning the reply length.
     fn handle(&self, request: &[u8], reply: &mut dyn ReplyBuf) -> usize;
-    /// Turns the handler's own request statistics on or off (the VM's statistics switch).
-    fn set_stats_enabled(&self, _on: bool) {}
 }
 
 impl RequestHandler for Server {
     fn handle(&self, request: &[u8], reply: &mut dyn ReplyBuf) -> usize {
         Server::handle(self, request, reply)
-    }
-
-    fn set_stats_enabled(&self, on: bool) {
-        Server::set_stats_enabled(self, on);
     }
 }
 
@@ -141,9 +135,6 @@ impl VirtioDevice for Virtio9p {
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<Box<dyn QueueHandler>, VirtioError> {
         let indirect_ok = ctx.has_feature(VIRTIO_RING_F_INDIRECT_DESC);
-        // The one statistics switch of the VM also covers the server and its workers.
-        self.server.set_stats_enabled(ctx.stats.enabled());
-        self.pool.set_stats_enabled(ctx.stats.enabled());
         let Some(queue) = ctx.queues.into_iter().next().filter(|q| q.ready()) else {
             return Err(VirtioError::Activate {
                 device: "9p",

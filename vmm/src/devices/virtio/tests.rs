@@ -1010,27 +1010,11 @@ fn ninep_scatter_gather_through_the_handler() {
     assert_eq!(got, want);
 }
 
-/// Echo that remembers the statistics switch it was given.
-#[derive(Default)]
-struct StatsProbe(Mutex<Option<bool>>);
-
-impl RequestHandler for StatsProbe {
-    fn handle(&self, request: &[u8], reply: &mut dyn ReplyBuf) -> usize {
-        Echo.handle(request, reply)
-    }
-
-    fn set_stats_enabled(&self, on: bool) {
-        *self.0.lock().unwrap() = Some(on);
-    }
-}
-
 #[test]
-fn ninep_activation_hands_the_stats_switch_to_server_and_pool() {
+fn ninep_device_and_pool_count_only_with_the_stats_switch() {
     for on in [true, false] {
-        let probe = Arc::new(StatsProbe::default());
-        let pool = Arc::new(WorkerPool::new(1, "t9p"));
-        let mut d = ninep_driver_with(probe.clone(), pool.clone(), on);
-        assert_eq!(*probe.0.lock().unwrap(), Some(on));
+        let pool = Arc::new(WorkerPool::with_thread_start(1, "t9p", Arc::new(|| {}), on));
+        let mut d = ninep_driver_with(Arc::new(Echo), pool.clone(), on);
         d.fill(DATA, b"ping");
         let h = d.chain(0, &[(DATA, 4, false), (DATA + 0x100, 4, true)]);
         d.publish(0, h);
