@@ -19,6 +19,7 @@ pub mod devices;
 pub mod memory;
 pub mod phases;
 pub mod sandbox;
+pub mod snapshot;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;
