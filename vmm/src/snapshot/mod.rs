@@ -4,7 +4,7 @@
 //! from it ([`memory_map`]). The module depends only on kvm-ioctls, kvm-bindings and
 //! vm-memory types, so whichever code owns the VM wires it in:
 //!
-//! * snapshot: stop every vCPU; [`saveable_msrs`] once; [`VcpuState::capture`] per vCPU;
+//! * snapshot: stop every vCPU; [`finish_pending_io`] on each; [`saveable_msrs`] once; [`VcpuState::capture`] per vCPU;
 //!   [`VmState::capture`]; the devices' own state as blobs; [`write_snapshot`].
 //! * restore: [`read_snapshot`]; [`map_guest_memory`] and register it as memory slots;
 //!   create the same in-kernel devices (irqchip, PIT) and vCPUs; [`VmState::restore`];
@@ -22,5 +22,5 @@ pub use format::{
     SnapshotState,
 };
 pub use memory_map::{map_guest_memory, MemoryMapError};
-pub use vcpu_state::{saveable_msrs, VcpuState, VcpuStateError};
+pub use vcpu_state::{finish_pending_io, saveable_msrs, VcpuState, VcpuStateError};
 pub use vm_state::{IrqchipState, VmState, VmStateError};

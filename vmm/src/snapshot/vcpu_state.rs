@@ -61,6 +61,8 @@ pub enum VcpuStateError {
         "the snapshot's XSAVE area is {saved} bytes, more than the {supported} this KVM takes"
     )]
     XsaveTooLarge { saved: usize, supported: usize },
+    #[error("KVM_RUN with immediate_exit ran the guest instead of returning at once: {0}")]
+    UnexpectedExit(String),
     #[error("KVM reports an XSAVE area of {0} bytes, less than the classic 4096")]
     XsaveSizeInvalid(i32),
     #[error("building a KVM {what} list: {source:?}")]
@@ -101,6 +103,25 @@ pub fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, VcpuStateErro
     Ok(saveable)
 }
 
+/// Completes the I/O or MMIO access of the vCPU's last exit without running any guest
+/// instruction (KVM_RUN with `immediate_exit` set). KVM finishes such an access only on the
+/// next KVM_RUN and keeps it in state no ioctl reads: captured right after a port-write exit,
+/// the vCPU would still point at the OUT and repeat it when restored. Call this on every
+/// stopped vCPU before [`VcpuState::capture`]; the caller has already served the access.
+pub fn finish_pending_io(vcpu: &mut VcpuFd) -> Result<(), VcpuStateError> {
+    vcpu.set_kvm_immediate_exit(1);
+    let result = match vcpu.run() {
+        Err(e) if e.errno() == libc::EINTR => Ok(()),
+        Err(source) => Err(VcpuStateError::Ioctl {
+            ioctl: "KVM_RUN (immediate exit)",
+            source,
+        }),
+        Ok(exit) => Err(VcpuStateError::UnexpectedExit(format!("{exit:?}"))),
+    };
+    vcpu.set_kvm_immediate_exit(0);
+    result
+}
+
 /// Puts TSC_DEADLINE after everything else (TSC in particular), keeping the rest in order.
 fn order_msrs_for_restore(indices: &mut [u32]) {
     indices.sort_by_key(|&index| index == MSR_IA32_TSC_DEADLINE);
@@ -123,7 +144,8 @@ pub struct VcpuState {
     pub xsave: Option<Vec<u8>>,
     pub xcrs: Option<kvm_xcrs>,
     pub debug_regs: Option<kvm_debugregs>,
-    pub lapic: kvm_lapic_state,
+    /// The in-kernel LAPIC's registers (`None` when the VM has no in-kernel irqchip).
+    pub lapic: Option<kvm_lapic_state>,
     /// The guest TSC frequency in kHz (KVM_GET_TSC_KHZ).
     pub tsc_khz: Option<u32>,
     /// The CPUID table the vCPU was given (KVM_GET_CPUID2, empty entries dropped).
@@ -170,7 +192,12 @@ impl VcpuState {
         } else {
             None
         };
-        let lapic = vcpu.get_lapic().map_err(ioctl_err("KVM_GET_LAPIC"))?;
+        let lapic = match vcpu.get_lapic() {
+            Ok(lapic) => Some(lapic),
+            // KVM answers EINVAL exactly when the vCPU has no in-kernel LAPIC.
+            Err(e) if e.errno() == libc::EINVAL => None,
+            Err(e) => return Err(ioctl_err("KVM_GET_LAPIC")(e)),
+        };
         let tsc_khz = if vm.check_extension(Cap::GetTscKhz) {
             Some(vcpu.get_tsc_khz().map_err(ioctl_err("KVM_GET_TSC_KHZ"))?)
         } else {
@@ -219,7 +246,7 @@ impl VcpuState {
     /// 4. Regs, then sregs (which carry EFER, CRs and the APIC base).
     /// 5. FPU, then XSAVE (which supersedes the FPU's part), then XCRs.
     /// 6. Debug registers.
-    /// 7. LAPIC: after sregs, whose APIC base MSR decides where and whether the LAPIC is on.
+    /// 7. LAPIC (when the snapshot has one): after sregs, whose APIC base MSR decides where and whether the LAPIC is on.
     /// 8. MSRs: after the LAPIC, since TSC_DEADLINE only sticks once the LAPIC timer is in
     ///    TSC-deadline mode; TSC_DEADLINE is last in the list, after the TSC.
     /// 9. vCPU events last: setting regs clears pending exceptions, and these bring them back.
@@ -253,8 +280,9 @@ impl VcpuState {
             vcpu.set_debug_regs(debug_regs)
                 .map_err(ioctl_err("KVM_SET_DEBUGREGS"))?;
         }
-        vcpu.set_lapic(&self.lapic)
-            .map_err(ioctl_err("KVM_SET_LAPIC"))?;
+        if let Some(lapic) = &self.lapic {
+            vcpu.set_lapic(lapic).map_err(ioctl_err("KVM_SET_LAPIC"))?;
+        }
         restore_msrs(vcpu, &self.msrs)?;
         if let Some(events) = &self.events {
             require(vm, Cap::VcpuEvents, "vCPU event", "KVM_CAP_VCPU_EVENTS")?;
@@ -273,7 +301,7 @@ impl VcpuState {
         e.option(self.xsave.as_ref(), |e, v| e.blob(v));
         e.option(self.xcrs.as_ref(), |e, v| e.pod(v));
         e.option(self.debug_regs.as_ref(), |e, v| e.pod(v));
-        e.pod(&self.lapic);
+        e.option(self.lapic.as_ref(), |e, v| e.pod(v));
         e.option(self.tsc_khz.as_ref(), |e, v| e.u32(*v));
         e.pod_list(&self.cpuid);
         e.pod_list(&self.msrs);
@@ -291,7 +319,7 @@ impl VcpuState {
             xsave: d.option("XSAVE area", decode_xsave)?,
             xcrs: d.option("XCRs", |d| d.pod("XCRs"))?,
             debug_regs: d.option("debug registers", |d| d.pod("debug registers"))?,
-            lapic: d.pod("LAPIC")?,
+            lapic: d.option("LAPIC", |d| d.pod("LAPIC"))?,
             tsc_khz: d.option("TSC frequency", |d| d.u32("TSC frequency"))?,
             cpuid: d.pod_list(KVM_MAX_CPUID_ENTRIES, "CPUID entries")?,
             msrs: d.pod_list(MSR_MAX_COUNT, "MSRs")?,
@@ -526,7 +554,7 @@ pub(crate) mod tests {
                 dr7: 0x400,
                 ..Default::default()
             }),
-            lapic,
+            lapic: Some(lapic),
             tsc_khz: Some(2_000_000),
             cpuid: vec![kvm_cpuid_entry2 {
                 function: 0,
