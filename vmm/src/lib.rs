@@ -21,6 +21,7 @@ pub mod memory;
 pub mod phases;
 pub mod run_control;
 pub mod sandbox;
+pub mod snapshot;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;
