@@ -2,13 +2,16 @@
 # Installs what bootbox needs on a fresh Debian machine (as root), and nothing when it is
 # already there: qemu (the nested test host and the comparisons), the distribution kernel with
 # kvm-amd (the test host's kernel), the 6.12 kernel source and its build tools (the guest
-# kernel), busybox-static (the test host's userland), diod (the 9p comparison) and the
-# appliance's default tools.
+# kernel), busybox-static (the test host's userland), diod (the 9p comparison), the
+# appliance's default tools, qemu-utils (qemu-img/qemu-io: the disk crate's tests compare its
+# qcow2 reader with QEMU's) and the filesystem tools scripts/make-test-images.sh builds disk
+# images with, without root.
 set -euo pipefail
 
 packages=(qemu-system-x86 linux-image-amd64 linux-source-6.12 build-essential bc flex bison
     libelf-dev libssl-dev cpio xz-utils zstd kmod file busybox-static diod python3 findutils
-    coreutils grep tar util-linux)
+    coreutils grep tar util-linux
+    qemu-utils e2fsprogs dosfstools mtools squashfs-tools xorriso btrfs-progs xfsprogs fdisk)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -16,11 +16,13 @@
 //!   cargo-fuzz target;
 //! - [`fs9p`]: virtio-9p (device 9) handing requests to a [`p9::Server`] on a worker pool,
 //!   with zero-copy file reads into guest buffers;
+//! - [`block`]: virtio-blk (device 2) serving a [`disk::Image`], read-only by default;
 //! - the [`Interrupt`] line (interrupt status + irq eventfd + the device error state, including
 //!   the report of a device thread that panicked) and the per-device [`DeviceStats`] counters.
 //!
 //! It does not create VMs, map buses or pick addresses: that is the VM's job.
 
+pub mod block;
 pub mod chain;
 pub mod console;
 pub mod fs9p;

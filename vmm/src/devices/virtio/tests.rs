@@ -13,6 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+/// virtio-blk's tests: a child module, so they drive the same fake driver.
+#[path = "block_tests.rs"]
+mod block_tests;
+
 const MEM_SIZE: usize = 32 << 20;
 /// Data buffers live above the rings.
 const DATA: u64 = 0x10_0000;
