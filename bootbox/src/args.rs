@@ -95,10 +95,15 @@ pub struct VmArgs {
     /// Run the monitor unconfined (no Landlock, seccomp or no_new_privs), for debugging.
     #[arg(long)]
     pub no_sandbox: bool,
-    /// Also give every monitor thread its seccomp system call allowlist. Off by default for
-    /// now: under heavy 9p reads the nested test host froze with it on (see README).
+    /// On rw shares, apply the guest's chown to the host files (root only). By default a
+    /// guest's owner, group, set-id bits and device nodes live in an extended attribute and
+    /// every host file stays the invoking user's (see README: what a guest can reach).
+    #[arg(long)]
+    pub passthrough_ownership: bool,
+    /// Leave out the per-thread seccomp system call allowlists (Landlock and no_new_privs
+    /// stay), for debugging a refused call.
     #[arg(long, conflicts_with = "no_sandbox")]
-    pub seccomp: bool,
+    pub no_seccomp: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -120,6 +120,19 @@ fn vm_timeout(a: &VmArgs) -> Result<Option<Duration>, Failure> {
     }
 }
 
+/// `--passthrough-ownership` is for root: only root can give a host file to another owner.
+fn check_ownership_mode(a: &VmArgs) -> Result<(), Failure> {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if a.passthrough_ownership && unsafe { libc::geteuid() } != 0 {
+        return Err(fail(
+            "--passthrough-ownership needs root (only root can give host files to other owners); \
+             without it a guest's ownership is kept in an extended attribute"
+                .to_string(),
+        ));
+    }
+    Ok(())
+}
+
 fn vm_config(kernel: PathBuf, cmdline: String, a: &VmArgs) -> Result<VmConfig, Failure> {
     let timeout = vm_timeout(a)?;
     let mut cmdline = cmdline;
@@ -161,8 +174,13 @@ const UNCHECKED_9P_ENV: &str = "BOOTBOX_TEST_UNCHECKED_9P";
 
 /// Adds a virtio-9p device per share. The servers and their worker pool count requests when
 /// the VM's one statistics switch is on.
-fn add_shares(vm: &mut Vm, shares: &[Share]) -> Result<ShareServers, Failure> {
+fn add_shares(vm: &mut Vm, shares: &[Share], a: &VmArgs) -> Result<ShareServers, Failure> {
     let stats = vm.stats_enabled();
+    let ownership = if a.passthrough_ownership {
+        p9::Ownership::Passthrough
+    } else {
+        p9::Ownership::Mapped
+    };
     let mut kept = ShareServers::default();
     if shares.is_empty() {
         return Ok(kept);
@@ -186,6 +204,7 @@ fn add_shares(vm: &mut Vm, shares: &[Share]) -> Result<ShareServers, Failure> {
         let config = p9::Config {
             read_only: s.read_only,
             resolution_checks,
+            ownership,
             stats,
             ..p9::Config::default()
         };
@@ -312,6 +331,7 @@ pub fn run(process_start: Instant, a: RunArgs) -> u8 {
 fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8, Failure> {
     let phases = PhaseLog::new(process_start);
     vm_timeout(&a.vm)?;
+    check_ownership_mode(&a.vm)?;
     let shares = checked_shares(a.shares.clone())?;
     let env = a
         .env
@@ -361,7 +381,7 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
         "virtio-console (stderr)",
         Box::new(VirtioConsole::new(std_writer(std::io::stderr().as_fd())?)),
     )?;
-    let servers = add_shares(&mut vm, &shares)?;
+    let servers = add_shares(&mut vm, &shares, &a.vm)?;
 
     let (outcome, mut record) = execute(vm, signals, &phases, &servers, "the appliance")?;
     record.appliance_built = Some(prepared.built);
@@ -469,6 +489,7 @@ pub fn boot(process_start: Instant, a: BootArgs) -> u8 {
 fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u8, Failure> {
     let phases = PhaseLog::new(process_start);
     vm_timeout(&a.vm)?;
+    check_ownership_mode(&a.vm)?;
     let shares = checked_shares(a.shares.clone())?;
     let kernel = kernel::find(a.vm.kernel.as_deref())?;
     log::info!("using kernel {}", kernel.display());
@@ -483,7 +504,7 @@ fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u
     config.console = ConsoleSink::Stdout;
     config.stdin = !a.no_stdin;
     let mut vm = confined_vm(&a.vm, config, &phases, &shares)?;
-    let servers = add_shares(&mut vm, &shares)?;
+    let servers = add_shares(&mut vm, &shares, &a.vm)?;
     let (outcome, record) = execute(vm, signals, &phases, &servers, "the guest")?;
     let code = match outcome.exit {
         GuestExit::Status(s) => s,
@@ -524,7 +545,10 @@ fn confine(a: &VmArgs, config: &VmConfig, shares: &[Share]) -> Result<(), Failur
     if a.no_sandbox {
         return Ok(());
     }
-    let mut policy = Policy::new().seccomp(a.seccomp).read_file(&config.kernel);
+    let mut policy = Policy::new()
+        .seccomp(!a.no_seccomp)
+        .passthrough_ownership(a.passthrough_ownership)
+        .read_file(&config.kernel);
     for part in &config.initrd {
         if let InitrdPart::File(path) = part {
             policy = policy.read_file(path);

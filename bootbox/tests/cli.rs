@@ -239,3 +239,28 @@ fn a_missing_initrd_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn passthrough_ownership_is_refused_to_ordinary_users() {
+    use std::os::unix::process::CommandExt;
+    let t = Scratch::new();
+    let share = t.subdir("tree");
+    let mut cmd = bootbox();
+    cmd.args([
+        "run",
+        "--passthrough-ownership",
+        "--kernel",
+        &t.kernel(),
+        "--share",
+    ])
+    .arg(format!("{}:data:rw", share.display()))
+    .args(["--", "true"]);
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        // As root, become an ordinary user for this one run (the check comes before any file
+        // of the scratch directory is read).
+        cmd.uid(4242).gid(4242);
+    }
+    let err = fails(&mut cmd);
+    assert!(err.contains("--passthrough-ownership needs root"), "{err}");
+}

@@ -97,6 +97,7 @@ pub struct Policy {
     shares: Vec<SharedDir>,
     write_files: Vec<PathBuf>,
     seccomp: bool,
+    chown: bool,
 }
 
 impl Policy {
@@ -112,6 +113,13 @@ impl Policy {
     /// Whether every monitor thread also gets its seccomp allowlist (on by default).
     pub fn seccomp(mut self, on: bool) -> Self {
         self.seccomp = on;
+        self
+    }
+
+    /// Lets the 9p workers change a host file's owner: only for shares served with passthrough
+    /// ownership, which a root user asks for explicitly. Off by default.
+    pub fn passthrough_ownership(mut self, on: bool) -> Self {
+        self.chown = on;
         self
     }
 
@@ -252,7 +260,9 @@ pub fn install(policy: &Policy) -> Result<Report, SandboxError> {
     let landlock = landlock::restrict(policy)?;
     let filters = if policy.seccomp && no_new_privs && seccomp::trap_filters_supported() {
         sigsys::install_handler().map_err(SandboxError::SignalHandler)?;
-        let filters = seccomp::Filters::compile()?;
+        let filters = seccomp::Filters::compile(seccomp::Grants {
+            chown: policy.chown,
+        })?;
         filters
             .apply_process_wide()
             .map_err(SandboxError::ProcessFilter)?;

@@ -276,8 +276,13 @@ fn signal_waiter(list: &mut Allowlist) {
     list.allow(&[libc::SYS_rt_sigtimedwait]);
 }
 
-fn p9_worker(list: &mut Allowlist) {
+fn p9_worker(list: &mut Allowlist, grants: Grants) {
     use libc::*;
+    if grants.chown {
+        // Passthrough ownership, asked for explicitly by a root user: a guest's chown reaches
+        // the host file (always through the fid's own fd, AT_EMPTY_PATH).
+        list.allow(&[SYS_fchown, SYS_fchownat]);
+    }
     list.allow(&[
         SYS_openat,
         SYS_openat2,
@@ -307,9 +312,9 @@ fn p9_worker(list: &mut Allowlist) {
         SYS_fchmod,
         SYS_fchmodat,
         SYS_fchmodat2,
-        // No fchown/fchownat: shares run in mapped ownership mode, where a guest's chown only
-        // changes its own view (an xattr), so even a fooled worker cannot give a host file to
-        // root or anyone else. Landlock does not cover chown; this does.
+        // No fchown/fchownat unless granted: in the default mapped ownership mode a guest's
+        // chown only changes its own view (an xattr), so even a fooled worker cannot give a
+        // host file to root or anyone else. Landlock does not cover chown; this does.
         SYS_utimensat,
         SYS_fsync,
         SYS_fdatasync,
@@ -350,8 +355,15 @@ fn main_thread(list: &mut Allowlist) {
     }
 }
 
+/// What a policy adds to the fixed allowlists.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Grants {
+    /// The 9p workers may change a host file's owner (passthrough ownership).
+    pub(super) chown: bool,
+}
+
 /// The allowlist of `role` in the process `pid`.
-pub(super) fn allowlist(role: ThreadRole, pid: u32) -> Allowlist {
+pub(super) fn allowlist(role: ThreadRole, pid: u32, grants: Grants) -> Allowlist {
     let mut list = Allowlist::default();
     base(&mut list, pid);
     match role {
@@ -360,7 +372,7 @@ pub(super) fn allowlist(role: ThreadRole, pid: u32) -> Allowlist {
         ThreadRole::Device => device(&mut list),
         ThreadRole::EventLoop => event_loop(&mut list),
         ThreadRole::SignalWaiter => signal_waiter(&mut list),
-        ThreadRole::P9Worker => p9_worker(&mut list),
+        ThreadRole::P9Worker => p9_worker(&mut list, grants),
     }
     if !matches!(role, ThreadRole::Main | ThreadRole::P9Worker) {
         // glibc's malloc may probe /proc/sys/vm/overcommit_memory from any thread.
@@ -418,12 +430,12 @@ pub(super) struct Filters {
 }
 
 impl Filters {
-    pub(super) fn compile() -> Result<Filters, SandboxError> {
+    pub(super) fn compile(grants: Grants) -> Result<Filters, SandboxError> {
         let pid = std::process::id();
         let roles = ThreadRole::ALL
             .iter()
             .map(|&role| {
-                let list = allowlist(role, pid);
+                let list = allowlist(role, pid, grants);
                 Ok((list.to_filter(role)?, list.to_refusal_filter(role)?))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -464,12 +476,13 @@ mod tests {
     const PID: u32 = 4242;
 
     fn list(role: ThreadRole) -> Allowlist {
-        allowlist(role, PID)
+        allowlist(role, PID, Grants::default())
     }
 
     #[test]
     fn every_role_compiles() {
-        Filters::compile().unwrap();
+        Filters::compile(Grants::default()).unwrap();
+        Filters::compile(Grants { chown: true }).unwrap();
     }
 
     #[test]
@@ -617,6 +630,24 @@ mod tests {
         assert_eq!(KVM_RUN, 0xae80);
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
+    }
+
+    #[test]
+    fn only_passthrough_ownership_lets_the_file_server_chown() {
+        let chowns = [SYS_chown, SYS_fchown, SYS_fchownat, SYS_lchown];
+        let granted = Grants { chown: true };
+        for role in ThreadRole::ALL {
+            for grants in [Grants::default(), granted] {
+                let list = allowlist(role, PID, grants);
+                for nr in chowns {
+                    let allowed = list.0.contains_key(&nr);
+                    let expected = role == ThreadRole::P9Worker
+                        && grants.chown
+                        && (nr == SYS_fchown || nr == SYS_fchownat);
+                    assert_eq!(allowed, expected, "{role:?} {grants:?} syscall {nr}");
+                }
+            }
+        }
     }
 
     #[test]
