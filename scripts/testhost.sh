@@ -16,9 +16,15 @@
 # --ext4-scratch DIR mounts a fresh 768 MiB ext4 filesystem (made in the test host's memory,
 # on a loop device) at DIR, for tests that need what the test host's tmpfs lacks, such as
 # user extended attributes. TESTHOST_APPEND adds words to the test host kernel's command line.
+#
+# The emulated test host occasionally freezes as a whole (its clock stops: qemu sits idle and
+# nothing inside runs any more, whatever the command does). When the console stays silent for
+# TESTHOST_STALL_SECS (default 600), the test host is stopped and this script exits with 123,
+# so callers can tell a frozen test host from a failed command and retry.
 set -euo pipefail
 
 timeout_secs=1800
+stall_secs=${TESTHOST_STALL_SECS:-600}
 mem_mib=4096
 mirrors=()
 scratch=""
@@ -171,13 +177,35 @@ chmod +x "$root/init"
 echo "testhost: $(du -m "$stage/testhost.cpio" | cut -f1) MiB initramfs, kernel $host_kernel" >&2
 
 log="$stage/console.log"
+: >"$log"
+# The stall watcher: stops this run's qemu (found by its unique initramfs path) when the
+# console has said nothing for stall_secs.
+(
+    last_size=-1
+    quiet=0
+    while sleep 30; do
+        size=$(stat -c %s "$log" 2>/dev/null) || exit 0
+        if [ "$size" = "$last_size" ]; then quiet=$((quiet + 30)); else quiet=0; last_size=$size; fi
+        if [ "$quiet" -ge "$stall_secs" ]; then
+            touch "$stage/stalled"
+            pkill -f -- "-initrd $stage/testhost.cpio" || true
+            exit 0
+        fi
+    done
+) &
+watcher=$!
 set +e
 timeout --foreground "$timeout_secs" qemu-system-x86_64 \
     -M q35 -cpu max -smp 1 -m "$mem_mib" -nographic -no-reboot -nic none -vga none \
     -kernel "$host_kernel" -initrd "$stage/testhost.cpio" \
     -append "console=ttyS0 panic=-1 quiet loglevel=3 ${TESTHOST_APPEND:-}" </dev/null | tee "$log"
 qemu_status=${PIPESTATUS[0]}
+kill "$watcher" 2>/dev/null
 set -e
+if [ -e "$stage/stalled" ]; then
+    echo "testhost: no console output for ${stall_secs}s: the test host froze (an emulator problem, not the command's); stopped it" >&2
+    exit 123
+fi
 status=$(tr -d '\r' <"$log" | sed -n 's/^BOOTBOX-TESTHOST-EXIT=\([0-9]*\)$/\1/p' | tail -n1)
 if [ -n "$status" ]; then
     exit "$status"
