@@ -56,10 +56,14 @@ case "$mode" in
         env "${e2e_env[@]}" "$e2e_bin" --ignored --test-threads=1
         ;;
     nested)
+        # The disk test's images are made here: the test host has no mkfs tools.
+        fixture=$(mktemp -d "${TMPDIR:-/tmp}/bootbox-disk-fixture.XXXXXX")
+        trap 'rm -rf "$fixture"' EXIT
+        scripts/make-disk-fixture.sh "$fixture" 2>/dev/null
         scripts/testhost.sh --timeout 2400 \
             --mirror "$e2e_bin" --mirror "$PWD/target/release/bootbox" --mirror "$PWD/target/release/bootbox-init" \
-            --mirror "$kernel" --appliance-tools \
-            -- env "${e2e_env[@]}" "$e2e_bin" --ignored --test-threads=1
+            --mirror "$kernel" --mirror "$fixture" --appliance-tools \
+            -- env "${e2e_env[@]}" BOOTBOX_DISK_FIXTURE="$fixture" "$e2e_bin" --ignored --test-threads=1
         ;;
     skip)
         echo "end-to-end tests skipped (BOOTBOX_E2E=skip)"
