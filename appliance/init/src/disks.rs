@@ -326,4 +326,51 @@ mod tests {
             ("btrfs", "rescue=nologreplay")
         );
     }
+
+    /// The sniffer against what the real mkfs tools write (scripts/make-test-images.sh), when
+    /// the host has them.
+    #[test]
+    fn real_images_are_recognised() {
+        use std::os::unix::fs::FileExt;
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let work = std::env::temp_dir().join(format!("bootbox-sniff-{}", std::process::id()));
+        let src = work.join("src");
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        std::fs::write(src.join("d/file"), b"contents").unwrap();
+        let made = std::process::Command::new(root.join("scripts/make-test-images.sh"))
+            .arg(work.join("img"))
+            .arg(&src)
+            .output()
+            .unwrap();
+        if !made.status.success() {
+            eprintln!(
+                "SKIP: make-test-images.sh failed (scripts/setup.sh installs the tools): {}",
+                String::from_utf8_lossy(&made.stderr).trim()
+            );
+            std::fs::remove_dir_all(&work).unwrap();
+            return;
+        }
+        let sniff_file = |name: &str, base: u64| {
+            let f = std::fs::File::open(work.join("img").join(name)).unwrap();
+            identify(&|offset, len| {
+                let mut buf = vec![0u8; len];
+                f.read_exact_at(&mut buf, base + offset).ok().map(|()| buf)
+            })
+        };
+        let expected = [
+            ("ext4.img", Some(Fs::Ext)),
+            ("vfat.img", Some(Fs::Vfat)),
+            ("squashfs.img", Some(Fs::Squashfs)),
+            ("iso9660.iso", Some(Fs::Iso9660)),
+            ("btrfs.img", Some(Fs::Btrfs)),
+            ("xfs.img", Some(Fs::Xfs)),
+            // The GPT disk itself holds no filesystem; its partition 1 (at 1 MiB) is ext4.
+            ("gpt.img", None),
+        ];
+        for (name, fs) in expected {
+            assert_eq!(sniff_file(name, 0), fs, "{name}");
+        }
+        assert_eq!(sniff_file("gpt.img", 1 << 20), Some(Fs::Ext));
+        std::fs::remove_dir_all(&work).unwrap();
+    }
 }
