@@ -101,6 +101,10 @@ fn disks_of_every_filesystem_mount_read_only_and_match_the_host() {
     let scratch = Scratch::new("disks");
     let rw = scratch.path().join("blank.img");
     std::fs::write(&rw, vec![0u8; 1 << 20]).unwrap();
+    // A read-only disk with no filesystem: not mounted, so a write to the device meets only
+    // the disk's read-only state (a mounted one would answer EBUSY first).
+    let ro_blank = scratch.path().join("ro-blank.img");
+    std::fs::write(&ro_blank, vec![0x5a; 1 << 20]).unwrap();
 
     // (image, the device the guest mounts, what the filesystem keeps)
     let mut attached: Vec<(PathBuf, &str, Keeps)> = vec![
@@ -126,7 +130,8 @@ fn disks_of_every_filesystem_mount_read_only_and_match_the_host() {
     } else {
         eprintln!("no xfs.img in the fixture (make-test-images.sh says why): xfs not covered");
     }
-    let rw_dev = guest_abi::jobspec::disk_device_name(attached.len());
+    let ro_blank_dev = guest_abi::jobspec::disk_device_name(attached.len());
+    let rw_dev = guest_abi::jobspec::disk_device_name(attached.len() + 1);
 
     let ext4_before = sha256_file(&images.join("ext4.img"));
     let script = format!(
@@ -137,6 +142,8 @@ grep ' /disk/' /proc/mounts | while read -r dev dir fs opts rest; do echo "$dir 
 echo "== ro-checks"
 touch /disk/vda/new-file 2>&1 && echo touch-succeeded
 dd if=/dev/zero of=/dev/vda bs=512 count=1 conv=notrunc,fsync 2>/dev/null && echo dd-succeeded
+echo "== ro-device"
+dd if=/dev/zero of=/dev/{ro_blank_dev} bs=512 count=1 conv=notrunc,fsync 2>&1 && echo dd-succeeded
 echo "== rw"
 printf bootbox-wrote-this | dd of=/dev/{rw_dev} bs=1 seek=4096 conv=notrunc,fsync 2>/dev/null && echo written
 echo "== tools"
@@ -149,6 +156,8 @@ lsblk -rno NAME /dev/vdb
         args.push("--disk".into());
         args.push(image.to_str().unwrap().to_string());
     }
+    args.push("--disk".into());
+    args.push(ro_blank.to_str().unwrap().to_string());
     args.push("--disk".into());
     args.push(format!("{}:rw:raw", rw.display()));
     args.extend(
@@ -168,7 +177,7 @@ lsblk -rno NAME /dev/vdb
     let got = sections(&stdout(&out));
 
     // Exactly the recognised filesystems are mounted (not the GPT disk itself, not the
-    // blank rw disk), each read-only.
+    // blank disks), each read-only.
     let mut expected_mounts: Vec<String> = attached
         .iter()
         .map(|(_, dev, _)| format!("/disk/{dev} ro"))
@@ -214,6 +223,20 @@ lsblk -rno NAME /dev/vdb
         ext4_before,
         "the read-only ext4 image changed"
     );
+
+    let ro_device = &got["ro-device"];
+    assert!(
+        !ro_device.contains("succeeded")
+            && [
+                "Read-only file system",
+                "Operation not permitted",
+                "Permission denied"
+            ]
+            .iter()
+            .any(|m| ro_device.contains(m)),
+        "a write to the read-only device: {ro_device}"
+    );
+    assert_eq!(std::fs::read(&ro_blank).unwrap(), vec![0x5a; 1 << 20]);
 
     assert_eq!(got["rw"].trim(), "written");
     let bytes = std::fs::read(&rw).unwrap();
