@@ -116,6 +116,8 @@ pub struct RunArgs {
     /// at /share, several at /share/TAG.
     #[arg(long = "share", value_name = SHARE_GRAMMAR, value_parser = parse_share, long_help = SHARE_HELP)]
     pub shares: Vec<Share>,
+    /// Attach a disk image as /dev/vda, /dev/vdb, ... (read-only unless :rw; qcow2 or raw,
+    /// found from the content unless named).
     #[arg(long = "disk", value_name = DISK_GRAMMAR, value_parser = parse_disk, long_help = DISK_HELP)]
     pub disks: Vec<Disk>,
     /// Mount every recognised filesystem on the disks (whole disks and partitions) read-only
