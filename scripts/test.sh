@@ -58,8 +58,11 @@ case "$mode" in
     nested)
         # The disk test's images are made here: the test host has no mkfs tools.
         fixture=$(mktemp -d "${TMPDIR:-/tmp}/bootbox-disk-fixture.XXXXXX")
-        trap 'rm -rf "$fixture"' EXIT
-        scripts/make-disk-fixture.sh "$fixture" 2>/dev/null
+        trap 'rm -rf "$fixture" "$fixture.log"' EXIT
+        scripts/make-disk-fixture.sh "$fixture" 2>"$fixture.log" || {
+            cat "$fixture.log" >&2
+            exit 1
+        }
         scripts/testhost.sh --timeout 2400 \
             --mirror "$e2e_bin" --mirror "$PWD/target/release/bootbox" --mirror "$PWD/target/release/bootbox-init" \
             --mirror "$kernel" --mirror "$fixture" --appliance-tools \
