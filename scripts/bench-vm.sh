@@ -6,6 +6,10 @@
 #   scripts/bench-vm.sh boot [RUNS]   # launch to job result for `true`
 #   scripts/bench-vm.sh 9p   [RUNS]   # `find | xargs sha256sum` over a generated tree, over
 #                                     # bootbox's virtio-9p vs QEMU's virtio-9p (-fsdev local)
+#   scripts/bench-vm.sh disk [RUNS]   # virtio-blk against QEMU's virtio-blk-device on the same
+#                                     # images: sequential read of a 64 MiB raw disk (dd),
+#                                     # list-and-hash of a tree on a mounted ext4 image, and
+#                                     # launch to `cat /disk/vda1/etc/os-release` (GPT disk)
 #   scripts/bench-vm.sh analyze       # the slowest initcalls of the guest kernel
 #   scripts/bench-vm.sh stats [RUNS]  # what --stats costs (bootbox with it vs without), and
 #                                     # one run's report: VM exits per boot, device time
@@ -17,9 +21,9 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 mode="${1:-boot}"
 runs="${2:-10}"
 case "$mode" in
-    boot|9p|analyze|stats) ;;
+    boot|9p|disk|analyze|stats) ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-    *) echo "bench-vm: unknown mode '$mode': expected boot, 9p, analyze or stats (try --help)" >&2; exit 2 ;;
+    *) echo "bench-vm: unknown mode '$mode': expected boot, 9p, disk, analyze or stats (try --help)" >&2; exit 2 ;;
 esac
 case "$runs" in
     ''|*[!0-9]*|0) echo "bench-vm: RUNS must be a positive number, not '$runs'" >&2; exit 2 ;;
@@ -31,15 +35,39 @@ if [ "${BOOTBOX_BENCH_INNER:-}" != 1 ]; then
     cargo build --release --bins --quiet
     kernel=$(scripts/build-kernel.sh)
     export BOOTBOX_KERNEL="$kernel" BOOTBOX_BENCH_INNER=1
+    disk_mirror=()
+    if [ "$mode" = disk ]; then
+        # The images are made here: the nested test host has no mkfs tools.
+        disks=$(mktemp -d "${TMPDIR:-/tmp}/bootbox-bench-disks.XXXXXX")
+        trap 'rm -rf "$disks"' EXIT
+        mkdir -p "$disks/tree/etc"
+        cp /etc/os-release "$disks/tree/etc/os-release"
+        for d in $(seq 1 20); do
+            mkdir -p "$disks/tree/d$d"
+            for f in $(seq 1 100); do head -c $(( (d * 131 + f * 977) % 16384 )) /dev/urandom >"$disks/tree/d$d/f$f"; done
+        done
+        scripts/make-test-images.sh "$disks/all" "$disks/tree" 2>/dev/null
+        mkdir -p "$disks/use"
+        mv "$disks/all/ext4.img" "$disks/all/gpt.img" "$disks/use/"
+        rm -rf "$disks/all"
+        head -c 64M /dev/urandom >"$disks/use/seq.img"
+        (cd "$disks/tree/d1/.." && find . -path ./etc -prune -o -type f -print0 | LC_ALL=C sort -z |
+            xargs -0 sha256sum | sha256sum) >"$disks/use/tree.digest"
+        export BOOTBOX_BENCH_DISKS="$disks/use"
+        disk_mirror=(--mirror "$disks/use")
+    fi
     if grep -qwE 'vmx|svm' /proc/cpuinfo; then
-        exec "$0" "$mode" "$runs"
+        "$0" "$mode" "$runs"
+        exit
     fi
     echo "bench-vm: no hardware virtualisation here; running inside the nested test host" >&2
-    exec scripts/testhost.sh --timeout 3600 --appliance-tools \
+    scripts/testhost.sh --timeout 3600 --appliance-tools "${disk_mirror[@]}" \
         --mirror "$repo/target/release/bootbox" --mirror "$repo/target/release/bootbox-init" \
         --mirror "$kernel" --mirror "$repo/scripts/bench-vm.sh" \
         --mirror /usr/bin/qemu-system-x86_64 --mirror /usr/share/qemu --mirror /usr/share/seabios \
-        -- env BOOTBOX_KERNEL="$kernel" BOOTBOX_BENCH_INNER=1 "$repo/scripts/bench-vm.sh" "$mode" "$runs"
+        -- env BOOTBOX_KERNEL="$kernel" BOOTBOX_BENCH_INNER=1 BOOTBOX_BENCH_DISKS="${BOOTBOX_BENCH_DISKS:-}" \
+        "$repo/scripts/bench-vm.sh" "$mode" "$runs"
+    exit
 fi
 
 bootbox="$repo/target/release/bootbox"
@@ -87,6 +115,29 @@ case "$mode" in
             --compare "$(qemu_check "-fsdev local,id=fs0,path=$tree,security_model=none,readonly=on \
  -device virtio-9p-device,fsdev=fs0,mount_tag=data -initrd $work/app.cpio -append '$cmdline'")" \
             -- run --share "$tree:data" -- "${job[@]}"
+        ;;
+    disk)
+        disks="$BOOTBOX_BENCH_DISKS"
+        # One comparison per job: bootbox's --disk against QEMU's virtio-blk-device on the
+        # same image (read-only on both), same kernel, same initramfs (`bootbox initrd --disk`
+        # records --mount-disks in the job, so the init mounts the disk under QEMU too).
+        disk_bench() {
+            local what=$1 image=$2 mount=$3
+            shift 3
+            echo "bench-vm: disk: $what" >&2
+            "$bootbox" initrd -o "$work/app.cpio" --disk "$image" $mount -- "$@" >&2
+            "$bootbox" bench --runs "$runs" --warmup 1 --expect-status 5 \
+                --compare "$(qemu_check "-drive file=$image,if=none,id=d0,format=raw,readonly=on \
+ -device virtio-blk-device,drive=d0 -initrd $work/app.cpio -append '$cmdline'")" \
+                -- run --disk "$image" $mount -- "$@"
+        }
+        disk_bench "sequential read of a 64 MiB raw disk (dd bs=1M)" "$disks/seq.img" "" \
+            sh -c 'dd if=/dev/vda of=/dev/null bs=1M 2>/dev/null && exit 5'
+        digest='find . -path ./etc -prune -o -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum'
+        disk_bench "list and hash 2000 files on a mounted ext4 image" "$disks/ext4.img" --mount-disks \
+            sh -c "cd /disk/vda && test \"\$($digest)\" = '$(cat "$disks/tree.digest")' && exit 5"
+        disk_bench "launch to cat /disk/vda1/etc/os-release (GPT disk, ext4 partition)" \
+            "$disks/gpt.img" --mount-disks sh -c 'grep -q ^ID= /disk/vda1/etc/os-release && exit 5'
         ;;
     analyze)
         "$bootbox" bench --analyze

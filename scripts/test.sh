@@ -56,13 +56,20 @@ case "$mode" in
         env "${e2e_env[@]}" "$e2e_bin" --ignored --test-threads=1
         ;;
     nested)
+        # The disk test's images are made here: the test host has no mkfs tools.
+        fixture=$(mktemp -d "${TMPDIR:-/tmp}/bootbox-disk-fixture.XXXXXX")
+        trap 'rm -rf "$fixture" "$fixture.log"' EXIT
+        scripts/make-disk-fixture.sh "$fixture" 2>"$fixture.log" || {
+            cat "$fixture.log" >&2
+            exit 1
+        }
         # A frozen test host (exit 123, see testhost.sh) says nothing about bootbox: try once more.
         for attempt in 1 2; do
             status=0
             scripts/testhost.sh --timeout 2400 \
                 --mirror "$e2e_bin" --mirror "$PWD/target/release/bootbox" --mirror "$PWD/target/release/bootbox-init" \
-                --mirror "$kernel" --appliance-tools \
-                -- env "${e2e_env[@]}" "$e2e_bin" --ignored --test-threads=1 || status=$?
+                --mirror "$kernel" --mirror "$fixture" --appliance-tools \
+                -- env "${e2e_env[@]}" BOOTBOX_DISK_FIXTURE="$fixture" "$e2e_bin" --ignored --test-threads=1 || status=$?
             [ "$status" = 123 ] && [ "$attempt" = 1 ] && { echo "the test host froze; running the end-to-end tests again" >&2; continue; }
             [ "$status" = 0 ] || exit "$status"
             break

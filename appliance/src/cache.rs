@@ -77,7 +77,16 @@ pub const DEFAULT_TOOLS: &[&str] = &[
     "tr",
     "uniq",
     "tee",
+    // Disk inspection (`--disk`): what is on a disk, and its partitions; the LVM tool to
+    // activate volume groups when the host has it.
+    "blkid",
+    "lsblk",
+    "lvm",
 ];
+
+/// The disk inspection tools a `--disk` job expects; `bootbox doctor` says when the host lacks
+/// one (the appliance is built without it, like any default tool the host lacks).
+pub const DISK_TOOLS: &[&str] = &["blkid", "lsblk"];
 
 /// Magic databases for `file`, added if present.
 const MAGIC_DBS: &[&str] = &["/usr/share/misc/magic.mgc", "/usr/lib/file/magic.mgc"];

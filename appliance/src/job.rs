@@ -3,7 +3,9 @@
 //! memory). The job type and its wire format live in [`crate::jobspec`], shared with the guest
 //! init through the `guest-abi` crate.
 
-pub use crate::jobspec::{default_mount_point, Job, JobSpecError, ShareMount, JOB_PATH};
+pub use crate::jobspec::{
+    default_mount_point, disk_device_name, DiskAttachment, Job, JobSpecError, ShareMount, JOB_PATH,
+};
 
 use crate::cpio::CpioWriter;
 
@@ -37,6 +39,7 @@ mod tests {
                 mount_point: default_mount_point("share0", 1),
                 read_only: true,
             }],
+            ..Job::default()
         };
         let cpio = job_cpio(&job).unwrap();
         let enc = job.encode().unwrap();

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::disk::{parse_disk, Disk, DISK_GRAMMAR, DISK_HELP};
 use crate::share::{parse_share, Share, SHARE_GRAMMAR};
 
 /// What `--help` says about `--share`, the same for every subcommand.
@@ -56,6 +57,14 @@ pub struct InitrdArgs {
     /// same tags).
     #[arg(long = "share", value_name = SHARE_GRAMMAR, value_parser = parse_share, long_help = SHARE_HELP)]
     pub shares: Vec<Share>,
+    /// Disks the job expects, as for `run` (the image, device and mode are printed; give the
+    /// other VMM the same disks in the same order).
+    #[arg(long = "disk", value_name = DISK_GRAMMAR, value_parser = parse_disk, long_help = DISK_HELP)]
+    pub disks: Vec<Disk>,
+    /// The init mounts every recognised filesystem on the disks read-only under
+    /// /disk/<device> before the job starts.
+    #[arg(long)]
+    pub mount_disks: bool,
     /// Add a host program (and its libraries) to the appliance.
     #[arg(long = "with", value_name = "PROGRAM")]
     pub with: Vec<String>,
@@ -112,6 +121,14 @@ pub struct RunArgs {
     /// at /share, several at /share/TAG.
     #[arg(long = "share", value_name = SHARE_GRAMMAR, value_parser = parse_share, long_help = SHARE_HELP)]
     pub shares: Vec<Share>,
+    /// Attach a disk image as /dev/vda, /dev/vdb, ... (read-only unless :rw; qcow2 or raw,
+    /// found from the content unless named).
+    #[arg(long = "disk", value_name = DISK_GRAMMAR, value_parser = parse_disk, long_help = DISK_HELP)]
+    pub disks: Vec<Disk>,
+    /// Mount every recognised filesystem on the disks (whole disks and partitions) read-only
+    /// under /disk/<device> (e.g. /disk/vda, /disk/vda1) before the job starts.
+    #[arg(long)]
+    pub mount_disks: bool,
     /// Add a host program (and its libraries) to the appliance.
     #[arg(long = "with", value_name = "PROGRAM")]
     pub with: Vec<String>,
@@ -173,6 +190,10 @@ pub struct BenchArgs {
     /// status lets a comparison VMM's run prove the job itself succeeded).
     #[arg(long, default_value_t = 0)]
     pub expect_status: i32,
+    /// Attach a disk to every benchmarked run (added to the `run` arguments; checked here
+    /// first, as for `run`).
+    #[arg(long = "disk", value_name = DISK_GRAMMAR, value_parser = parse_disk, long_help = DISK_HELP)]
+    pub disks: Vec<Disk>,
     /// How many of the slowest initcalls to list with --analyze.
     #[arg(long, default_value_t = 15)]
     pub top: usize,

@@ -171,6 +171,7 @@ fn bench_in(a: &BenchArgs, dir: &Path) -> Result<u8, String> {
     } else {
         a.target.clone()
     };
+    let target = crate::disk::with_disk_args(target, &a.disks)?;
     if a.analyze {
         return analyze(&target, a.top);
     }

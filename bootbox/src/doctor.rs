@@ -148,6 +148,28 @@ fn check_appliance() -> Vec<Check> {
     out
 }
 
+/// The disk inspection tools the appliance takes from the host. A missing one does not fail
+/// doctor: the appliance is built without it.
+fn check_disk_tools() -> Vec<Check> {
+    appliance::DISK_TOOLS
+        .iter()
+        .map(|tool| match appliance::elf::find_program(tool) {
+            Ok(path) => Check {
+                ok: true,
+                what: format!("appliance: {tool} ({})", path.display()),
+                fix: None,
+            },
+            Err(_) => Check {
+                ok: false,
+                what: format!(
+                    "appliance: no {tool} on this host, so --disk jobs cannot use it in the guest"
+                ),
+                fix: Some("install util-linux (apt-get install util-linux)".into()),
+            },
+        })
+        .collect()
+}
+
 /// What the monitor's sandbox can use on this kernel. A missing part does not fail doctor:
 /// runs go on without it (and say so once).
 fn check_sandbox() -> Vec<Check> {
@@ -217,7 +239,7 @@ pub fn doctor(a: DoctorArgs) -> u8 {
         }
         all_ok &= c.ok;
     }
-    for c in &check_sandbox() {
+    for c in check_disk_tools().iter().chain(&check_sandbox()) {
         println!("[{}] {}", if c.ok { " ok " } else { "warn" }, c.what);
         if let Some(f) = &c.fix {
             println!("       fix: {f}");

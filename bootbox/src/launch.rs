@@ -333,6 +333,7 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
     vm_timeout(&a.vm)?;
     check_ownership_mode(&a.vm)?;
     let shares = checked_shares(a.shares.clone())?;
+    crate::disk::check_disks(&a.disks, shares.len())?;
     let env = a
         .env
         .iter()
@@ -346,8 +347,10 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
     // Everything cheap is checked before the appliance is built.
     let mut config = vm_config(kernel, APPLIANCE_CMDLINE.to_string(), &a.vm)?;
     config.check()?;
-    let (prepared, job) =
+    let (prepared, mut job) =
         appliance_and_job(&shares, &a.with, env, a.workdir.clone(), a.command.clone())?;
+    job.disks = crate::disk::attachments(&a.disks);
+    job.mount_disks = a.mount_disks;
     phases.record("appliance ready");
     let job_cpio = appliance::job_cpio(&job)?;
 
@@ -382,6 +385,8 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
         Box::new(VirtioConsole::new(std_writer(std::io::stderr().as_fd())?)),
     )?;
     let servers = add_shares(&mut vm, &shares, &a.vm)?;
+    // After the consoles and shares: only block devices get /dev/vdX names, in this order.
+    let _block_pool = crate::disk::attach(&mut vm, &a.disks)?;
 
     let (outcome, mut record) = execute(vm, signals, &phases, &servers, "the appliance")?;
     record.appliance_built = Some(prepared.built);
@@ -452,6 +457,7 @@ fn appliance_and_job(
             env,
             cwd,
             shares: mounts,
+            ..Job::default()
         },
     ))
 }
@@ -460,8 +466,11 @@ fn appliance_and_job(
 pub fn initrd(a: InitrdArgs) -> u8 {
     let result = (|| -> Result<(), Failure> {
         let shares = checked_shares(a.shares.clone())?;
-        let (prepared, job) =
+        crate::disk::check_disks(&a.disks, shares.len())?;
+        let (prepared, mut job) =
             appliance_and_job(&shares, &a.with, Vec::new(), None, a.command.clone())?;
+        job.disks = crate::disk::attachments(&a.disks);
+        job.mount_disks = a.mount_disks;
         let bytes = appliance::initramfs(&prepared, &job)?;
         std::fs::write(&a.output, bytes)
             .map_err(|e| fail(format!("cannot write {}: {e}", a.output.display())))?;
@@ -473,6 +482,7 @@ pub fn initrd(a: InitrdArgs) -> u8 {
                 if s.read_only { "ro" } else { "rw" }
             );
         }
+        crate::disk::print_attachments(&a.disks);
         Ok(())
     })();
     match result {
@@ -557,6 +567,7 @@ fn confine(a: &VmArgs, config: &VmConfig, shares: &[Share]) -> Result<(), Failur
     for s in shares {
         policy = policy.share(&s.dir, !s.read_only);
     }
+    // Disk images need no rule: they were opened while parsing (see crate::disk).
     if let Some(json) = &a.json {
         // Written after the run; it must exist now for the policy to name it.
         std::fs::OpenOptions::new()

@@ -8,6 +8,7 @@
 
 mod args;
 mod bench;
+mod disk;
 mod doctor;
 mod kernel;
 mod launch;

@@ -62,7 +62,7 @@ pub enum ShareSetError {
 }
 
 /// Splits `spec` at each `:` that is not escaped, undoing the `\:` and `\\` escapes.
-fn split_fields(spec: &[u8]) -> Vec<Vec<u8>> {
+pub(crate) fn split_fields(spec: &[u8]) -> Vec<Vec<u8>> {
     let mut fields = vec![Vec::new()];
     let mut i = 0;
     while i < spec.len() {

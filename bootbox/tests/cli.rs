@@ -264,3 +264,124 @@ fn passthrough_ownership_is_refused_to_ordinary_users() {
     let err = fails(&mut cmd);
     assert!(err.contains("--passthrough-ownership needs root"), "{err}");
 }
+
+// ---- --disk: every bad image is refused before anything boots ----
+
+/// `bootbox run --disk SPEC -- true` with the bogus kernel: must fail with 125 on the disk
+/// (never reaching the kernel check); returns stderr.
+fn disk_refused(t: &Scratch, spec: &str) -> String {
+    let err = fails(bootbox().args(["run", "--kernel", &t.kernel(), "--disk", spec, "--", "true"]));
+    assert!(!err.contains("vmlinux"), "got past the disk check: {err}");
+    assert!(err.contains("--disk"), "{err}");
+    err
+}
+
+/// A qcow2 image made by qemu-img with `extra` options, or None (and why) without qemu-img.
+fn qemu_img_create(t: &Scratch, name: &str, extra: &[&str]) -> Option<PathBuf> {
+    let path = t.path().join(name);
+    let out = Command::new("qemu-img")
+        .arg("create")
+        .arg("-q")
+        .args(extra)
+        .args(["-f", "qcow2"])
+        .arg(&path)
+        .arg("1M")
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Some(path),
+        Ok(o) => {
+            eprintln!("SKIP: qemu-img create failed: {}", stderr(&o).trim());
+            None
+        }
+        Err(e) => {
+            eprintln!("SKIP: no qemu-img ({e}); apt-get install qemu-utils");
+            None
+        }
+    }
+}
+
+#[test]
+fn disk_images_that_cannot_be_used_are_one_line_errors() {
+    let t = Scratch::new();
+    let missing = t.path().join("missing.img");
+    let err = disk_refused(&t, missing.to_str().unwrap());
+    assert!(
+        err.contains("missing.img") && err.contains("No such file or directory"),
+        "{err}"
+    );
+
+    let raw = t.path().join("raw.img");
+    std::fs::write(&raw, vec![0u8; 65536]).unwrap();
+    let err = disk_refused(&t, &format!("{}:qcow2", raw.display()));
+    assert!(err.contains("is not a qcow2 image"), "{err}");
+    let err = disk_refused(&t, &format!("{}:fast", raw.display()));
+    assert!(err.contains("unknown option ':fast'"), "{err}");
+    let err = disk_refused(&t, &format!("{}:ro:rw", raw.display()));
+    assert!(err.contains("mode is given twice"), "{err}");
+
+    // A qcow2 magic followed by a header that makes no sense (cluster_bits 0).
+    let mut bad = b"QFI\xfb".to_vec();
+    bad.extend_from_slice(&3u32.to_be_bytes());
+    bad.resize(4096, 0);
+    let corrupt = t.path().join("corrupt.qcow2");
+    std::fs::write(&corrupt, &bad).unwrap();
+    let err = disk_refused(&t, corrupt.to_str().unwrap());
+    assert!(err.contains("invalid qcow2 header"), "{err}");
+
+    // The same file named raw is a raw disk: it gets past the disk check to the kernel.
+    let out = bootbox()
+        .args(["run", "--kernel", &t.kernel(), "--disk"])
+        .arg(format!("{}:raw", corrupt.display()))
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("vmlinux"), "{}", stderr(&out));
+
+    // `bootbox initrd` checks its disks the same way.
+    let err = fails(
+        bootbox()
+            .args(["initrd", "-o"])
+            .arg(t.path().join("x.cpio"))
+            .arg("--disk")
+            .arg(&missing)
+            .args(["--", "true"]),
+    );
+    assert!(err.contains("missing.img"), "{err}");
+}
+
+#[test]
+fn encrypted_lying_and_writable_qcow2_images_are_refused() {
+    let t = Scratch::new();
+    let Some(plain) = qemu_img_create(&t, "plain.qcow2", &[]) else {
+        return;
+    };
+    let err = disk_refused(&t, &format!("{}:rw", plain.display()));
+    assert!(err.contains("opened read-only"), "{err}");
+
+    // An L1 table "beyond" the end of the file: the header lies about the image's layout.
+    let mut bytes = std::fs::read(&plain).unwrap();
+    bytes[40..48].copy_from_slice(&(1u64 << 40).to_be_bytes());
+    let lying = t.path().join("lying.qcow2");
+    std::fs::write(&lying, &bytes).unwrap();
+    let err = disk_refused(&t, lying.to_str().unwrap());
+    assert!(err.contains("lying.qcow2"), "{err}");
+
+    let encrypted = qemu_img_create(
+        &t,
+        "encrypted.qcow2",
+        &[
+            "--object",
+            "secret,id=sec0,data=bootbox-test-secret",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0",
+        ],
+    );
+    if let Some(encrypted) = encrypted {
+        let err = disk_refused(&t, encrypted.to_str().unwrap());
+        assert!(
+            err.contains("encrypted qcow2 images are not supported"),
+            "{err}"
+        );
+    }
+}

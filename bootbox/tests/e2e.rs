@@ -10,6 +10,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[path = "e2e/disks.rs"]
+mod disks;
+
 fn bootbox_bin() -> PathBuf {
     std::env::var_os("BOOTBOX_BIN")
         .map(PathBuf::from)

@@ -7,12 +7,18 @@
 //!
 //! ```text
 //! magic  "BBJOB\0"            6 bytes
-//! version u16                 (currently 1)
+//! version u16                 (1 or 2; see below)
 //! argc u32, then argc strings
 //! envc u32, then envc pairs of strings (key, value)
 //! has_cwd u8 (0/1), then one string if 1
 //! sharec u32, then per share: tag string, mount point string, read_only u8 (0/1)
+//! -- version 2 only:
+//! diskc u32, then per disk (in attachment order: vda, vdb, ...): read_only u8 (0/1)
+//! mount_disks u8 (0/1)
 //! ```
+//!
+//! Version 2 only appends the disk fields. A job without disks and without `mount_disks` is
+//! still written as version 1, byte for byte what an older init reads; the decoder reads both.
 //!
 //! A string is `len u32` followed by `len` bytes: UTF-8, except command arguments, which are
 //! any bytes (a file name need not be UTF-8). No string may contain NUL (they become C strings
@@ -23,8 +29,10 @@ use std::fmt;
 
 /// Magic bytes that start every encoded job.
 pub const JOB_MAGIC: &[u8; 6] = b"BBJOB\0";
-/// Current wire format version.
-pub const JOB_VERSION: u16 = 1;
+/// Current wire format version (the newest one written and read).
+pub const JOB_VERSION: u16 = 2;
+/// The first version, without the disk fields; still written for jobs that use no disks.
+pub const JOB_VERSION_NO_DISKS: u16 = 1;
 /// Where the job file lives inside the appliance.
 pub const JOB_PATH: &str = "/bootbox/job";
 /// Upper bound on any single count or string length accepted by the decoder.
@@ -42,6 +50,30 @@ pub struct ShareMount {
     pub read_only: bool,
 }
 
+/// One virtio-blk disk the VMM attaches; the guest names them `/dev/vda`, `/dev/vdb`, ... in
+/// attachment order ([`disk_device_name`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskAttachment {
+    /// The init marks the disk and its partitions read-only in the guest kernel (BLKROSET)
+    /// before anything runs, so nothing in the guest writes to it even under a VMM that offers
+    /// the disk writable.
+    pub read_only: bool,
+}
+
+/// The guest's name of the `index`th virtio-blk disk: `vda`, ..., `vdz`, `vdaa`, ... (the
+/// kernel's `virtio_blk` naming).
+pub fn disk_device_name(index: usize) -> String {
+    let mut suffix = Vec::new();
+    let mut n = index + 1;
+    while n > 0 {
+        n -= 1;
+        suffix.push(b'a' + (n % 26) as u8);
+        n /= 26;
+    }
+    suffix.reverse();
+    format!("vd{}", String::from_utf8_lossy(&suffix))
+}
+
 /// What the guest runs.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Job {
@@ -53,6 +85,11 @@ pub struct Job {
     pub cwd: Option<String>,
     /// Shares to mount before the job starts.
     pub shares: Vec<ShareMount>,
+    /// The virtio-blk disks attached, in order (`/dev/vda` first).
+    pub disks: Vec<DiskAttachment>,
+    /// Mount every recognised filesystem on the disks read-only under `/disk/<device>` before
+    /// the job starts.
+    pub mount_disks: bool,
 }
 
 /// Why a job could not be encoded or decoded.
@@ -82,7 +119,7 @@ impl fmt::Display for JobSpecError {
             JobSpecError::BadMagic => write!(f, "job file does not start with the bootbox job magic"),
             JobSpecError::UnsupportedVersion(v) => write!(
                 f,
-                "job file format version {v} is not supported (expected {JOB_VERSION}); rebuild the appliance and the init together"
+                "job file format version {v} is not supported (expected {JOB_VERSION_NO_DISKS} to {JOB_VERSION}); rebuild the appliance and the init together"
             ),
             JobSpecError::Truncated => write!(f, "job file is truncated"),
             JobSpecError::TrailingBytes(n) => write!(f, "job file has {n} unexpected trailing bytes"),
@@ -180,7 +217,19 @@ impl Job {
                 ));
             }
         }
+        if self.disks.len() > MAX_ITEMS as usize {
+            return Err(JobSpecError::TooLarge("disk list"));
+        }
         Ok(())
+    }
+
+    /// The oldest wire format version that can carry this job.
+    fn wire_version(&self) -> u16 {
+        if self.disks.is_empty() && !self.mount_disks {
+            JOB_VERSION_NO_DISKS
+        } else {
+            JOB_VERSION
+        }
     }
 
     /// Encodes the job in the wire format described in the module docs.
@@ -188,7 +237,8 @@ impl Job {
         self.validate()?;
         let mut out = Vec::with_capacity(64);
         out.extend_from_slice(JOB_MAGIC);
-        out.extend_from_slice(&JOB_VERSION.to_le_bytes());
+        let version = self.wire_version();
+        out.extend_from_slice(&version.to_le_bytes());
         put_u32(&mut out, self.argv.len());
         for a in &self.argv {
             put_bytes(&mut out, a);
@@ -211,6 +261,13 @@ impl Job {
             put_str(&mut out, &s.mount_point);
             out.push(u8::from(s.read_only));
         }
+        if version >= 2 {
+            put_u32(&mut out, self.disks.len());
+            for d in &self.disks {
+                out.push(u8::from(d.read_only));
+            }
+            out.push(u8::from(self.mount_disks));
+        }
         Ok(out)
     }
 
@@ -222,7 +279,7 @@ impl Job {
         }
         let v = r.take(2)?;
         let version = u16::from_le_bytes([v[0], v[1]]);
-        if version != JOB_VERSION {
+        if !(JOB_VERSION_NO_DISKS..=JOB_VERSION).contains(&version) {
             return Err(JobSpecError::UnsupportedVersion(version));
         }
         let argc = r.count("argument count")?;
@@ -253,6 +310,17 @@ impl Job {
                 read_only,
             });
         }
+        let mut disks = Vec::new();
+        let mut mount_disks = false;
+        if version >= 2 {
+            let diskc = r.count("disk count")?;
+            for _ in 0..diskc {
+                disks.push(DiskAttachment {
+                    read_only: r.flag("disk read-only flag")?,
+                });
+            }
+            mount_disks = r.flag("mount-disks flag")?;
+        }
         if r.pos != bytes.len() {
             return Err(JobSpecError::TrailingBytes(bytes.len() - r.pos));
         }
@@ -261,6 +329,8 @@ impl Job {
             env,
             cwd,
             shares,
+            disks,
+            mount_disks,
         };
         job.validate()?;
         Ok(job)
@@ -370,7 +440,74 @@ mod tests {
                     read_only: false,
                 },
             ],
+            disks: Vec::new(),
+            mount_disks: false,
         }
+    }
+
+    fn with_disks() -> Job {
+        Job {
+            disks: vec![
+                DiskAttachment { read_only: true },
+                DiskAttachment { read_only: false },
+                DiskAttachment { read_only: true },
+            ],
+            mount_disks: true,
+            ..hostile()
+        }
+    }
+
+    #[test]
+    fn round_trip_with_disks_writes_version_2() {
+        let job = with_disks();
+        let bytes = job.encode().unwrap();
+        assert_eq!(u16::from_le_bytes([bytes[6], bytes[7]]), JOB_VERSION);
+        assert_eq!(Job::decode(&bytes).unwrap(), job);
+        // mount_disks alone (no disk attached: another VMM's disks) also needs version 2.
+        let job = Job {
+            mount_disks: true,
+            ..hostile()
+        };
+        assert_eq!(Job::decode(&job.encode().unwrap()).unwrap(), job);
+        for n in 0..bytes.len() {
+            assert!(Job::decode(&bytes[..n]).is_err(), "prefix of {n} bytes");
+        }
+    }
+
+    #[test]
+    fn jobs_without_disks_stay_version_1_byte_for_byte() {
+        let job = hostile();
+        let bytes = job.encode().unwrap();
+        assert_eq!(
+            u16::from_le_bytes([bytes[6], bytes[7]]),
+            JOB_VERSION_NO_DISKS
+        );
+        // Version 1 ends right after the shares: the disk fields appended by hand to the same
+        // bytes under version 2 decode to the same job.
+        let mut v2 = bytes.clone();
+        v2[6..8].copy_from_slice(&2u16.to_le_bytes());
+        v2.extend_from_slice(&0u32.to_le_bytes());
+        v2.push(0);
+        assert_eq!(Job::decode(&v2).unwrap(), job);
+        // A version-1 job with trailing disk fields is an error, not silently read.
+        let mut bad = bytes;
+        bad.extend_from_slice(&0u32.to_le_bytes());
+        assert!(matches!(
+            Job::decode(&bad),
+            Err(JobSpecError::TrailingBytes(4))
+        ));
+    }
+
+    #[test]
+    fn disk_names_follow_the_kernel() {
+        let names: Vec<String> = [0, 1, 25, 26, 27, 51, 52, 701, 702]
+            .iter()
+            .map(|&i| disk_device_name(i))
+            .collect();
+        assert_eq!(
+            names,
+            ["vda", "vdb", "vdz", "vdaa", "vdab", "vdaz", "vdba", "vdzz", "vdaaa"]
+        );
     }
 
     #[test]

@@ -3,11 +3,14 @@
 //! It owns the guest side of the bootbox ABI (the numbers are defined once, with the host's
 //! side, in the `guest-abi` crate): it marks boot phases on I/O port 0x610
 //! (1 = init started, 2 = shares mounted, 3 = job started, 4 = job finished), mounts the
-//! pseudo filesystems and the virtio-9p shares listed in `/bootbox/job`, runs the job with a
+//! pseudo filesystems and the virtio-9p shares listed in `/bootbox/job` (and, asked to, the
+//! filesystems on the virtio disks: see `disks`), runs the job with a
 //! clean environment (stdout on `/dev/hvc0`, stderr on `/dev/hvc1`, both raw; stdin
 //! `/dev/null`) or an interactive shell on the serial console, reaps every child, syncs, and
 //! reports the exit status on I/O port 0x600 (128+signal if killed, 127 command not found,
 //! 126 not executable, 125 for any failure of the init itself).
+
+mod disks;
 
 use std::ffi::{CStr, CString};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -514,6 +517,7 @@ fn run() -> Result<u8, String> {
     }
     let job = read_job()?;
     mount_shares(&job)?;
+    disks::prepare(&job);
     phase(PHASE_SHARES_MOUNTED);
 
     let con = CONSOLE_FD.load(Ordering::Relaxed);
@@ -665,7 +669,7 @@ mod tests {
             argv: vec!["find".into(), "/share".into()],
             env: vec![("PATH".into(), "/x:/y".into()), ("A".into(), "b".into())],
             cwd: Some("/share".into()),
-            shares: vec![],
+            ..Job::default()
         };
         let e = prepare_exec(&job).unwrap();
         assert_eq!(

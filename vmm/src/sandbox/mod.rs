@@ -52,17 +52,22 @@ pub enum ThreadRole {
     /// A 9p file-server worker: the only role that opens, creates and changes files (inside
     /// the shares, which Landlock enforces).
     P9Worker,
+    /// A virtio-blk worker: reads (and for a writable disk writes and flushes) the disk images
+    /// through descriptors opened before the sandbox; it opens nothing. Its own role rather
+    /// than the 9p worker's, so a fooled block worker cannot open, create or rename files.
+    BlockWorker,
 }
 
 impl ThreadRole {
     /// Every role, in a fixed order.
-    pub const ALL: [ThreadRole; 6] = [
+    pub const ALL: [ThreadRole; 7] = [
         ThreadRole::Main,
         ThreadRole::Vcpu,
         ThreadRole::Device,
         ThreadRole::EventLoop,
         ThreadRole::SignalWaiter,
         ThreadRole::P9Worker,
+        ThreadRole::BlockWorker,
     ];
 
     fn index(self) -> usize {
@@ -78,6 +83,7 @@ impl ThreadRole {
             ThreadRole::EventLoop => "event-loop",
             ThreadRole::SignalWaiter => "signal-waiter",
             ThreadRole::P9Worker => "p9-worker",
+            ThreadRole::BlockWorker => "block-worker",
         }
     }
 }

@@ -14,6 +14,10 @@
 //! - 9p worker: the file server's calls (`openat`/`openat2`, `*at` creation, rename, link,
 //!   unlink, attributes, `pread`/`pwrite`, xattrs); no `ioctl` at all. Landlock bounds the
 //!   paths.
+//! - block worker: `pread`/`preadv` on the disk images it already holds, and `pwrite`/`pwritev`/
+//!   `fdatasync` for writable disks; nothing that opens or changes a file's name or attributes.
+//!   The write calls are in the one list for every disk: a read-only image is opened
+//!   `O_RDONLY`, so the kernel refuses a write to it (EBADF) whatever the filter says.
 //! - main: opening files for the report (`/proc/self/*`, the JSON file; Landlock bounds the
 //!   paths) and the terminal ioctls that restore stdin's mode.
 //!
@@ -338,6 +342,20 @@ fn p9_worker(list: &mut Allowlist, grants: Grants) {
     ]);
 }
 
+fn block_worker(list: &mut Allowlist) {
+    use libc::*;
+    list.allow(&[
+        SYS_pread64,
+        SYS_preadv,
+        SYS_preadv2,
+        SYS_pwrite64,
+        SYS_pwritev,
+        SYS_pwritev2,
+        SYS_fdatasync,
+        SYS_fsync,
+    ]);
+}
+
 fn main_thread(list: &mut Allowlist) {
     use libc::*;
     // The report: /proc/self/{smaps,status}, /proc/cpuinfo and the JSON file.
@@ -373,6 +391,7 @@ pub(super) fn allowlist(role: ThreadRole, pid: u32, grants: Grants) -> Allowlist
         ThreadRole::EventLoop => event_loop(&mut list),
         ThreadRole::SignalWaiter => signal_waiter(&mut list),
         ThreadRole::P9Worker => p9_worker(&mut list, grants),
+        ThreadRole::BlockWorker => block_worker(&mut list),
     }
     if !matches!(role, ThreadRole::Main | ThreadRole::P9Worker) {
         // glibc's malloc may probe /proc/sys/vm/overcommit_memory from any thread.
@@ -619,6 +638,7 @@ mod tests {
             ThreadRole::EventLoop,
             ThreadRole::SignalWaiter,
             ThreadRole::P9Worker,
+            ThreadRole::BlockWorker,
         ] {
             assert!(requests(role).is_empty(), "{role:?}");
         }
@@ -672,6 +692,7 @@ mod tests {
             ThreadRole::Device,
             ThreadRole::EventLoop,
             ThreadRole::SignalWaiter,
+            ThreadRole::BlockWorker,
         ] {
             let list = list(role);
             assert!(!list.contains(SYS_openat), "{role:?} opens files");
@@ -680,5 +701,37 @@ mod tests {
         for role in [ThreadRole::Main, ThreadRole::P9Worker] {
             assert!(list(role).contains(SYS_openat) && list(role).1.is_empty());
         }
+    }
+
+    #[test]
+    fn block_workers_only_read_and_write_what_they_hold() {
+        let block = list(ThreadRole::BlockWorker);
+        for nr in [
+            SYS_pread64,
+            SYS_preadv,
+            SYS_pwrite64,
+            SYS_pwritev,
+            SYS_fdatasync,
+        ] {
+            assert!(block.contains(nr), "{nr}");
+        }
+        for nr in [
+            SYS_openat,
+            SYS_unlinkat,
+            SYS_renameat2,
+            SYS_ftruncate,
+            SYS_fchmod,
+        ] {
+            assert!(!block.contains(nr), "{nr}");
+        }
+        // Nothing beyond the common base but the image I/O calls.
+        let vcpu_free = list(ThreadRole::SignalWaiter);
+        let extra: Vec<i64> = block
+            .0
+            .keys()
+            .filter(|nr| !vcpu_free.0.contains_key(nr))
+            .copied()
+            .collect();
+        assert_eq!(extra.len(), 8, "{extra:?}");
     }
 }

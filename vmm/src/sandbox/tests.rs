@@ -528,6 +528,100 @@ fn the_file_server_works_under_its_filter_and_landlock() {
     assert!(!rw.join("d/moved").exists() && rw.join("fifo").exists());
 }
 
+/// Child of the block-worker test: two disk images opened before the sandbox (one read-only,
+/// one writable) and a policy that names neither, as `bootbox run --disk` does; a thread in
+/// the block-worker role then reads both, writes and flushes the writable one, and can neither
+/// write the read-only one nor open either path again.
+fn block_worker_child() -> ! {
+    let root = PathBuf::from(std::env::var_os(CHILD_ROOT).unwrap());
+    let (ro_path, rw_path) = (root.join("outside/ro.img"), root.join("outside/rw.img"));
+    let open = |path: &Path, writable: bool| {
+        disk::open(
+            path,
+            disk::OpenOptions {
+                format: None,
+                writable,
+            },
+        )
+        .unwrap()
+    };
+    let (ro, rw) = (open(&ro_path, false), open(&rw_path, true));
+    let report = install(&Policy::new()).unwrap();
+    if !report.seccomp || !matches!(report.landlock, LandlockOutcome::Enforced { .. }) {
+        println!("{UNSUPPORTED}: {report:?}");
+        std::process::exit(0);
+    }
+    let worker = std::thread::Builder::new()
+        .name("block-worker-0".into())
+        .spawn(move || {
+            enter_thread(ThreadRole::BlockWorker);
+            let mut failures: Vec<String> = Vec::new();
+            let mut buf = [0u8; 512];
+            if let Err(e) = ro.read_at(&mut buf, 512) {
+                failures.push(format!("read the read-only image: {e}"));
+            } else if buf != [1u8; 512] {
+                failures.push("read the read-only image: wrong bytes".into());
+            }
+            if let Err(e) = rw.write_at(b"written by a block worker", 1024) {
+                failures.push(format!("write the writable image: {e}"));
+            }
+            if let Err(e) = rw.flush() {
+                failures.push(format!("flush the writable image: {e}"));
+            }
+            let direct = ro.direct_file().expect("a raw image has a direct file");
+            use std::os::unix::fs::FileExt;
+            match direct.write_at(b"x", 0) {
+                Err(e) if e.raw_os_error() == Some(libc::EBADF) => {}
+                other => failures.push(format!("write the read-only image: {other:?}")),
+            }
+            // Refused quietly: open is not in the role's list.
+            match fs::OpenOptions::new().write(true).open(&ro_path) {
+                Err(e) if e.raw_os_error() == Some(libc::EACCES) => {}
+                other => failures.push(format!("reopen the read-only image: {other:?}")),
+            }
+            failures
+        })
+        .unwrap();
+    let failures = worker.join().unwrap();
+    if failures.is_empty() {
+        println!("block worker checks passed");
+        std::process::exit(0);
+    }
+    for f in failures {
+        println!("FAILED: {f}");
+    }
+    std::process::exit(1)
+}
+
+#[test]
+fn a_block_worker_serves_images_opened_before_the_sandbox_and_nothing_else() {
+    if child_role().as_deref() == Some("block-worker") {
+        block_worker_child();
+    }
+    let scratch = Scratch::new("block-worker");
+    fs::write(scratch.0.join("outside/ro.img"), vec![1u8; 4096]).unwrap();
+    fs::write(scratch.0.join("outside/rw.img"), vec![0u8; 4096]).unwrap();
+    let out = run_child(
+        "sandbox::tests::a_block_worker_serves_images_opened_before_the_sandbox_and_nothing_else",
+        "block-worker",
+        Some(&scratch.0),
+    );
+    if unsupported(&out) {
+        return;
+    }
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success() && stdout.contains("block worker checks passed"),
+        "{stdout}\n{stderr}"
+    );
+    let rw = fs::read(scratch.0.join("outside/rw.img")).unwrap();
+    assert_eq!(&rw[1024..1024 + 25], b"written by a block worker");
+    assert_eq!(
+        fs::read(scratch.0.join("outside/ro.img")).unwrap(),
+        vec![1u8; 4096]
+    );
+}
+
 #[test]
 fn installing_twice_is_refused_and_threads_are_told_their_role() {
     if child_role().as_deref() == Some("twice") {

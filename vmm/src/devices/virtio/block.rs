@@ -76,6 +76,19 @@ pub enum BlockError {
     SerialTooLong(String),
 }
 
+/// A worker pool for block devices: `threads` workers named `name-N`, each of which enters the
+/// block-worker role of the sandbox ([`crate::sandbox::ThreadRole::BlockWorker`]: image reads,
+/// writes and flushes on descriptors it holds, no opening of files) before serving, with
+/// statistics if `stats`.
+pub fn worker_pool(threads: usize, name: &str, stats: bool) -> WorkerPool {
+    WorkerPool::with_thread_start(
+        threads,
+        name,
+        Arc::new(|| crate::sandbox::enter_thread(crate::sandbox::ThreadRole::BlockWorker)),
+        stats,
+    )
+}
+
 /// A virtio-blk device backed by one disk image.
 pub struct Block {
     image: Arc<dyn disk::Image>,
@@ -90,8 +103,8 @@ impl Block {
     /// tail reads as zeros). `read_only` offers VIRTIO_BLK_F_RO and fails every write; a
     /// writable disk needs an image opened writable. `serial` (at most [`ID_LEN`] bytes) is
     /// the GET_ID answer, `/sys/block/vdX/serial` in the guest. Requests run on `pool`, whose
-    /// threads must be allowed `pread`/`preadv` (and `pwrite`/`fdatasync` when writable); the
-    /// 9p worker pool ([`super::fs9p::worker_pool`]) is.
+    /// threads must be allowed `pread`/`preadv` (and `pwrite`/`fdatasync` when writable), as
+    /// those of [`worker_pool`] are.
     pub fn new(
         image: Arc<dyn disk::Image>,
         read_only: bool,
