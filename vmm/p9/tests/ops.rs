@@ -321,6 +321,60 @@ fn readdir_lists_everything_without_duplicates() {
     );
 }
 
+/// Lists `dir` from a fresh fid (walk, lopen, readdir in small chunks, clunk) as sorted names.
+fn listing(h: &mut Harness, fid: u32, dir: &str) -> Vec<String> {
+    h.walk_to(fid, dir).unwrap();
+    h.lopen(fid, 0).unwrap();
+    let mut names: Vec<String> = h
+        .readdir_all(fid, 400)
+        .unwrap()
+        .iter()
+        .map(|e| String::from_utf8(e.name.clone()).unwrap())
+        .collect();
+    h.clunk(fid).unwrap();
+    names.sort();
+    names
+}
+
+fn host_listing(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .chain([".".to_string(), "..".to_string()])
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn readdir_of_a_settled_directory_follows_host_changes() {
+    let t = TempTree::new("readdir-settled");
+    for i in 0..300 {
+        t.file(&format!("d/file-{i:03}"), b"");
+    }
+    // Old enough for the server to keep its listing (see the server's directory cache).
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let mut h = Harness::new(&t.path, Config::default());
+    let d = t.join("d");
+    assert_eq!(listing(&mut h, 2, "d"), host_listing(&d));
+    // The same listing again (kept), then after each kind of change on the host.
+    assert_eq!(listing(&mut h, 2, "d"), host_listing(&d));
+    let changes: [&dyn Fn(); 4] = [
+        &|| drop(t.file("d/added", b"")),
+        &|| std::fs::rename(d.join("added"), d.join("renamed")).unwrap(),
+        &|| std::fs::remove_file(d.join("file-007")).unwrap(),
+        &|| std::fs::create_dir(d.join("subdir")).unwrap(),
+    ];
+    for change in changes {
+        change();
+        assert_eq!(listing(&mut h, 2, "d"), host_listing(&d));
+    }
+    // A client resuming from a cookie of a kept listing gets the rest, without duplicates.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    assert_eq!(listing(&mut h, 2, "d"), host_listing(&d));
+    assert_eq!(listing(&mut h, 2, "d"), host_listing(&d));
+}
+
 #[test]
 fn namespace_operations() {
     let t = TempTree::new("ns");

@@ -19,6 +19,7 @@
 //! This module only decodes a request and routes it ([`Server::handle`]); the pieces live in:
 //! * [`config`]: [`Config`], creation errors; [`session`]: the [`Server`] value and the checks
 //!   every operation shares; [`fids`]: the fid table and caps; [`stats`]: request statistics;
+//!   [`dircache`]: listings of unchanged directories;
 //!   [`sys`]: the system-call wrappers;
 //! * the operations by group: [`ops_session`] (version, attach, walk, clunk),
 //!   [`ops_file`] (lopen, read, write, fsync), [`ops_dir`] (readdir), [`ops_namespace`]
@@ -26,6 +27,7 @@
 //!   statfs, readlink, xattrs, locks).
 
 mod config;
+mod dircache;
 mod fids;
 mod ops_attr;
 mod ops_dir;

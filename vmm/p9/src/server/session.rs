@@ -5,6 +5,7 @@
 //! and encoding a reply into the reply area ([`send`]).
 
 use super::config::{Config, Error, MIN_MSIZE};
+use super::dircache::{self, DirCache};
 use super::fids::{Count, Fid, FidTable, Limits};
 use super::stats::{Stats, StatsSnapshot};
 use super::sys::{
@@ -35,6 +36,8 @@ pub(super) struct Share {
     pub(super) root: Root,
     pub(super) config: Config,
     pub(super) stats: Stats,
+    /// Listings of unchanged directories, for Treaddir.
+    pub(super) dirs: DirCache,
 }
 
 /// A 9P2000.L server for one exported directory. `Send + Sync`; call [`Server::handle`] from
@@ -108,6 +111,7 @@ impl Server {
             },
             config: config.clone(),
             stats: Stats::new(config.stats),
+            dirs: DirCache::new(dircache::SETTLED_NS, dircache::BUDGET),
         };
         Ok(Arc::new(Server::with_share(Arc::new(share))))
     }
