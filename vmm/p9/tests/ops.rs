@@ -376,6 +376,43 @@ fn readdir_of_a_settled_directory_follows_host_changes() {
 }
 
 #[test]
+fn getattr_of_a_settled_file_follows_chown_and_host_attribute_changes() {
+    let t = TempTree::new("getattr-settled");
+    let f = t.file("f", b"data");
+    // Old enough for the server to keep its view of the file (see the server's view cache).
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let mut h = Harness::new(&t.path, Config::default());
+    h.walk_to(2, "f").unwrap();
+    let host = std::fs::metadata(&f).unwrap();
+    let a = h.getattr(2).unwrap();
+    assert_eq!((a.uid, a.gid), (host.uid(), host.gid()));
+    // Kept now; the guest's chown (recorded in the attribute) must show at once.
+    assert_eq!(h.getattr(2).unwrap().uid, host.uid());
+    h.call(&Tmessage::Setattr {
+        fid: 2,
+        attr: SetAttr {
+            valid: setattr::UID | setattr::GID,
+            uid: 4321,
+            gid: 8765,
+            ..Default::default()
+        },
+    })
+    .unwrap();
+    let a = h.getattr(2).unwrap();
+    assert_eq!((a.uid, a.gid), (4321, 8765));
+    // Settled again and kept, then the host drops the attribute: the host's owner is back.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    assert_eq!(h.getattr(2).unwrap().uid, 4321);
+    assert_eq!(h.getattr(2).unwrap().uid, 4321);
+    let c = std::ffi::CString::new(f.to_str().unwrap()).unwrap();
+    // SAFETY: both strings are NUL-terminated.
+    let r = unsafe { libc::removexattr(c.as_ptr(), c"user.bootbox.attr".as_ptr()) };
+    assert_eq!(r, 0, "removexattr: {}", std::io::Error::last_os_error());
+    let a = h.getattr(2).unwrap();
+    assert_eq!((a.uid, a.gid), (host.uid(), host.gid()));
+}
+
+#[test]
 fn namespace_operations() {
     let t = TempTree::new("ns");
     t.file("f", b"data");

@@ -2,22 +2,18 @@
 //! `fstat` instead of a fresh `getdents64` pass (on ext4 every pass from a new open rebuilds the
 //! directory's hash tree: most of a readdir's time).
 //!
-//! Validity: a listing is kept with the directory's identity and change stamp (ctime, mtime,
-//! size, link count) and served only while a fresh `fstat` of the directory shows the very same
-//! stamp. Any change to the directory's entries (create, unlink, rename in or out, mkdir,
-//! rmdir) updates its ctime, and ctime cannot be set by anyone (utimensat updates it too).
-//!
-//! Timestamp granularity: a change in the same clock tick as the last one can leave ctime
-//! unchanged. So a listing is only kept when the directory's ctime is at least
-//! [`SETTLED_NS`] old when the pass starts (the "racily clean" rule git uses for its index):
-//! any later change then sets a ctime that differs from the kept one. The stamp is read again
-//! after the pass, and a directory that changed meanwhile is not kept either.
+//! Validity: a listing is kept with the directory's [`Stamp`] and served only while a fresh
+//! `fstat` of the directory shows the very same stamp. Any change to the directory's entries
+//! (create, unlink, rename in or out, mkdir, rmdir) updates its ctime. A listing is only kept
+//! for a directory that had settled when the pass started (see [`super::stamp`]); the stamp is
+//! read again after the pass, and a directory that changed meanwhile is not kept either.
 //!
 //! Listings are raw `getdents64` records, so their cookies are the file system's own and a
 //! client can go on from any of them through the real directory if its listing is dropped.
 //! Memory is bounded: listings larger than [`MAX_LISTING`] are not kept, and the oldest go
 //! first beyond [`BUDGET`] bytes per share.
 
+use super::stamp::Stamp;
 use super::sys::{cvt, fstat, Errno};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -27,36 +23,6 @@ use std::sync::{Arc, Mutex};
 pub(super) const MAX_LISTING: usize = 4 << 20;
 /// Bytes of listings kept per share.
 pub(super) const BUDGET: usize = 32 << 20;
-/// How long a directory must have stayed unchanged before its listing is kept.
-pub(super) const SETTLED_NS: i128 = 2_000_000_000;
-
-/// The identity and change stamp of a directory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    ctime: (i64, i64),
-    mtime: (i64, i64),
-    size: i64,
-    nlink: u64,
-}
-
-impl Stamp {
-    fn of(st: &libc::stat64) -> Stamp {
-        Stamp {
-            dev: st.st_dev,
-            ino: st.st_ino,
-            ctime: (st.st_ctime, st.st_ctime_nsec),
-            mtime: (st.st_mtime, st.st_mtime_nsec),
-            size: st.st_size,
-            nlink: st.st_nlink,
-        }
-    }
-
-    fn ctime_ns(&self) -> i128 {
-        self.ctime.0 as i128 * 1_000_000_000 + self.ctime.1 as i128
-    }
-}
 
 /// One `getdents64` record.
 pub(super) struct Record<'a> {
@@ -133,16 +99,6 @@ pub(super) struct DirCache {
     budget: usize,
 }
 
-fn now_ns() -> i128 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec to the pointer given.
-    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut t) };
-    t.tv_sec as i128 * 1_000_000_000 + t.tv_nsec as i128
-}
-
 impl DirCache {
     /// A cache keeping listings of directories unchanged for `settled_ns`, up to `budget`
     /// bytes.
@@ -174,7 +130,7 @@ impl DirCache {
         st: &libc::stat64,
     ) -> Result<Option<Arc<Listing>>, Errno> {
         let stamp = Stamp::of(st);
-        if now_ns() - stamp.ctime_ns() < self.settled_ns {
+        if !stamp.settled(self.settled_ns) {
             return Ok(None);
         }
         let fd = dir.as_raw_fd();
@@ -325,7 +281,7 @@ mod tests {
     fn a_recently_changed_directory_is_not_kept() {
         let d = scratch("recent");
         std::fs::write(d.join("a"), b"").unwrap();
-        let cache = DirCache::new(SETTLED_NS, BUDGET);
+        let cache = DirCache::new(super::super::stamp::SETTLED_NS, BUDGET);
         let dir = std::fs::File::open(&d).unwrap();
         let st = fstat(dir.as_fd()).unwrap();
         assert!(cache.fill(dir.as_fd(), &st).unwrap().is_none());

@@ -19,7 +19,8 @@
 //! This module only decodes a request and routes it ([`Server::handle`]); the pieces live in:
 //! * [`config`]: [`Config`], creation errors; [`session`]: the [`Server`] value and the checks
 //!   every operation shares; [`fids`]: the fid table and caps; [`stats`]: request statistics;
-//!   [`dircache`]: listings of unchanged directories;
+//!   [`dircache`]: listings of unchanged directories; [`viewcache`]: the guest's view of
+//!   unchanged files; [`stamp`]: when a file counts as unchanged;
 //!   [`sys`]: the system-call wrappers;
 //! * the operations by group: [`ops_session`] (version, attach, walk, clunk),
 //!   [`ops_file`] (lopen, read, write, fsync), [`ops_dir`] (readdir), [`ops_namespace`]
@@ -35,8 +36,10 @@ mod ops_file;
 mod ops_namespace;
 mod ops_session;
 mod session;
+mod stamp;
 mod stats;
 mod sys;
+mod viewcache;
 
 pub use config::{raise_nofile_limit, Config, Error};
 pub use session::Server;

@@ -7,10 +7,12 @@
 use super::config::{Config, Error, MIN_MSIZE};
 use super::dircache::{self, DirCache};
 use super::fids::{Count, Fid, FidTable, Limits};
+use super::stamp;
 use super::stats::{Stats, StatsSnapshot};
 use super::sys::{
     dup, fstat, fstat_raw, fstatat, host_mode, kind_of, open_cloexec, openat, Errno, Kind, Name,
 };
+use super::viewcache::ViewCache;
 use crate::confine::{Root, PATH_BUF};
 use crate::ownership::{self, GuestAttr, Ownership};
 use crate::reply::ReplyBuf;
@@ -38,6 +40,8 @@ pub(super) struct Share {
     pub(super) stats: Stats,
     /// Listings of unchanged directories, for Treaddir.
     pub(super) dirs: DirCache,
+    /// The guest's view of unchanged files (mapped mode), for Tgetattr.
+    pub(super) views: ViewCache,
 }
 
 /// A 9P2000.L server for one exported directory. `Send + Sync`; call [`Server::handle`] from
@@ -111,7 +115,8 @@ impl Server {
             },
             config: config.clone(),
             stats: Stats::new(config.stats),
-            dirs: DirCache::new(dircache::SETTLED_NS, dircache::BUDGET),
+            dirs: DirCache::new(stamp::SETTLED_NS, dircache::BUDGET),
+            views: ViewCache::new(stamp::SETTLED_NS),
         };
         Ok(Arc::new(Server::with_share(Arc::new(share))))
     }
