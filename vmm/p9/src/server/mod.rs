@@ -14,7 +14,9 @@
 //!
 //! Speed: fids live in a sharded hash table (no global lock on the hot path), reads go straight
 //! from the file into the reply area (`ReplyBuf::read_from`), readdir builds qids from
-//! `d_ino`/`d_type` without a stat per entry, and msize goes up to [`Config::msize`].
+//! `d_ino`/`d_type` without a stat per entry, listings and (mapped mode) the guest's ownership
+//! view of unchanged files are kept while their change stamp holds ([`dircache`], [`viewcache`]),
+//! and msize goes up to [`Config::msize`].
 //!
 //! This module only decodes a request and routes it ([`Server::handle`]); the pieces live in:
 //! * [`config`]: [`Config`], creation errors; [`session`]: the [`Server`] value and the checks
