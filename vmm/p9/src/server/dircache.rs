@@ -62,16 +62,22 @@ pub(super) fn records(buf: &[u8], mut f: impl FnMut(&Record<'_>) -> bool) -> boo
     true
 }
 
-/// A whole directory's records, valid while the directory shows `stamp`.
+/// A whole directory's records, valid while the directory shows `stamp`; or, for a directory
+/// too large to keep, only the note that it is (so it is not read twice per listing).
 pub(super) struct Listing {
     stamp: Stamp,
     raw: Box<[u8]>,
+    whole: bool,
 }
 
 impl Listing {
     /// Calls `f` on the records after the cookie `offset` (0: from the start) until it returns
-    /// false. None if no record carries that cookie (the caller reads the directory instead).
+    /// false. None if no record carries that cookie or the directory was too large to keep
+    /// (the caller reads the directory instead).
     pub(super) fn after(&self, offset: u64, mut f: impl FnMut(&Record<'_>) -> bool) -> Option<()> {
+        if !self.whole {
+            return None;
+        }
         let mut started = offset == 0;
         records(&self.raw, |r| {
             if started {
@@ -97,16 +103,21 @@ pub(super) struct DirCache {
     kept: Mutex<Kept>,
     settled_ns: i128,
     budget: usize,
+    max_listing: usize,
 }
 
+/// Directories remembered at once (listings and too-large notes); beyond it all are dropped.
+const MAX_KEPT: usize = 1 << 16;
+
 impl DirCache {
-    /// A cache keeping listings of directories unchanged for `settled_ns`, up to `budget`
-    /// bytes.
-    pub(super) fn new(settled_ns: i128, budget: usize) -> DirCache {
+    /// A cache keeping listings of at most `max_listing` bytes of directories unchanged for
+    /// `settled_ns`, up to `budget` bytes in all.
+    pub(super) fn new(settled_ns: i128, budget: usize, max_listing: usize) -> DirCache {
         DirCache {
             kept: Mutex::new(Kept::default()),
             settled_ns,
             budget,
+            max_listing: max_listing.min(budget),
         }
     }
 
@@ -123,7 +134,8 @@ impl DirCache {
 
     /// Reads the whole open directory `dir` (whose `fstat` before the pass is `st`) and keeps
     /// its listing if the directory had settled and did not change during the pass. Moves the
-    /// directory's offset. None when nothing was kept.
+    /// directory's offset. None when nothing was kept; a listing that is not [`Listing::whole`]
+    /// when the directory is too large to keep (noted, so that it is read once per listing).
     pub(super) fn fill(
         &self,
         dir: BorrowedFd<'_>,
@@ -138,6 +150,7 @@ impl DirCache {
         cvt(|| unsafe { libc::lseek64(fd, 0, libc::SEEK_SET) })?;
         let mut raw = Vec::new();
         let mut chunk = vec![0u8; 64 << 10];
+        let mut whole = true;
         loop {
             // SAFETY: `chunk` is writable for its length; the fd is an open directory.
             let n = cvt(|| unsafe {
@@ -146,8 +159,10 @@ impl DirCache {
             if n == 0 {
                 break;
             }
-            if raw.len() + n > MAX_LISTING.min(self.budget) {
-                return Ok(None);
+            if raw.len() + n > self.max_listing {
+                whole = false;
+                raw = Vec::new();
+                break;
             }
             raw.extend_from_slice(&chunk[..n.min(chunk.len())]);
         }
@@ -157,9 +172,13 @@ impl DirCache {
         let l = Arc::new(Listing {
             stamp,
             raw: raw.into_boxed_slice(),
+            whole,
         });
         let key = (stamp.dev, stamp.ino);
         let mut k = self.lock();
+        if k.map.len() >= MAX_KEPT {
+            *k = Kept::default();
+        }
         if let Some(old) = k.map.insert(key, l.clone()) {
             k.bytes -= old.raw.len();
         }
@@ -218,7 +237,7 @@ mod tests {
             std::fs::write(d.join(format!("f{i}")), b"").unwrap();
         }
         // Settled at once: this test checks the stamp, not the settling rule.
-        let cache = DirCache::new(0, BUDGET);
+        let cache = DirCache::new(0, BUDGET, MAX_LISTING);
         let dir = std::fs::File::open(&d).unwrap();
         let st = fstat(dir.as_fd()).unwrap();
         let l = cache.fill(dir.as_fd(), &st).unwrap().expect("kept");
@@ -250,7 +269,7 @@ mod tests {
         for i in 0..20 {
             std::fs::write(d.join(format!("f{i}")), b"").unwrap();
         }
-        let cache = DirCache::new(0, BUDGET);
+        let cache = DirCache::new(0, BUDGET, MAX_LISTING);
         let dir = std::fs::File::open(&d).unwrap();
         let l = cache
             .fill(dir.as_fd(), &fstat(dir.as_fd()).unwrap())
@@ -281,11 +300,33 @@ mod tests {
     fn a_recently_changed_directory_is_not_kept() {
         let d = scratch("recent");
         std::fs::write(d.join("a"), b"").unwrap();
-        let cache = DirCache::new(super::super::stamp::SETTLED_NS, BUDGET);
+        let cache = DirCache::new(super::super::stamp::SETTLED_NS, BUDGET, MAX_LISTING);
         let dir = std::fs::File::open(&d).unwrap();
         let st = fstat(dir.as_fd()).unwrap();
         assert!(cache.fill(dir.as_fd(), &st).unwrap().is_none());
         assert!(cache.get(&st).is_none());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_directory_too_large_is_noted_and_not_served() {
+        let d = scratch("large");
+        for j in 0..100 {
+            std::fs::write(d.join(format!("file-{j}")), b"").unwrap();
+        }
+        let cache = DirCache::new(0, BUDGET, 1000);
+        let dir = std::fs::File::open(&d).unwrap();
+        let st = fstat(dir.as_fd()).unwrap();
+        let l = cache.fill(dir.as_fd(), &st).unwrap().expect("noted");
+        assert!(!l.whole);
+        assert!(
+            l.after(0, |_| true).is_none(),
+            "a partial listing is never served"
+        );
+        let again = cache
+            .get(&fstat(dir.as_fd()).unwrap())
+            .expect("the note is kept");
+        assert!(again.after(0, |_| true).is_none());
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -302,7 +343,7 @@ mod tests {
             dirs.push(std::fs::File::open(&p).unwrap());
         }
         // 40 entries of about 48 bytes: room for two listings, not three.
-        let cache = DirCache::new(0, 5000);
+        let cache = DirCache::new(0, 5000, 5000);
         for dir in &dirs {
             let st = fstat(dir.as_fd()).unwrap();
             assert!(cache.fill(dir.as_fd(), &st).unwrap().is_some());

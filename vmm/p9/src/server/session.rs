@@ -115,7 +115,7 @@ impl Server {
             },
             config: config.clone(),
             stats: Stats::new(config.stats),
-            dirs: DirCache::new(stamp::SETTLED_NS, dircache::BUDGET),
+            dirs: DirCache::new(stamp::SETTLED_NS, dircache::BUDGET, dircache::MAX_LISTING),
             views: ViewCache::new(stamp::SETTLED_NS),
         };
         Ok(Arc::new(Server::with_share(Arc::new(share))))
