@@ -12,7 +12,7 @@
 //!
 //! Usage: `p9-bench [--quick] [--files 10000,100000] [--size BYTES] [--ops N] [--clients N]
 //!                  [--fids 1000,100000] [--workers N] [--dir DIR] [--no-diod] [--rounds N]
-//!                  [--only walk,open,seq,readdir,parallel,fids] [--stats]`
+//!                  [--only walk,open,seq,readdir,parallel,fids] [--stats] [--msize N]`
 //! With `--rounds N` every workload runs N times, interleaved between the servers (the machine
 //! may be shared and noisy): latencies are pooled over the rounds, the rate is the median
 //! round's. `--stats` adds the time each request type spends inside the bootbox server.
@@ -76,6 +76,10 @@ struct Args {
     /// Print the bootbox server's own per-request statistics after each tree.
     #[arg(long)]
     stats: bool,
+    /// The msize clients ask for (each server may answer less; seq-read requests are this
+    /// large).
+    #[arg(long, default_value_t = 512_000)]
+    msize: u32,
 }
 
 struct Opts {
@@ -91,6 +95,7 @@ struct Opts {
     rounds: usize,
     only: Vec<String>,
     stats: bool,
+    msize: u32,
 }
 
 impl From<Args> for Opts {
@@ -118,6 +123,7 @@ impl From<Args> for Opts {
             rounds: a.rounds.max(1),
             only: a.only,
             stats: a.stats,
+            msize: a.msize.max(4096),
         }
     }
 }
@@ -155,6 +161,8 @@ struct Target {
     child: Option<Child>,
     /// The in-process server (bootbox only), for its statistics.
     server: Option<Arc<Server>>,
+    /// The msize clients ask for.
+    msize: u32,
 }
 
 impl Drop for Target {
@@ -175,7 +183,7 @@ impl Target {
     fn connect(&self) -> Result<(Conn, u32), String> {
         let s = UnixStream::connect(&self.sock)
             .map_err(|e| format!("{}: connect {}: {e}", self.name, self.sock.display()))?;
-        let mut c = Client::new(Box::new(s) as Box<dyn Stream>, 512_000)
+        let mut c = Client::new(Box::new(s) as Box<dyn Stream>, self.msize)
             .map_err(|e| format!("{}: version: {e}", self.name))?;
         let root = c.alloc_fid();
         c.attach(root, "root", &self.aname, 0)
@@ -184,7 +192,13 @@ impl Target {
     }
 }
 
-fn start_bootbox(tree: &Path, dir: &Path, workers: usize, stats: bool) -> Result<Target, String> {
+fn start_bootbox(
+    tree: &Path,
+    dir: &Path,
+    workers: usize,
+    stats: bool,
+    msize: u32,
+) -> Result<Target, String> {
     let sock = dir.join(format!("bootbox-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock);
     let listener =
@@ -205,10 +219,11 @@ fn start_bootbox(tree: &Path, dir: &Path, workers: usize, stats: bool) -> Result
         aname: String::new(),
         child: None,
         server: Some(srv),
+        msize,
     })
 }
 
-fn start_diod(tree: &Path, dir: &Path, workers: usize) -> Result<Target, String> {
+fn start_diod(tree: &Path, dir: &Path, workers: usize, msize: u32) -> Result<Target, String> {
     let sock = dir.join(format!("diod-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock);
     let child = Command::new("diod")
@@ -236,6 +251,7 @@ fn start_diod(tree: &Path, dir: &Path, workers: usize) -> Result<Target, String>
         aname: tree.to_string_lossy().into_owned(),
         child: Some(child),
         server: None,
+        msize,
     };
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(5) {
@@ -667,9 +683,9 @@ fn run(o: &Opts) -> R<()> {
     workloads.retain(|w| o.only.is_empty() || o.only.iter().any(|k| k == w.key()));
     for &n in &o.files {
         let tree = make_tree(&o.dir, n, o.size).map_err(|e| format!("generating tree: {e}"))?;
-        let mut targets = vec![start_bootbox(&tree, &o.dir, o.workers, o.stats)?];
+        let mut targets = vec![start_bootbox(&tree, &o.dir, o.workers, o.stats, o.msize)?];
         if have_diod {
-            targets.push(start_diod(&tree, &o.dir, o.workers)?);
+            targets.push(start_diod(&tree, &o.dir, o.workers, o.msize)?);
         }
         println!(
             "\n== tree of {n} files ({} dirs) ==",
@@ -683,6 +699,12 @@ fn run(o: &Opts) -> R<()> {
             readdir_tree(&mut c.0, c.1, n)?;
             conns.push(c);
         }
+        let msizes: Vec<String> = targets
+            .iter()
+            .zip(&conns)
+            .map(|(t, c)| format!("{} {}", t.name, c.0.msize()))
+            .collect();
+        println!("negotiated msize: {}", msizes.join(", "));
         let mut acc: Vec<Vec<Acc>> = targets
             .iter()
             .map(|_| workloads.iter().map(|_| Acc::default()).collect())
