@@ -369,7 +369,7 @@ fn readdir_of_a_settled_directory_follows_host_changes() {
         change();
         assert_eq!(listing(&mut h, 2, "d"), host_listing(&d));
     }
-    // A client resuming from a cookie of a kept listing gets the rest, without duplicates.
+    // Settled again: a kept listing read in small chunks (resuming at its cookies) is whole.
     std::thread::sleep(std::time::Duration::from_millis(2100));
     assert_eq!(listing(&mut h, 2, "d"), host_listing(&d));
     assert_eq!(listing(&mut h, 2, "d"), host_listing(&d));
