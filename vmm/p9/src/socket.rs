@@ -459,17 +459,6 @@ fn with_reply(server: &Server, req: &[u8], cap: usize, f: impl FnOnce(&[u8])) {
     })
 }
 
-/// Bytes waiting to be read on a socket (0 if unknown).
-fn pending(fd: RawFd) -> usize {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int to the pointer given.
-    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } == 0 {
-        n.max(0) as usize
-    } else {
-        0
-    }
-}
-
 /// Serves one connection until the peer closes it; `server` is the session to use. The
 /// connection may owe [`SocketOptions::default`]'s number of replies at once.
 pub fn serve_connection<C: Conn>(
@@ -519,8 +508,9 @@ fn read_loop<C: Conn>(
     writer: &mut Option<JoinHandle<()>>,
 ) -> io::Result<()> {
     // Buffered reads: one syscall usually brings in a whole request (often several).
-    let fd = stream.as_raw_fd();
     let mut stream = BufReader::with_capacity(1 << 16, stream);
+    // The request being read, reused while requests are served inline.
+    let mut req = Vec::new();
     loop {
         let mut size = [0u8; 4];
         match stream.read_exact(&mut size) {
@@ -537,7 +527,8 @@ fn read_loop<C: Conn>(
                 format!("9P message of {n} bytes outside 7..={limit}; closing the connection"),
             ));
         }
-        let mut req = vec![0u8; n];
+        req.clear();
+        req.resize(n, 0);
         req[..4].copy_from_slice(&size);
         stream.read_exact(&mut req[4..])?;
         let ty = req[4];
@@ -566,12 +557,11 @@ fn read_loop<C: Conn>(
             continue;
         }
         // Version resets the session: run it inline, in order. A synchronous client (nothing in
-        // flight, nothing more to read) is served inline too, saving two thread hand-offs;
-        // fsync may take long, so it always goes to the pool.
-        let idle = ty != wire::msg::TFSYNC
-            && i.owed == 0
-            && stream.buffer().is_empty()
-            && pending(fd) == 0;
+        // flight, nothing more read) is served inline too, saving two thread hand-offs; fsync
+        // may take long, so it always goes to the pool. Whether more has arrived on the socket
+        // is not asked (a system call per request): the buffered read took all there was a
+        // moment ago, and a request arriving during an inline one waits for it only.
+        let idle = ty != wire::msg::TFSYNC && i.owed == 0 && stream.buffer().is_empty();
         if ty == wire::msg::TVERSION || idle {
             drop(i);
             with_reply(server, &req, reply_cap.max(64), |r| {
@@ -593,6 +583,7 @@ fn read_loop<C: Conn>(
         drop(i);
         let st = state.clone();
         let srv = server.clone();
+        let req = req.clone();
         pool.submit(Box::new(move || {
             with_reply(&srv, &req, reply_cap, |r| {
                 st.send(Some(tag), r, SendMode::NoBlock)

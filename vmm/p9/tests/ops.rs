@@ -321,6 +321,97 @@ fn readdir_lists_everything_without_duplicates() {
     );
 }
 
+/// Lists `dir` from a fresh fid (walk, lopen, readdir in small chunks, clunk) as sorted names.
+fn listing(h: &mut Harness, fid: u32, dir: &str) -> Vec<String> {
+    h.walk_to(fid, dir).unwrap();
+    h.lopen(fid, 0).unwrap();
+    let mut names: Vec<String> = h
+        .readdir_all(fid, 400)
+        .unwrap()
+        .iter()
+        .map(|e| String::from_utf8(e.name.clone()).unwrap())
+        .collect();
+    h.clunk(fid).unwrap();
+    names.sort();
+    names
+}
+
+fn host_listing(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .chain([".".to_string(), "..".to_string()])
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn readdir_of_a_settled_directory_follows_host_changes() {
+    let t = TempTree::new("readdir-settled");
+    for i in 0..300 {
+        t.file(&format!("d/file-{i:03}"), b"");
+    }
+    // Old enough for the server to keep its listing (see the server's directory cache).
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let mut h = Harness::new(&t.path, Config::default());
+    let d = t.join("d");
+    assert_eq!(listing(&mut h, 2, "d"), host_listing(&d));
+    // The same listing again (kept), then after each kind of change on the host.
+    assert_eq!(listing(&mut h, 2, "d"), host_listing(&d));
+    let changes: [&dyn Fn(); 4] = [
+        &|| drop(t.file("d/added", b"")),
+        &|| std::fs::rename(d.join("added"), d.join("renamed")).unwrap(),
+        &|| std::fs::remove_file(d.join("file-007")).unwrap(),
+        &|| std::fs::create_dir(d.join("subdir")).unwrap(),
+    ];
+    for change in changes {
+        change();
+        assert_eq!(listing(&mut h, 2, "d"), host_listing(&d));
+    }
+    // Settled again: a kept listing read in small chunks (resuming at its cookies) is whole.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    assert_eq!(listing(&mut h, 2, "d"), host_listing(&d));
+    assert_eq!(listing(&mut h, 2, "d"), host_listing(&d));
+}
+
+#[test]
+fn getattr_of_a_settled_file_follows_chown_and_host_attribute_changes() {
+    let t = TempTree::new("getattr-settled");
+    let f = t.file("f", b"data");
+    // Old enough for the server to keep its view of the file (see the server's view cache).
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let mut h = Harness::new(&t.path, Config::default());
+    h.walk_to(2, "f").unwrap();
+    let host = std::fs::metadata(&f).unwrap();
+    let a = h.getattr(2).unwrap();
+    assert_eq!((a.uid, a.gid), (host.uid(), host.gid()));
+    // Kept now; the guest's chown (recorded in the attribute) must show at once.
+    assert_eq!(h.getattr(2).unwrap().uid, host.uid());
+    h.call(&Tmessage::Setattr {
+        fid: 2,
+        attr: SetAttr {
+            valid: setattr::UID | setattr::GID,
+            uid: 4321,
+            gid: 8765,
+            ..Default::default()
+        },
+    })
+    .unwrap();
+    let a = h.getattr(2).unwrap();
+    assert_eq!((a.uid, a.gid), (4321, 8765));
+    // Settled again and kept, then the host drops the attribute: the host's owner is back.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    assert_eq!(h.getattr(2).unwrap().uid, 4321);
+    assert_eq!(h.getattr(2).unwrap().uid, 4321);
+    let c = std::ffi::CString::new(f.to_str().unwrap()).unwrap();
+    // SAFETY: both strings are NUL-terminated.
+    let r = unsafe { libc::removexattr(c.as_ptr(), c"user.bootbox.attr".as_ptr()) };
+    assert_eq!(r, 0, "removexattr: {}", std::io::Error::last_os_error());
+    let a = h.getattr(2).unwrap();
+    assert_eq!((a.uid, a.gid), (host.uid(), host.gid()));
+}
+
 #[test]
 fn namespace_operations() {
     let t = TempTree::new("ns");

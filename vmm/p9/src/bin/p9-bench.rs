@@ -11,7 +11,11 @@
 //! * fid scaling: walk+getattr latency with 1k and 100k extra fids held open.
 //!
 //! Usage: `p9-bench [--quick] [--files 10000,100000] [--size BYTES] [--ops N] [--clients N]
-//!                  [--fids 1000,100000] [--workers N] [--dir DIR] [--no-diod]`
+//!                  [--fids 1000,100000] [--workers N] [--dir DIR] [--no-diod] [--rounds N]
+//!                  [--only walk,open,seq,readdir,parallel,fids] [--stats] [--msize N]`
+//! With `--rounds N` every workload runs N times, interleaved between the servers (the machine
+//! may be shared and noisy): latencies are pooled over the rounds, the rate is the median
+//! round's. `--stats` adds the time each request type spends inside the bootbox server.
 //! Trees are cached under `--dir` (default: $TMPDIR/p9-bench) and reused between runs.
 
 use clap::Parser;
@@ -62,6 +66,20 @@ struct Args {
     /// Do not compare with diod.
     #[arg(long)]
     no_diod: bool,
+    /// Rounds of every workload, interleaved between the servers (alternating which goes
+    /// first); latencies are pooled over the rounds and the rate is the median round's.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Only these workloads, comma-separated: walk, open, seq, readdir, parallel, fids.
+    #[arg(long, value_delimiter = ',', value_parser = ["walk", "open", "seq", "readdir", "parallel", "fids"])]
+    only: Vec<String>,
+    /// Print the bootbox server's own per-request statistics after each tree.
+    #[arg(long)]
+    stats: bool,
+    /// The msize clients ask for (each server may answer less; seq-read requests are this
+    /// large).
+    #[arg(long, default_value_t = 512_000)]
+    msize: u32,
 }
 
 struct Opts {
@@ -74,6 +92,10 @@ struct Opts {
     workers: usize,
     dir: PathBuf,
     diod: bool,
+    rounds: usize,
+    only: Vec<String>,
+    stats: bool,
+    msize: u32,
 }
 
 impl From<Args> for Opts {
@@ -98,6 +120,10 @@ impl From<Args> for Opts {
                 .dir
                 .unwrap_or_else(|| std::env::temp_dir().join("p9-bench")),
             diod: !a.no_diod,
+            rounds: a.rounds.max(1),
+            only: a.only,
+            stats: a.stats,
+            msize: a.msize.max(4096),
         }
     }
 }
@@ -133,6 +159,10 @@ struct Target {
     sock: PathBuf,
     aname: String,
     child: Option<Child>,
+    /// The in-process server (bootbox only), for its statistics.
+    server: Option<Arc<Server>>,
+    /// The msize clients ask for.
+    msize: u32,
 }
 
 impl Drop for Target {
@@ -146,10 +176,14 @@ impl Drop for Target {
 }
 
 impl Target {
+    fn stats(&self) -> p9::StatsSnapshot {
+        self.server.as_ref().map(|s| s.stats()).unwrap_or_default()
+    }
+
     fn connect(&self) -> Result<(Conn, u32), String> {
         let s = UnixStream::connect(&self.sock)
             .map_err(|e| format!("{}: connect {}: {e}", self.name, self.sock.display()))?;
-        let mut c = Client::new(Box::new(s) as Box<dyn Stream>, 512_000)
+        let mut c = Client::new(Box::new(s) as Box<dyn Stream>, self.msize)
             .map_err(|e| format!("{}: version: {e}", self.name))?;
         let root = c.alloc_fid();
         c.attach(root, "root", &self.aname, 0)
@@ -158,7 +192,13 @@ impl Target {
     }
 }
 
-fn start_bootbox(tree: &Path, dir: &Path, workers: usize) -> Result<Target, String> {
+fn start_bootbox(
+    tree: &Path,
+    dir: &Path,
+    workers: usize,
+    stats: bool,
+    msize: u32,
+) -> Result<Target, String> {
     let sock = dir.join(format!("bootbox-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock);
     let listener =
@@ -166,20 +206,24 @@ fn start_bootbox(tree: &Path, dir: &Path, workers: usize) -> Result<Target, Stri
     let config = Config {
         max_fids: 1 << 20,
         max_open_files: 1 << 16,
+        stats,
         ..Config::default()
     };
     let srv = Server::new(tree, config).map_err(|e| e.to_string())?;
     let pool = Arc::new(WorkerPool::new(workers, "p9-bench"));
-    std::thread::spawn(move || p9::socket::serve(listener, srv, pool));
+    let served = srv.clone();
+    std::thread::spawn(move || p9::socket::serve(listener, served, pool));
     Ok(Target {
         name: "bootbox",
         sock,
         aname: String::new(),
         child: None,
+        server: Some(srv),
+        msize,
     })
 }
 
-fn start_diod(tree: &Path, dir: &Path, workers: usize) -> Result<Target, String> {
+fn start_diod(tree: &Path, dir: &Path, workers: usize, msize: u32) -> Result<Target, String> {
     let sock = dir.join(format!("diod-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock);
     let child = Command::new("diod")
@@ -206,6 +250,8 @@ fn start_diod(tree: &Path, dir: &Path, workers: usize) -> Result<Target, String>
         sock,
         aname: tree.to_string_lossy().into_owned(),
         child: Some(child),
+        server: None,
+        msize,
     };
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(5) {
@@ -367,7 +413,12 @@ fn readdir_tree(c: &mut Conn, root: u32, n_files: usize) -> R<(Vec<u64>, Duratio
     Ok((lat, t.elapsed(), entries))
 }
 
-fn parallel_walk(t: &Target, clients: usize, n_files: usize, ops: usize) -> R<Summary> {
+fn parallel_walk(
+    t: &Target,
+    clients: usize,
+    n_files: usize,
+    ops: usize,
+) -> R<(Vec<u64>, Duration)> {
     let mut conns = Vec::new();
     for _ in 0..clients {
         conns.push(t.connect()?);
@@ -387,18 +438,17 @@ fn parallel_walk(t: &Target, clients: usize, n_files: usize, ops: usize) -> R<Su
             .map_err(|_| "client thread panicked".to_string())??;
         all.extend(lat);
     }
-    Ok(summarize(all, start.elapsed(), clients * ops))
+    Ok((all, start.elapsed()))
 }
 
-fn fid_scaling(t: &Target, held: usize, n_files: usize, ops: usize) -> R<Summary> {
+fn fid_scaling(t: &Target, held: usize, n_files: usize, ops: usize) -> R<(Vec<u64>, Duration)> {
     let (mut c, root) = t.connect()?;
     for _ in 0..held {
         let f = c.alloc_fid();
         c.walk(root, f, &[])
             .map_err(|e| format!("{}: holding fid {f}: {e}", t.name))?;
     }
-    let (lat, wall) = walk_getattr(&mut c, root, n_files, ops, 13)?;
-    Ok(summarize(lat, wall, ops))
+    walk_getattr(&mut c, root, n_files, ops, 13)
 }
 
 fn row(work: &str, server: &str, s: &Summary, unit: &str) {
@@ -458,6 +508,136 @@ fn raise_nofile(want: u64) {
     }
 }
 
+/// One workload of the run, as selected with `--only`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Workload {
+    Walk,
+    Open,
+    Seq,
+    Readdir,
+    Parallel,
+    /// Walk latency with this many extra fids held.
+    Fids(usize),
+}
+
+impl Workload {
+    fn key(self) -> &'static str {
+        match self {
+            Workload::Walk => "walk",
+            Workload::Open => "open",
+            Workload::Seq => "seq",
+            Workload::Readdir => "readdir",
+            Workload::Parallel => "parallel",
+            Workload::Fids(_) => "fids",
+        }
+    }
+
+    fn label(self, clients: usize) -> String {
+        match self {
+            Workload::Walk => "walk+getattr".into(),
+            Workload::Open => "open+read".into(),
+            Workload::Seq => "seq-read".into(),
+            Workload::Readdir => "readdir-tree (per dir)".into(),
+            Workload::Parallel => format!("walk+getattr x{clients}"),
+            Workload::Fids(k) => format!("walk, {k} fids held"),
+        }
+    }
+
+    fn unit(self) -> &'static str {
+        match self {
+            Workload::Seq => "MB/s",
+            Workload::Readdir => "ents/s",
+            _ => "ops/s",
+        }
+    }
+}
+
+/// What one workload measured over all rounds on one server: every latency, and each round's
+/// rate (the reported rate is their median).
+#[derive(Default)]
+struct Acc {
+    lat: Vec<u64>,
+    rates: Vec<f64>,
+}
+
+impl Acc {
+    fn summary(&self) -> Summary {
+        let mut s = summarize(self.lat.clone(), Duration::from_secs(1), 0);
+        let mut r = self.rates.clone();
+        r.sort_by(f64::total_cmp);
+        s.ops_per_s = r.get(r.len() / 2).copied().unwrap_or(0.0);
+        s
+    }
+}
+
+/// Runs one round of workload `w` on `t` (using the connection `c` for single-client ones);
+/// returns the latencies and the rate.
+fn measure(w: Workload, t: &Target, c: &mut (Conn, u32), n: usize, o: &Opts) -> R<(Vec<u64>, f64)> {
+    let (c, root) = (&mut c.0, c.1);
+    let rate = |ops: usize, wall: Duration| ops as f64 / wall.as_secs_f64();
+    Ok(match w {
+        Workload::Walk => {
+            let (lat, wall) = walk_getattr(c, root, n, o.ops, 0)?;
+            (lat, rate(o.ops, wall))
+        }
+        Workload::Open => {
+            let (lat, wall) = open_read(c, root, n, o.ops, o.size)?;
+            (lat, rate(o.ops, wall))
+        }
+        Workload::Seq => {
+            let big = if o.quick { 16 << 20 } else { 64 << 20 };
+            let (lat, wall) = seq_read(c, root, big)?;
+            (lat, big as f64 / wall.as_secs_f64() / 1e6)
+        }
+        Workload::Readdir => {
+            let passes = if o.quick { 3 } else { 2 };
+            let (mut lat, mut wall, mut entries) = (Vec::new(), Duration::ZERO, 0);
+            for _ in 0..passes {
+                let (l, w, e) = readdir_tree(c, root, n)?;
+                lat.extend(l);
+                wall += w;
+                entries += e;
+            }
+            (lat, rate(entries, wall))
+        }
+        Workload::Parallel => {
+            let per = o.ops / o.clients.max(1);
+            let (lat, wall) = parallel_walk(t, o.clients, n, per)?;
+            (lat, rate(o.clients * per, wall))
+        }
+        Workload::Fids(k) => {
+            let ops = o.ops.min(5000);
+            let (lat, wall) = fid_scaling(t, k, n, ops)?;
+            (lat, rate(ops, wall))
+        }
+    })
+}
+
+/// Prints the bootbox server's own request statistics (`--stats`): per type, the count and
+/// the mean and upper bounds of the median and p99 time spent inside the server.
+fn print_stats(s: &p9::StatsSnapshot) {
+    println!("-- bootbox server-side time per request (inside Server::handle), µs --");
+    println!(
+        "{:<12} {:>9} {:>8} {:>8} {:>8}",
+        "type", "count", "mean", "p50<=", "p99<="
+    );
+    for (name, count, nanos) in &s.by_type {
+        let hist = s
+            .type_histograms
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, h)| h.as_slice())
+            .unwrap_or(&[]);
+        let q = |q| p9::histogram_quantile(hist, q).unwrap_or(0) as f64 / 1000.0;
+        println!(
+            "{name:<12} {count:>9} {:>8.2} {:>8.2} {:>8.2}",
+            *nanos as f64 / (*count).max(1) as f64 / 1000.0,
+            q(0.5),
+            q(0.99)
+        );
+    }
+}
+
 fn run(o: &Opts) -> R<()> {
     std::fs::create_dir_all(&o.dir).map_err(|e| format!("create {}: {e}", o.dir.display()))?;
     let max_fids = o.fids.iter().copied().max().unwrap_or(0) as u64;
@@ -473,94 +653,102 @@ fn run(o: &Opts) -> R<()> {
         println!("note: diod not found; measuring bootbox only");
     }
     println!(
-        "p9-bench: {} mode, workers {}, clients {}, ops {} per workload, file size {} B, latencies in µs",
+        "p9-bench: {} mode, workers {}, clients {}, ops {} per workload, file size {} B, {} round(s) \
+         interleaved, latencies in µs (over all rounds), rate: median of the rounds",
         if o.quick { "quick" } else { "full" },
         o.workers,
         o.clients,
         o.ops,
-        o.size
+        o.size,
+        o.rounds
     );
+    let mut workloads = vec![
+        Workload::Walk,
+        Workload::Open,
+        Workload::Seq,
+        Workload::Readdir,
+        Workload::Parallel,
+    ];
+    for &want in &o.fids {
+        // Every bootbox fid holds an O_PATH descriptor: stay under the fd limit.
+        let k = want.min(nofile().saturating_sub(4000) as usize);
+        if k < want {
+            eprintln!(
+                "note: holding {k} fids instead of {want} (open-file limit {})",
+                nofile()
+            );
+        }
+        workloads.push(Workload::Fids(k));
+    }
+    workloads.retain(|w| o.only.is_empty() || o.only.iter().any(|k| k == w.key()));
     for &n in &o.files {
         let tree = make_tree(&o.dir, n, o.size).map_err(|e| format!("generating tree: {e}"))?;
-        let mut targets = vec![start_bootbox(&tree, &o.dir, o.workers)?];
+        let mut targets = vec![start_bootbox(&tree, &o.dir, o.workers, o.stats, o.msize)?];
         if have_diod {
-            targets.push(start_diod(&tree, &o.dir, o.workers)?);
+            targets.push(start_diod(&tree, &o.dir, o.workers, o.msize)?);
         }
         println!(
             "\n== tree of {n} files ({} dirs) ==",
             n.div_ceil(FILES_PER_DIR)
         );
+        let mut conns = Vec::new();
+        for t in &targets {
+            let mut c = t.connect()?;
+            // Warm up caches so both servers see the same host state.
+            walk_getattr(&mut c.0, c.1, n, o.ops.min(1000), 99)?;
+            readdir_tree(&mut c.0, c.1, n)?;
+            conns.push(c);
+        }
+        let msizes: Vec<String> = targets
+            .iter()
+            .zip(&conns)
+            .map(|(t, c)| format!("{} {}", t.name, c.0.msize()))
+            .collect();
+        println!("negotiated msize: {}", msizes.join(", "));
+        let mut acc: Vec<Vec<Acc>> = targets
+            .iter()
+            .map(|_| workloads.iter().map(|_| Acc::default()).collect())
+            .collect();
+        // Interleave: every round runs each workload on every server before the next workload,
+        // alternating which server goes first, so a noisy moment hits both alike.
+        for round in 0..o.rounds {
+            for (wi, &w) in workloads.iter().enumerate() {
+                let mut order: Vec<usize> = (0..targets.len()).collect();
+                if round % 2 == 1 {
+                    order.reverse();
+                }
+                for ti in order {
+                    let (lat, rate) = measure(w, &targets[ti], &mut conns[ti], n, o)?;
+                    acc[ti][wi].lat.extend(lat);
+                    acc[ti][wi].rates.push(rate);
+                }
+            }
+        }
         println!(
             "{:<22} {:<8} {:>11} {:<8} {:>8} {:>8} {:>8} {:>8}",
             "workload", "server", "rate", "unit", "min", "median", "p95", "p99"
         );
-        let mut results: Vec<Vec<(String, Summary)>> = Vec::new();
-        for t in &targets {
-            let mut res = Vec::new();
-            let (mut c, root) = t.connect()?;
-            // Warm up caches so both servers see the same host state.
-            walk_getattr(&mut c, root, n, o.ops.min(1000), 99)?;
-            let (lat, wall) = walk_getattr(&mut c, root, n, o.ops, 0)?;
-            res.push((
-                "walk+getattr".to_string(),
-                summarize(lat, wall, o.ops),
-                "ops/s",
-            ));
-            let (lat, wall) = open_read(&mut c, root, n, o.ops, o.size)?;
-            res.push((
-                "open+read".to_string(),
-                summarize(lat, wall, o.ops),
-                "ops/s",
-            ));
-            let big = if o.quick { 16 << 20 } else { 64 << 20 };
-            let (lat, wall) = seq_read(&mut c, root, big)?;
-            let mut s = summarize(lat, wall, 0);
-            s.ops_per_s = big as f64 / wall.as_secs_f64() / 1e6;
-            res.push(("seq-read".to_string(), s, "MB/s"));
-            // One untimed pass warms the caches, then several timed passes over the whole tree.
-            readdir_tree(&mut c, root, n)?;
-            let passes = if o.quick { 3 } else { 2 };
-            let (mut lat, mut wall, mut entries) = (Vec::new(), Duration::ZERO, 0);
-            for _ in 0..passes {
-                let (l, w, e) = readdir_tree(&mut c, root, n)?;
-                lat.extend(l);
-                wall += w;
-                entries += e;
+        let sums: Vec<Vec<Summary>> = acc
+            .iter()
+            .map(|per| per.iter().map(Acc::summary).collect())
+            .collect();
+        for (ti, t) in targets.iter().enumerate() {
+            for (wi, &w) in workloads.iter().enumerate() {
+                row(&w.label(o.clients), t.name, &sums[ti][wi], w.unit());
             }
-            let mut s = summarize(lat, wall, entries);
-            s.ops_per_s = entries as f64 / wall.as_secs_f64();
-            res.push(("readdir-tree (per dir)".to_string(), s, "ents/s"));
-            let s = parallel_walk(t, o.clients, n, o.ops / o.clients.max(1))?;
-            res.push((format!("walk+getattr x{}", o.clients), s, "ops/s"));
-            for &want in &o.fids {
-                // Every bootbox fid holds an O_PATH descriptor: stay under the fd limit.
-                let k = want.min(nofile().saturating_sub(4000) as usize);
-                if k < want {
-                    eprintln!(
-                        "note: holding {k} fids instead of {want} (open-file limit {})",
-                        nofile()
-                    );
-                }
-                let s = fid_scaling(t, k, n, o.ops.min(5000))?;
-                res.push((format!("walk, {k} fids held"), s, "ops/s"));
-            }
-            for (w, s, unit) in &res {
-                row(w, t.name, s, unit);
-            }
-            results.push(res.into_iter().map(|(w, s, _)| (w, s)).collect());
         }
-        if results.len() == 2 {
+        if sums.len() == 2 {
             println!(
                 "-- ratios bootbox/diod (rate: higher is better; latency: lower is better) --"
             );
-            for ((w, a), (_, b)) in results[0].iter().zip(results[1].iter()) {
-                ratio(w, a, b);
+            for (wi, &w) in workloads.iter().enumerate() {
+                ratio(&w.label(o.clients), &sums[0][wi], &sums[1][wi]);
             }
         }
-        let b = &results[0];
-        let flat: Vec<f64> = b
+        let flat: Vec<f64> = workloads
             .iter()
-            .filter(|(w, _)| w.contains("fids held"))
+            .zip(&sums[0])
+            .filter(|(w, _)| matches!(w, Workload::Fids(_)))
             .map(|(_, s)| s.p50)
             .collect();
         if flat.len() >= 2 {
@@ -568,6 +756,9 @@ fn run(o: &Opts) -> R<()> {
                 "bootbox median walk latency with most vs fewest fids held: {:.2}x",
                 flat[flat.len() - 1] / flat[0].max(1e-9)
             );
+        }
+        if o.stats {
+            print_stats(&targets[0].stats());
         }
     }
     Ok(())

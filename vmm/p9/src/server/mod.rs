@@ -14,11 +14,15 @@
 //!
 //! Speed: fids live in a sharded hash table (no global lock on the hot path), reads go straight
 //! from the file into the reply area (`ReplyBuf::read_from`), readdir builds qids from
-//! `d_ino`/`d_type` without a stat per entry, and msize goes up to [`Config::msize`].
+//! `d_ino`/`d_type` without a stat per entry, listings and (mapped mode) the guest's ownership
+//! view of unchanged files are kept while their change stamp holds ([`dircache`], [`viewcache`]),
+//! and msize goes up to [`Config::msize`].
 //!
 //! This module only decodes a request and routes it ([`Server::handle`]); the pieces live in:
 //! * [`config`]: [`Config`], creation errors; [`session`]: the [`Server`] value and the checks
 //!   every operation shares; [`fids`]: the fid table and caps; [`stats`]: request statistics;
+//!   [`dircache`]: listings of unchanged directories; [`viewcache`]: the guest's view of
+//!   unchanged files; [`stamp`]: when a file counts as unchanged;
 //!   [`sys`]: the system-call wrappers;
 //! * the operations by group: [`ops_session`] (version, attach, walk, clunk),
 //!   [`ops_file`] (lopen, read, write, fsync), [`ops_dir`] (readdir), [`ops_namespace`]
@@ -26,6 +30,7 @@
 //!   statfs, readlink, xattrs, locks).
 
 mod config;
+mod dircache;
 mod fids;
 mod ops_attr;
 mod ops_dir;
@@ -33,8 +38,10 @@ mod ops_file;
 mod ops_namespace;
 mod ops_session;
 mod session;
+mod stamp;
 mod stats;
 mod sys;
+mod viewcache;
 
 pub use config::{raise_nofile_limit, Config, Error};
 pub use session::Server;

@@ -15,7 +15,10 @@ impl Server {
         let f = self.fids.get(fid)?;
         let st = fstat(f.fd.as_fd())?;
         let (uid, gid, mode, rdev) = match f.kind {
-            Kind::File | Kind::Dir if self.mapped() => ownership::load(f.fd.as_raw_fd())
+            Kind::File | Kind::Dir if self.mapped() => self
+                .share
+                .views
+                .view(&st, || ownership::load(f.fd.as_raw_fd()))
                 .map_or((st.st_uid, st.st_gid, st.st_mode, st.st_rdev), |g| {
                     g.apply(&st)
                 }),

@@ -5,11 +5,14 @@
 //! and encoding a reply into the reply area ([`send`]).
 
 use super::config::{Config, Error, MIN_MSIZE};
+use super::dircache::{self, DirCache};
 use super::fids::{Count, Fid, FidTable, Limits};
+use super::stamp;
 use super::stats::{Stats, StatsSnapshot};
 use super::sys::{
     dup, fstat, fstat_raw, fstatat, host_mode, kind_of, open_cloexec, openat, Errno, Kind, Name,
 };
+use super::viewcache::ViewCache;
 use crate::confine::{Root, PATH_BUF};
 use crate::ownership::{self, GuestAttr, Ownership};
 use crate::reply::ReplyBuf;
@@ -35,6 +38,10 @@ pub(super) struct Share {
     pub(super) root: Root,
     pub(super) config: Config,
     pub(super) stats: Stats,
+    /// Listings of unchanged directories, for Treaddir.
+    pub(super) dirs: DirCache,
+    /// The guest's view of unchanged files (mapped mode), for Tgetattr.
+    pub(super) views: ViewCache,
 }
 
 /// A 9P2000.L server for one exported directory. `Send + Sync`; call [`Server::handle`] from
@@ -108,6 +115,8 @@ impl Server {
             },
             config: config.clone(),
             stats: Stats::new(config.stats),
+            dirs: DirCache::new(stamp::SETTLED_NS, dircache::BUDGET, dircache::MAX_LISTING),
+            views: ViewCache::new(stamp::SETTLED_NS),
         };
         Ok(Arc::new(Server::with_share(Arc::new(share))))
     }
