@@ -95,7 +95,8 @@ if [ -n "$scratch" ]; then
     mirrors+=("$mke2fs_bin")
     # ext4 and loop with what they depend on, in the order modprobe would load them; what is
     # built into this kernel has no line.
-    for f in $(modprobe --show-depends -S "$ver" ext4 loop | awk '$1 == "insmod" { print $2 }'); do
+    for f in $( (modprobe --show-depends -S "$ver" ext4; modprobe --show-depends -S "$ver" loop) |
+                awk '$1 == "insmod" { print $2 }'); do
         m=$(basename "$f"); m=${m%%.ko*}
         case " ${modules[*]} " in *" $m "*) ;; *) modules+=("$m") ;; esac
     done
