@@ -168,13 +168,17 @@ fn a_crash_in_a_confined_thread_stays_a_crash() {
     assert!(!stderr.contains("forbidden"), "{stderr}");
 }
 
-/// A scratch tree: `outside/secret`, `ro/readme`, `rw/sub/file`, `rw/movable`.
-struct Scratch(PathBuf);
+/// A scratch tree: `outside/secret`, `ro/readme`, `rw/sub/file`, `rw/movable`; its root, and
+/// the temporary directory that removes it on drop.
+struct Scratch(PathBuf, tempfile::TempDir);
 
 impl Scratch {
     fn new(tag: &str) -> Scratch {
-        let root = std::env::temp_dir().join(format!("vmm-sandbox-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("vmm-sandbox-{tag}-"))
+            .tempdir()
+            .unwrap();
+        let root = dir.path().to_path_buf();
         for dir in ["outside", "ro", "rw/sub"] {
             fs::create_dir_all(root.join(dir)).unwrap();
         }
@@ -182,13 +186,7 @@ impl Scratch {
         fs::write(root.join("ro/readme"), "readme").unwrap();
         fs::write(root.join("rw/sub/file"), "file").unwrap();
         fs::write(root.join("rw/movable"), "movable").unwrap();
-        Scratch(root)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        Scratch(root, dir)
     }
 }
 

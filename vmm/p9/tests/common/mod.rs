@@ -6,25 +6,24 @@
 use p9::wire::{self, Rmessage, Tmessage, WalkNames};
 use p9::{Config, Server, VecReply};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// A temporary directory removed on drop.
+/// A temporary directory (removed on drop) with helpers to fill it.
 pub struct TempTree {
     pub path: PathBuf,
+    _dir: tempfile::TempDir,
 }
 
 impl TempTree {
     pub fn new(tag: &str) -> TempTree {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "p9-test-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TempTree { path }
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("p9-test-{tag}-"))
+            .tempdir()
+            .unwrap();
+        TempTree {
+            path: dir.path().to_path_buf(),
+            _dir: dir,
+        }
     }
     pub fn join(&self, p: &str) -> PathBuf {
         self.path.join(p)
@@ -36,12 +35,6 @@ impl TempTree {
         }
         std::fs::write(&f, data).unwrap();
         f
-    }
-}
-
-impl Drop for TempTree {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 
