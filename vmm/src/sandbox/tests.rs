@@ -170,7 +170,7 @@ fn a_crash_in_a_confined_thread_stays_a_crash() {
 
 /// A scratch tree: `outside/secret`, `ro/readme`, `rw/sub/file`, `rw/movable`; its root, and
 /// the temporary directory that removes it on drop.
-struct Scratch(PathBuf, tempfile::TempDir);
+struct Scratch(PathBuf, #[allow(dead_code)] tempfile::TempDir);
 
 impl Scratch {
     fn new(tag: &str) -> Scratch {
