@@ -90,7 +90,7 @@ summarise() {
 echo "== the suite in the appliance, on an rw share (${groups[*]})"
 bin=${BOOTBOX_BIN:-target/release/bootbox}
 "$bin" run --timeout 3600 --share "$work/tools:tools:ro" --share "$scratch/rw:rw:rw" --workdir /share/rw \
-    -- sh -c "$runner" runner /share/tools/busybox /share/tools/tests "${groups[@]}" >"$work/guest.txt" || true
+    -- sh -c "$runner" runner /share/tools/busybox /share/tools/tests "${groups[@]}" | tee "$work/guest.txt" | awk '{ print; fflush() }' >&2 || true
 summarise "$work/guest.txt"
 echo "== the same suite on the host, in $scratch/host"
 (cd "$scratch/host" && env -i PATH="$work/tools/shim:$PATH" sh -c "$runner" runner "$work/tools/busybox" "$work/tools/tests" "${groups[@]}") >"$work/host.txt" 2>&1 || true
