@@ -192,3 +192,56 @@ fn passthrough_refuses_device_nodes_and_strips_set_id_bits() {
     let m = std::fs::metadata(ro.join("f")).unwrap();
     assert_eq!(r.getattr(2).unwrap().uid, m.uid());
 }
+
+#[test]
+fn symlinks_keep_the_guest_owner_the_guest_gave_them_and_the_host_link_is_untouched() {
+    let t = TempTree::new("symlink-owner");
+    let mut h = as_user_1000(&t);
+    h.walk(GUEST, 2, &[]).unwrap();
+    h.call(&Tmessage::Symlink {
+        fid: 2,
+        name: b"link",
+        target: b"/etc/passwd",
+        gid: 100,
+    })
+    .unwrap();
+    h.walk(GUEST, 3, &["link"]).unwrap();
+    let a = h.getattr(3).unwrap();
+    assert_eq!(
+        (a.uid, a.gid),
+        (1000, 100),
+        "created by guest user 1000, group 100"
+    );
+    assert_eq!(a.mode & libc::S_IFMT, libc::S_IFLNK);
+
+    // lchown: only the group, then only the owner.
+    for (valid, uid, gid, want) in [
+        (setattr::GID, 0, 7, (1000, 7)),
+        (setattr::UID, 65534, 0, (65534, 7)),
+    ] {
+        h.call(&Tmessage::Setattr {
+            fid: 3,
+            attr: SetAttr {
+                valid,
+                uid,
+                gid,
+                ..Default::default()
+            },
+        })
+        .unwrap();
+        let a = h.getattr(3).unwrap();
+        assert_eq!((a.uid, a.gid), want);
+    }
+    let m = std::fs::symlink_metadata(t.join("link")).unwrap();
+    assert_eq!((m.uid(), m.gid()), me(), "the host symlink keeps its owner");
+    assert_eq!(
+        std::fs::read_link(t.join("link")).unwrap(),
+        std::path::Path::new("/etc/passwd")
+    );
+
+    // A symlink the host made and the guest never touched shows the host's owner.
+    std::os::unix::fs::symlink("x", t.join("host-link")).unwrap();
+    h.walk(ROOT, 4, &["host-link"]).unwrap();
+    let a = h.getattr(4).unwrap();
+    assert_eq!((a.uid, a.gid), me());
+}

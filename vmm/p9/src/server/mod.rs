@@ -135,8 +135,11 @@ impl Server {
                 gid,
             } => self.mknod(dfid, name, mode, libc::makedev(major, minor), gid)?,
             Tmessage::Symlink {
-                fid, name, target, ..
-            } => self.symlink(fid, name, target)?,
+                fid,
+                name,
+                target,
+                gid,
+            } => self.symlink(fid, name, target, gid)?,
             Tmessage::Link { dfid, fid, name } => self.link(dfid, fid, name)?,
             Tmessage::Rename { fid, dfid, name } => self.rename(fid, dfid, name)?,
             Tmessage::Renameat {

@@ -22,6 +22,14 @@ impl Server {
                 .map_or((st.st_uid, st.st_gid, st.st_mode, st.st_rdev), |g| {
                     g.apply(&st)
                 }),
+            Kind::Symlink if self.mapped() => {
+                let (uid, gid) = self
+                    .share
+                    .symlink_owners
+                    .get(&st)
+                    .unwrap_or((st.st_uid, st.st_gid));
+                (uid, gid, st.st_mode, st.st_rdev)
+            }
             _ => (st.st_uid, st.st_gid, st.st_mode, st.st_rdev),
         };
         Ok(Rmessage::Getattr(Attr {
@@ -155,8 +163,28 @@ impl Server {
             cvt(|| unsafe { libc::fchmodat(proc_fd, me.ptr(), mode, 0) })?;
         }
         if a.valid & (sa::UID | sa::GID) != 0 && self.mapped() {
-            // A symlink cannot carry the guest's view and its owner means nothing to the host:
-            // accept the guest's lchown (as `tar -x` does it) without changing the host.
+            // A symlink cannot carry the guest's view in an extended attribute and its owner
+            // means nothing to the host: the guest's lchown is remembered for the share's
+            // lifetime and the host's symlink is left as it is.
+            let st = fstat(f.fd.as_fd())?;
+            let (old_uid, old_gid) = self
+                .share
+                .symlink_owners
+                .get(&st)
+                .unwrap_or((st.st_uid, st.st_gid));
+            let uid = if a.valid & sa::UID != 0 {
+                a.uid
+            } else {
+                old_uid
+            };
+            let gid = if a.valid & sa::GID != 0 {
+                a.gid
+            } else {
+                old_gid
+            };
+            if !self.share.symlink_owners.set(&st, (uid, gid)) && (uid, gid) != (old_uid, old_gid) {
+                return Err(libc::EPERM);
+            }
         } else if a.valid & (sa::UID | sa::GID) != 0 {
             let uid = if a.valid & sa::UID != 0 {
                 a.uid

@@ -125,6 +125,7 @@ impl Server {
         fid: u32,
         name: &[u8],
         target: &[u8],
+        gid: u32,
     ) -> Result<Rmessage<'m>, Errno> {
         self.ro()?;
         let f = self.dir_fid(fid)?;
@@ -132,8 +133,14 @@ impl Server {
         let target = CString::new(target).map_err(|_| libc::EINVAL)?;
         // SAFETY: both strings are NUL-terminated; the dir fd is open.
         cvt(|| unsafe { libc::symlinkat(target.as_ptr(), f.fd.as_raw_fd(), name.ptr()) })?;
-        // A symlink carries no guest view: its owner means nothing to the host.
+        // A symlink carries no extended attribute: its guest owner is remembered by the share
+        // (a new inode may reuse a forgotten one's number, so it is always set here).
         let qid = self.finish_create(&f, &name, None)?;
+        if self.mapped() {
+            if let Ok(st) = fstatat(f.fd.as_fd(), &name) {
+                self.share.symlink_owners.set(&st, (f.uid, gid));
+            }
+        }
         Ok(Rmessage::Symlink { qid })
     }
 

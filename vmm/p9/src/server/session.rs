@@ -42,6 +42,41 @@ pub(super) struct Share {
     pub(super) dirs: DirCache,
     /// The guest's view of unchanged files (mapped mode), for Tgetattr.
     pub(super) views: ViewCache,
+    /// The owners the guest gave symlinks (mapped mode). A symlink cannot carry the extended
+    /// attribute that holds the guest's view elsewhere, so these live as long as the share is
+    /// served: a job sees its own lchown, the host's symlink is never changed.
+    pub(super) symlink_owners: SymlinkOwners,
+}
+
+/// The guest's owner and group of symlinks, by (device, inode), bounded.
+#[derive(Default)]
+pub(super) struct SymlinkOwners(
+    std::sync::Mutex<std::collections::HashMap<(u64, u64), (u32, u32)>>,
+);
+
+impl SymlinkOwners {
+    /// Symlinks whose owner is remembered; beyond this the guest sees the host's owner.
+    const MAX: usize = 65536;
+
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<(u64, u64), (u32, u32)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The owner the guest gave the symlink `st` describes, if any.
+    pub(super) fn get(&self, st: &libc::stat64) -> Option<(u32, u32)> {
+        self.map().get(&(st.st_dev, st.st_ino)).copied()
+    }
+
+    /// Remembers the guest's owner of the symlink `st` describes; false when full.
+    pub(super) fn set(&self, st: &libc::stat64, owner: (u32, u32)) -> bool {
+        let mut map = self.map();
+        let key = (st.st_dev, st.st_ino);
+        if map.len() >= Self::MAX && !map.contains_key(&key) {
+            return false;
+        }
+        map.insert(key, owner);
+        true
+    }
 }
 
 /// A 9P2000.L server for one exported directory. `Send + Sync`; call [`Server::handle`] from
@@ -117,6 +152,7 @@ impl Server {
             stats: Stats::new(config.stats),
             dirs: DirCache::new(stamp::SETTLED_NS, dircache::BUDGET, dircache::MAX_LISTING),
             views: ViewCache::new(stamp::SETTLED_NS),
+            symlink_owners: SymlinkOwners::default(),
         };
         Ok(Arc::new(Server::with_share(Arc::new(share))))
     }
