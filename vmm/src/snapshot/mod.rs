@@ -10,7 +10,7 @@
 //!   create the same in-kernel devices (irqchip, PIT) and vCPUs; [`VmState::restore`];
 //!   [`VcpuState::restore`] per vCPU; restore device blobs; run.
 
-mod codec;
+pub(crate) mod codec;
 pub mod format;
 pub mod memory_map;
 pub mod vcpu_state;
