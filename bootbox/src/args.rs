@@ -119,6 +119,9 @@ pub struct RunArgs {
     /// Show the guest kernel's console on stderr.
     #[arg(long)]
     pub console: bool,
+    /// Boot the kernel for this job instead of resuming the appliance's warm-start snapshot.
+    #[arg(long)]
+    pub cold: bool,
     #[command(flatten)]
     pub vm: VmArgs,
     /// The command to run inside the appliance, and its arguments (any bytes: file names need

@@ -17,6 +17,7 @@ use crate::args::{BootArgs, InitrdArgs, RunArgs, VmArgs};
 use crate::overlap::refuse_overlaps;
 use crate::report::{vmm_peak_rss_kib, Phase, RunRecord};
 use crate::share::{dedupe_tags, Share};
+use crate::warm::{warm_machine, Machine, WarmRequest};
 use crate::{kernel, EXIT_INTERRUPTED, EXIT_LAUNCHER, EXIT_TIMEOUT};
 
 /// The kernel command line the appliance boots with. `quiet` keeps the slow UART out of the
@@ -40,7 +41,7 @@ impl<E: std::error::Error> From<E> for Failure {
     }
 }
 
-fn fail(message: impl Into<String>) -> Failure {
+pub(crate) fn fail(message: impl Into<String>) -> Failure {
     Failure {
         code: EXIT_LAUNCHER,
         message: message.into(),
@@ -137,9 +138,9 @@ fn vm_config(kernel: PathBuf, cmdline: String, a: &VmArgs) -> Result<VmConfig, F
 
 /// The 9p servers behind a VM's shares, kept for their statistics.
 #[derive(Default)]
-struct ShareServers {
+pub(crate) struct ShareServers {
     servers: Vec<(String, Arc<p9::Server>)>,
-    pool: Option<Arc<p9::WorkerPool>>,
+    pub(crate) pool: Option<Arc<p9::WorkerPool>>,
 }
 
 impl ShareServers {
@@ -161,7 +162,7 @@ const UNCHECKED_9P_ENV: &str = "BOOTBOX_TEST_UNCHECKED_9P";
 
 /// Adds a virtio-9p device per share. The servers and their worker pool count requests when
 /// the VM's one statistics switch is on.
-fn add_shares(vm: &mut Vm, shares: &[Share]) -> Result<ShareServers, Failure> {
+pub(crate) fn add_shares(vm: &mut Vm, shares: &[Share]) -> Result<ShareServers, Failure> {
     let stats = vm.stats_enabled();
     let mut kept = ShareServers::default();
     if shares.is_empty() {
@@ -217,7 +218,7 @@ fn stats_report(outcome: &RunOutcome, shares: &ShareServers) -> Option<String> {
 
 /// Runs a prepared VM with Ctrl-C handling and builds the record.
 fn execute(
-    vm: Vm,
+    vm: Machine,
     signals: Signals,
     phases: &PhaseLog,
     shares: &ShareServers,
@@ -351,19 +352,37 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
         // messages: the kernel must not be quiet then.
         config.cmdline = config.cmdline.replace(" quiet", "");
     }
-    let mut vm = confined_vm(&a.vm, config, &phases, &shares)?;
-    // Order matters: the guest numbers consoles in probe order, so hvc0 = stdout, hvc1 = stderr.
-    vm.add_virtio_device(
-        "virtio-console (stdout)",
-        Box::new(VirtioConsole::new(std_writer(std::io::stdout().as_fd())?)),
-    )?;
-    vm.add_virtio_device(
-        "virtio-console (stderr)",
-        Box::new(VirtioConsole::new(std_writer(std::io::stderr().as_fd())?)),
-    )?;
-    let servers = add_shares(&mut vm, &shares)?;
+    let request = WarmRequest {
+        cold: a.cold,
+        config: &config,
+        prepared: &prepared,
+        job: &job,
+        shares: &shares,
+        phases: &phases,
+        stdout: VirtioConsole::new(std_writer(std::io::stdout().as_fd())?),
+        stderr: VirtioConsole::new(std_writer(std::io::stderr().as_fd())?),
+    };
+    let warm = warm_machine(request, |c| confine(&a.vm, c, &shares))?;
+    let (machine, servers) = match warm {
+        Some(warm) => warm,
+        None => {
+            let mut vm = confined_vm(&a.vm, config, &phases, &shares)?;
+            // Order matters: the guest numbers consoles in probe order, so hvc0 = stdout,
+            // hvc1 = stderr.
+            vm.add_virtio_device(
+                "virtio-console (stdout)",
+                Box::new(VirtioConsole::new(std_writer(std::io::stdout().as_fd())?)),
+            )?;
+            vm.add_virtio_device(
+                "virtio-console (stderr)",
+                Box::new(VirtioConsole::new(std_writer(std::io::stderr().as_fd())?)),
+            )?;
+            let servers = add_shares(&mut vm, &shares)?;
+            (Machine::Cold(vm), servers)
+        }
+    };
 
-    let (outcome, mut record) = execute(vm, signals, &phases, &servers, "the appliance")?;
+    let (outcome, mut record) = execute(machine, signals, &phases, &servers, "the appliance")?;
     record.appliance_built = Some(prepared.built);
     let code = match outcome.exit {
         GuestExit::Status(s) => s,
@@ -484,7 +503,7 @@ fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u
     config.stdin = !a.no_stdin;
     let mut vm = confined_vm(&a.vm, config, &phases, &shares)?;
     let servers = add_shares(&mut vm, &shares)?;
-    let (outcome, record) = execute(vm, signals, &phases, &servers, "the guest")?;
+    let (outcome, record) = execute(Machine::Cold(vm), signals, &phases, &servers, "the guest")?;
     let code = match outcome.exit {
         GuestExit::Status(s) => s,
         GuestExit::Reset => 0,

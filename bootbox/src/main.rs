@@ -15,6 +15,7 @@ mod logger;
 mod overlap;
 mod report;
 mod share;
+mod warm;
 
 use std::process::ExitCode;
 use std::time::Instant;

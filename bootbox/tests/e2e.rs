@@ -1155,3 +1155,92 @@ fn scripts_refuse_bad_arguments_before_doing_anything_and_print_their_help() {
         );
     }
 }
+
+// ---- warm start ----
+
+/// One warm run of `script` over `share` with `--json`: (stdout lines, exit code, stderr,
+/// whether the run was resumed from a snapshot, host seconds before and after).
+fn warm_run(
+    share: &str,
+    extra: &[&str],
+    script: &str,
+) -> (Vec<String>, Option<i32>, String, bool, (u64, u64)) {
+    let json = tempfile::NamedTempFile::new().unwrap();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let before = now();
+    let mut args = vec!["run", "--mem", "320", "--timeout", "900", "--share", share];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[
+        "--json",
+        json.path().to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let out = bootbox(&args);
+    let after = now();
+    let record = std::fs::read_to_string(json.path()).unwrap();
+    let resumed = record.contains("\"state restored\"");
+    (
+        stdout(&out).lines().map(str::to_string).collect(),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        resumed,
+        (before, after),
+    )
+}
+
+#[test]
+#[ignore = "boots a real kernel: run by scripts/test.sh"]
+fn warm_jobs_see_only_their_own_shares_match_cold_runs_and_get_fresh_time_and_randomness() {
+    let a = Scratch::new("warm-a");
+    std::fs::write(a.path().join("a.txt"), "alpha\n").unwrap();
+    let b = Scratch::new("warm-b");
+    std::fs::write(b.path().join("b.txt"), "beta\n").unwrap();
+    // Shares, mounts, the job's own output and status; then the clock and 16 random bytes.
+    let script = "ls /share; cat /share/*.txt; grep -c ' 9p ' /proc/mounts; echo \"$0 $1\"; \
+                  date +%s; od -An -tx1 -N16 /dev/urandom | tr -d ' '; exit 3";
+    // The first run of this shape (--mem 320) makes the snapshot, then resumes from it.
+    let (first, code1, err1, resumed1, _) = warm_run(a.s(), &[], script);
+    assert!(!err1.contains("booting cold"), "{err1}");
+    assert!(resumed1, "the first run resumed from the snapshot it made");
+    assert_eq!(code1, Some(3));
+    assert_eq!(
+        &first[..3],
+        ["a.txt", "alpha", "1"],
+        "only share A is visible"
+    );
+    // Make the snapshot's own clock at least 3 s stale.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let (second, code2, err2, resumed2, (before, after)) =
+        warm_run(&format!("{}:rw", b.s()), &[], script);
+    assert!(resumed2 && !err2.contains("booting cold"), "{err2}");
+    assert_eq!(code2, Some(3));
+    assert_eq!(
+        &second[..3],
+        ["b.txt", "beta", "1"],
+        "only share B is visible"
+    );
+    let guest_time: u64 = second[4].parse().unwrap();
+    assert!(
+        guest_time + 2 >= before && guest_time <= after + 2,
+        "warm guest clock {guest_time} outside the host's [{before}, {after}] +- 2 s"
+    );
+    assert_eq!(first[5].len(), 32);
+    assert_ne!(
+        first[5], second[5],
+        "two restores read different random bytes"
+    );
+    // The same job cold: same output (clock and randomness aside) and status.
+    let (cold, code3, _, resumed3, _) = warm_run(a.s(), &["--cold"], script);
+    assert!(!resumed3, "--cold boots");
+    assert_eq!(code3, code1);
+    assert_eq!(cold[..4], first[..4]);
+    assert_ne!(cold[5], first[5]);
+}
