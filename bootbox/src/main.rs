@@ -8,6 +8,7 @@
 
 mod args;
 mod bench;
+mod cache_cmd;
 mod doctor;
 mod kernel;
 mod launch;
@@ -50,6 +51,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::bench(a),
         Command::Doctor(a) => doctor::doctor(a),
         Command::Initrd(a) => launch::initrd(a),
+        Command::Cache { action } => cache_cmd::cache(action),
     };
     ExitCode::from(code)
 }
