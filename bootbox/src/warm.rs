@@ -179,15 +179,22 @@ fn make_snapshot(
 
 /// Takes the exclusive lock of `dir` (held until the returned file is dropped).
 fn lock_dir(dir: &Path) -> Result<File, Failure> {
-    std::fs::create_dir_all(dir)?;
+    let err = |what: &str, e: std::io::Error| {
+        launch::fail(format!(
+            "snapshot cache: {what} {}: {e}; check permissions of the cache directory or set BOOTBOX_CACHE",
+            dir.display()
+        ))
+    };
+    std::fs::create_dir_all(dir).map_err(|e| err("creating", e))?;
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(dir.join(".lock"))?;
+        .open(dir.join(".lock"))
+        .map_err(|e| err("opening the lock in", e))?;
     // SAFETY: flock on an open, owned descriptor; no memory is passed.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error().into());
+        return Err(err("locking", std::io::Error::last_os_error()));
     }
     Ok(file)
 }
@@ -235,10 +242,26 @@ fn ready_snapshot(
     Ok(open_snapshot(&path, &key))
 }
 
+/// Fresh random bytes from the host kernel (getrandom(2): no file to open, so it works in the
+/// confined process too).
 fn random_seed() -> Result<[u8; SEED_LEN], Failure> {
-    use std::io::Read;
     let mut seed = [0u8; SEED_LEN];
-    File::open("/dev/urandom")?.read_exact(&mut seed)?;
+    let mut filled = 0;
+    while filled < SEED_LEN {
+        let rest = &mut seed[filled..];
+        // SAFETY: getrandom writes at most rest.len() bytes into the exclusively borrowed slice.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(launch::fail(format!(
+                "cannot get random bytes for the guest: {e}"
+            )));
+        }
+        filled += n as usize;
+    }
     Ok(seed)
 }
 
