@@ -273,6 +273,8 @@ fn execute(
         .collect(),
         vmm_peak_rss_kib: vmm_peak_rss_kib(outcome.guest_resident_kib),
         stats: stats_report(&outcome, shares),
+        page_faults: crate::report::page_faults(),
+        guest_resident_kib: outcome.guest_resident_kib,
         ..Default::default()
     };
     Ok((outcome, record))

@@ -34,6 +34,31 @@ fn virtio_state_name(index: usize, device: &str) -> String {
     format!("virtio-mmio {index} ({device})")
 }
 
+/// Whether the host's KVM is the AMD (SVM) one.
+fn kvm_runs_on_svm() -> bool {
+    Path::new("/sys/module/kvm_amd").exists()
+}
+
+/// TSS descriptor types: 64-bit TSS, available and busy.
+const TSS_AVAILABLE: u8 = 0x9;
+const TSS_BUSY: u8 = 0xb;
+
+/// `saved` with its task register marked as an available rather than a busy TSS.
+///
+/// KVM on SVM reports TR as busy whatever the VMCB holds (so that a state moves to VMX, which
+/// requires busy). Real AMD CPUs ignore the type of the loaded TR, but an emulated SVM (QEMU's
+/// TCG, the nested test host) checks user-mode port I/O against the TSS only when TR is an
+/// available TSS and raises #GP otherwise: a guest restored with the busy type there faults
+/// on its first `in`/`out` from user mode (the init's job port). Giving SVM back the type it
+/// had is right on both.
+fn with_available_tss(saved: &VcpuState) -> VcpuState {
+    let mut state = saved.clone();
+    if state.sregs.tr.type_ == TSS_BUSY {
+        state.sregs.tr.type_ = TSS_AVAILABLE;
+    }
+    state
+}
+
 /// A VM being made into a snapshot: its job port stops the run at the init's wait point.
 pub struct SnapshotPoint(Arc<AtomicBool>);
 
@@ -96,7 +121,13 @@ impl Vm {
         }
         state.vm.restore(&self.fd).map_err(snapshot_err)?;
         let vcpus = self.create_vcpus()?;
+        let svm = kvm_runs_on_svm();
         for (id, (vcpu, saved)) in vcpus.iter().zip(&state.vcpus).enumerate() {
+            let saved = if svm {
+                &with_available_tss(saved)
+            } else {
+                saved
+            };
             saved
                 .restore(&self.fd, vcpu)
                 .map_err(|e| snapshot_err(format!("vCPU {id}: {e}")))?;
