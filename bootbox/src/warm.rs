@@ -336,6 +336,41 @@ pub fn warm_machine(
     Ok(Some((Machine::Warm(ready), servers)))
 }
 
+/// `bootbox doctor`'s line on warm start: whether KVM here can snapshot and restore, and
+/// whether the snapshot directory is writable.
+pub(crate) fn doctor_check() -> crate::doctor::Check {
+    let dir = appliance::default_cache_dir().map(|root| snapshot_dir(&root));
+    let writable = dir.as_ref().map_err(|e| e.to_string()).and_then(|d| {
+        std::fs::create_dir_all(d)
+            .and_then(|()| tempfile_in(d))
+            .map_err(|e| format!("{}: {e}", d.display()))
+    });
+    match (snapshot::support::host_support(), writable) {
+        (Ok(()), Ok(())) => crate::doctor::Check {
+            ok: true,
+            what: "warm start: KVM can snapshot and restore; snapshots go to the cache".into(),
+            fix: None,
+        },
+        (Err(why), _) => crate::doctor::Check {
+            ok: false,
+            what: format!("warm start unavailable: {why}"),
+            fix: Some("runs boot cold (as with --cold); use a newer host kernel".into()),
+        },
+        (_, Err(why)) => crate::doctor::Check {
+            ok: false,
+            what: format!("warm start: the snapshot directory is not writable ({why})"),
+            fix: Some("fix its permissions or set BOOTBOX_CACHE".into()),
+        },
+    }
+}
+
+/// Creates and removes a file in `dir`.
+fn tempfile_in(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".doctor.{}", std::process::id()));
+    File::create(&probe)?;
+    std::fs::remove_file(&probe)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

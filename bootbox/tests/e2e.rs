@@ -1092,7 +1092,7 @@ fn overlapping_shares_are_refused_before_anything_starts() {
 fn doctor_reports_each_check_and_its_verdict_matches_the_exit_status() {
     let out = Command::new(bootbox_bin()).arg("doctor").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    for check in ["/dev/kvm", "hardware", "guest init", "appliance cache"] {
+    for check in ["/dev/kvm", "hardware", "guest init", "appliance cache", "warm start"] {
         assert!(text.contains(check), "{check} not checked:\n{text}");
     }
     let failed = text.lines().any(|l| l.starts_with("[FAIL]"));

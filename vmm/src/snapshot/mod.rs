@@ -13,6 +13,7 @@
 pub(crate) mod codec;
 pub mod format;
 pub mod memory_map;
+pub mod support;
 pub mod vcpu_state;
 pub mod vm_state;
 
