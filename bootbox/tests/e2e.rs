@@ -1092,7 +1092,13 @@ fn overlapping_shares_are_refused_before_anything_starts() {
 fn doctor_reports_each_check_and_its_verdict_matches_the_exit_status() {
     let out = Command::new(bootbox_bin()).arg("doctor").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    for check in ["/dev/kvm", "hardware", "guest init", "appliance cache", "warm start"] {
+    for check in [
+        "/dev/kvm",
+        "hardware",
+        "guest init",
+        "appliance cache",
+        "warm start",
+    ] {
         assert!(text.contains(check), "{check} not checked:\n{text}");
     }
     let failed = text.lines().any(|l| l.starts_with("[FAIL]"));
@@ -1173,13 +1179,22 @@ fn warm_run(
             .as_secs()
     };
     let before = now();
-    let mut args = vec!["run", "--mem", "320", "--timeout", "900", "--share", share];
+    let mut args = vec![
+        "run",
+        "--mem",
+        "320",
+        "--timeout",
+        "900",
+        "--phases",
+        "--share",
+        share,
+    ];
     args.extend_from_slice(extra);
     args.extend_from_slice(&[
         "--json",
         json.path().to_str().unwrap(),
         "--",
-        "sh",
+        "bash",
         "-c",
         script,
     ]);
@@ -1205,7 +1220,7 @@ fn warm_jobs_see_only_their_own_shares_match_cold_runs_and_get_fresh_time_and_ra
     std::fs::write(b.path().join("b.txt"), "beta\n").unwrap();
     // Shares, mounts, the job's own output and status; then the clock and 16 random bytes.
     let script = "ls /share; cat /share/*.txt; grep -c ' 9p ' /proc/mounts; echo \"$0 $1\"; \
-                  date +%s; od -An -tx1 -N16 /dev/urandom | tr -d ' '; exit 3";
+                  printf '%(%s)T\\n' -1; head -c 16 /dev/urandom | sha256sum | cut -c1-32; exit 3";
     // The first run of this shape (--mem 320) makes the snapshot, then resumes from it.
     let (first, code1, err1, resumed1, _) = warm_run(a.s(), &[], script);
     assert!(!err1.contains("booting cold"), "{err1}");
