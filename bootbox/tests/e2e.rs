@@ -617,6 +617,7 @@ fn phases_are_recorded_and_the_second_run_reuses_the_appliance() {
     for _ in 0..2 {
         let out = bootbox(&[
             "run",
+            "--cold",
             "--json",
             j,
             "--phases",
@@ -636,6 +637,57 @@ fn phases_are_recorded_and_the_second_run_reuses_the_appliance() {
         serde_json::Value::Bool(false),
         "the second run rebuilt the appliance"
     );
+    let cold_order = [
+        "process start",
+        "kvm vm created",
+        "memory ready",
+        "kernel loaded",
+        "initrd loaded",
+        "first KVM_RUN",
+        "init started",
+        "shares mounted",
+        "job started",
+        "job finished",
+        "vm exit",
+    ];
+    assert_phase_order(&record, &cold_order);
+    // The same job resumed from the warm-start snapshot: no kernel is loaded, the guest's
+    // first phase is receiving its job.
+    let out = bootbox(&[
+        "run",
+        "--json",
+        j,
+        "--phases",
+        "--timeout",
+        "600",
+        "--share",
+        scratch.s(),
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let warm_order = [
+        "process start",
+        "snapshot opened",
+        "memory mapped",
+        "kvm vm created",
+        "memory ready",
+        "state restored",
+        "first KVM_RUN",
+        "job received",
+        "shares mounted",
+        "job started",
+        "job finished",
+        "vm exit",
+    ];
+    assert_phase_order(&record, &warm_order);
+    assert!(record["page_faults"].is_array() && record["guest_resident_kib"].is_u64());
+}
+
+/// Every phase in `order` is in the run record, in that order.
+fn assert_phase_order(record: &serde_json::Value, order: &[&str]) {
     let phases: Vec<(String, u64)> = record["phases"]
         .as_array()
         .unwrap()
@@ -654,19 +706,6 @@ fn phases_are_recorded_and_the_second_run_reuses_the_appliance() {
             .map(|(_, t)| *t)
             .unwrap_or_else(|| panic!("phase {name} missing: {phases:?}"))
     };
-    let order = [
-        "process start",
-        "kvm vm created",
-        "memory ready",
-        "kernel loaded",
-        "initrd loaded",
-        "first KVM_RUN",
-        "init started",
-        "shares mounted",
-        "job started",
-        "job finished",
-        "vm exit",
-    ];
     for w in order.windows(2) {
         assert!(at(w[0]) <= at(w[1]), "{} after {}: {phases:?}", w[0], w[1]);
     }
@@ -790,6 +829,17 @@ fn concurrent_runs_work_and_share_one_appliance_build() {
     assert!(
         leftovers.is_empty(),
         "temporary build files left: {leftovers:?}"
+    );
+    // The three runs raced for the warm-start snapshot of this shape too: one made it, and
+    // nothing half-written is left.
+    let snapshots: Vec<_> = std::fs::read_dir(cache.path().join("snapshot"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".lock")
+        .collect();
+    assert!(
+        snapshots.len() == 1 && snapshots[0].ends_with(".snap"),
+        "expected one snapshot: {snapshots:?}"
     );
 }
 
