@@ -3,7 +3,9 @@
 # appliance initramfs), interleaved A B A B by `bootbox bench --compare`, printing per-phase
 # figures (min/median/p95/mean/stddev) and the ratios of medians.
 #
-#   scripts/bench-vm.sh boot [RUNS]   # launch to job result for `true`
+#   scripts/bench-vm.sh boot [RUNS]   # launch to job result for `true`, booted (--cold)
+#   scripts/bench-vm.sh warm [RUNS]   # launch to job result for `true`: resumed from the
+#                                     # warm-start snapshot vs booted (--cold), same bootbox
 #   scripts/bench-vm.sh 9p   [RUNS]   # `find | xargs sha256sum` over a generated tree, over
 #                                     # bootbox's virtio-9p vs QEMU's virtio-9p (-fsdev local)
 #   scripts/bench-vm.sh disk [RUNS]   # virtio-blk against QEMU's virtio-blk-device on the same
@@ -21,9 +23,9 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 mode="${1:-boot}"
 runs="${2:-10}"
 case "$mode" in
-    boot|9p|disk|analyze|stats) ;;
+    boot|warm|9p|disk|analyze|stats) ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-    *) echo "bench-vm: unknown mode '$mode': expected boot, 9p, disk, analyze or stats (try --help)" >&2; exit 2 ;;
+    *) echo "bench-vm: unknown mode '$mode': expected boot, warm, 9p, disk, analyze or stats (try --help)" >&2; exit 2 ;;
 esac
 case "$runs" in
     ''|*[!0-9]*|0) echo "bench-vm: RUNS must be a positive number, not '$runs'" >&2; exit 2 ;;
@@ -97,7 +99,13 @@ case "$mode" in
         "$bootbox" initrd -o "$work/app.cpio" -- "${job[@]}" >/dev/null
         "$bootbox" bench --runs "$runs" --warmup 2 --expect-status 5 \
             --compare "$(qemu_check "-initrd $work/app.cpio -append '$cmdline'")" \
-            -- run -- "${job[@]}"
+            -- run --cold -- "${job[@]}"
+        ;;
+    warm)
+        # The first warm run of this shape makes the snapshot; the warmup runs cover it.
+        "$bootbox" bench --runs "$runs" --warmup 2 --expect-status 0 \
+            --compare "$bootbox run --cold -- true" \
+            -- run -- true
         ;;
     9p)
         tree="$work/tree"
@@ -114,7 +122,7 @@ case "$mode" in
         "$bootbox" bench --runs "$runs" --warmup 1 --expect-status 5 \
             --compare "$(qemu_check "-fsdev local,id=fs0,path=$tree,security_model=none,readonly=on \
  -device virtio-9p-device,fsdev=fs0,mount_tag=data -initrd $work/app.cpio -append '$cmdline'")" \
-            -- run --share "$tree:data" -- "${job[@]}"
+            -- run --cold --share "$tree:data" -- "${job[@]}"
         ;;
     disk)
         disks="$BOOTBOX_BENCH_DISKS"
@@ -148,5 +156,5 @@ case "$mode" in
             --compare "$bootbox run --stats -- sh -c 'exit 5' 2>/dev/null; test \$? = 5" \
             -- run -- sh -c 'exit 5'
         ;;
-    *) echo "bench-vm: mode must be boot, 9p, analyze or stats" >&2; exit 2 ;;
+    *) echo "bench-vm: mode must be boot, warm, 9p, analyze or stats" >&2; exit 2 ;;
 esac

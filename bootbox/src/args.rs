@@ -46,6 +46,20 @@ pub enum Command {
     /// Write the initramfs `run` would boot (cached appliance + job) to a file, e.g. to boot
     /// the same appliance under another VMM for comparison.
     Initrd(InitrdArgs),
+    /// List or remove the cached appliances and warm-start snapshots.
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
+}
+
+/// What `bootbox cache` does.
+#[derive(clap::Subcommand, Debug, Clone, Copy)]
+pub enum CacheAction {
+    /// Show each cached appliance and snapshot with its key and size.
+    List,
+    /// Remove every cached appliance and snapshot.
+    Clear,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -141,6 +155,9 @@ pub struct RunArgs {
     /// Show the guest kernel's console on stderr.
     #[arg(long)]
     pub console: bool,
+    /// Boot the kernel for this job instead of resuming the appliance's warm-start snapshot.
+    #[arg(long)]
+    pub cold: bool,
     #[command(flatten)]
     pub vm: VmArgs,
     /// The command to run inside the appliance, and its arguments (any bytes: file names need

@@ -6,10 +6,10 @@ use std::path::Path;
 use super::args::DoctorArgs;
 use super::{kernel, launch, EXIT_LAUNCHER};
 
-struct Check {
-    ok: bool,
-    what: String,
-    fix: Option<String>,
+pub(crate) struct Check {
+    pub(crate) ok: bool,
+    pub(crate) what: String,
+    pub(crate) fix: Option<String>,
 }
 
 fn check_kvm() -> Vec<Check> {
@@ -230,6 +230,7 @@ fn check_sandbox() -> Vec<Check> {
 pub fn doctor(a: DoctorArgs) -> u8 {
     let mut checks = check_kvm();
     checks.push(check_kernel(a.fix));
+    checks.push(crate::warm::doctor_check());
     checks.extend(check_appliance());
     let mut all_ok = true;
     for c in &checks {

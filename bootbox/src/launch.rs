@@ -17,6 +17,7 @@ use crate::args::{BootArgs, InitrdArgs, RunArgs, VmArgs};
 use crate::overlap::refuse_overlaps;
 use crate::report::{vmm_peak_rss_kib, Phase, RunRecord};
 use crate::share::{dedupe_tags, Share};
+use crate::warm::{warm_machine, Machine, WarmRequest};
 use crate::{kernel, EXIT_INTERRUPTED, EXIT_LAUNCHER, EXIT_TIMEOUT};
 
 /// The kernel command line the appliance boots with. `quiet` keeps the slow UART out of the
@@ -40,7 +41,7 @@ impl<E: std::error::Error> From<E> for Failure {
     }
 }
 
-fn fail(message: impl Into<String>) -> Failure {
+pub(crate) fn fail(message: impl Into<String>) -> Failure {
     Failure {
         code: EXIT_LAUNCHER,
         message: message.into(),
@@ -120,6 +121,25 @@ fn vm_timeout(a: &VmArgs) -> Result<Option<Duration>, Failure> {
     }
 }
 
+/// How rw shares treat a guest's chown: mapped unless `--passthrough-ownership`.
+fn ownership_mode(a: &VmArgs) -> p9::Ownership {
+    if a.passthrough_ownership {
+        p9::Ownership::Passthrough
+    } else {
+        p9::Ownership::Mapped
+    }
+}
+
+/// Whether this run needs devices a warm appliance does not have: disks (virtio-mmio has no
+/// hotplug, and the snapshot holds consoles and share slots only).
+fn warm_needs_cold(a: &RunArgs) -> bool {
+    if a.disks.is_empty() {
+        return false;
+    }
+    log::info!("warm start: disks are attached, so this run boots cold");
+    true
+}
+
 /// `--passthrough-ownership` is for root: only root can give a host file to another owner.
 fn check_ownership_mode(a: &VmArgs) -> Result<(), Failure> {
     // SAFETY: geteuid has no arguments and cannot fail.
@@ -150,9 +170,9 @@ fn vm_config(kernel: PathBuf, cmdline: String, a: &VmArgs) -> Result<VmConfig, F
 
 /// The 9p servers behind a VM's shares, kept for their statistics.
 #[derive(Default)]
-struct ShareServers {
+pub(crate) struct ShareServers {
     servers: Vec<(String, Arc<p9::Server>)>,
-    pool: Option<Arc<p9::WorkerPool>>,
+    pub(crate) pool: Option<Arc<p9::WorkerPool>>,
 }
 
 impl ShareServers {
@@ -174,13 +194,12 @@ const UNCHECKED_9P_ENV: &str = "BOOTBOX_TEST_UNCHECKED_9P";
 
 /// Adds a virtio-9p device per share. The servers and their worker pool count requests when
 /// the VM's one statistics switch is on.
-fn add_shares(vm: &mut Vm, shares: &[Share], a: &VmArgs) -> Result<ShareServers, Failure> {
+pub(crate) fn add_shares(
+    vm: &mut Vm,
+    shares: &[Share],
+    ownership: p9::Ownership,
+) -> Result<ShareServers, Failure> {
     let stats = vm.stats_enabled();
-    let ownership = if a.passthrough_ownership {
-        p9::Ownership::Passthrough
-    } else {
-        p9::Ownership::Mapped
-    };
     let mut kept = ShareServers::default();
     if shares.is_empty() {
         return Ok(kept);
@@ -236,7 +255,7 @@ fn stats_report(outcome: &RunOutcome, shares: &ShareServers) -> Option<String> {
 
 /// Runs a prepared VM with Ctrl-C handling and builds the record.
 fn execute(
-    vm: Vm,
+    vm: Machine,
     signals: Signals,
     phases: &PhaseLog,
     shares: &ShareServers,
@@ -291,6 +310,8 @@ fn execute(
         .collect(),
         vmm_peak_rss_kib: vmm_peak_rss_kib(outcome.guest_resident_kib),
         stats: stats_report(&outcome, shares),
+        page_faults: crate::report::page_faults(),
+        guest_resident_kib: outcome.guest_resident_kib,
         ..Default::default()
     };
     Ok((outcome, record))
@@ -374,21 +395,43 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
         // messages: the kernel must not be quiet then.
         config.cmdline = config.cmdline.replace(" quiet", "");
     }
-    let mut vm = confined_vm(&a.vm, config, &phases, &shares)?;
-    // Order matters: the guest numbers consoles in probe order, so hvc0 = stdout, hvc1 = stderr.
-    vm.add_virtio_device(
-        "virtio-console (stdout)",
-        Box::new(VirtioConsole::new(std_writer(std::io::stdout().as_fd())?)),
-    )?;
-    vm.add_virtio_device(
-        "virtio-console (stderr)",
-        Box::new(VirtioConsole::new(std_writer(std::io::stderr().as_fd())?)),
-    )?;
-    let servers = add_shares(&mut vm, &shares, &a.vm)?;
-    // After the consoles and shares: only block devices get /dev/vdX names, in this order.
-    let _block_pool = crate::disk::attach(&mut vm, &a.disks)?;
+    // Held until the run ends: the block devices' workers.
+    let mut _block_pool = None;
+    let request = WarmRequest {
+        cold: a.cold || warm_needs_cold(&a),
+        ownership: ownership_mode(&a.vm),
+        config: &config,
+        prepared: &prepared,
+        job: &job,
+        shares: &shares,
+        phases: &phases,
+        stdout: VirtioConsole::new(std_writer(std::io::stdout().as_fd())?),
+        stderr: VirtioConsole::new(std_writer(std::io::stderr().as_fd())?),
+    };
+    let warm = warm_machine(request, |c| confine(&a.vm, c, &shares))?;
+    let (machine, servers) = match warm {
+        Some(warm) => warm,
+        None => {
+            let mut vm = confined_vm(&a.vm, config, &phases, &shares)?;
+            // Order matters: the guest numbers consoles in probe order, so hvc0 = stdout,
+            // hvc1 = stderr.
+            vm.add_virtio_device(
+                "virtio-console (stdout)",
+                Box::new(VirtioConsole::new(std_writer(std::io::stdout().as_fd())?)),
+            )?;
+            vm.add_virtio_device(
+                "virtio-console (stderr)",
+                Box::new(VirtioConsole::new(std_writer(std::io::stderr().as_fd())?)),
+            )?;
+            let servers = add_shares(&mut vm, &shares, ownership_mode(&a.vm))?;
+            // After the consoles and shares: only block devices get /dev/vdX names, in this
+            // order.
+            _block_pool = Some(crate::disk::attach(&mut vm, &a.disks)?);
+            (Machine::Cold(vm), servers)
+        }
+    };
 
-    let (outcome, mut record) = execute(vm, signals, &phases, &servers, "the appliance")?;
+    let (outcome, mut record) = execute(machine, signals, &phases, &servers, "the appliance")?;
     record.appliance_built = Some(prepared.built);
     let code = match outcome.exit {
         GuestExit::Status(s) => s,
@@ -514,8 +557,8 @@ fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u
     config.console = ConsoleSink::Stdout;
     config.stdin = !a.no_stdin;
     let mut vm = confined_vm(&a.vm, config, &phases, &shares)?;
-    let servers = add_shares(&mut vm, &shares, &a.vm)?;
-    let (outcome, record) = execute(vm, signals, &phases, &servers, "the guest")?;
+    let servers = add_shares(&mut vm, &shares, ownership_mode(&a.vm))?;
+    let (outcome, record) = execute(Machine::Cold(vm), signals, &phases, &servers, "the guest")?;
     let code = match outcome.exit {
         GuestExit::Status(s) => s,
         GuestExit::Reset => 0,

@@ -8,6 +8,7 @@
 
 mod args;
 mod bench;
+mod cache_cmd;
 mod disk;
 mod doctor;
 mod kernel;
@@ -16,6 +17,7 @@ mod logger;
 mod overlap;
 mod report;
 mod share;
+mod warm;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::bench(a),
         Command::Doctor(a) => doctor::doctor(a),
         Command::Initrd(a) => launch::initrd(a),
+        Command::Cache { action } => cache_cmd::cache(action),
     };
     ExitCode::from(code)
 }

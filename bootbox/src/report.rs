@@ -31,6 +31,14 @@ pub struct RunRecord {
     pub appliance_built: Option<bool>,
     /// The stats report (`--stats`), as printed.
     pub stats: Option<String>,
+    /// Page faults of the bootbox process from its start to the end of the run: (minor,
+    /// major). On a warm run these include the guest's first touches of snapshot pages (major
+    /// when read from disk).
+    #[serde(default)]
+    pub page_faults: Option<(u64, u64)>,
+    /// Guest memory resident on the host at the end (what the guest touched), in KiB.
+    #[serde(default)]
+    pub guest_resident_kib: Option<u64>,
 }
 
 impl RunRecord {
@@ -117,8 +125,26 @@ impl RunRecord {
                 kib as f64 / 1024.0
             );
         }
+        if let (Some((minor, major)), Some(kib)) = (self.page_faults, self.guest_resident_kib) {
+            let _ = writeln!(
+                out,
+                "page faults: {minor} minor, {major} major; guest memory touched: {:.1} MiB",
+                kib as f64 / 1024.0
+            );
+        }
         out
     }
+}
+
+/// The process's (minor, major) page faults so far (getrusage).
+pub fn page_faults() -> Option<(u64, u64)> {
+    // SAFETY: rusage is plain data that getrusage fills for RUSAGE_SELF.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out-pointer to an rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return None;
+    }
+    Some((usage.ru_minflt as u64, usage.ru_majflt as u64))
 }
 
 /// A duration in the unit that keeps three significant digits readable.

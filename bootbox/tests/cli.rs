@@ -385,3 +385,34 @@ fn encrypted_lying_and_writable_qcow2_images_are_refused() {
         );
     }
 }
+
+#[test]
+fn cache_list_shows_appliances_and_snapshots_and_clear_removes_them() {
+    let s = Scratch::new();
+    let cache = s.subdir("cache");
+    std::fs::create_dir_all(cache.join("appliance")).unwrap();
+    std::fs::create_dir_all(cache.join("snapshot")).unwrap();
+    std::fs::write(cache.join("appliance/abc.cpio"), vec![0u8; 3 << 20]).unwrap();
+    std::fs::write(cache.join("snapshot/def.snap"), b"s").unwrap();
+    let list = bootbox()
+        .args(["cache", "list"])
+        .env("BOOTBOX_CACHE", &cache)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&list.stdout);
+    assert!(list.status.success(), "{}", stderr(&list));
+    assert!(
+        out.contains("appliance") && out.contains("abc") && out.contains("3.0 MiB"),
+        "{out}"
+    );
+    assert!(out.contains("snapshot") && out.contains("def"), "{out}");
+    assert!(out.contains("2 entries"), "{out}");
+    let clear = bootbox()
+        .args(["cache", "clear"])
+        .env("BOOTBOX_CACHE", &cache)
+        .output()
+        .unwrap();
+    assert!(clear.status.success(), "{}", stderr(&clear));
+    assert!(!cache.join("appliance/abc.cpio").exists());
+    assert!(!cache.join("snapshot/def.snap").exists());
+}

@@ -645,6 +645,7 @@ fn phases_are_recorded_and_the_second_run_reuses_the_appliance() {
     for _ in 0..2 {
         let out = bootbox(&[
             "run",
+            "--cold",
             "--json",
             j,
             "--phases",
@@ -664,6 +665,57 @@ fn phases_are_recorded_and_the_second_run_reuses_the_appliance() {
         serde_json::Value::Bool(false),
         "the second run rebuilt the appliance"
     );
+    let cold_order = [
+        "process start",
+        "kvm vm created",
+        "memory ready",
+        "kernel loaded",
+        "initrd loaded",
+        "first KVM_RUN",
+        "init started",
+        "shares mounted",
+        "job started",
+        "job finished",
+        "vm exit",
+    ];
+    assert_phase_order(&record, &cold_order);
+    // The same job resumed from the warm-start snapshot: no kernel is loaded, the guest's
+    // first phase is receiving its job.
+    let out = bootbox(&[
+        "run",
+        "--json",
+        j,
+        "--phases",
+        "--timeout",
+        "600",
+        "--share",
+        scratch.s(),
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let warm_order = [
+        "process start",
+        "snapshot opened",
+        "memory mapped",
+        "kvm vm created",
+        "memory ready",
+        "state restored",
+        "first KVM_RUN",
+        "job received",
+        "shares mounted",
+        "job started",
+        "job finished",
+        "vm exit",
+    ];
+    assert_phase_order(&record, &warm_order);
+    assert!(record["page_faults"].is_array() && record["guest_resident_kib"].is_u64());
+}
+
+/// Every phase in `order` is in the run record, in that order.
+fn assert_phase_order(record: &serde_json::Value, order: &[&str]) {
     let phases: Vec<(String, u64)> = record["phases"]
         .as_array()
         .unwrap()
@@ -682,19 +734,6 @@ fn phases_are_recorded_and_the_second_run_reuses_the_appliance() {
             .map(|(_, t)| *t)
             .unwrap_or_else(|| panic!("phase {name} missing: {phases:?}"))
     };
-    let order = [
-        "process start",
-        "kvm vm created",
-        "memory ready",
-        "kernel loaded",
-        "initrd loaded",
-        "first KVM_RUN",
-        "init started",
-        "shares mounted",
-        "job started",
-        "job finished",
-        "vm exit",
-    ];
     for w in order.windows(2) {
         assert!(at(w[0]) <= at(w[1]), "{} after {}: {phases:?}", w[0], w[1]);
     }
@@ -818,6 +857,17 @@ fn concurrent_runs_work_and_share_one_appliance_build() {
     assert!(
         leftovers.is_empty(),
         "temporary build files left: {leftovers:?}"
+    );
+    // The three runs raced for the warm-start snapshot of this shape too: one made it, and
+    // nothing half-written is left.
+    let snapshots: Vec<_> = std::fs::read_dir(cache.path().join("snapshot"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".lock")
+        .collect();
+    assert!(
+        snapshots.len() == 1 && snapshots[0].ends_with(".snap"),
+        "expected one snapshot: {snapshots:?}"
     );
 }
 
@@ -1120,7 +1170,13 @@ fn overlapping_shares_are_refused_before_anything_starts() {
 fn doctor_reports_each_check_and_its_verdict_matches_the_exit_status() {
     let out = Command::new(bootbox_bin()).arg("doctor").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    for check in ["/dev/kvm", "hardware", "guest init", "appliance cache"] {
+    for check in [
+        "/dev/kvm",
+        "hardware",
+        "guest init",
+        "appliance cache",
+        "warm start",
+    ] {
         assert!(text.contains(check), "{check} not checked:\n{text}");
     }
     let failed = text.lines().any(|l| l.starts_with("[FAIL]"));
@@ -1182,4 +1238,102 @@ fn scripts_refuse_bad_arguments_before_doing_anything_and_print_their_help() {
             "{script} printed its body: {out}"
         );
     }
+}
+
+// ---- warm start ----
+
+/// One warm run of `script` over `share` with `--json`: (stdout lines, exit code, stderr,
+/// whether the run was resumed from a snapshot, host seconds before and after).
+fn warm_run(
+    share: &str,
+    extra: &[&str],
+    script: &str,
+) -> (Vec<String>, Option<i32>, String, bool, (u64, u64)) {
+    let json = tempfile::NamedTempFile::new().unwrap();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let before = now();
+    let mut args = vec![
+        "run",
+        "--mem",
+        "320",
+        "--timeout",
+        "900",
+        "--phases",
+        "--share",
+        share,
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[
+        "--json",
+        json.path().to_str().unwrap(),
+        "--",
+        "bash",
+        "-c",
+        script,
+    ]);
+    let out = bootbox(&args);
+    let after = now();
+    let record = std::fs::read_to_string(json.path()).unwrap();
+    let resumed = record.contains("\"state restored\"");
+    (
+        stdout(&out).lines().map(str::to_string).collect(),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        resumed,
+        (before, after),
+    )
+}
+
+#[test]
+#[ignore = "boots a real kernel: run by scripts/test.sh"]
+fn warm_jobs_see_only_their_own_shares_match_cold_runs_and_get_fresh_time_and_randomness() {
+    let a = Scratch::new("warm-a");
+    std::fs::write(a.path().join("a.txt"), "alpha\n").unwrap();
+    let b = Scratch::new("warm-b");
+    std::fs::write(b.path().join("b.txt"), "beta\n").unwrap();
+    // Shares, mounts, the job's own output and status; then the clock and 16 random bytes.
+    let script = "ls /share; cat /share/*.txt; grep -c ' 9p ' /proc/mounts; echo \"$0 $1\"; \
+                  printf '%(%s)T\\n' -1; head -c 16 /dev/urandom | sha256sum | cut -c1-32; exit 3";
+    // The first run of this shape (--mem 320) makes the snapshot, then resumes from it.
+    let (first, code1, err1, resumed1, _) = warm_run(a.s(), &[], script);
+    assert!(!err1.contains("booting cold"), "{err1}");
+    assert!(resumed1, "the first run resumed from the snapshot it made");
+    assert_eq!(code1, Some(3));
+    assert_eq!(
+        &first[..3],
+        ["a.txt", "alpha", "1"],
+        "only share A is visible"
+    );
+    // Make the snapshot's own clock at least 3 s stale.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let (second, code2, err2, resumed2, (before, after)) =
+        warm_run(&format!("{}:rw", b.s()), &[], script);
+    assert!(resumed2 && !err2.contains("booting cold"), "{err2}");
+    assert_eq!(code2, Some(3));
+    assert_eq!(
+        &second[..3],
+        ["b.txt", "beta", "1"],
+        "only share B is visible"
+    );
+    let guest_time: u64 = second[4].parse().unwrap();
+    assert!(
+        guest_time + 2 >= before && guest_time <= after + 2,
+        "warm guest clock {guest_time} outside the host's [{before}, {after}] +- 2 s"
+    );
+    assert_eq!(first[5].len(), 32);
+    assert_ne!(
+        first[5], second[5],
+        "two restores read different random bytes"
+    );
+    // The same job cold: same output (clock and randomness aside) and status.
+    let (cold, code3, _, resumed3, _) = warm_run(a.s(), &["--cold"], script);
+    assert!(!resumed3, "--cold boots");
+    assert_eq!(code3, code1);
+    assert_eq!(cold[..4], first[..4]);
+    assert_ne!(cold[5], first[5]);
 }

@@ -12,6 +12,7 @@
 //! The crate has no dependencies (the init links statically and stays small).
 
 pub mod jobspec;
+pub mod warm;
 
 use std::fmt;
 

@@ -47,6 +47,8 @@ pub enum VmError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     #[error("virtio device {name}: {reason}")]
     Device { name: &'static str, reason: String },
     #[error("the guest triple-faulted (KVM_EXIT_SHUTDOWN) on {location}; the kernel crashed before it could report anything - check the kernel configuration and the console output")]

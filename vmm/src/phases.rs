@@ -30,6 +30,7 @@ pub fn guest_phase_name(id: u8) -> Cow<'static, str> {
         GUEST_PHASE_SHARES_MOUNTED => "shares mounted".into(),
         GUEST_PHASE_JOB_STARTED => "job started".into(),
         GUEST_PHASE_JOB_FINISHED => "job finished".into(),
+        guest_abi::warm::PHASE_JOB_RECEIVED => "job received".into(),
         n => format!("guest phase {n}").into(),
     }
 }

@@ -55,8 +55,9 @@ pub fn install_kick_handler() -> Result<(), VmError> {
 }
 
 /// Sets the stop flag's consequences in motion: signals every unfinished vCPU thread until all
-/// have left KVM_RUN, then joins them.
-pub fn kick_and_join(handles: Vec<JoinHandle<()>>) {
+/// have left KVM_RUN, then joins them and returns what each returned (for threads that did
+/// not panic).
+pub fn kick_and_join<T>(handles: Vec<JoinHandle<T>>) -> Vec<T> {
     loop {
         let mut pending = 0;
         for h in handles.iter().filter(|h| !h.is_finished()) {
@@ -68,9 +69,7 @@ pub fn kick_and_join(handles: Vec<JoinHandle<()>>) {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    for h in handles {
-        let _ = h.join();
-    }
+    handles.into_iter().filter_map(|h| h.join().ok()).collect()
 }
 
 /// Everything a vCPU thread shares with the rest of the VM.

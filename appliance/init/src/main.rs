@@ -11,6 +11,7 @@
 //! 126 not executable, 125 for any failure of the init itself).
 
 mod disks;
+mod warm;
 
 use std::ffi::{CStr, CString};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -515,7 +516,11 @@ fn run() -> Result<u8, String> {
             );
         }
     }
-    let job = read_job()?;
+    let job = if warm::waiting() {
+        warm::receive_job()?
+    } else {
+        read_job()?
+    };
     mount_shares(&job)?;
     disks::prepare(&job);
     phase(PHASE_SHARES_MOUNTED);

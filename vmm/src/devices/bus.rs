@@ -24,6 +24,7 @@ pub enum BusError {
     Overlap { base: u64, len: u64 },
 }
 
+#[derive(Clone)]
 struct Range {
     base: u64,
     len: u64,
@@ -32,7 +33,7 @@ struct Range {
 }
 
 /// An immutable-after-setup set of non-overlapping device ranges.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Bus {
     ranges: Vec<Range>,
 }

@@ -4,15 +4,20 @@
 
 use crate::devices::bus::BusDevice;
 use crate::phases::PhaseLog;
+use crate::snapshot::codec::{Decoder, Encoder};
+use crate::snapshot::DecodeError;
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Lines of console output kept for error reports.
 pub const TAIL_LINES: usize = 50;
+/// The 16550A receive FIFO holds at most this many bytes (vm-superio's limit).
+const SERIAL_FIFO_MAX: usize = 64;
 /// Longest line kept in the tail (longer lines are cut).
 const MAX_LINE: usize = 512;
 
@@ -167,6 +172,9 @@ impl vm_superio::serial::SerialEvents for InputRoom {
 pub struct SerialDevice {
     uart: Mutex<Serial<EventFdTrigger, InputRoom, ConsoleWriter>>,
     room: EventFd,
+    /// Clones of the UART's parts, to rebuild it from a saved state.
+    irq: EventFd,
+    console: Arc<Console>,
 }
 
 impl SerialDevice {
@@ -174,12 +182,81 @@ impl SerialDevice {
         let room = EventFd::new(libc::EFD_NONBLOCK)?;
         Ok(SerialDevice {
             uart: Mutex::new(Serial::with_events(
-                EventFdTrigger(irq),
+                EventFdTrigger(irq.try_clone()?),
                 InputRoom(room.try_clone()?),
-                ConsoleWriter(console),
+                ConsoleWriter(console.clone()),
             )),
             room,
+            irq,
+            console,
         })
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot (see [`SerialDevice::restore_state`]).
+    pub fn save_state(&self) -> Vec<u8> {
+        let s = match self.uart.lock() {
+            Ok(u) => u.state(),
+            Err(p) => p.into_inner().state(),
+        };
+        let mut e = Encoder::default();
+        for b in [
+            s.baud_divisor_low,
+            s.baud_divisor_high,
+            s.interrupt_enable,
+            s.interrupt_identification,
+            s.line_control,
+            s.line_status,
+            s.modem_control,
+            s.modem_status,
+            s.scratch,
+        ] {
+            e.u8(b);
+        }
+        e.blob(&s.in_buffer);
+        e.into_bytes()
+    }
+
+    /// Puts the UART into a state saved by [`SerialDevice::save_state`]; bad bytes are an
+    /// error and leave the device as it was.
+    pub fn restore_state(&self, bytes: &[u8]) -> Result<(), DecodeError> {
+        let mut d = Decoder::new(bytes);
+        let mut regs = [0u8; 9];
+        for (i, r) in regs.iter_mut().enumerate() {
+            *r = d.u8(&format!("serial register {i}"))?;
+        }
+        let in_buffer = d.blob("serial receive FIFO")?.to_vec();
+        d.finish("serial state")?;
+        if in_buffer.len() > SERIAL_FIFO_MAX {
+            return Err(DecodeError::new(
+                "serial receive FIFO",
+                format!("{} bytes, more than {SERIAL_FIFO_MAX}", in_buffer.len()),
+            ));
+        }
+        let state = SerialState {
+            baud_divisor_low: regs[0],
+            baud_divisor_high: regs[1],
+            interrupt_enable: regs[2],
+            interrupt_identification: regs[3],
+            line_control: regs[4],
+            line_status: regs[5],
+            modem_control: regs[6],
+            modem_status: regs[7],
+            scratch: regs[8],
+            in_buffer,
+        };
+        let io = |e: std::io::Error| DecodeError::new("serial eventfd", e.to_string());
+        let uart = Serial::from_state(
+            &state,
+            EventFdTrigger(self.irq.try_clone().map_err(io)?),
+            InputRoom(self.room.try_clone().map_err(io)?),
+            ConsoleWriter(self.console.clone()),
+        )
+        .map_err(|e| DecodeError::new("serial state", format!("{e:?}")))?;
+        match self.uart.lock() {
+            Ok(mut u) => *u = uart,
+            Err(p) => *p.into_inner() = uart,
+        }
+        Ok(())
     }
 
     /// Becomes readable when the guest has emptied the receive FIFO (see
@@ -250,6 +327,45 @@ mod tests {
         let mut b = [0u8];
         dev.read(0, &mut b);
         assert_eq!(b[0], b'o');
+    }
+
+    #[test]
+    fn serial_state_round_trips_into_a_fresh_device() {
+        let console = Console::new(ConsoleSink::Capture, PhaseLog::new(Instant::now()));
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = SerialDevice::new(irq.try_clone().unwrap(), console.clone()).unwrap();
+        dev.write(3, &[0x83]); // LCR: DLAB on, 8 bits
+        dev.write(0, &[0x0c]); // divisor low
+        dev.write(3, &[0x03]); // DLAB off
+        dev.write(1, &[0x01]); // IER: received data
+        dev.write(7, &[0x5a]); // scratch
+        assert_eq!(dev.enqueue_input(b"xy"), 2);
+        let saved = dev.save_state();
+
+        let console2 = Console::new(ConsoleSink::Capture, PhaseLog::new(Instant::now()));
+        let fresh =
+            SerialDevice::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), console2.clone()).unwrap();
+        fresh.restore_state(&saved).unwrap();
+        assert_eq!(fresh.save_state(), saved);
+        let read = |d: &SerialDevice, off: u64| {
+            let mut b = [0u8];
+            d.read(off, &mut b);
+            b[0]
+        };
+        assert_eq!(
+            (read(&fresh, 7), read(&fresh, 1), read(&fresh, 3)),
+            (0x5a, 0x01, 0x03)
+        );
+        assert_eq!((read(&fresh, 0), read(&fresh, 0)), (b'x', b'y'));
+        fresh.write(0, b"!");
+        assert_eq!(console2.captured(), b"!");
+
+        for n in 0..saved.len() {
+            assert!(fresh.restore_state(&saved[..n]).is_err(), "prefix {n}");
+        }
+        let mut long = saved.clone();
+        long.push(0);
+        assert!(fresh.restore_state(&long).is_err());
     }
 
     #[test]

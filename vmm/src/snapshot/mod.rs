@@ -10,9 +10,10 @@
 //!   create the same in-kernel devices (irqchip, PIT) and vCPUs; [`VmState::restore`];
 //!   [`VcpuState::restore`] per vCPU; restore device blobs; run.
 
-mod codec;
+pub(crate) mod codec;
 pub mod format;
 pub mod memory_map;
+pub mod support;
 pub mod vcpu_state;
 pub mod vm_state;
 

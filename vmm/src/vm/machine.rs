@@ -83,6 +83,24 @@ fn join_cmdline(base: &str, extras: &[String]) -> String {
 impl Vm {
     /// Opens /dev/kvm, creates the VM with its memory, irqchip, PIT and legacy devices.
     pub fn new(config: VmConfig, phases: PhaseLog) -> Result<Vm, VmError> {
+        Self::build(config, phases, None)
+    }
+
+    /// Like [`Vm::new`], with `mem` as guest memory instead of fresh anonymous memory (a
+    /// snapshot's memory, mapped copy-on-write).
+    pub fn with_memory(
+        config: VmConfig,
+        phases: PhaseLog,
+        mem: GuestMemoryMmap,
+    ) -> Result<Vm, VmError> {
+        Self::build(config, phases, Some(mem))
+    }
+
+    fn build(
+        config: VmConfig,
+        phases: PhaseLog,
+        mem: Option<GuestMemoryMmap>,
+    ) -> Result<Vm, VmError> {
         if config.vcpus == 0 || config.vcpus > layout::MAX_VCPUS {
             return Err(VmError::Config(format!(
                 "{} vCPUs requested; use 1 to {}",
@@ -106,7 +124,10 @@ impl Vm {
         };
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let mem = memory::create_guest_memory(config.mem_mib)?;
+        let mem = match mem {
+            Some(mem) => mem,
+            None => memory::create_guest_memory(config.mem_mib)?,
+        };
         memory::register_with_kvm(&fd, &mem)?;
         phases.record("memory ready");
 

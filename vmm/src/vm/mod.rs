@@ -6,14 +6,16 @@
 //! 4. [`ReadyVm::run`] ([`run`]) runs the vCPUs, with the event loop of [`events`], until the
 //!    guest finishes, and reports a [`RunOutcome`].
 //!
-//! [`Vm::run`] does steps 3 and 4 at once. The split is the seam for restoring a snapshot: a
-//! restore replaces step 3 and runs the same vCPU loop.
+//! [`Vm::run`] does steps 3 and 4 at once. [`restore`] is the other way through step 3:
+//! [`Vm::restore`] puts a snapshot's state into the VM instead of booting a kernel, and
+//! [`ReadyVm::run_to_snapshot`] makes such a snapshot.
 
 pub mod config;
 pub mod events;
 pub mod host;
 pub mod load;
 pub mod machine;
+pub mod restore;
 pub mod run;
 
 pub use crate::boot::loader::InitrdPart;
@@ -23,4 +25,5 @@ pub use crate::run_control::GuestExit;
 pub use config::VmConfig;
 pub use host::kvm_is_hardware_accelerated;
 pub use machine::{ConsoleHandle, StopHandle, Vm};
+pub use restore::SnapshotPoint;
 pub use run::{ReadyVm, RunOutcome};

@@ -67,55 +67,7 @@ impl ReadyVm {
     /// open descriptors, but not start threads or processes.
     pub fn run(self) -> Result<RunOutcome, VmError> {
         let ReadyVm { vm, vcpus } = self;
-        let vcpu_count = vcpus.len();
-        vcpu::install_kick_handler()?;
-
-        let stat_names: Vec<(&'static str, bool)> = vm
-            .pio
-            .names()
-            .map(|(n, _, _)| (n, false))
-            .chain(vm.mmio.names().map(|(n, _, _)| (n, true)))
-            .collect();
-        let stats = Arc::new(Stats::new(vm.config.stats, stat_names));
-        let ctx = VcpuContext {
-            pio: Arc::new(vm.pio),
-            mmio: Arc::new(vm.mmio),
-            control: vm.control.clone(),
-            stats: stats.clone(),
-            phases: vm.phases.clone(),
-            running: Arc::new(AtomicUsize::new(vcpu_count)),
-        };
-
-        let _terminal = vm.config.stdin.then(TerminalGuard::new).flatten();
-        let event_loop = spawn_event_loop(
-            vm.control.clone(),
-            vm.config.stdin.then(|| vm.serial.clone()),
-            vm.config.timeout,
-        )?;
-        let mut handles: Vec<JoinHandle<()>> = Vec::with_capacity(vcpu_count);
-        for (id, mut vcpu) in vcpus.into_iter().enumerate() {
-            let ctx = ctx.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || {
-                    sandbox::enter_thread(ThreadRole::Vcpu);
-                    vcpu::run_loop(&mut vcpu, id as u8, &ctx)
-                });
-            match spawned {
-                Ok(h) => handles.push(h),
-                Err(e) => {
-                    vm.control
-                        .finish(Err(VmError::Thread(format!("cannot start vCPU {id}: {e}"))));
-                    break;
-                }
-            }
-        }
-
-        // Set up: from here on this thread waits, stops the others and reports.
-        sandbox::enter_thread(ThreadRole::Main);
-        let outcome = vm.control.wait();
-        vcpu::kick_and_join(handles);
-        let _ = event_loop.join();
+        let (outcome, _vcpus, stats) = run_vcpus(&vm, vcpus)?;
         // Stop the devices: in-flight requests finish and console output is flushed before
         // the caller reports the outcome.
         for t in &vm.virtio {
@@ -139,6 +91,73 @@ impl ReadyVm {
             kvm_hardware: kvm_is_hardware_accelerated(),
         })
     }
+
+    /// Splits into the VM and its vCPUs (for a run that ends somewhere else than `run`).
+    pub(super) fn into_parts(self) -> (Vm, Vec<VcpuFd>) {
+        (self.vm, self.vcpus)
+    }
+}
+
+/// The outcome of running vCPUs, the vCPUs (stopped, out of KVM_RUN) and the exit counters.
+pub(super) type VcpuRun = (Result<GuestExit, VmError>, Vec<VcpuFd>, Arc<Stats>);
+
+/// Runs `vcpus` on `vm`'s buses with the event loop until the first outcome, then kicks every
+/// vCPU out of KVM_RUN and joins the threads, handing the vCPUs back. The devices keep running.
+///
+/// With the sandbox installed ([`crate::sandbox::install`]), every thread started here takes
+/// its role, and once the vCPUs run the calling thread takes the main role for good.
+pub(super) fn run_vcpus(vm: &Vm, vcpus: Vec<VcpuFd>) -> Result<VcpuRun, VmError> {
+    let vcpu_count = vcpus.len();
+    vcpu::install_kick_handler()?;
+
+    let stat_names: Vec<(&'static str, bool)> = vm
+        .pio
+        .names()
+        .map(|(n, _, _)| (n, false))
+        .chain(vm.mmio.names().map(|(n, _, _)| (n, true)))
+        .collect();
+    let stats = Arc::new(Stats::new(vm.config.stats, stat_names));
+    let ctx = VcpuContext {
+        pio: Arc::new(vm.pio.clone()),
+        mmio: Arc::new(vm.mmio.clone()),
+        control: vm.control.clone(),
+        stats: stats.clone(),
+        phases: vm.phases.clone(),
+        running: Arc::new(AtomicUsize::new(vcpu_count)),
+    };
+
+    let _terminal = vm.config.stdin.then(TerminalGuard::new).flatten();
+    let event_loop = spawn_event_loop(
+        vm.control.clone(),
+        vm.config.stdin.then(|| vm.serial.clone()),
+        vm.config.timeout,
+    )?;
+    let mut handles: Vec<JoinHandle<VcpuFd>> = Vec::with_capacity(vcpu_count);
+    for (id, mut vcpu) in vcpus.into_iter().enumerate() {
+        let ctx = ctx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                sandbox::enter_thread(ThreadRole::Vcpu);
+                vcpu::run_loop(&mut vcpu, id as u8, &ctx);
+                vcpu
+            });
+        match spawned {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                vm.control
+                    .finish(Err(VmError::Thread(format!("cannot start vCPU {id}: {e}"))));
+                break;
+            }
+        }
+    }
+
+    // Set up: from here on this thread waits, stops the others and reports.
+    sandbox::enter_thread(ThreadRole::Main);
+    let outcome = vm.control.wait();
+    let vcpus = vcpu::kick_and_join(handles);
+    let _ = event_loop.join();
+    Ok((outcome, vcpus, stats))
 }
 
 #[cfg(test)]

@@ -54,6 +54,25 @@ impl RequestHandler for Server {
     }
 }
 
+/// The server of an unused share slot: answers every request with `Rlerror(ENXIO)`.
+struct NoShare;
+
+impl RequestHandler for NoShare {
+    fn handle(&self, request: &[u8], reply: &mut dyn ReplyBuf) -> usize {
+        const RLERROR: u8 = 7;
+        let tag = request.get(5..7).unwrap_or(&[0xff, 0xff]);
+        let mut msg = Vec::with_capacity(11);
+        msg.extend_from_slice(&11u32.to_le_bytes());
+        msg.push(RLERROR);
+        msg.extend_from_slice(tag);
+        msg.extend_from_slice(&(libc::ENXIO as u32).to_le_bytes());
+        if reply.capacity() < msg.len() || reply.write_at(0, &msg).is_err() {
+            return 0;
+        }
+        msg.len()
+    }
+}
+
 /// A worker pool for 9p devices: `threads` workers named `name-N`, each of which enters the
 /// file-server role of the sandbox ([`crate::sandbox::ThreadRole::P9Worker`]) before serving,
 /// with statistics if `stats` (as [`p9::Config::stats`] is for the servers).
@@ -80,6 +99,13 @@ impl Virtio9p {
             });
         }
         Self::with_handler(tag, server, pool)
+    }
+
+    /// A device under `tag` with no share behind it: every request is answered with ENXIO.
+    /// A warm appliance has a fixed number of 9p devices (share slots); the slots a job does
+    /// not use get one of these, so the guest sees the same devices and nothing behind them.
+    pub fn unbacked(tag: &str, pool: Arc<WorkerPool>) -> Result<Self, VirtioError> {
+        Self::with_handler(tag, Arc::new(NoShare), pool)
     }
 
     pub(crate) fn with_handler(

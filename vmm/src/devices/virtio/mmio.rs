@@ -16,13 +16,15 @@ use super::{
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::devices::bus::BusDevice;
+use crate::snapshot::codec::{Decoder, Encoder};
+use crate::snapshot::DecodeError;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use std::os::fd::AsRawFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Errors of the virtio layer.
@@ -168,6 +170,9 @@ struct QueueConfig {
     desc: u64,
     avail: u64,
     used: u64,
+    /// Where the device resumes in the rings (next available and next used index); zero
+    /// except on a transport restored from a snapshot.
+    next_index: u16,
 }
 
 fn set_low(v: &mut u64, low: u32) {
@@ -324,6 +329,123 @@ impl MmioTransport {
     pub fn shutdown(&self) {
         let mut state = self.lock();
         stop(&mut state);
+    }
+
+    /// The transport's state for a snapshot: the registers the driver set (status, features,
+    /// selectors, configuration generation), the interrupt status and, per queue, its size,
+    /// readiness, ring addresses and the index the device resumes at. Stops the device's event
+    /// thread first (in-flight work completes, so every chain it took is in the used ring and
+    /// the used index in guest memory is where the device stands); call it on a stopped VM
+    /// that is being snapshotted, not on one that goes on running.
+    pub fn save_state(&self) -> Vec<u8> {
+        let mut state = self.lock();
+        stop(&mut state);
+        let mut e = Encoder::default();
+        for v in [
+            state.status,
+            state.device_features_sel,
+            state.driver_features_sel,
+            state.queue_sel,
+            state.config_generation,
+            self.interrupt.status(),
+        ] {
+            e.u32(v);
+        }
+        e.u64(state.driver_features);
+        e.u32(state.queues.len() as u32);
+        for q in &state.queues {
+            let next = if q.ready {
+                self.mem
+                    .read_obj::<u16>(GuestAddress(q.used.wrapping_add(2)))
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            e.u32(u32::from(q.size));
+            e.u8(u8::from(q.ready));
+            e.u64(q.desc);
+            e.u64(q.avail);
+            e.u64(q.used);
+            e.u32(u32::from(next));
+        }
+        e.into_bytes()
+    }
+
+    /// Puts a fresh transport (same device, same memory layout) into a state saved by
+    /// [`MmioTransport::save_state`] and, when the driver had started it, starts the device on
+    /// the restored queues. Everything is validated first (queue count and sizes against this
+    /// device, ring addresses against guest memory, accepted features against the offered
+    /// ones); bad bytes are an error and leave the transport untouched.
+    pub fn restore_state(&self, bytes: &[u8]) -> Result<(), DecodeError> {
+        let mut d = Decoder::new(bytes);
+        let mut regs = [0u32; 6];
+        for (i, r) in regs.iter_mut().enumerate() {
+            *r = d.u32(&format!("virtio-{} register {i}", self.name))?;
+        }
+        let [status, device_features_sel, driver_features_sel, queue_sel, config_generation, interrupt_status] =
+            regs;
+        let driver_features = d.u64("driver features")?;
+        let mut state = self.lock();
+        if state.status != 0 || state.running.is_some() {
+            return Err(DecodeError::new(
+                format!("virtio-{} state", self.name),
+                "can only be restored into a transport the driver has not touched",
+            ));
+        }
+        let count = d.u32("queue count")? as usize;
+        if count != state.queues.len() {
+            return Err(DecodeError::new(
+                format!("virtio-{} queue count", self.name),
+                format!("{count} saved, the device has {}", state.queues.len()),
+            ));
+        }
+        let mut queues = state.queues.clone();
+        for (i, q) in queues.iter_mut().enumerate() {
+            let what = format!("virtio-{} queue {i}", self.name);
+            let size = d.u32(&what)?;
+            q.size = u16::try_from(size)
+                .ok()
+                .filter(|&s| s <= q.max)
+                .ok_or_else(|| DecodeError::new(&what, format!("size {size} above {}", q.max)))?;
+            q.ready = d.u8(&what)? != 0;
+            q.desc = d.u64(&what)?;
+            q.avail = d.u64(&what)?;
+            q.used = d.u64(&what)?;
+            let next = d.u32(&what)?;
+            q.next_index = u16::try_from(next)
+                .map_err(|_| DecodeError::new(&what, format!("ring index {next}")))?;
+            if q.ready {
+                validate_queue(&self.mem, q, 1).map_err(|why| DecodeError::new(&what, why))?;
+            }
+        }
+        d.finish(&format!("virtio-{} state", self.name))?;
+        if driver_features & !self.offered != 0 {
+            return Err(DecodeError::new(
+                format!("virtio-{} driver features", self.name),
+                format!(
+                    "{driver_features:#x} were not all offered ({:#x})",
+                    self.offered
+                ),
+            ));
+        }
+        state.queues = queues;
+        state.device_features_sel = device_features_sel;
+        state.driver_features_sel = driver_features_sel;
+        state.driver_features = driver_features;
+        state.queue_sel = queue_sel;
+        state.config_generation = config_generation;
+        self.interrupt.restore_status(interrupt_status);
+        state.status = status;
+        if status & STATUS_DRIVER_OK != 0 && status & STATUS_FAILED == 0 {
+            self.activate(&mut state);
+            if self.interrupt.is_broken() {
+                return Err(DecodeError::new(
+                    format!("virtio-{}", self.name),
+                    "the device could not be started on the restored queues",
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -718,6 +840,8 @@ fn build_queue(cfg: &QueueConfig, event_idx: bool) -> Result<Queue, String> {
     q.try_set_used_ring_address(GuestAddress(cfg.used))
         .map_err(|e| format!("used ring: {e}"))?;
     q.set_event_idx(event_idx);
+    q.set_next_avail(cfg.next_index);
+    q.set_next_used(cfg.next_index);
     q.set_ready(true);
     Ok(q)
 }

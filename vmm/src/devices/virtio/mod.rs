@@ -259,6 +259,13 @@ impl Interrupt {
         }
     }
 
+    /// Sets the interrupt status register to a value saved in a snapshot (no interrupt is
+    /// raised: a pending one is in the restored interrupt controller).
+    pub(crate) fn restore_status(&self, bits: u32) {
+        self.status
+            .store(bits & (INT_USED_RING | INT_CONFIG), Ordering::Release);
+    }
+
     fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::AcqRel);
     }

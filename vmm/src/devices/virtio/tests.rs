@@ -1519,3 +1519,89 @@ fn ninep_read_throughput() {
         FILE as f64 / secs / 1e6
     );
 }
+
+// ---------------------------------------------------------------- snapshot state
+
+/// Sends `text` as one chain on the console's transmit queue and waits until `used` chains
+/// are used.
+fn console_send(d: &mut Driver, addr: u64, text: &[u8], used: u16) {
+    d.fill(addr, text);
+    let h = d.chain(1, &[(addr, text.len() as u32, false)]);
+    d.publish(1, h);
+    d.kick(1);
+    d.wait_used(1, used);
+}
+
+#[test]
+fn transport_state_restores_into_a_fresh_transport_that_resumes_the_rings() {
+    let (mut d, sink) = console();
+    d.start(F_VERSION_1 | F_EVENT_IDX, 2, 16);
+    console_send(&mut d, DATA, b"one ", 1);
+    console_send(&mut d, DATA + 0x1000, b"two ", 2);
+    let saved = d.t.save_state();
+    assert_eq!(&*sink.0.lock().unwrap(), b"one two ");
+
+    // A new transport with a new sink over the same guest memory, as after a restore.
+    let sink2 = SharedSink::default();
+    let fresh = Arc::new(
+        MmioTransport::new(
+            Box::new(VirtioConsole::new(Box::new(sink2.clone()))),
+            d.mem.clone(),
+        )
+        .unwrap(),
+    );
+    fresh.restore_state(&saved).unwrap();
+    let mut d2 = Driver {
+        t: fresh,
+        mem: d.mem.clone(),
+        rings: d.rings.clone(),
+    };
+    assert_eq!(d2.status(), d.status(), "status survives");
+    assert_eq!(d2.status() & STATUS_DRIVER_OK, STATUS_DRIVER_OK);
+    // The restored device resumes at ring index 2: it neither replays "one two " nor waits
+    // for an index it will never see.
+    console_send(&mut d2, DATA + 0x2000, b"three", 3);
+    assert_eq!(&*sink2.0.lock().unwrap(), b"three");
+    assert_eq!(&*sink.0.lock().unwrap(), b"one two ");
+    d2.t.shutdown();
+}
+
+#[test]
+fn transport_state_refuses_bad_bytes_and_a_used_transport() {
+    let (mut d, _sink) = console();
+    d.start(F_VERSION_1, 2, 16);
+    let saved = d.t.save_state();
+    let fresh = || {
+        MmioTransport::new(
+            Box::new(VirtioConsole::new(Box::new(SharedSink::default()))),
+            d.mem.clone(),
+        )
+        .unwrap()
+    };
+    for n in 0..saved.len() {
+        assert!(fresh().restore_state(&saved[..n]).is_err(), "prefix {n}");
+    }
+    let mut extended = saved.clone();
+    extended.push(0);
+    assert!(fresh().restore_state(&extended).is_err());
+    // A 9p device has one queue, the console two: a console's state does not fit it.
+    let p9 = MmioTransport::new(
+        Box::new(Virtio9p::unbacked("slot", Arc::new(WorkerPool::new(1, "slot"))).unwrap()),
+        d.mem.clone(),
+    )
+    .unwrap();
+    let err = p9.restore_state(&saved).unwrap_err();
+    assert!(err.to_string().contains("queue count"), "{err}");
+    // Ring addresses outside guest memory are refused.
+    let mut outside = saved.clone();
+    let used_at = 4 * 6 + 8 + 4 + (4 + 1 + 8 + 8 + 8 + 4) + 4 + 1 + 8 + 8;
+    outside[used_at..used_at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let err = fresh().restore_state(&outside).unwrap_err();
+    assert!(err.to_string().contains("outside guest memory"), "{err}");
+    // Restoring twice into the same transport is refused.
+    let once = fresh();
+    once.restore_state(&saved).unwrap();
+    assert!(once.restore_state(&saved).is_err());
+    once.shutdown();
+    d.t.shutdown();
+}
