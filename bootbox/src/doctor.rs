@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::args::DoctorArgs;
-use super::{kernel, launch, EXIT_LAUNCHER};
+use super::{kernel, EXIT_LAUNCHER};
 
 pub(crate) struct Check {
     pub(crate) ok: bool,
@@ -59,7 +59,7 @@ fn check_kvm() -> Vec<Check> {
 fn check_kernel(fix: bool) -> Check {
     let found = kernel::find(None);
     match found {
-        Ok(p) if launch::looks_like_kernel(&p) => Check {
+        Ok(p) if crate::kernel::looks_like_kernel(&p) => Check {
             ok: true,
             what: format!("guest kernel: {}", p.display()),
             fix: None,
@@ -230,7 +230,7 @@ fn check_sandbox() -> Vec<Check> {
 pub fn doctor(a: DoctorArgs) -> u8 {
     let mut checks = check_kvm();
     checks.push(check_kernel(a.fix));
-    checks.push(crate::warm::doctor_check());
+    checks.push(check_warm_start());
     checks.extend(check_appliance());
     let mut all_ok = true;
     for c in &checks {
@@ -252,4 +252,39 @@ pub fn doctor(a: DoctorArgs) -> u8 {
     } else {
         EXIT_LAUNCHER
     }
+}
+
+/// `bootbox doctor`'s line on warm start: whether KVM here can snapshot and restore, and
+/// whether the snapshot directory is writable.
+fn check_warm_start() -> Check {
+    let dir = appliance::default_cache_dir().map(|root| crate::warm::snapshot_dir(&root));
+    let writable = dir.as_ref().map_err(|e| e.to_string()).and_then(|d| {
+        std::fs::create_dir_all(d)
+            .and_then(|()| tempfile_in(d))
+            .map_err(|e| format!("{}: {e}", d.display()))
+    });
+    match (vmm::snapshot::support::host_support(), writable) {
+        (Ok(()), Ok(())) => Check {
+            ok: true,
+            what: "warm start: KVM can snapshot and restore; snapshots go to the cache".into(),
+            fix: None,
+        },
+        (Err(why), _) => Check {
+            ok: false,
+            what: format!("warm start unavailable: {why}"),
+            fix: Some("runs boot cold (as with --cold); use a newer host kernel".into()),
+        },
+        (_, Err(why)) => Check {
+            ok: false,
+            what: format!("warm start: the snapshot directory is not writable ({why})"),
+            fix: Some("fix its permissions or set BOOTBOX_CACHE".into()),
+        },
+    }
+}
+
+/// Creates and removes a file in `dir`.
+fn tempfile_in(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".doctor.{}", std::process::id()));
+    std::fs::File::create(&probe)?;
+    std::fs::remove_file(&probe)
 }

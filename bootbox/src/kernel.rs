@@ -55,6 +55,11 @@ fn newest_cached(dir: &Path) -> Option<PathBuf> {
         .map(|(_, p)| p)
 }
 
+/// Whether `path` looks like something we can boot (used by `doctor`).
+pub fn looks_like_kernel(path: &Path) -> bool {
+    vmm::boot::loader::check_kernel_file(path).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +112,13 @@ mod tests {
     fn an_explicit_missing_kernel_is_an_error_that_says_what_to_do() {
         let err = find(Some(Path::new("/nonexistent/vmlinux"))).unwrap_err();
         assert!(err.to_string().contains("scripts/build-kernel.sh"), "{err}");
+    }
+
+    #[test]
+    fn recognises_kernels_by_their_headers() {
+        assert!(!looks_like_kernel(Path::new("/etc/passwd")));
+        assert!(!looks_like_kernel(Path::new("/nonexistent")));
+        let exe = std::env::current_exe().unwrap();
+        assert!(looks_like_kernel(&exe)); // an ELF file
     }
 }

@@ -4,16 +4,17 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use appliance::{ApplianceSpec, Job, ShareMount};
-use vmm::devices::virtio::{Virtio9p, VirtioConsole};
+use vmm::devices::virtio::VirtioConsole;
 use vmm::phases::PhaseLog;
 use vmm::vm::{ConsoleSink, GuestExit, InitrdPart, RunOutcome, Vm, VmConfig};
 
 use crate::args::{BootArgs, InitrdArgs, RunArgs, VmArgs};
+use crate::failure::{fail, Failure};
+use crate::ninep::{add_shares, ShareServers};
 use crate::overlap::refuse_overlaps;
 use crate::report::{vmm_peak_rss_kib, Phase, RunRecord};
 use crate::share::{dedupe_tags, Share};
@@ -24,29 +25,6 @@ use crate::{kernel, EXIT_INTERRUPTED, EXIT_LAUNCHER, EXIT_TIMEOUT};
 /// boot path; panics still print (they are above the quiet level).
 pub const APPLIANCE_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 quiet rdinit=/init tsc=reliable no_timer_check";
-
-/// A launcher failure: the message (which says what to fix) and the exit code.
-#[derive(Debug)]
-pub struct Failure {
-    pub code: u8,
-    pub message: String,
-}
-
-impl<E: std::error::Error> From<E> for Failure {
-    fn from(e: E) -> Self {
-        Failure {
-            code: EXIT_LAUNCHER,
-            message: e.to_string(),
-        }
-    }
-}
-
-pub(crate) fn fail(message: impl Into<String>) -> Failure {
-    Failure {
-        code: EXIT_LAUNCHER,
-        message: message.into(),
-    }
-}
 
 /// The parsed shares, checked as a set: derived tags made unique, overlaps refused.
 fn checked_shares(mut shares: Vec<Share>) -> Result<Vec<Share>, Failure> {
@@ -166,77 +144,6 @@ fn vm_config(kernel: PathBuf, cmdline: String, a: &VmArgs) -> Result<VmConfig, F
     c.timeout = timeout;
     c.stats = a.stats;
     Ok(c)
-}
-
-/// The 9p servers behind a VM's shares, kept for their statistics.
-#[derive(Default)]
-pub(crate) struct ShareServers {
-    servers: Vec<(String, Arc<p9::Server>)>,
-    pub(crate) pool: Option<Arc<p9::WorkerPool>>,
-}
-
-impl ShareServers {
-    /// The 9p part of the `--stats` report.
-    fn report(&self) -> String {
-        let mut out = String::new();
-        for (tag, server) in &self.servers {
-            out.push_str(&format!("9p share '{tag}':\n{}", server.stats()));
-        }
-        if let Some(pool) = &self.pool {
-            out.push_str(&format!("{}\n", pool.stats()));
-        }
-        out
-    }
-}
-
-/// Set (to anything) only by the escape tests: see `add_shares`.
-const UNCHECKED_9P_ENV: &str = "BOOTBOX_TEST_UNCHECKED_9P";
-
-/// Adds a virtio-9p device per share. The servers and their worker pool count requests when
-/// the VM's one statistics switch is on.
-pub(crate) fn add_shares(
-    vm: &mut Vm,
-    shares: &[Share],
-    ownership: p9::Ownership,
-) -> Result<ShareServers, Failure> {
-    let stats = vm.stats_enabled();
-    let mut kept = ShareServers::default();
-    if shares.is_empty() {
-        return Ok(kept);
-    }
-    let threads = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(2, 8);
-    let pool = Arc::new(vmm::devices::virtio::fs9p::worker_pool(
-        threads,
-        "9p-worker",
-        stats,
-    ));
-    // Test-only: the escape tests turn the 9p server's resolution checks off to show that the
-    // process sandbox alone stops an escape. Whoever sets bootbox's environment already
-    // controls the host, so this gives a guest nothing.
-    let resolution_checks = std::env::var_os(UNCHECKED_9P_ENV).is_none();
-    if !resolution_checks {
-        log::warn!("{UNCHECKED_9P_ENV} is set: the 9p resolution checks are off (tests only)");
-    }
-    for s in shares {
-        let config = p9::Config {
-            read_only: s.read_only,
-            resolution_checks,
-            ownership,
-            stats,
-            ..p9::Config::default()
-        };
-        // The directory opened when --share was parsed, not its path resolved again.
-        let root = s.root.try_clone()?;
-        let server = p9::Server::with_root(root, &s.dir, config)
-            .map_err(|e| fail(format!("share {}: {e}", s.dir.display())))?;
-        kept.servers.push((s.tag.clone(), server.clone()));
-        let dev = Virtio9p::new(&s.tag, server, pool.clone())?;
-        vm.add_virtio_device("virtio-9p", Box::new(dev))?;
-    }
-    kept.pool = Some(pool);
-    Ok(kept)
 }
 
 /// The whole `--stats` report: VM exits and device time, virtio devices, 9p requests.
@@ -630,21 +537,3 @@ fn confine(a: &VmArgs, config: &VmConfig, shares: &[Share]) -> Result<(), Failur
 }
 
 // ---- End of confinement -------------------------------------------------------------------------
-
-/// Whether `path` looks like something we can boot (used by `doctor`).
-pub fn looks_like_kernel(path: &Path) -> bool {
-    vmm::boot::loader::check_kernel_file(path).is_ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn recognises_kernels_by_their_headers() {
-        assert!(!looks_like_kernel(Path::new("/etc/passwd")));
-        assert!(!looks_like_kernel(Path::new("/nonexistent")));
-        let exe = std::env::current_exe().unwrap();
-        assert!(looks_like_kernel(&exe)); // an ELF file
-    }
-}

@@ -30,7 +30,8 @@ use vmm::vm::{
     ConsoleHandle, ConsoleSink, InitrdPart, ReadyVm, RunOutcome, StopHandle, Vm, VmConfig,
 };
 
-use crate::launch::{self, Failure, ShareServers};
+use crate::failure::{fail, Failure};
+use crate::ninep::{self, ShareServers};
 use crate::share::Share;
 
 /// How long the snapshot-making boot may take before it is abandoned (and the job boots cold).
@@ -139,7 +140,7 @@ fn add_warm_devices(
             ..s.clone()
         })
         .collect();
-    let servers = launch::add_shares(vm, &slotted, ownership)?;
+    let servers = ninep::add_shares(vm, &slotted, ownership)?;
     let pool = match &servers.pool {
         Some(pool) => pool.clone(),
         None => Arc::new(p9::WorkerPool::new(1, "9p-slot")),
@@ -181,7 +182,7 @@ fn make_snapshot(
 /// Takes the exclusive lock of `dir` (held until the returned file is dropped).
 fn lock_dir(dir: &Path) -> Result<File, Failure> {
     let err = |what: &str, e: std::io::Error| {
-        launch::fail(format!(
+        fail(format!(
             "snapshot cache: {what} {}: {e}; check permissions of the cache directory or set BOOTBOX_CACHE",
             dir.display()
         ))
@@ -257,9 +258,7 @@ fn random_seed() -> Result<[u8; SEED_LEN], Failure> {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(launch::fail(format!(
-                "cannot get random bytes for the guest: {e}"
-            )));
+            return Err(fail(format!("cannot get random bytes for the guest: {e}")));
         }
         filled += n as usize;
     }
@@ -333,45 +332,10 @@ pub fn warm_machine(
     vm.add_job_port(
         warm_job(r.job)?
             .channel_bytes()
-            .map_err(|e| launch::fail(format!("the job cannot be sent: {e}")))?,
+            .map_err(|e| fail(format!("the job cannot be sent: {e}")))?,
     )?;
     let ready = vm.restore(&snapshot.state)?;
     Ok(Some((Machine::Warm(ready), servers)))
-}
-
-/// `bootbox doctor`'s line on warm start: whether KVM here can snapshot and restore, and
-/// whether the snapshot directory is writable.
-pub(crate) fn doctor_check() -> crate::doctor::Check {
-    let dir = appliance::default_cache_dir().map(|root| snapshot_dir(&root));
-    let writable = dir.as_ref().map_err(|e| e.to_string()).and_then(|d| {
-        std::fs::create_dir_all(d)
-            .and_then(|()| tempfile_in(d))
-            .map_err(|e| format!("{}: {e}", d.display()))
-    });
-    match (snapshot::support::host_support(), writable) {
-        (Ok(()), Ok(())) => crate::doctor::Check {
-            ok: true,
-            what: "warm start: KVM can snapshot and restore; snapshots go to the cache".into(),
-            fix: None,
-        },
-        (Err(why), _) => crate::doctor::Check {
-            ok: false,
-            what: format!("warm start unavailable: {why}"),
-            fix: Some("runs boot cold (as with --cold); use a newer host kernel".into()),
-        },
-        (_, Err(why)) => crate::doctor::Check {
-            ok: false,
-            what: format!("warm start: the snapshot directory is not writable ({why})"),
-            fix: Some("fix its permissions or set BOOTBOX_CACHE".into()),
-        },
-    }
-}
-
-/// Creates and removes a file in `dir`.
-fn tempfile_in(dir: &Path) -> std::io::Result<()> {
-    let probe = dir.join(format!(".doctor.{}", std::process::id()));
-    File::create(&probe)?;
-    std::fs::remove_file(&probe)
 }
 
 #[cfg(test)]
