@@ -108,14 +108,19 @@ fn ownership_mode(a: &VmArgs) -> p9::Ownership {
     }
 }
 
-/// Whether this run needs devices a warm appliance does not have: disks (virtio-mmio has no
-/// hotplug, and the snapshot holds consoles and share slots only).
+/// Whether this run needs what a resumed appliance cannot give: disks (virtio-mmio has no
+/// hotplug, and the snapshot holds consoles and share slots only), or the kernel's console
+/// (`--console`: the kernel booted when the snapshot was made).
 fn warm_needs_cold(a: &RunArgs) -> bool {
-    if a.disks.is_empty() {
-        return false;
+    if !a.disks.is_empty() {
+        log::info!("warm start: disks are attached, so this run boots cold");
+        return true;
     }
-    log::info!("warm start: disks are attached, so this run boots cold");
-    true
+    if a.console {
+        log::info!("warm start: --console shows the kernel booting, so this run boots cold");
+        return true;
+    }
+    false
 }
 
 /// `--passthrough-ownership` is for root: only root can give a host file to another owner.

@@ -366,6 +366,8 @@ fn main_thread(list: &mut Allowlist) {
         SYS_statx,
         SYS_lseek,
         SYS_fcntl,
+        // The run record's page-fault counts (RUSAGE_SELF).
+        SYS_getrusage,
     ]);
     // Restoring the terminal mode of stdin.
     for request in [TCGETS, TCSETS, TCSETSW, TCSETSF, TIOCGWINSZ] {
