@@ -105,7 +105,7 @@ case "$mode" in
         # The first warm run of this shape makes the snapshot; the warmup runs cover it.
         "$bootbox" bench --runs "$runs" --warmup 2 --expect-status 0 \
             --compare "$bootbox run --cold -- true" \
-            -- run -- true
+            -- run --warm -- true
         ;;
     9p)
         tree="$work/tree"

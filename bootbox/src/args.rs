@@ -155,7 +155,12 @@ pub struct RunArgs {
     /// Show the guest kernel's console on stderr.
     #[arg(long)]
     pub console: bool,
-    /// Boot the kernel for this job instead of resuming the appliance's warm-start snapshot.
+    /// Resume the appliance from its warm-start snapshot (made by the first such run of this
+    /// shape) instead of booting the kernel. Opt-in while it is proven across the whole
+    /// end-to-end suite (see README: warm start).
+    #[arg(long, conflicts_with = "cold")]
+    pub warm: bool,
+    /// Boot the kernel for this job (the default; undoes `--warm`).
     #[arg(long)]
     pub cold: bool,
     #[command(flatten)]

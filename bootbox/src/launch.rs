@@ -310,7 +310,7 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
     // Held until the run ends: the block devices' workers.
     let mut _block_pool = None;
     let request = WarmRequest {
-        cold: a.cold || warm_needs_cold(&a),
+        cold: !a.warm || a.cold || warm_needs_cold(&a),
         ownership: ownership_mode(&a.vm),
         config: &config,
         prepared: &prepared,

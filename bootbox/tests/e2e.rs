@@ -683,6 +683,7 @@ fn phases_are_recorded_and_the_second_run_reuses_the_appliance() {
     // first phase is receiving its job.
     let out = bootbox(&[
         "run",
+        "--warm",
         "--json",
         j,
         "--phases",
@@ -814,6 +815,7 @@ fn concurrent_runs_work_and_share_one_appliance_build() {
                 let out = Command::new(bootbox_bin())
                     .args([
                         "run",
+                        "--warm",
                         "--timeout",
                         "900",
                         "--json",
@@ -1267,6 +1269,9 @@ fn warm_run(
         "--share",
         share,
     ];
+    if !extra.contains(&"--cold") {
+        args.push("--warm");
+    }
     args.extend_from_slice(extra);
     args.extend_from_slice(&[
         "--json",
