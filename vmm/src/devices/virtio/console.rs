@@ -60,15 +60,7 @@ impl VirtioDevice for VirtioConsole {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = [0u8; CONFIG_LEN];
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&[0u8; CONFIG_LEN], offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<Box<dyn QueueHandler>, VirtioError> {

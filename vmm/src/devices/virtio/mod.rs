@@ -278,3 +278,16 @@ impl Interrupt {
         let _ = self.irq.read();
     }
 }
+
+/// Reads `data.len()` bytes of a device's configuration space `config` at `offset`; bytes past
+/// its end read as zero (what the transport hands to every device's `read_config`).
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
