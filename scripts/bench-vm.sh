@@ -15,6 +15,8 @@
 #   scripts/bench-vm.sh analyze       # the slowest initcalls of the guest kernel
 #   scripts/bench-vm.sh stats [RUNS]  # what --stats costs (bootbox with it vs without), and
 #                                     # one run's report: VM exits per boot, device time
+#   scripts/bench-vm.sh sandbox [RUNS] # what the sandbox costs: bootbox confined vs
+#                                     # --no-sandbox, for `true` and a 9p hash of 2000 files
 #
 # Without hardware virtualisation the whole benchmark runs inside the nested test host
 # (scripts/testhost.sh): absolute times there are emulated, the ratios are what count.
@@ -23,9 +25,9 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 mode="${1:-boot}"
 runs="${2:-10}"
 case "$mode" in
-    boot|warm|9p|disk|analyze|stats) ;;
+    boot|warm|9p|disk|analyze|stats|sandbox) ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-    *) echo "bench-vm: unknown mode '$mode': expected boot, warm, 9p, disk, analyze or stats (try --help)" >&2; exit 2 ;;
+    *) echo "bench-vm: unknown mode '$mode': expected boot, warm, 9p, disk, analyze, stats or sandbox (try --help)" >&2; exit 2 ;;
 esac
 case "$runs" in
     ''|*[!0-9]*|0) echo "bench-vm: RUNS must be a positive number, not '$runs'" >&2; exit 2 ;;
@@ -156,5 +158,20 @@ case "$mode" in
             --compare "$bootbox run --stats -- sh -c 'exit 5' 2>/dev/null; test \$? = 5" \
             -- run -- sh -c 'exit 5'
         ;;
-    *) echo "bench-vm: mode must be boot, warm, 9p, analyze or stats" >&2; exit 2 ;;
+    sandbox)
+        "$bootbox" bench --runs "$runs" --warmup 2 --expect-status 5 \
+            --compare "$bootbox run --no-sandbox -- sh -c 'exit 5'; test \$? = 5" \
+            -- run -- sh -c 'exit 5'
+        tree="$work/tree"
+        mkdir -p "$tree"
+        for d in $(seq 1 20); do
+            mkdir -p "$tree/d$d"
+            for f in $(seq 1 100); do head -c $(( (d * 131 + f * 977) % 16384 )) /dev/urandom >"$tree/d$d/f$f"; done
+        done
+        job="find . -type f -print0 | xargs -0 sha256sum >/dev/null; exit 5"
+        "$bootbox" bench --runs "$runs" --warmup 1 --expect-status 5 \
+            --compare "$bootbox run --no-sandbox --share $tree:data -- sh -c '$job'; test \$? = 5" \
+            -- run --share "$tree:data" -- sh -c "$job"
+        ;;
+    *) echo "bench-vm: mode must be boot, warm, 9p, disk, analyze, stats or sandbox" >&2; exit 2 ;;
 esac
