@@ -243,22 +243,11 @@ impl Shared {
             // data_written < the writable length, which the walker bounded by u32::MAX.
             used_len = u32::try_from(data_written + 1).unwrap_or(u32::MAX);
         }
-        {
-            let mut queue = self.queue();
-            if self.interrupt.is_broken() {
-                return;
-            }
-            let mem = &*self.mem;
-            let result = queue
-                .add_used(mem, chain.head, used_len)
-                .and_then(|()| queue.needs_notification(mem));
-            match result {
-                Ok(true) => self.interrupt.signal_used(),
-                Ok(false) => {}
-                Err(e) => self
-                    .interrupt
-                    .device_error("block", &ChainError::Ring(e.to_string())),
-            }
+        let added =
+            self.interrupt
+                .complete("block", &mut self.queue(), &self.mem, chain.head, used_len);
+        if !added {
+            return;
         }
         self.stats.chain(data_written);
         self.stats.finish(timer);

@@ -230,20 +230,11 @@ impl Shared {
             .min(reply.capacity());
         // `written` <= the writable length, which the walker bounded by u32::MAX.
         let written = u32::try_from(written).unwrap_or(u32::MAX);
-        {
-            let mut queue = self.queue();
-            if self.interrupt.is_broken() {
-                return;
-            }
-            let mem = &*self.mem;
-            let result = queue
-                .add_used(mem, chain.head, written)
-                .and_then(|()| queue.needs_notification(mem));
-            match result {
-                Ok(true) => self.interrupt.signal_used(),
-                Ok(false) => {}
-                Err(e) => self.error(&ChainError::Ring(e.to_string())),
-            }
+        let added =
+            self.interrupt
+                .complete("9p", &mut self.queue(), &self.mem, chain.head, written);
+        if !added {
+            return;
         }
         self.stats.chain(chain.readable_len + u64::from(written));
         self.stats.finish(timer);

@@ -190,6 +190,32 @@ impl Interrupt {
     /// Puts the device into its error state: sets DEVICE_NEEDS_RESET and raises a
     /// configuration-change interrupt. Only the first error is logged, so a misbehaving guest
     /// cannot flood the log.
+    /// Puts the finished chain `head` (`len` bytes written) in the used ring of `queue` and
+    /// interrupts the driver if it asked to be; a broken device adds nothing (false), a ring
+    /// error breaks it. The caller holds the queue's lock.
+    pub(crate) fn complete(
+        &self,
+        device: &str,
+        queue: &mut virtio_queue::Queue,
+        mem: &vm_memory::GuestMemoryMmap,
+        head: u16,
+        len: u32,
+    ) -> bool {
+        use virtio_queue::QueueT;
+        if self.is_broken() {
+            return false;
+        }
+        let result = queue
+            .add_used(mem, head, len)
+            .and_then(|()| queue.needs_notification(mem));
+        match result {
+            Ok(true) => self.signal_used(),
+            Ok(false) => {}
+            Err(e) => self.device_error(device, &chain::ChainError::Ring(e.to_string())),
+        }
+        true
+    }
+
     pub fn device_error(&self, device: &str, what: &dyn fmt::Display) {
         if self.enter_error_state() {
             log::error!("virtio-{device}: {what}; device stopped until the driver resets it");
