@@ -95,6 +95,15 @@ qemu_check() {
         "test \$st = 11 || { echo \"qemu exit \$st\"; cat $work/qemu.log; false; } >&2"
 }
 
+# A tree of 2000 files (20 directories of 100, 0 to 16 KiB of random bytes) at $1.
+make_tree() {
+    mkdir -p "$1"
+    for d in $(seq 1 20); do
+        mkdir -p "$1/d$d"
+        for f in $(seq 1 100); do head -c $(( (d * 131 + f * 977) % 16384 )) /dev/urandom >"$1/d$d/f$f"; done
+    done
+}
+
 case "$mode" in
     boot)
         job=(sh -c 'exit 5')
@@ -111,11 +120,7 @@ case "$mode" in
         ;;
     9p)
         tree="$work/tree"
-        mkdir -p "$tree"
-        for d in $(seq 1 20); do
-            mkdir -p "$tree/d$d"
-            for f in $(seq 1 100); do head -c $(( (d * 131 + f * 977) % 16384 )) /dev/urandom >"$tree/d$d/f$f"; done
-        done
+        make_tree "$tree"
         digest='find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum'
         expected=$(cd "$tree" && sh -c "$digest")
         job=(sh -c "test \"\$($digest)\" = '$expected' && exit 5")
@@ -163,11 +168,7 @@ case "$mode" in
             --compare "$bootbox run --no-sandbox -- sh -c 'exit 5'; test \$? = 5" \
             -- run -- sh -c 'exit 5'
         tree="$work/tree"
-        mkdir -p "$tree"
-        for d in $(seq 1 20); do
-            mkdir -p "$tree/d$d"
-            for f in $(seq 1 100); do head -c $(( (d * 131 + f * 977) % 16384 )) /dev/urandom >"$tree/d$d/f$f"; done
-        done
+        make_tree "$tree"
         job="find . -type f -print0 | xargs -0 sha256sum >/dev/null; exit 5"
         "$bootbox" bench --runs "$runs" --warmup 1 --expect-status 5 \
             --compare "$bootbox run --no-sandbox --share $tree:data -- sh -c '$job'; test \$? = 5" \
