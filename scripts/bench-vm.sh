@@ -97,6 +97,7 @@ qemu_check() {
 
 # A tree of 2000 files (20 directories of 100, 0 to 16 KiB of random bytes) at $1.
 make_tree() {
+    local d f
     mkdir -p "$1"
     for d in $(seq 1 20); do
         mkdir -p "$1/d$d"
