@@ -13,10 +13,13 @@ packages=(qemu-system-x86 linux-image-amd64 linux-source-6.12 build-essential bc
     coreutils grep tar util-linux
     qemu-utils e2fsprogs dosfstools mtools squashfs-tools xorriso btrfs-progs xfsprogs fdisk)
 
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
+find_missing() {
+    missing=()
+    for p in "${packages[@]}"; do
+        dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+}
+find_missing
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi
@@ -28,3 +31,12 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends "${missing[@]}"
+# apt may remove an installed package to satisfy another: a backported qemu-utils goes when
+# the distribution's qemu-system-x86 comes in. A second pass installs the matching version.
+find_missing
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing what the first pass removed: ${missing[*]}" >&2
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+find_missing
+[ ${#missing[@]} -eq 0 ] || { echo "setup: could not install ${missing[*]}" >&2; exit 1; }

@@ -17,14 +17,16 @@
 # on a loop device) at DIR, for tests that need what the test host's tmpfs lacks, such as
 # user extended attributes. TESTHOST_APPEND adds words to the test host kernel's command line.
 #
-# The emulated test host occasionally freezes as a whole (its clock stops: qemu sits idle and
-# nothing inside runs any more, whatever the command does). When the console stays silent for
-# TESTHOST_STALL_SECS (default 600), the test host is stopped and this script exits with 123,
-# so callers can tell a frozen test host from a failed command and retry.
+# Inside, a watchdog prints "testhost: alive" every minute and, for any bootbox process older
+# than TESTHOST_WATCH_SECS (default 300), dumps its threads' states, system calls and kernel
+# stacks once. So a silent console means the emulated test host itself froze (its clock
+# stopped): after TESTHOST_STALL_SECS (default 600) of silence the test host is stopped and
+# this script exits with 123, so callers can tell a frozen test host from a failed command.
 set -euo pipefail
 
 timeout_secs=1800
 stall_secs=${TESTHOST_STALL_SECS:-600}
+watch_secs=${TESTHOST_WATCH_SECS:-300}
 mem_mib=4096
 mirrors=()
 scratch=""
@@ -167,12 +169,42 @@ done
 [ -c /dev/kvm ] || echo "testhost: /dev/kvm did not appear"
 $scratch_setup
 echo "testhost: up after \$(cut -d' ' -f1 /proc/uptime)s, running: $cmd"
+/watchdog $watch_secs &
 cd /root
 $cmd
 echo "BOOTBOX-TESTHOST-EXIT=\$?"
 poweroff -f
 INIT
 chmod +x "$root/init"
+
+# The watchdog inside the test host. Every minute it proves the test host is alive (a line on
+# the console, so the stall watcher below only fires when the emulator itself froze), and it
+# dumps every thread of a bootbox process that has run for more than watch_secs: its state,
+# the system call it sits in and its kernel stack. A hung run then says where it hung.
+cat >"$root/watchdog" <<'WATCHDOG'
+#!/bin/busybox sh
+limit=$1
+dumped=" "
+hz=100
+while sleep 60; do
+    now=$(cut -d' ' -f1 /proc/uptime); now=${now%.*}
+    echo "testhost: alive at ${now}s"
+    for d in /proc/[0-9]*; do
+        [ "$(cat "$d/comm" 2>/dev/null)" = bootbox ] || continue
+        pid=${d#/proc/}
+        case "$dumped" in *" $pid "*) continue ;; esac
+        start=$(awk '{ print int($22 / '$hz') }' "$d/stat" 2>/dev/null) || continue
+        [ $((now - start)) -gt "$limit" ] || continue
+        dumped="$dumped$pid "
+        echo "testhost: bootbox $pid has run for $((now - start))s: its threads"
+        for t in "$d"/task/*; do
+            echo "  thread $(cat "$t/comm") state $(awk '{ print $3 }' "$t/stat") wchan $(cat "$t/wchan") syscall $(cat "$t/syscall")"
+            sed 's/^/      /' "$t/stack" 2>/dev/null
+        done
+    done
+done
+WATCHDOG
+chmod +x "$root/watchdog"
 
 (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet) >"$stage/testhost.cpio"
 echo "testhost: $(du -m "$stage/testhost.cpio" | cut -f1) MiB initramfs, kernel $host_kernel" >&2
