@@ -20,12 +20,12 @@
 # Inside, a watchdog prints "testhost: alive" every minute and, for any bootbox process older
 # than TESTHOST_WATCH_SECS (default 300), dumps its threads' states, system calls and kernel
 # stacks once. So a silent console means the emulated test host itself froze (its clock
-# stopped): after TESTHOST_STALL_SECS (default 600) of silence the test host is stopped and
+# stopped): after TESTHOST_STALL_SECS (default 300) of silence the test host is stopped and
 # this script exits with 123, so callers can tell a frozen test host from a failed command.
 set -euo pipefail
 
 timeout_secs=1800
-stall_secs=${TESTHOST_STALL_SECS:-600}
+stall_secs=${TESTHOST_STALL_SECS:-300}
 watch_secs=${TESTHOST_WATCH_SECS:-300}
 mem_mib=4096
 mirrors=()
@@ -221,6 +221,27 @@ log="$stage/console.log"
         if [ "$size" = "$last_size" ]; then quiet=$((quiet + 30)); else quiet=0; last_size=$size; fi
         if [ "$quiet" -ge "$stall_secs" ]; then
             touch "$stage/stalled"
+            # Where the emulated CPU is, sampled a few times, for the report.
+            python3 - "$stage/monitor" >"$stage/stall-registers" 2>&1 <<'PY' || true
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.settimeout(2)
+def ask(cmd):
+    s.sendall(cmd.encode() + b"\n")
+    time.sleep(0.5)
+    out = b""
+    try:
+        while True:
+            out += s.recv(65536)
+    except socket.timeout:
+        pass
+    return out.decode(errors="replace")
+ask("")
+for i in range(5):
+    print(ask("info registers"))
+    time.sleep(1)
+PY
             pkill -f -- "-initrd $stage/testhost.cpio" || true
             exit 0
         fi
@@ -230,6 +251,7 @@ watcher=$!
 set +e
 timeout --foreground "$timeout_secs" qemu-system-x86_64 \
     -M q35 -cpu max -smp 1 -m "$mem_mib" -nographic -no-reboot -nic none -vga none \
+    -monitor "unix:$stage/monitor,server=on,wait=off" \
     -kernel "$host_kernel" -initrd "$stage/testhost.cpio" \
     -append "console=ttyS0 panic=-1 quiet loglevel=3 ${TESTHOST_APPEND:-}" </dev/null | tee "$log"
 qemu_status=${PIPESTATUS[0]}
@@ -237,6 +259,7 @@ kill "$watcher" 2>/dev/null
 set -e
 if [ -e "$stage/stalled" ]; then
     echo "testhost: no console output for ${stall_secs}s: the test host froze (an emulator problem, not the command's); stopped it" >&2
+    grep -E '^(RIP|EFL|CR0)=' "$stage/stall-registers" 2>/dev/null | sed 's/^/testhost: at the stall: /' >&2 || true
     exit 123
 fi
 status=$(tr -d '\r' <"$log" | sed -n 's/^BOOTBOX-TESTHOST-EXIT=\([0-9]*\)$/\1/p' | tail -n1)
