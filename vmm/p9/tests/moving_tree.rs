@@ -333,3 +333,30 @@ fn set_id_bits_never_reach_the_host() {
     .unwrap();
     assert_eq!(mode("sgid") & 0o6000, 0, "mkdir kept a set-id bit");
 }
+
+#[test]
+fn a_walk_through_a_replaced_directory_lands_in_the_new_one() {
+    // Walks keep the descriptors of directories they pass through: one replaced on the host
+    // (moved away, a new one made under its name) must not be walked through again.
+    let (t, share) = moved_tree("replaced");
+    t.file("share/a/b/old-only", b"old");
+    let mut h = Harness::new(&share, Config::default());
+    h.walk_to(2, "a/b/inner").unwrap();
+    h.clunk(2).unwrap();
+    std::fs::rename(share.join("a"), t.join("a-moved")).unwrap();
+    t.file("share/a/b/new-only", b"new");
+    // A partial walk: the last name is not in the new directory.
+    assert_eq!(h.walk(1, 3, &["a", "b", "old-only"]).unwrap().len(), 2);
+    let q = h.walk(1, 4, &["a", "b", "new-only"]).unwrap();
+    assert_eq!(q[0].path, ino(&share.join("a")));
+    assert_eq!(q[1].path, ino(&share.join("a/b")));
+    assert_eq!(q[2].path, ino(&share.join("a/b/new-only")));
+    // The moved directory is gone from the share: nothing reaches it through its old name.
+    assert_eq!(h.walk(1, 5, &["a", "b", "inner"]).unwrap().len(), 2);
+    // A symlink put where a kept directory was is not followed.
+    std::fs::remove_dir_all(share.join("a")).unwrap();
+    std::os::unix::fs::symlink(t.join("a-moved"), share.join("a")).unwrap();
+    assert_eq!(h.walk(1, 6, &["a", "b"]).unwrap().len(), 1);
+    let q = h.walk(1, 7, &["a"]).unwrap();
+    assert_eq!(q[0].ty, p9::wire::QTSYMLINK);
+}

@@ -2,6 +2,8 @@
 //! diod (when installed), on generated trees.
 //!
 //! Workloads (each with one synchronous client, so latency is per round trip):
+//! * `getattr (root)`: getattr of the attached root, the round-trip floor: one request whose
+//!   server side is one `fstat`, so what is left is transport, client and scheduler;
 //! * `walk+getattr`: walk root -> dir/file, getattr, clunk;
 //! * `open+read`: walk, lopen, read the whole file, clunk;
 //! * `seq-read`: read a 64 MiB file (16 MiB in quick mode) front to back with msize-sized
@@ -12,7 +14,7 @@
 //!
 //! Usage: `p9-bench [--quick] [--files 10000,100000] [--size BYTES] [--ops N] [--clients N]
 //!                  [--fids 1000,100000] [--workers N] [--dir DIR] [--no-diod] [--rounds N]
-//!                  [--only walk,open,seq,readdir,parallel,fids] [--stats] [--msize N]
+//!                  [--only rtt,walk,open,seq,readdir,parallel,fids] [--stats] [--msize N]
 //!                  [--baseline OLD-P9-BENCH]`
 //! With `--rounds N` every workload runs N times, interleaved between the servers (the machine
 //! may be shared and noisy): latencies are pooled over the rounds, the rate is the median
@@ -74,8 +76,8 @@ struct Args {
     /// first); latencies are pooled over the rounds and the rate is the median round's.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
-    /// Only these workloads, comma-separated: walk, open, seq, readdir, parallel, fids.
-    #[arg(long, value_delimiter = ',', value_parser = ["walk", "open", "seq", "readdir", "parallel", "fids"])]
+    /// Only these workloads, comma-separated: rtt, walk, open, seq, readdir, parallel, fids.
+    #[arg(long, value_delimiter = ',', value_parser = ["rtt", "walk", "open", "seq", "readdir", "parallel", "fids"])]
     only: Vec<String>,
     /// Print the bootbox server's own per-request statistics after each tree.
     #[arg(long)]
@@ -404,6 +406,18 @@ fn walk_getattr(
     Ok((lat, t.elapsed()))
 }
 
+/// Getattr of the root fid, `ops` times: one round trip with next to no server work each.
+fn root_getattr(c: &mut Conn, root: u32, ops: usize) -> R<(Vec<u64>, Duration)> {
+    let mut lat = Vec::with_capacity(ops);
+    let t = Instant::now();
+    for _ in 0..ops {
+        let s = Instant::now();
+        c.getattr(root).map_err(|e| format!("getattr: {e}"))?;
+        lat.push(s.elapsed().as_nanos() as u64);
+    }
+    Ok((lat, t.elapsed()))
+}
+
 fn open_read(
     c: &mut Conn,
     root: u32,
@@ -592,6 +606,7 @@ fn raise_nofile(want: u64) {
 /// One workload of the run, as selected with `--only`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Workload {
+    Rtt,
     Walk,
     Open,
     Seq,
@@ -604,6 +619,7 @@ enum Workload {
 impl Workload {
     fn key(self) -> &'static str {
         match self {
+            Workload::Rtt => "rtt",
             Workload::Walk => "walk",
             Workload::Open => "open",
             Workload::Seq => "seq",
@@ -615,6 +631,7 @@ impl Workload {
 
     fn label(self, clients: usize) -> String {
         match self {
+            Workload::Rtt => "getattr (root)".into(),
             Workload::Walk => "walk+getattr".into(),
             Workload::Open => "open+read".into(),
             Workload::Seq => "seq-read".into(),
@@ -657,6 +674,10 @@ fn measure(w: Workload, t: &Target, c: &mut (Conn, u32), n: usize, o: &Opts) -> 
     let (c, root) = (&mut c.0, c.1);
     let rate = |ops: usize, wall: Duration| ops as f64 / wall.as_secs_f64();
     Ok(match w {
+        Workload::Rtt => {
+            let (lat, wall) = root_getattr(c, root, o.ops)?;
+            (lat, rate(o.ops, wall))
+        }
         Workload::Walk => {
             let (lat, wall) = walk_getattr(c, root, n, o.ops, 0)?;
             (lat, rate(o.ops, wall))
@@ -744,6 +765,7 @@ fn run(o: &Opts) -> R<()> {
         o.rounds
     );
     let mut workloads = vec![
+        Workload::Rtt,
         Workload::Walk,
         Workload::Open,
         Workload::Seq,

@@ -21,7 +21,8 @@
 //! This module only decodes a request and routes it ([`Server::handle`]); the pieces live in:
 //! * [`config`]: [`Config`], creation errors; [`session`]: the [`Server`] value and the checks
 //!   every operation shares; [`fids`]: the fid table and caps; [`stats`]: request statistics;
-//!   [`dircache`]: listings of unchanged directories; [`viewcache`]: the guest's view of
+//!   [`dircache`]: listings of unchanged directories; [`dirfds`]: descriptors of the
+//!   directories walks pass through; [`viewcache`]: the guest's view of
 //!   unchanged files; [`stamp`]: when a file counts as unchanged;
 //!   [`sys`]: the system-call wrappers;
 //! * the operations by group: [`ops_session`] (version, attach, walk, clunk),
@@ -31,6 +32,7 @@
 
 mod config;
 mod dircache;
+mod dirfds;
 mod fids;
 mod ops_attr;
 mod ops_dir;
