@@ -360,3 +360,33 @@ fn a_walk_through_a_replaced_directory_lands_in_the_new_one() {
     let q = h.walk(1, 7, &["a"]).unwrap();
     assert_eq!(q[0].ty, p9::wire::QTSYMLINK);
 }
+
+#[test]
+fn opening_a_directory_whose_name_now_leads_elsewhere_opens_the_fids_own() {
+    // A directory is opened by name in the directory it was walked in when that name still
+    // leads to it; when another directory has taken the name, the fid's own one is opened.
+    let (t, share) = moved_tree("reopen-dir");
+    t.file("share/a/b/mine", b"");
+    let mut h = Harness::new(&share, Config::default());
+    h.walk_to(2, "a/b").unwrap();
+    h.walk_to(3, "a/b").unwrap();
+    std::fs::rename(share.join("a/b"), share.join("a/b-old")).unwrap();
+    t.file("share/a/b/theirs", b"");
+    let names = |h: &mut Harness, fid| {
+        h.lopen(fid, 0).unwrap();
+        let mut n: Vec<String> = h
+            .readdir_all(fid, 8192)
+            .unwrap()
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.name).into_owned())
+            .filter(|n| n != "." && n != "..")
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&mut h, 2), ["inner", "mine"]);
+    // A symlink to the other directory under the old name is not followed either.
+    std::fs::remove_dir_all(share.join("a/b")).unwrap();
+    std::os::unix::fs::symlink(share.join("a/b-old"), share.join("a/b")).unwrap();
+    assert_eq!(names(&mut h, 3), ["inner", "mine"]);
+}

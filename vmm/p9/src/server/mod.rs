@@ -7,7 +7,8 @@
 //! while the guest held a fid in it) answers ENOENT to everything named through it (see
 //! [`crate::confine`]). Names with `/` or NUL are refused, device nodes, FIFOs and sockets are
 //! never opened (the type of the inode an `O_PATH` fd refers to cannot change, so checking it and
-//! then reopening through `/proc/self/fd/N` is race-free), read-only shares answer EROFS to every
+//! then reopening through `/proc/self/fd/N` is race-free; a directory is reopened by name with
+//! `O_DIRECTORY`, which opens nothing but a directory, and kept only if it is the fid's inode), read-only shares answer EROFS to every
 //! mutating request, the numbers of fids and open files are capped per session, and a refused
 //! request leaves the host tree as it was (limits are taken before anything is created, and a
 //! create whose later steps fail is undone).
