@@ -334,13 +334,19 @@ fn set_id_bits_never_reach_the_host() {
     assert_eq!(mode("sgid") & 0o6000, 0, "mkdir kept a set-id bit");
 }
 
+/// [`moved_tree`] with one more file, served with the default configuration.
+fn moved_tree_with(tag: &str, file: &str) -> (TempTree, std::path::PathBuf, Harness) {
+    let (t, share) = moved_tree(tag);
+    t.file(file, b"");
+    let h = Harness::new(&share, Config::default());
+    (t, share, h)
+}
+
 #[test]
 fn a_walk_through_a_replaced_directory_lands_in_the_new_one() {
     // Walks keep the descriptors of directories they pass through: one replaced on the host
     // (moved away, a new one made under its name) must not be walked through again.
-    let (t, share) = moved_tree("replaced");
-    t.file("share/a/b/old-only", b"old");
-    let mut h = Harness::new(&share, Config::default());
+    let (t, share, mut h) = moved_tree_with("replaced", "share/a/b/old-only");
     h.walk_to(2, "a/b/inner").unwrap();
     h.clunk(2).unwrap();
     std::fs::rename(share.join("a"), t.join("a-moved")).unwrap();
@@ -365,9 +371,7 @@ fn a_walk_through_a_replaced_directory_lands_in_the_new_one() {
 fn opening_a_directory_whose_name_now_leads_elsewhere_opens_the_fids_own() {
     // A directory is opened by name in the directory it was walked in when that name still
     // leads to it; when another directory has taken the name, the fid's own one is opened.
-    let (t, share) = moved_tree("reopen-dir");
-    t.file("share/a/b/mine", b"");
-    let mut h = Harness::new(&share, Config::default());
+    let (t, share, mut h) = moved_tree_with("reopen-dir", "share/a/b/mine");
     h.walk_to(2, "a/b").unwrap();
     h.walk_to(3, "a/b").unwrap();
     std::fs::rename(share.join("a/b"), share.join("a/b-old")).unwrap();
