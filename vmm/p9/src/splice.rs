@@ -156,6 +156,9 @@ pub(crate) fn push_all(
 }
 
 const PAGE: usize = 4096;
+/// Reads asking for less than this are copied: for a few pages, one more system call costs
+/// more than the copy saves.
+const SPLICE_MIN: usize = 64 << 10;
 
 /// A reply area whose Rread data may sit in a pipe instead of the buffer (see the module
 /// documentation). One per thread, reused across requests.
@@ -274,7 +277,7 @@ impl ReplyBuf for SpliceReply {
             .checked_add(len)
             .is_some_and(|end| end <= self.buf.capacity());
         if let (Some(p), None, true) = (&self.pipe, self.spliced, in_range) {
-            if len <= p.cap {
+            if (SPLICE_MIN..=p.cap).contains(&len) {
                 match p.fill(fd, file_offset, len) {
                     Ok(n) => {
                         self.spliced = Some((offset, n));
@@ -307,29 +310,36 @@ mod tests {
     fn data_goes_through_the_pipe_to_the_socket_or_back_into_the_buffer() {
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let (p, f) = file("both", &data);
-        let mut r = SpliceReply::new(65536);
-        assert!(r.pipe.is_some(), "a 64 KiB pipe is always allowed");
+        let mut r = SpliceReply::new(1 << 17);
+        assert!(
+            r.pipe.is_some(),
+            "a pipe of 128 KiB and some is allowed by default"
+        );
         // Spliced straight to a socket, after the head.
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
         r.write_at(0, b"HEAD").unwrap();
-        assert_eq!(r.read_from(4, 60_000, f.as_fd(), 1000).unwrap(), 60_000);
+        assert_eq!(r.read_from(4, 70_000, f.as_fd(), 1000).unwrap(), 70_000);
         assert!(r.spliced.is_some());
         let mut outcome = None;
         r.send(
-            60_004,
+            70_004,
             || Some(a.as_raw_fd()),
             |head| (&a).write_all(head).is_ok(),
             |res| outcome = Some(res.is_ok()),
             |_| panic!("the data was to be spliced"),
         );
         assert_eq!(outcome, Some(true));
-        let mut got = vec![0; 60_004];
+        let mut got = vec![0; 70_004];
         std::io::Read::read_exact(&mut b, &mut got).unwrap();
         assert_eq!(&got[..4], b"HEAD");
-        assert_eq!(&got[4..], &data[1000..61_000]);
+        assert_eq!(&got[4..], &data[1000..71_000]);
         // Short at the end of the file, and brought back into the buffer when it cannot go
         // out directly.
-        assert_eq!(r.read_from(7, 50_000, f.as_fd(), 90_000).unwrap(), 10_000);
+        assert_eq!(
+            r.read_from(7, SPLICE_MIN, f.as_fd(), 90_000).unwrap(),
+            10_000
+        );
+        assert!(r.spliced.is_some());
         let mut sent = Vec::new();
         r.send(
             10_007,
@@ -339,8 +349,23 @@ mod tests {
             |bytes| sent = bytes.to_vec(),
         );
         assert_eq!(&sent[7..], &data[90_000..]);
-        // The pipe is empty again: the next reply holds only its own data.
+        // The pipe is empty again: the next reply holds only its own data. (A small read is
+        // copied, not spliced.)
+        assert_eq!(
+            r.read_from(7, SPLICE_MIN, f.as_fd(), 5).unwrap(),
+            SPLICE_MIN
+        );
+        assert!(r.spliced.is_some());
+        r.send(
+            7 + SPLICE_MIN,
+            || None,
+            |_| unreachable!(),
+            |_| unreachable!(),
+            |bytes| sent = bytes.to_vec(),
+        );
+        assert_eq!(&sent[7..], &data[5..5 + SPLICE_MIN]);
         assert_eq!(r.read_from(7, 5, f.as_fd(), 0).unwrap(), 5);
+        assert!(r.spliced.is_none());
         r.send(
             12,
             || None,
