@@ -800,9 +800,13 @@ fn run(o: &Opts) -> R<()> {
         let mut conns = Vec::new();
         for t in &targets {
             let mut c = t.connect()?;
-            // Warm up caches so both servers see the same host state.
+            // Warm up caches so both servers see the same host state: whichever server went
+            // first would otherwise pay for reading the files from disk.
             walk_getattr(&mut c.0, c.1, n, o.ops.min(1000), 99)?;
             readdir_tree(&mut c.0, c.1, n)?;
+            if workloads.contains(&Workload::Open) {
+                open_read(&mut c.0, c.1, n, o.ops, o.size)?;
+            }
             conns.push(c);
         }
         let msizes: Vec<String> = targets
