@@ -11,16 +11,17 @@
 //! decides confinement: the walk's own checks (the starting directory is in the share, `..` is
 //! clamped) apply to a kept descriptor as to a fresh one.
 //!
-//! Memory and descriptors are bounded: at most [`PER_SHARD`] entries per shard; a full shard
-//! starts over.
+//! Memory and descriptors are bounded: at most [`MAX_KEPT`] descriptors, and no more than a
+//! sixteenth of the share's fid cap (whose descriptors are already held within half the
+//! process's limit), spread over shards; a full shard starts over.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 const SHARDS: usize = 16;
-/// Directories kept per shard (each holds one descriptor).
-const PER_SHARD: usize = 64;
+/// Most directory descriptors kept per share.
+pub(super) const MAX_KEPT: usize = 1024;
 
 /// (parent dev, parent ino, hash of the name) -> (name, descriptor, dev, ino).
 type Map = HashMap<(u64, u64, u64), (Box<[u8]>, Arc<OwnedFd>, u64, u64)>;
@@ -28,6 +29,7 @@ type Map = HashMap<(u64, u64, u64), (Box<[u8]>, Arc<OwnedFd>, u64, u64)>;
 /// The kept directory descriptors of one share.
 pub(super) struct DirFds {
     shards: Box<[Mutex<Map>]>,
+    per_shard: usize,
 }
 
 /// FNV-1a of a name.
@@ -38,9 +40,12 @@ fn name_hash(name: &[u8]) -> u64 {
 }
 
 impl DirFds {
-    pub(super) fn new() -> DirFds {
+    /// Keeps at most [`MAX_KEPT`] descriptors and at most `max_fids / 16`.
+    pub(super) fn new(max_fids: usize) -> DirFds {
+        let total = (max_fids / 16).min(MAX_KEPT);
         DirFds {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            per_shard: total / SHARDS,
         }
     }
 
@@ -61,9 +66,12 @@ impl DirFds {
 
     /// Keeps `fd`, the directory `st` describes, as `name` in `parent`.
     pub(super) fn put(&self, parent: (u64, u64), name: &[u8], fd: Arc<OwnedFd>, st: &libc::stat64) {
+        if self.per_shard == 0 {
+            return;
+        }
         let key = (parent.0, parent.1, name_hash(name));
         let mut s = self.shard(&key);
-        if s.len() >= PER_SHARD && !s.contains_key(&key) {
+        if s.len() >= self.per_shard && !s.contains_key(&key) {
             s.clear();
         }
         s.insert(key, (Box::from(name), fd, st.st_dev, st.st_ino));

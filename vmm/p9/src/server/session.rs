@@ -154,7 +154,7 @@ impl Server {
             config: config.clone(),
             stats: Stats::new(config.stats),
             dirs: DirCache::new(stamp::SETTLED_NS, dircache::BUDGET, dircache::MAX_LISTING),
-            dirfds: DirFds::new(),
+            dirfds: DirFds::new(config.max_fids),
             views: ViewCache::new(stamp::SETTLED_NS),
             symlink_owners: SymlinkOwners::default(),
         };
