@@ -299,6 +299,19 @@ mod tests {
     use std::io::Write;
     use std::os::fd::AsFd;
 
+    /// Sends the `len`-byte reply in `r` the buffered way; returns the bytes sent.
+    fn buffered(r: &mut SpliceReply, len: usize) -> Vec<u8> {
+        let mut sent = Vec::new();
+        r.send(
+            len,
+            || None,
+            |_| unreachable!(),
+            |_| unreachable!(),
+            |bytes| sent = bytes.to_vec(),
+        );
+        sent
+    }
+
     fn file(tag: &str, data: &[u8]) -> (std::path::PathBuf, std::fs::File) {
         let p = std::env::temp_dir().join(format!("p9-splice-{tag}-{}", std::process::id()));
         std::fs::File::create(&p).unwrap().write_all(data).unwrap();
@@ -340,40 +353,19 @@ mod tests {
             10_000
         );
         assert!(r.spliced.is_some());
-        let mut sent = Vec::new();
-        r.send(
-            10_007,
-            || None,
-            |_| unreachable!(),
-            |_| unreachable!(),
-            |bytes| sent = bytes.to_vec(),
-        );
-        assert_eq!(&sent[7..], &data[90_000..]);
-        // The pipe is empty again: the next reply holds only its own data. (A small read is
-        // copied, not spliced.)
+        assert_eq!(&buffered(&mut r, 10_007)[7..], &data[90_000..]);
+        // The pipe is empty again: the next reply holds only its own data.
         assert_eq!(
             r.read_from(7, SPLICE_MIN, f.as_fd(), 5).unwrap(),
             SPLICE_MIN
         );
         assert!(r.spliced.is_some());
-        r.send(
-            7 + SPLICE_MIN,
-            || None,
-            |_| unreachable!(),
-            |_| unreachable!(),
-            |bytes| sent = bytes.to_vec(),
-        );
+        let sent = buffered(&mut r, 7 + SPLICE_MIN);
         assert_eq!(&sent[7..], &data[5..5 + SPLICE_MIN]);
+        // A small read is copied, not spliced.
         assert_eq!(r.read_from(7, 5, f.as_fd(), 0).unwrap(), 5);
         assert!(r.spliced.is_none());
-        r.send(
-            12,
-            || None,
-            |_| unreachable!(),
-            |_| unreachable!(),
-            |bytes| sent = bytes.to_vec(),
-        );
-        assert_eq!(&sent[7..], &data[..5]);
+        assert_eq!(&buffered(&mut r, 12)[7..], &data[..5]);
         std::fs::remove_file(&p).unwrap();
     }
 
@@ -384,14 +376,7 @@ mod tests {
         assert!(r.read_from(0, 4, f.as_fd(), 0).is_err(), "no room at all");
         r = SpliceReply::plain(16);
         assert_eq!(r.read_from(2, 8, f.as_fd(), 6).unwrap(), 4);
-        let mut sent = Vec::new();
-        r.send(
-            6,
-            || unreachable!(),
-            |_| unreachable!(),
-            |_| unreachable!(),
-            |b| sent = b.to_vec(),
-        );
+        let sent = buffered(&mut r, 6);
         assert_eq!(&sent[2..], b"6789");
         std::fs::remove_file(&p).unwrap();
     }

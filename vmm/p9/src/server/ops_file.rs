@@ -1,6 +1,6 @@
 //! File I/O operations: Tlopen (reopens the fid's own inode: a directory by name, checked,
-//! anything else through its `/proc` link, never a special file), Tread (straight from the file into the reply area), Twrite and Tfsync, and
-//! the translation of 9P2000.L open flags.
+//! anything else through its `/proc` link, never a special file), Tread (straight from the
+//! file into the reply area), Twrite and Tfsync, and the translation of 9P2000.L open flags.
 
 use super::fids::{Fid, OpenFile};
 use super::session::{DataRequest, Server};
