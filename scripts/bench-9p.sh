@@ -6,6 +6,7 @@
 #   scripts/bench-9p.sh                  # 10k and 100k files, 20000 ops per workload
 #   scripts/bench-9p.sh --files 50000 --ops 5000 --fids 1000,15000 --no-diod
 #   scripts/bench-9p.sh --quick --rounds 5 --only walk,open --stats   # interleaved, noisy hosts
+#   scripts/bench-9p.sh --rounds 5 --baseline /tmp/old-p9-bench       # a build before a change, too
 #
 # Trees are cached in ${TMPDIR:-/tmp}/p9-bench (pass --dir to change). The fid-scaling run is
 # capped below the open-file limit (every fid holds one descriptor); raise `ulimit -n` to hold

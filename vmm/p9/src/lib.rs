@@ -37,6 +37,7 @@ pub mod pool;
 pub mod reply;
 pub mod server;
 pub mod socket;
+mod splice;
 pub mod wire;
 
 pub use flush::FlushTracker;

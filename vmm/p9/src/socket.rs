@@ -24,6 +24,8 @@
 //!   the connection's ordered reply queue, which a per-connection writer thread (started with the
 //!   connection's first pooled request) drains with blocking writes. A reader serving inline
 //!   writes with a blocking send too: waiting on its own client only stops that client's reads.
+//!   A reader serving inline splices an Rread's file data to the socket without copying it when
+//!   nothing else is being written ([`crate::splice`]).
 //!   No lock is held while writing: a "writing" token in the connection state keeps the byte
 //!   stream in order.
 //! * Back-pressure: a connection owes at most [`SocketOptions::max_queued_replies`] replies
@@ -37,8 +39,8 @@
 
 use crate::flush::{flushed_tag, FlushTracker};
 use crate::pool::WorkerPool;
-use crate::reply::VecReply;
 use crate::server::Server;
+use crate::splice::{push_all, SpliceReply};
 use crate::wire;
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -366,6 +368,27 @@ impl<C> ConnState<C> {
         self.wake(&mut i);
     }
 
+    /// Takes the writing token when nothing is being written or waits to be: the caller then
+    /// writes to the socket `fd` itself and gives the token back with [`Self::release_token`].
+    fn take_token(&self) -> Option<RawFd> {
+        let mut i = self.lock();
+        if i.broken || i.writing || !i.queue.is_empty() {
+            return None;
+        }
+        i.writing = true;
+        Some(self.fd)
+    }
+
+    /// Gives back the writing token after writing `r`.
+    fn release_token(&self, r: io::Result<()>) {
+        let mut i = self.lock();
+        i.writing = false;
+        if r.is_err() {
+            self.break_conn(&mut i);
+        }
+        self.wake(&mut i);
+    }
+
     /// The writer thread: writes queued replies until the reader is done and nothing is owed.
     fn write_loop(&self) {
         let mut i = self.lock();
@@ -410,52 +433,40 @@ impl<C> ConnState<C> {
 /// stops early (rather than waiting) when the socket buffer is full.
 fn write_fd(fd: RawFd, b: &[u8], block: bool) -> io::Result<usize> {
     let flags = libc::MSG_NOSIGNAL | if block { 0 } else { libc::MSG_DONTWAIT };
-    let mut done = 0;
-    while done < b.len() {
+    push_all(fd, b.len(), block, |done| {
         let rest = &b[done..];
         // SAFETY: the pointer and length describe the live slice `rest`, which send only reads.
-        let n = unsafe { libc::send(fd, rest.as_ptr().cast(), rest.len(), flags) };
-        if n > 0 {
-            done += n as usize;
-            continue;
-        }
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        let e = io::Error::last_os_error();
-        match e.kind() {
-            io::ErrorKind::Interrupted => {}
-            io::ErrorKind::WouldBlock if !block => return Ok(done),
-            // A socket left in non-blocking mode: wait until it takes more.
-            io::ErrorKind::WouldBlock => {
-                let mut p = libc::pollfd {
-                    fd,
-                    events: libc::POLLOUT,
-                    revents: 0,
-                };
-                // SAFETY: poll reads and writes the one pollfd passed to it.
-                unsafe { libc::poll(&mut p, 1, -1) };
-            }
-            _ => return Err(e),
-        }
-    }
-    Ok(done)
+        unsafe { libc::send(fd, rest.as_ptr().cast(), rest.len(), flags) }
+    })
 }
 
 thread_local! {
     /// One reply area per thread, reused across requests (msize-sized areas are large).
-    static REPLY: RefCell<VecReply> = RefCell::new(VecReply::new(0));
+    static REPLY: RefCell<SpliceReply> = RefCell::new(SpliceReply::plain(0));
 }
 
-/// Handles `req` into this thread's reply area and passes the reply bytes to `f`.
-fn with_reply(server: &Server, req: &[u8], cap: usize, f: impl FnOnce(&[u8])) {
+/// Handles `req` into this thread's reply area and passes the area and the reply's length to
+/// `f`. With `splice` (a connection's own reader, which may write to its socket directly), an
+/// Rread's data is spliced rather than copied (see [`crate::splice`]); a thread is either a
+/// reader or a pool worker, so its area is made one way once.
+fn with_reply(
+    server: &Server,
+    req: &[u8],
+    cap: usize,
+    splice: bool,
+    f: impl FnOnce(&mut SpliceReply, usize),
+) {
     REPLY.with(|r| {
         let mut r = r.borrow_mut();
-        if r.as_slice().len() != cap {
-            *r = VecReply::new(cap);
+        if r.len() != cap {
+            *r = if splice {
+                SpliceReply::new(cap)
+            } else {
+                SpliceReply::plain(cap)
+            };
         }
         let len = server.handle(req, &mut *r);
-        f(&r.as_slice()[..len]);
+        f(&mut r, len);
     })
 }
 
@@ -564,8 +575,14 @@ fn read_loop<C: Conn>(
         let idle = ty != wire::msg::TFSYNC && i.owed == 0 && stream.buffer().is_empty();
         if ty == wire::msg::TVERSION || idle {
             drop(i);
-            with_reply(server, &req, reply_cap.max(64), |r| {
-                state.send(None, r, SendMode::Block)
+            with_reply(server, &req, reply_cap.max(64), true, |r, len| {
+                r.send(
+                    len,
+                    || state.take_token(),
+                    |head| write_fd(state.fd, head, true).is_ok_and(|n| n == head.len()),
+                    |res| state.release_token(res),
+                    |bytes| state.send(None, bytes, SendMode::Block),
+                )
             });
             continue;
         }
@@ -585,8 +602,14 @@ fn read_loop<C: Conn>(
         let srv = server.clone();
         let req = req.clone();
         pool.submit(Box::new(move || {
-            with_reply(&srv, &req, reply_cap, |r| {
-                st.send(Some(tag), r, SendMode::NoBlock)
+            with_reply(&srv, &req, reply_cap, false, |r, len| {
+                r.send(
+                    len,
+                    || None,
+                    |_| false,
+                    |_| {},
+                    |bytes| st.send(Some(tag), bytes, SendMode::NoBlock),
+                )
             });
         }));
     }

@@ -333,3 +333,64 @@ fn set_id_bits_never_reach_the_host() {
     .unwrap();
     assert_eq!(mode("sgid") & 0o6000, 0, "mkdir kept a set-id bit");
 }
+
+/// [`moved_tree`] with one more file, served with the default configuration.
+fn moved_tree_with(tag: &str, file: &str) -> (TempTree, std::path::PathBuf, Harness) {
+    let (t, share) = moved_tree(tag);
+    t.file(file, b"");
+    let h = Harness::new(&share, Config::default());
+    (t, share, h)
+}
+
+#[test]
+fn a_walk_through_a_replaced_directory_lands_in_the_new_one() {
+    // Walks keep the descriptors of directories they pass through: one replaced on the host
+    // (moved away, a new one made under its name) must not be walked through again.
+    let (t, share, mut h) = moved_tree_with("replaced", "share/a/b/old-only");
+    h.walk_to(2, "a/b/inner").unwrap();
+    h.clunk(2).unwrap();
+    std::fs::rename(share.join("a"), t.join("a-moved")).unwrap();
+    t.file("share/a/b/new-only", b"new");
+    // A partial walk: the last name is not in the new directory.
+    assert_eq!(h.walk(1, 3, &["a", "b", "old-only"]).unwrap().len(), 2);
+    let q = h.walk(1, 4, &["a", "b", "new-only"]).unwrap();
+    assert_eq!(q[0].path, ino(&share.join("a")));
+    assert_eq!(q[1].path, ino(&share.join("a/b")));
+    assert_eq!(q[2].path, ino(&share.join("a/b/new-only")));
+    // The moved directory is gone from the share: nothing reaches it through its old name.
+    assert_eq!(h.walk(1, 5, &["a", "b", "inner"]).unwrap().len(), 2);
+    // A symlink put where a kept directory was is not followed.
+    std::fs::remove_dir_all(share.join("a")).unwrap();
+    std::os::unix::fs::symlink(t.join("a-moved"), share.join("a")).unwrap();
+    assert_eq!(h.walk(1, 6, &["a", "b"]).unwrap().len(), 1);
+    let q = h.walk(1, 7, &["a"]).unwrap();
+    assert_eq!(q[0].ty, p9::wire::QTSYMLINK);
+}
+
+#[test]
+fn opening_a_directory_whose_name_now_leads_elsewhere_opens_the_fids_own() {
+    // A directory is opened by name in the directory it was walked in when that name still
+    // leads to it; when another directory has taken the name, the fid's own one is opened.
+    let (t, share, mut h) = moved_tree_with("reopen-dir", "share/a/b/mine");
+    h.walk_to(2, "a/b").unwrap();
+    h.walk_to(3, "a/b").unwrap();
+    std::fs::rename(share.join("a/b"), share.join("a/b-old")).unwrap();
+    t.file("share/a/b/theirs", b"");
+    let names = |h: &mut Harness, fid| {
+        h.lopen(fid, 0).unwrap();
+        let mut n: Vec<String> = h
+            .readdir_all(fid, 8192)
+            .unwrap()
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.name).into_owned())
+            .filter(|n| n != "." && n != "..")
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&mut h, 2), ["inner", "mine"]);
+    // A symlink to the other directory under the old name is not followed either.
+    std::fs::remove_dir_all(share.join("a/b")).unwrap();
+    std::os::unix::fs::symlink(share.join("a/b-old"), share.join("a/b")).unwrap();
+    assert_eq!(names(&mut h, 3), ["inner", "mine"]);
+}

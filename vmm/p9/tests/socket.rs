@@ -479,3 +479,64 @@ fn frames_beyond_the_negotiated_msize_close_the_connection() {
     c.walk(1, 2, &["f"]).unwrap();
     assert_eq!(c.getattr(2).unwrap().size, 8192 - 23);
 }
+
+#[test]
+fn large_reads_arrive_whole_whether_spliced_or_pipelined() {
+    // A synchronous client's large Rreads are spliced from the file to the socket; pipelined
+    // ones are answered by pool workers through their buffers. Both carry the file's bytes.
+    let t = TempTree::new("sock-large-read");
+    let data: Vec<u8> = (0..1_500_000u32).map(|i| (i % 253) as u8).collect();
+    t.file("share/big", &data);
+    let sock = start(&t);
+    let mut c = Client::new(connect(&sock), 512_000).unwrap();
+    let root = c.alloc_fid();
+    c.attach(root, "u", "", 0).unwrap();
+    let f = c.alloc_fid();
+    c.walk(root, f, &["big"]).unwrap();
+    c.lopen(f, 0).unwrap();
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        let d = c.read(f, got.len() as u64 + 3, 400_000).unwrap();
+        if d.is_empty() {
+            break;
+        }
+        got.extend_from_slice(&d);
+    }
+    assert_eq!(got.len(), data.len() - 3);
+    assert!(got == data[3..], "spliced reads differ from the file");
+    // Pipelined: several reads in one write, answered concurrently.
+    let mut s = connect(&sock);
+    open_session(&mut s, 512_000);
+    let names: [&[u8]; 1] = [b"big"];
+    let r = batch(
+        &mut s,
+        &[(
+            1,
+            Tmessage::Walk {
+                fid: 1,
+                newfid: 2,
+                names: wire::WalkNames::new(&names).unwrap(),
+            },
+        )],
+    );
+    assert!(matches!(r[0].1, Rmessage::Walk { .. }));
+    let r = batch(&mut s, &[(2, Tmessage::Lopen { fid: 2, flags: 0 })]);
+    assert!(matches!(r[0].1, Rmessage::Lopen { .. }));
+    let reads: Vec<(u16, Tmessage<'_>)> = (0..3u16)
+        .map(|k| {
+            let m = Tmessage::Read {
+                fid: 2,
+                offset: k as u64 * 400_000,
+                count: 400_000,
+            };
+            (10 + k, m)
+        })
+        .collect();
+    for (tag, m) in batch(&mut s, &reads) {
+        let off = (tag - 10) as usize * 400_000;
+        match m {
+            Rmessage::Read { data: d } => assert!(*d == data[off..off + 400_000]),
+            other => panic!("read answered {other:?}"),
+        }
+    }
+}

@@ -2,6 +2,8 @@
 //! diod (when installed), on generated trees.
 //!
 //! Workloads (each with one synchronous client, so latency is per round trip):
+//! * `getattr (root)`: getattr of the attached root, the round-trip floor: one request whose
+//!   server side is one `fstat`, so what is left is transport, client and scheduler;
 //! * `walk+getattr`: walk root -> dir/file, getattr, clunk;
 //! * `open+read`: walk, lopen, read the whole file, clunk;
 //! * `seq-read`: read a 64 MiB file (16 MiB in quick mode) front to back with msize-sized
@@ -12,10 +14,14 @@
 //!
 //! Usage: `p9-bench [--quick] [--files 10000,100000] [--size BYTES] [--ops N] [--clients N]
 //!                  [--fids 1000,100000] [--workers N] [--dir DIR] [--no-diod] [--rounds N]
-//!                  [--only walk,open,seq,readdir,parallel,fids] [--stats] [--msize N]`
+//!                  [--only rtt,walk,open,seq,readdir,parallel,fids] [--stats] [--msize N]
+//!                  [--baseline OLD-P9-BENCH]`
 //! With `--rounds N` every workload runs N times, interleaved between the servers (the machine
 //! may be shared and noisy): latencies are pooled over the rounds, the rate is the median
-//! round's. `--stats` adds the time each request type spends inside the bootbox server.
+//! round's. `--stats` adds the time each request type spends inside the bootbox server and the
+//! worker pool's queue depth and lock waits. `--baseline` also measures the server built into
+//! another `p9-bench` binary (an older build, started with `--serve`), interleaved with the
+//! others, so a change is compared with what it replaces in one run.
 //! Trees are cached under `--dir` (default: $TMPDIR/p9-bench) and reused between runs.
 
 use clap::Parser;
@@ -70,8 +76,8 @@ struct Args {
     /// first); latencies are pooled over the rounds and the rate is the median round's.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
-    /// Only these workloads, comma-separated: walk, open, seq, readdir, parallel, fids.
-    #[arg(long, value_delimiter = ',', value_parser = ["walk", "open", "seq", "readdir", "parallel", "fids"])]
+    /// Only these workloads, comma-separated: rtt, walk, open, seq, readdir, parallel, fids.
+    #[arg(long, value_delimiter = ',', value_parser = ["rtt", "walk", "open", "seq", "readdir", "parallel", "fids"])]
     only: Vec<String>,
     /// Print the bootbox server's own per-request statistics after each tree.
     #[arg(long)]
@@ -80,6 +86,17 @@ struct Args {
     /// large).
     #[arg(long, default_value_t = 512_000)]
     msize: u32,
+    /// Also measure the server of this other p9-bench binary (e.g. a build of the previous
+    /// commit), run as `BIN --serve SOCKET --serve-tree TREE --workers N`.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// Serve `--serve-tree` on this unix socket until killed, measuring nothing (what
+    /// `--baseline` starts).
+    #[arg(long, requires = "serve_tree")]
+    serve: Option<PathBuf>,
+    /// The tree `--serve` exports.
+    #[arg(long)]
+    serve_tree: Option<PathBuf>,
 }
 
 struct Opts {
@@ -96,6 +113,7 @@ struct Opts {
     only: Vec<String>,
     stats: bool,
     msize: u32,
+    baseline: Option<PathBuf>,
 }
 
 impl From<Args> for Opts {
@@ -124,6 +142,7 @@ impl From<Args> for Opts {
             only: a.only,
             stats: a.stats,
             msize: a.msize.max(4096),
+            baseline: a.baseline,
         }
     }
 }
@@ -161,6 +180,8 @@ struct Target {
     child: Option<Child>,
     /// The in-process server (bootbox only), for its statistics.
     server: Option<Arc<Server>>,
+    /// The in-process server's worker pool, for its statistics.
+    pool: Option<Arc<WorkerPool>>,
     /// The msize clients ask for.
     msize: u32,
 }
@@ -178,6 +199,10 @@ impl Drop for Target {
 impl Target {
     fn stats(&self) -> p9::StatsSnapshot {
         self.server.as_ref().map(|s| s.stats()).unwrap_or_default()
+    }
+
+    fn pool_stats(&self) -> p9::PoolStats {
+        self.pool.as_ref().map(|p| p.stats()).unwrap_or_default()
     }
 
     fn connect(&self) -> Result<(Conn, u32), String> {
@@ -210,17 +235,81 @@ fn start_bootbox(
         ..Config::default()
     };
     let srv = Server::new(tree, config).map_err(|e| e.to_string())?;
-    let pool = Arc::new(WorkerPool::new(workers, "p9-bench"));
-    let served = srv.clone();
-    std::thread::spawn(move || p9::socket::serve(listener, served, pool));
+    let pool = Arc::new(WorkerPool::with_thread_start(
+        workers,
+        "p9-bench",
+        Arc::new(|| {}),
+        stats,
+    ));
+    let (served, pooled) = (srv.clone(), pool.clone());
+    std::thread::spawn(move || p9::socket::serve(listener, served, pooled));
     Ok(Target {
         name: "bootbox",
         sock,
         aname: String::new(),
         child: None,
         server: Some(srv),
+        pool: Some(pool),
         msize,
     })
+}
+
+/// `--serve`: exports `tree` on the unix socket `sock` until the process is killed.
+fn serve(sock: &Path, tree: &Path, workers: usize) -> R<()> {
+    let _ = std::fs::remove_file(sock);
+    let listener = UnixListener::bind(sock).map_err(|e| format!("bind {}: {e}", sock.display()))?;
+    let config = Config {
+        max_fids: 1 << 20,
+        max_open_files: 1 << 16,
+        ..Config::default()
+    };
+    let srv = Server::new(tree, config).map_err(|e| e.to_string())?;
+    let pool = Arc::new(WorkerPool::new(workers, "p9-serve"));
+    p9::socket::serve(listener, srv, pool).map_err(|e| format!("serve: {e}"))
+}
+
+/// Waits up to 5 s for a server process to listen on `t.sock`.
+fn await_listening(t: Target, what: &str) -> Result<Target, String> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        if UnixStream::connect(&t.sock).is_ok() {
+            return Ok(t);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(format!("{what} did not start listening within 5 s"))
+}
+
+/// The server of another p9-bench binary (`--baseline`), as a child process.
+fn start_baseline(
+    bin: &Path,
+    tree: &Path,
+    dir: &Path,
+    workers: usize,
+    msize: u32,
+) -> Result<Target, String> {
+    let sock = dir.join(format!("base-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let child = Command::new(bin)
+        .arg("--serve")
+        .arg(&sock)
+        .arg("--serve-tree")
+        .arg(tree)
+        .args(["--workers", &workers.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    let t = Target {
+        name: "base",
+        sock,
+        aname: String::new(),
+        child: Some(child),
+        server: None,
+        pool: None,
+        msize,
+    };
+    await_listening(t, &bin.display().to_string())
 }
 
 fn start_diod(tree: &Path, dir: &Path, workers: usize, msize: u32) -> Result<Target, String> {
@@ -251,16 +340,10 @@ fn start_diod(tree: &Path, dir: &Path, workers: usize, msize: u32) -> Result<Tar
         aname: tree.to_string_lossy().into_owned(),
         child: Some(child),
         server: None,
+        pool: None,
         msize,
     };
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(5) {
-        if UnixStream::connect(&t.sock).is_ok() {
-            return Ok(t);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Err("diod did not start listening within 5 s".into())
+    await_listening(t, "diod")
 }
 
 #[derive(Clone, Copy, Default)]
@@ -318,6 +401,18 @@ fn walk_getattr(
             .map_err(|e| format!("walk {d}/{f}: {e}"))?;
         c.getattr(fid).map_err(|e| format!("getattr: {e}"))?;
         c.clunk(fid).map_err(|e| format!("clunk: {e}"))?;
+        lat.push(s.elapsed().as_nanos() as u64);
+    }
+    Ok((lat, t.elapsed()))
+}
+
+/// Getattr of the root fid, `ops` times: one round trip with next to no server work each.
+fn root_getattr(c: &mut Conn, root: u32, ops: usize) -> R<(Vec<u64>, Duration)> {
+    let mut lat = Vec::with_capacity(ops);
+    let t = Instant::now();
+    for _ in 0..ops {
+        let s = Instant::now();
+        c.getattr(root).map_err(|e| format!("getattr: {e}"))?;
         lat.push(s.elapsed().as_nanos() as u64);
     }
     Ok((lat, t.elapsed()))
@@ -458,10 +553,10 @@ fn row(work: &str, server: &str, s: &Summary, unit: &str) {
     );
 }
 
-fn ratio(work: &str, a: &Summary, b: &Summary) {
+fn ratio(work: &str, which: &str, a: &Summary, b: &Summary) {
     println!(
         "{work:<22} {:<8} {:>10.2}x {:<8} {:>7.2}x {:>7.2}x {:>7.2}x {:>7.2}x",
-        "b/d",
+        which,
         a.ops_per_s / b.ops_per_s.max(1e-9),
         "",
         a.min / b.min.max(1e-9),
@@ -511,6 +606,7 @@ fn raise_nofile(want: u64) {
 /// One workload of the run, as selected with `--only`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Workload {
+    Rtt,
     Walk,
     Open,
     Seq,
@@ -523,6 +619,7 @@ enum Workload {
 impl Workload {
     fn key(self) -> &'static str {
         match self {
+            Workload::Rtt => "rtt",
             Workload::Walk => "walk",
             Workload::Open => "open",
             Workload::Seq => "seq",
@@ -534,6 +631,7 @@ impl Workload {
 
     fn label(self, clients: usize) -> String {
         match self {
+            Workload::Rtt => "getattr (root)".into(),
             Workload::Walk => "walk+getattr".into(),
             Workload::Open => "open+read".into(),
             Workload::Seq => "seq-read".into(),
@@ -576,6 +674,10 @@ fn measure(w: Workload, t: &Target, c: &mut (Conn, u32), n: usize, o: &Opts) -> 
     let (c, root) = (&mut c.0, c.1);
     let rate = |ops: usize, wall: Duration| ops as f64 / wall.as_secs_f64();
     Ok(match w {
+        Workload::Rtt => {
+            let (lat, wall) = root_getattr(c, root, o.ops)?;
+            (lat, rate(o.ops, wall))
+        }
         Workload::Walk => {
             let (lat, wall) = walk_getattr(c, root, n, o.ops, 0)?;
             (lat, rate(o.ops, wall))
@@ -663,6 +765,7 @@ fn run(o: &Opts) -> R<()> {
         o.rounds
     );
     let mut workloads = vec![
+        Workload::Rtt,
         Workload::Walk,
         Workload::Open,
         Workload::Seq,
@@ -684,6 +787,9 @@ fn run(o: &Opts) -> R<()> {
     for &n in &o.files {
         let tree = make_tree(&o.dir, n, o.size).map_err(|e| format!("generating tree: {e}"))?;
         let mut targets = vec![start_bootbox(&tree, &o.dir, o.workers, o.stats, o.msize)?];
+        if let Some(bin) = &o.baseline {
+            targets.push(start_baseline(bin, &tree, &o.dir, o.workers, o.msize)?);
+        }
         if have_diod {
             targets.push(start_diod(&tree, &o.dir, o.workers, o.msize)?);
         }
@@ -694,9 +800,13 @@ fn run(o: &Opts) -> R<()> {
         let mut conns = Vec::new();
         for t in &targets {
             let mut c = t.connect()?;
-            // Warm up caches so both servers see the same host state.
+            // Warm up caches so both servers see the same host state: whichever server went
+            // first would otherwise pay for reading the files from disk.
             walk_getattr(&mut c.0, c.1, n, o.ops.min(1000), 99)?;
             readdir_tree(&mut c.0, c.1, n)?;
+            if workloads.contains(&Workload::Open) {
+                open_read(&mut c.0, c.1, n, o.ops, o.size)?;
+            }
             conns.push(c);
         }
         let msizes: Vec<String> = targets
@@ -737,12 +847,22 @@ fn run(o: &Opts) -> R<()> {
                 row(&w.label(o.clients), t.name, &sums[ti][wi], w.unit());
             }
         }
-        if sums.len() == 2 {
-            println!(
-                "-- ratios bootbox/diod (rate: higher is better; latency: lower is better) --"
-            );
-            for (wi, &w) in workloads.iter().enumerate() {
-                ratio(&w.label(o.clients), &sums[0][wi], &sums[1][wi]);
+        // Ratios of every pair: bootbox/base (b/o), bootbox/diod (b/d), base/diod (o/d).
+        let short = |t: &Target| match t.name {
+            "bootbox" => "b",
+            "base" => "o",
+            _ => "d",
+        };
+        for i in 0..targets.len() {
+            for j in i + 1..targets.len() {
+                let which = format!("{}/{}", short(&targets[i]), short(&targets[j]));
+                println!(
+                    "-- ratios {}/{} (rate: higher is better; latency: lower is better) --",
+                    targets[i].name, targets[j].name
+                );
+                for (wi, &w) in workloads.iter().enumerate() {
+                    ratio(&w.label(o.clients), &which, &sums[i][wi], &sums[j][wi]);
+                }
             }
         }
         let flat: Vec<f64> = workloads
@@ -759,13 +879,24 @@ fn run(o: &Opts) -> R<()> {
         }
         if o.stats {
             print_stats(&targets[0].stats());
+            println!("{}", targets[0].pool_stats());
         }
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
-    let o = Opts::from(Args::parse());
+    let args = Args::parse();
+    if let (Some(sock), Some(tree)) = (&args.serve, &args.serve_tree) {
+        return match serve(sock, tree, args.workers.max(1)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("p9-bench --serve: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let o = Opts::from(args);
     let t = Instant::now();
     match run(&o) {
         Ok(()) => {

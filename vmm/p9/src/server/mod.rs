@@ -7,7 +7,8 @@
 //! while the guest held a fid in it) answers ENOENT to everything named through it (see
 //! [`crate::confine`]). Names with `/` or NUL are refused, device nodes, FIFOs and sockets are
 //! never opened (the type of the inode an `O_PATH` fd refers to cannot change, so checking it and
-//! then reopening through `/proc/self/fd/N` is race-free), read-only shares answer EROFS to every
+//! then reopening through `/proc/self/fd/N` is race-free; a directory is reopened by name with
+//! `O_DIRECTORY`, which opens nothing but a directory, and kept only if it is the fid's inode), read-only shares answer EROFS to every
 //! mutating request, the numbers of fids and open files are capped per session, and a refused
 //! request leaves the host tree as it was (limits are taken before anything is created, and a
 //! create whose later steps fail is undone).
@@ -21,7 +22,8 @@
 //! This module only decodes a request and routes it ([`Server::handle`]); the pieces live in:
 //! * [`config`]: [`Config`], creation errors; [`session`]: the [`Server`] value and the checks
 //!   every operation shares; [`fids`]: the fid table and caps; [`stats`]: request statistics;
-//!   [`dircache`]: listings of unchanged directories; [`viewcache`]: the guest's view of
+//!   [`dircache`]: listings of unchanged directories; [`dirfds`]: descriptors of the
+//!   directories walks pass through; [`viewcache`]: the guest's view of
 //!   unchanged files; [`stamp`]: when a file counts as unchanged;
 //!   [`sys`]: the system-call wrappers;
 //! * the operations by group: [`ops_session`] (version, attach, walk, clunk),
@@ -31,6 +33,7 @@
 
 mod config;
 mod dircache;
+mod dirfds;
 mod fids;
 mod ops_attr;
 mod ops_dir;

@@ -1,13 +1,13 @@
-//! File I/O operations: Tlopen (reopens the fid's inode through its `/proc` link, never a
-//! special file), Tread (straight from the file into the reply area), Twrite and Tfsync, and
-//! the translation of 9P2000.L open flags.
+//! File I/O operations: Tlopen (reopens the fid's own inode: a directory by name, checked,
+//! anything else through its `/proc` link, never a special file), Tread (straight from the
+//! file into the reply area), Twrite and Tfsync, and the translation of 9P2000.L open flags.
 
-use super::fids::OpenFile;
+use super::fids::{Fid, OpenFile};
 use super::session::{DataRequest, Server};
 use super::sys::{cvt, fstat, openat, Errno, Kind, Name};
 use crate::reply::ReplyBuf;
 use crate::wire::{self, Rmessage};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 // 9P2000.L open flags (x86 Linux values, independent of the host architecture).
 const DOTL_ACCMODE: u32 = 0o3;
@@ -65,15 +65,7 @@ impl Server {
             return Err(libc::EBADF);
         }
         let count = self.open_slot()?;
-        // Reopen the very inode the O_PATH fd refers to (already checked to be a regular file
-        // or directory) through its /proc magic link.
-        let fd = openat(
-            self.share.root.proc_fd.as_fd(),
-            &Name::from_fd(f.fd.as_raw_fd()),
-            oflags,
-            0,
-        )?;
-        let st = fstat(fd.as_fd())?;
+        let (fd, st) = self.reopen(&f, oflags)?;
         f.open
             .set(OpenFile::new(fd, count))
             .map_err(|_| libc::EBADF)?;
@@ -81,6 +73,40 @@ impl Server {
             qid: self.share.qid(&st),
             iounit: 0,
         })
+    }
+
+    /// Opens the very inode the fid's `O_PATH` descriptor refers to (already checked to be a
+    /// regular file or a directory) with `oflags`, and its fresh `fstat`.
+    ///
+    /// A directory is opened by name in the directory it was walked in, with `O_DIRECTORY` and
+    /// `O_NOFOLLOW`, and kept only if `fstat` shows the fid's own inode: whatever is at that
+    /// name by then, nothing but a directory can be opened this way, and the open file is the
+    /// one the fid names or is closed at once. Everything else (a regular file, whose name
+    /// could meanwhile name a FIFO or a device node that must never be opened, or a directory
+    /// whose name no longer leads to it) is reopened through the descriptor's `/proc` magic
+    /// link, which can only reach the fid's inode.
+    fn reopen(&self, f: &Fid, oflags: i32) -> Result<(OwnedFd, libc::stat64), Errno> {
+        if let (Kind::Dir, Some((dir, name))) = (f.kind, &f.entry) {
+            let by_name = Name::new(name, false).and_then(|name| {
+                let flags = oflags | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+                let fd = openat(dir.as_fd(), &name, flags, 0)?;
+                let st = fstat(fd.as_fd())?;
+                Ok((fd, st))
+            });
+            if let Ok((fd, st)) = by_name {
+                if (st.st_dev, st.st_ino) == (f.dev, f.ino) {
+                    return Ok((fd, st));
+                }
+            }
+        }
+        let fd = openat(
+            self.share.root.proc_fd.as_fd(),
+            &Name::from_fd(f.fd.as_raw_fd()),
+            oflags,
+            0,
+        )?;
+        let st = fstat(fd.as_fd())?;
+        Ok((fd, st))
     }
 
     /// Reads `count` bytes at `offset` straight into the reply area after the Rread header

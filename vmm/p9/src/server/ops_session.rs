@@ -3,7 +3,7 @@
 
 use super::config::MIN_MSIZE;
 use super::session::{send, Server};
-use super::sys::{dup, fstat, openat, Errno, Kind, Name};
+use super::sys::{dup, fstat, fstatat, kind_of, openat, Errno, Kind, Name};
 use crate::reply::ReplyBuf;
 use crate::wire::{self, Qid, Rmessage};
 use std::borrow::Cow;
@@ -82,33 +82,36 @@ impl Server {
         // with its name there (None after `.`/`..`, whose entry name is not known).
         let mut cur: Arc<OwnedFd> = f.fd.clone();
         let mut cur_st: Option<libc::stat64> = None;
-        let mut entry = f.entry.clone();
+        let mut entry: Option<(Arc<OwnedFd>, &[u8])> = None;
         let mut walked = 0;
         for (i, raw) in names.iter().enumerate() {
+            let (dev, ino) = match &cur_st {
+                Some(st) => (st.st_dev, st.st_ino),
+                None => (f.dev, f.ino),
+            };
             let step = (|| {
-                let (dev, ino) = match &cur_st {
-                    Some(st) => (st.st_dev, st.st_ino),
-                    None => (f.dev, f.ino),
-                };
                 let name = Name::new(raw, true)?;
-                let dots = name.bytes() == b"." || name.bytes() == b"..";
-                let fd = if name.bytes() == b"." || (name.bytes() == b".." && root.is(dev, ino)) {
-                    dup(cur.as_fd())?
-                } else {
-                    openat(cur.as_fd(), &name, libc::O_PATH | libc::O_NOFOLLOW, 0)?
-                };
-                let st = fstat(fd.as_fd())?;
-                if name.bytes() == b".." {
-                    // Never stand outside the share, not even for the next step.
-                    root.check_dir(fd.as_fd(), st.st_dev, st.st_ino)?;
-                }
-                Ok::<_, Errno>((fd, st, (!dots).then(|| Box::<[u8]>::from(name.bytes()))))
+                let (fd, st) =
+                    if name.bytes() == b"." || (name.bytes() == b".." && root.is(dev, ino)) {
+                        let fd = dup(cur.as_fd())?;
+                        let st = fstat(fd.as_fd())?;
+                        (Arc::new(fd), st)
+                    } else if name.bytes() == b".." {
+                        let fd = openat(cur.as_fd(), &name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+                        let st = fstat(fd.as_fd())?;
+                        // Never stand outside the share, not even for the next step.
+                        root.check_dir(fd.as_fd(), st.st_dev, st.st_ino)?;
+                        (Arc::new(fd), st)
+                    } else {
+                        self.step_into(&cur, (dev, ino), &name)?
+                    };
+                Ok::<_, Errno>((fd, st))
             })();
             match step {
-                Ok((fd, st, name)) => {
+                Ok((fd, st)) => {
                     qids[i] = share.qid(&st);
-                    let fd = Arc::new(fd);
-                    entry = name.map(|n| (cur.clone(), n));
+                    let dots = *raw == b"." || *raw == b"..";
+                    entry = (!dots).then(|| (cur.clone(), *raw));
                     cur = fd;
                     cur_st = Some(st);
                     walked += 1;
@@ -117,6 +120,12 @@ impl Server {
                 Err(_) => break,
             }
         }
+        let entry = match entry {
+            Some((dir, name)) => Some((dir, Box::<[u8]>::from(name))),
+            // No name walked: the fid keeps the entry it had.
+            None if walked == 0 => f.entry.clone(),
+            None => None,
+        };
         if walked == names.len() {
             let st = match cur_st {
                 Some(st) => st,
@@ -132,5 +141,31 @@ impl Server {
         }
         let qids = Cow::Borrowed(&qids[..walked]);
         send(reply, tag, &Rmessage::Walk { qids })
+    }
+
+    /// One walk step to `name` (not `.` or `..`) in the directory `cur`, whose identity is
+    /// `parent`: a kept descriptor of that directory entry if a fresh `fstatat` shows it still
+    /// names the same directory (see [`super::dirfds`]), otherwise a fresh `openat`. Symlinks
+    /// are never followed.
+    fn step_into(
+        &self,
+        cur: &Arc<OwnedFd>,
+        parent: (u64, u64),
+        name: &Name,
+    ) -> Result<(Arc<OwnedFd>, libc::stat64), Errno> {
+        let dirfds = &self.share.dirfds;
+        if let Some((fd, dev, ino)) = dirfds.get(parent, name.bytes()) {
+            let st = fstatat(cur.as_fd(), name)?;
+            if (st.st_dev, st.st_ino) == (dev, ino) && kind_of(st.st_mode) == Kind::Dir {
+                return Ok((fd, st));
+            }
+        }
+        let fd = openat(cur.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        let st = fstat(fd.as_fd())?;
+        let fd = Arc::new(fd);
+        if kind_of(st.st_mode) == Kind::Dir {
+            dirfds.put(parent, name.bytes(), fd.clone(), &st);
+        }
+        Ok((fd, st))
     }
 }

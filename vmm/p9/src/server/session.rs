@@ -6,6 +6,7 @@
 
 use super::config::{Config, Error, MIN_MSIZE};
 use super::dircache::{self, DirCache};
+use super::dirfds::DirFds;
 use super::fids::{Count, Fid, FidTable, Limits};
 use super::stamp;
 use super::stats::{Stats, StatsSnapshot};
@@ -40,6 +41,8 @@ pub(super) struct Share {
     pub(super) stats: Stats,
     /// Listings of unchanged directories, for Treaddir.
     pub(super) dirs: DirCache,
+    /// Descriptors of directories walks pass through, for Twalk.
+    pub(super) dirfds: DirFds,
     /// The guest's view of unchanged files (mapped mode), for Tgetattr.
     pub(super) views: ViewCache,
     /// The owners the guest gave symlinks (mapped mode). A symlink cannot carry the extended
@@ -151,6 +154,7 @@ impl Server {
             config: config.clone(),
             stats: Stats::new(config.stats),
             dirs: DirCache::new(stamp::SETTLED_NS, dircache::BUDGET, dircache::MAX_LISTING),
+            dirfds: DirFds::new(config.max_fids),
             views: ViewCache::new(stamp::SETTLED_NS),
             symlink_owners: SymlinkOwners::default(),
         };
