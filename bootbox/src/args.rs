@@ -156,11 +156,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub console: bool,
     /// Resume the appliance from its warm-start snapshot (made by the first such run of this
-    /// shape) instead of booting the kernel. Opt-in while it is proven across the whole
-    /// end-to-end suite (see README: warm start).
+    /// shape) instead of booting the kernel: the default, unless BOOTBOX_COLD=1.
     #[arg(long, conflicts_with = "cold")]
     pub warm: bool,
-    /// Boot the kernel for this job (the default; undoes `--warm`).
+    /// Boot the kernel for this job instead of resuming a snapshot (BOOTBOX_COLD=1 makes this
+    /// the default; `--warm` overrides it).
     #[arg(long)]
     pub cold: bool,
     #[command(flatten)]

@@ -111,6 +111,14 @@ fn ownership_mode(a: &VmArgs) -> p9::Ownership {
 /// Whether this run needs what a resumed appliance cannot give: disks (virtio-mmio has no
 /// hotplug, and the snapshot holds consoles and share slots only), or the kernel's console
 /// (`--console`: the kernel booted when the snapshot was made).
+/// The environment variable that makes cold boots the default (`1`); `--warm` still wins.
+pub const COLD_ENV: &str = "BOOTBOX_COLD";
+
+/// Whether the user asked for a cold boot: `--cold`, or BOOTBOX_COLD=1 without `--warm`.
+fn wants_cold(a: &RunArgs) -> bool {
+    a.cold || (!a.warm && std::env::var_os(COLD_ENV).is_some_and(|v| v == "1"))
+}
+
 fn warm_needs_cold(a: &RunArgs) -> bool {
     if !a.disks.is_empty() {
         log::info!("warm start: disks are attached, so this run boots cold");
@@ -310,7 +318,7 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
     // Held until the run ends: the block devices' workers.
     let mut _block_pool = None;
     let request = WarmRequest {
-        cold: !a.warm || a.cold || warm_needs_cold(&a),
+        cold: wants_cold(&a) || warm_needs_cold(&a),
         ownership: ownership_mode(&a.vm),
         config: &config,
         prepared: &prepared,

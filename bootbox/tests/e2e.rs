@@ -959,6 +959,7 @@ fn bench_summarises_phases_and_compares_with_another_command() {
     let scratch = Scratch::new("bench");
     let json = scratch.path().join("bench.json");
     let bin = bootbox_bin();
+    // Cold (A, with the kernel's boot phases) against warm (B, the default).
     let compare = format!("{} run --timeout 600 -- true", bin.display());
     let out = bootbox(&[
         "bench",
@@ -972,6 +973,7 @@ fn bench_summarises_phases_and_compares_with_another_command() {
         &compare,
         "--",
         "run",
+        "--cold",
         "--timeout",
         "600",
         "--",
