@@ -197,8 +197,10 @@ fn pvh_elf_guest_runs_end_to_end() {
     let kernel = TempFile::new("pvh", &elf_kernel(&pvh_guest_code(), true));
     let part = TempFile::new("initrd-part", b"o");
     let mut c = config(&kernel, "AB console=ttyS0");
+    // The guest reads the first part through a copy-on-write file mapping, the second from
+    // the same page (copied in after it).
     c.initrd = vec![
-        InitrdPart::File(part.0.clone()),
+        InitrdPart::SealedFile(part.0.clone()),
         InitrdPart::Bytes(b"k-rest".to_vec()),
     ];
     c.stats = true;
