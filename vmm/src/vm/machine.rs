@@ -109,6 +109,9 @@ impl Vm {
             )));
         }
         let kvm = open_kvm()?;
+        // The phases around the two KVM calls that take time on some hosts (KVM_CREATE_VM and
+        // registering guest memory) tell the host's share from the monitor's.
+        phases.record("kvm opened");
         let kvm_err = |what| move |source| VmError::Kvm { what, source };
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         phases.record("kvm vm created");
@@ -123,6 +126,7 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        phases.record("kvm devices created");
 
         let mem = match mem {
             Some(mem) => mem,
