@@ -11,6 +11,11 @@
 //! * every path looked at and passed over: programs absent from earlier `PATH` entries,
 //!   library candidates absent or not x86-64 ELF, the optional files (`/bin/sh`, magic
 //!   databases, `ld.so.cache`). Such a path appearing, or changing, may change the closure.
+//!   One that exists is witnessed itself (a `chmod +x` changes its ctime); an absent one by
+//!   its directory, looked up through symlinks (device, inode, mtime, ctime: creating,
+//!   removing or renaming an entry changes the directory's mtime and ctime; a missing
+//!   directory is witnessed as missing), so the hundreds of tools absent from each `PATH`
+//!   entry cost one `stat` per directory.
 //!
 //! The memo file is named by a hash of the walk's other inputs (format version, tool lists,
 //! `--with` programs, `PATH`, the working directory when a `--with` path is relative, the
@@ -33,7 +38,7 @@ use std::time::SystemTime;
 use crate::tree::{HostStamp, Node, Tree};
 
 /// Bumped whenever the memo's format or the set of witnesses changes.
-const MEMO_VERSION: u32 = 1;
+const MEMO_VERSION: u32 = 2;
 
 /// Witnesses changed less than this many seconds before the walk make it write no memo.
 pub const RACY_SECS: i64 = 2;
@@ -41,15 +46,72 @@ pub const RACY_SECS: i64 = 2;
 /// How many memos to keep (one per set of inputs, e.g. per `--with` list).
 const KEEP_MEMOS: usize = 16;
 
-/// What the memo needs of a path's `lstat`.
+/// How a witness looks at its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Look {
+    /// `lstat`, every field a change to the object changes (files, symlinks, paths passed
+    /// over that exist).
+    Full,
+    /// `lstat`, only which object it is (the tree's directories: their listing is not packed).
+    Identity,
+    /// `stat` through symlinks, the directory and its every change (the directories holding
+    /// absent paths passed over: creating, removing or renaming an entry changes the
+    /// directory's mtime and ctime).
+    Listing,
+}
+
+impl Look {
+    const ALL: [(Look, &'static str); 3] = [
+        (Look::Full, "f"),
+        (Look::Identity, "i"),
+        (Look::Listing, "d"),
+    ];
+
+    fn code(self) -> &'static str {
+        Look::ALL
+            .iter()
+            .find(|(l, _)| *l == self)
+            .map_or("?", |(_, c)| c)
+    }
+
+    fn from_code(code: &str) -> Option<Look> {
+        Look::ALL.iter().find(|(_, c)| *c == code).map(|(l, _)| *l)
+    }
+
+    fn see(self, path: &Path) -> Seen {
+        let m = match self {
+            Look::Full | Look::Identity => fs::symlink_metadata(path),
+            Look::Listing => fs::metadata(path),
+        };
+        let Ok(m) = m else {
+            return Seen::Absent;
+        };
+        let full = self != Look::Identity;
+        Seen::Present {
+            mode: m.mode(),
+            dev: m.dev(),
+            ino: m.ino(),
+            size: if full { m.size() } else { 0 },
+            mtime: if full {
+                (m.mtime(), m.mtime_nsec())
+            } else {
+                (0, 0)
+            },
+            ctime: if full {
+                (m.ctime(), m.ctime_nsec())
+            } else {
+                (0, 0)
+            },
+        }
+    }
+}
+
+/// What a witness saw (the fields its [`Look`] does not take are zero).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Seen {
     /// Nothing there (or not reachable).
     Absent,
-    /// Only which object it is (directories: their listing is not packed).
-    Identity { mode: u32, dev: u64, ino: u64 },
-    /// The object and its every change.
-    Full {
+    Present {
         mode: u32,
         dev: u64,
         ino: u64,
@@ -60,45 +122,18 @@ enum Seen {
 }
 
 impl Seen {
-    fn of(path: &Path, full: bool) -> Seen {
-        let Ok(m) = fs::symlink_metadata(path) else {
-            return Seen::Absent;
-        };
-        if full {
-            Seen::Full {
-                mode: m.mode(),
-                dev: m.dev(),
-                ino: m.ino(),
-                size: m.size(),
-                mtime: (m.mtime(), m.mtime_nsec()),
-                ctime: (m.ctime(), m.ctime_nsec()),
-            }
-        } else {
-            Seen::Identity {
-                mode: m.mode(),
-                dev: m.dev(),
-                ino: m.ino(),
-            }
-        }
-    }
-
-    fn is_full(&self) -> bool {
-        matches!(self, Seen::Full { .. })
-    }
-
     /// The latest of mtime and ctime, in seconds (for the racy check).
     fn latest_change(&self) -> Option<i64> {
         match self {
-            Seen::Full { mtime, ctime, .. } => Some(mtime.0.max(ctime.0)),
-            _ => None,
+            Seen::Present { mtime, ctime, .. } => Some(mtime.0.max(ctime.0)),
+            Seen::Absent => None,
         }
     }
 
     fn encode(&self) -> String {
         match self {
             Seen::Absent => "a".into(),
-            Seen::Identity { mode, dev, ino } => format!("i {mode} {dev} {ino}"),
-            Seen::Full {
+            Seen::Present {
                 mode,
                 dev,
                 ino,
@@ -106,7 +141,7 @@ impl Seen {
                 mtime,
                 ctime,
             } => format!(
-                "f {mode} {dev} {ino} {size} {} {} {} {}",
+                "{mode} {dev} {ino} {size} {} {} {} {}",
                 mtime.0, mtime.1, ctime.0, ctime.1
             ),
         }
@@ -115,31 +150,62 @@ impl Seen {
     fn decode(fields: &[&str]) -> Option<Seen> {
         let n = |i: usize| fields.get(i)?.parse::<i64>().ok();
         let u = |i: usize| fields.get(i)?.parse::<u64>().ok();
-        match *fields.first()? {
-            "a" if fields.len() == 1 => Some(Seen::Absent),
-            "i" if fields.len() == 4 => Some(Seen::Identity {
-                mode: fields[1].parse().ok()?,
-                dev: u(2)?,
-                ino: u(3)?,
-            }),
-            "f" if fields.len() == 9 => Some(Seen::Full {
-                mode: fields[1].parse().ok()?,
-                dev: u(2)?,
-                ino: u(3)?,
-                size: u(4)?,
-                mtime: (n(5)?, n(6)?),
-                ctime: (n(7)?, n(8)?),
+        match fields.len() {
+            1 if fields[0] == "a" => Some(Seen::Absent),
+            8 => Some(Seen::Present {
+                mode: fields[0].parse().ok()?,
+                dev: u(1)?,
+                ino: u(2)?,
+                size: u(3)?,
+                mtime: (n(4)?, n(5)?),
+                ctime: (n(6)?, n(7)?),
             }),
             _ => None,
         }
     }
 }
 
-/// One path the walk's answer depends on, and what it was.
+/// One path the walk's answer depends on, how it was looked at and what was seen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Witness {
     path: PathBuf,
+    look: Look,
     seen: Seen,
+}
+
+impl Witness {
+    fn new(path: PathBuf, look: Look) -> Witness {
+        let seen = look.see(&path);
+        Witness { path, look, seen }
+    }
+
+    /// `<look> <seen fields>\t<path>` (the path last: it may hold any byte but a newline).
+    fn encode(&self) -> Option<Vec<u8>> {
+        let path = self.path.as_os_str().as_bytes();
+        if path.contains(&b'\n') {
+            return None;
+        }
+        let mut line = format!("{} {}\t", self.look.code(), self.seen.encode()).into_bytes();
+        line.extend_from_slice(path);
+        line.push(b'\n');
+        Some(line)
+    }
+
+    fn decode(line: &[u8]) -> Option<Witness> {
+        let tab = line.iter().position(|b| *b == b'\t')?;
+        let fields: Vec<&str> = std::str::from_utf8(&line[..tab]).ok()?.split(' ').collect();
+        let (look, seen) = fields.split_first()?;
+        Some(Witness {
+            look: Look::from_code(look)?,
+            seen: Seen::decode(seen)?,
+            path: PathBuf::from(std::ffi::OsStr::from_bytes(&line[tab + 1..])),
+        })
+    }
+
+    /// Whether the path still looks as it did.
+    fn holds(&self) -> bool {
+        self.look.see(&self.path) == self.seen
+    }
 }
 
 /// The paths a finished walk depends on: the tree's host files, symlinks and directories, and
@@ -155,30 +221,28 @@ fn witnesses(tree: &Tree, passed_over: &[PathBuf]) -> Option<Vec<Witness>> {
                 if HostStamp::of(&now) != *stamp || !now.is_file() {
                     return None;
                 }
-                out.push(Witness {
-                    path: host.clone(),
-                    seen: Seen::of(host, true),
-                });
+                out.push(Witness::new(host.clone(), Look::Full));
             }
             // Host symlinks keep the guest path; the ones made for the guest PATH are witnessed
             // at that path too (normally absent on the host), which costs nothing.
-            Node::Symlink(_) => out.push(Witness {
-                seen: Seen::of(&guest, true),
-                path: guest,
-            }),
-            Node::Dir => out.push(Witness {
-                seen: Seen::of(&guest, false),
-                path: guest,
-            }),
+            Node::Symlink(_) => out.push(Witness::new(guest, Look::Full)),
+            Node::Dir => out.push(Witness::new(guest, Look::Identity)),
             Node::Bytes { .. } | Node::CharDev { .. } => {}
         }
     }
+    // An absent path is witnessed by its directory's listing (one witness for the many tools
+    // absent from each PATH entry); a path that exists, by itself.
+    let mut listings = std::collections::BTreeSet::new();
     for p in passed_over {
-        out.push(Witness {
-            path: p.clone(),
-            seen: Seen::of(p, true),
-        });
+        let w = Witness::new(p.clone(), Look::Full);
+        match (&w.seen, p.parent()) {
+            (Seen::Absent, Some(dir)) => {
+                listings.insert(dir.to_path_buf());
+            }
+            _ => out.push(w),
+        }
     }
+    out.extend(listings.into_iter().map(|d| Witness::new(d, Look::Listing)));
     Some(out)
 }
 
@@ -215,12 +279,7 @@ pub fn recall(dir: &Path, inputs: &str) -> Option<String> {
         if complete {
             return None;
         }
-        // "<seen fields>\t<path>": the path is last and may hold any byte but a newline.
-        let tab = line.iter().position(|b| *b == b'\t')?;
-        let fields: Vec<&str> = std::str::from_utf8(&line[..tab]).ok()?.split(' ').collect();
-        let seen = Seen::decode(&fields)?;
-        let path = Path::new(std::ffi::OsStr::from_bytes(&line[tab + 1..]));
-        if Seen::of(path, seen.is_full()) != seen {
+        if !Witness::decode(line)?.holds() {
             return None;
         }
     }
@@ -246,14 +305,10 @@ pub fn remember(dir: &Path, inputs: &str, key: &str, tree: &Tree, passed_over: &
     }
     let mut text = format!("bootbox-assembly-memo {MEMO_VERSION} {inputs} {key}\n").into_bytes();
     for w in &ws {
-        let path = w.path.as_os_str().as_bytes();
-        if path.contains(&b'\n') {
+        let Some(line) = w.encode() else {
             return;
-        }
-        text.extend_from_slice(w.seen.encode().as_bytes());
-        text.push(b'\t');
-        text.extend_from_slice(path);
-        text.push(b'\n');
+        };
+        text.extend_from_slice(&line);
     }
     text.extend_from_slice(b"end\n");
     let memo_dir = dir.join("memo");
@@ -306,20 +361,27 @@ mod tests {
     }
 
     #[test]
-    fn seen_round_trips_through_its_encoding() {
+    fn witnesses_round_trip_through_their_encoding() {
         let d = tempfile::tempdir().unwrap();
-        for (p, full) in [
-            (d.path().to_path_buf(), false),
-            (d.path().to_path_buf(), true),
-            (d.path().join("nothing"), true),
+        for (p, look) in [
+            (d.path().to_path_buf(), Look::Identity),
+            (d.path().to_path_buf(), Look::Listing),
+            (d.path().to_path_buf(), Look::Full),
+            (d.path().join("nothing"), Look::Full),
+            (d.path().join("nothing"), Look::Listing),
         ] {
-            let s = Seen::of(&p, full);
-            let text = s.encode();
-            let fields: Vec<&str> = text.split(' ').collect();
-            assert_eq!(Seen::decode(&fields), Some(s));
+            let w = Witness::new(p, look);
+            let line = w.encode().unwrap();
+            assert_eq!(Witness::decode(&line[..line.len() - 1]), Some(w.clone()));
+            assert!(w.holds());
         }
-        assert_eq!(Seen::decode(&["f", "1", "2"]), None);
-        assert_eq!(Seen::decode(&["x"]), None);
+        assert_eq!(Witness::decode(b"f 1 2\t/x"), None);
+        assert_eq!(Witness::decode(b"x a\t/x"), None);
+        assert_eq!(Witness::decode(b"f a /x"), None);
+        assert_eq!(
+            Witness::new(PathBuf::from("/a\nb"), Look::Full).encode(),
+            None
+        );
     }
 
     #[test]
@@ -333,13 +395,14 @@ mod tests {
     /// Writes a memo as `remember` would, without the racy check (tests cannot wait for
     /// ctime to age).
     fn write_unchecked(dir: &Path, inputs: &str, t: &Tree, passed_over: &[PathBuf]) {
-        let ws = witnesses(t, passed_over).unwrap();
-        let mut text = format!("bootbox-assembly-memo {MEMO_VERSION} {inputs} {KEY}\n");
-        for w in &ws {
-            text.push_str(&format!("{}\t{}\n", w.seen.encode(), w.path.display()));
-        }
-        text.push_str("end\n");
         fs::create_dir_all(dir.join("memo")).unwrap();
+        let ws = witnesses(t, passed_over).unwrap();
+        let mut text =
+            format!("bootbox-assembly-memo {MEMO_VERSION} {inputs} {KEY}\n").into_bytes();
+        for w in &ws {
+            text.extend_from_slice(&w.encode().unwrap());
+        }
+        text.extend_from_slice(b"end\n");
         fs::write(memo_path(dir, inputs), text).unwrap();
     }
 
@@ -378,7 +441,23 @@ mod tests {
         let shadow = d.path().join("earlier-in-path");
         write_unchecked(d.path(), "inputs", &t, std::slice::from_ref(&shadow));
         assert_eq!(recall(d.path(), "inputs").as_deref(), Some(KEY));
+        // Past the timestamp granularity, as the racy check ensures for real memos.
+        std::thread::sleep(std::time::Duration::from_millis(20));
         fs::write(&shadow, b"#!/bin/sh\n").unwrap();
+        assert_eq!(recall(d.path(), "inputs"), None);
+    }
+
+    #[test]
+    fn a_passed_over_path_that_exists_is_witnessed_itself() {
+        // A program passed over because it was not executable: chmod changes only its ctime.
+        let (d, _f, t) = setup();
+        let shadow = d.path().join("not-executable");
+        fs::write(&shadow, b"#!/bin/sh\n").unwrap();
+        write_unchecked(d.path(), "inputs", &t, std::slice::from_ref(&shadow));
+        assert_eq!(recall(d.path(), "inputs").as_deref(), Some(KEY));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&shadow, fs::Permissions::from_mode(0o755)).unwrap();
         assert_eq!(recall(d.path(), "inputs"), None);
     }
 
