@@ -234,9 +234,10 @@ fn needs_path_link(host: &Path) -> bool {
     !GUEST_PATH_DIRS.contains(&parent)
 }
 
-/// The init's SHA-256, memoized in `<dir>/init-hash` by (path, device, inode, size, mtime,
-/// ctime): ctime cannot be set by users, so any rewrite of the file invalidates the memo, and
-/// warm runs do not rehash a multi-megabyte binary.
+/// The init's SHA-256, memoized by (path, device, inode, size, mtime, ctime): ctime cannot be
+/// set by users, so any rewrite of the file invalidates the memo, and warm runs do not rehash
+/// a multi-megabyte binary. One memo per init path (`<dir>/init-hash-<hash of the path>`), so
+/// two builds of bootbox used side by side do not evict each other's.
 fn init_content_hash(init: &Path, dir: &Path) -> Result<[u8; 32], ApplianceError> {
     use std::os::unix::fs::MetadataExt;
     let unreadable = |e: std::io::Error| {
@@ -254,7 +255,9 @@ fn init_content_hash(init: &Path, dir: &Path) -> Result<[u8; 32], ApplianceError
         m.ctime(),
         m.ctime_nsec()
     );
-    let memo = dir.join("init-hash");
+    let mut path_hash = Sha256::new();
+    path_hash.field(init.as_os_str().as_encoded_bytes());
+    let memo = dir.join(format!("init-hash-{}", &path_hash.finish_hex()[..16]));
     if let Ok(text) = fs::read_to_string(&memo) {
         if let Some((st, hex)) = text.trim_end().rsplit_once('\n') {
             if st == stamp {
