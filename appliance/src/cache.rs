@@ -4,8 +4,10 @@
 //! if the host has it), the `--with` programs, their ELF closures, a few config files and the
 //! empty mount point directories. Its cache key is a SHA-256 over the format version, the tool
 //! lists, the init's content hash and the fingerprint of the assembled tree (every host file's
-//! path, size and mtime, every symlink target). A warm [`prepare`] finds `<key>.cpio` and
-//! builds nothing; a changed host program changes its size or mtime and so the key.
+//! path, size, mtime, ctime, device and inode, every symlink target). A warm [`prepare`] finds
+//! `<key>.cpio` and builds nothing; a changed host program changes its ctime (and maybe its
+//! inode, size and mtime) and so the key. A warm [`prepare`] does not even walk the tree when
+//! the assembly memo ([`crate::memo`]) shows that nothing the walk looked at has changed.
 //!
 //! Concurrency: builds take an exclusive `flock` on `appliance/.lock`, re-check for the entry,
 //! write a temp file, fsync it, rename it into place and fsync the directory, so concurrent
@@ -20,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::cpio::CpioError;
 use crate::elf::{self, ElfError};
+use crate::memo;
 use crate::sha256::{self, Sha256};
 use crate::tree::{Tree, TreeError};
 
@@ -231,9 +234,10 @@ fn needs_path_link(host: &Path) -> bool {
     !GUEST_PATH_DIRS.contains(&parent)
 }
 
-/// The init's SHA-256, memoized in `<dir>/init-hash` by (path, device, inode, size, mtime,
-/// ctime): ctime cannot be set by users, so any rewrite of the file invalidates the memo, and
-/// warm runs do not rehash a multi-megabyte binary.
+/// The init's SHA-256, memoized by (path, device, inode, size, mtime, ctime): ctime cannot be
+/// set by users, so any rewrite of the file invalidates the memo, and warm runs do not rehash
+/// a multi-megabyte binary. One memo per init path (`<dir>/init-hash-<hash of the path>`), so
+/// two builds of bootbox used side by side do not evict each other's.
 fn init_content_hash(init: &Path, dir: &Path) -> Result<[u8; 32], ApplianceError> {
     use std::os::unix::fs::MetadataExt;
     let unreadable = |e: std::io::Error| {
@@ -251,7 +255,9 @@ fn init_content_hash(init: &Path, dir: &Path) -> Result<[u8; 32], ApplianceError
         m.ctime(),
         m.ctime_nsec()
     );
-    let memo = dir.join("init-hash");
+    let mut path_hash = Sha256::new();
+    path_hash.field(init.as_os_str().as_encoded_bytes());
+    let memo = dir.join(format!("init-hash-{}", &path_hash.finish_hex()[..16]));
     if let Ok(text) = fs::read_to_string(&memo) {
         if let Some((st, hex)) = text.trim_end().rsplit_once('\n') {
             if st == stamp {
@@ -293,6 +299,68 @@ fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
 /// Assembles the appliance tree for `spec` and computes its cache key.
 pub fn assemble(spec: &ApplianceSpec) -> Result<(Tree, String), ApplianceError> {
     let init_hash = init_content_hash(&spec.init, &spec.cache_dir.join("appliance"))?;
+    let (tree, key, _) = walk(spec, &init_hash)?;
+    Ok((tree, key))
+}
+
+/// Optional host files the appliance takes when present.
+fn optional_files() -> impl Iterator<Item = &'static Path> {
+    MAGIC_DBS
+        .iter()
+        .chain(&["/etc/ld.so.cache", "/bin/sh"])
+        .map(Path::new)
+}
+
+/// A hasher that has taken `domain`, the format version and the tool lists of `spec`.
+fn spec_hasher(domain: &[u8], spec: &ApplianceSpec) -> Sha256 {
+    let mut h = Sha256::new();
+    h.field(domain);
+    h.field(&FORMAT_VERSION.to_le_bytes());
+    for t in DEFAULT_TOOLS {
+        h.field(t.as_bytes());
+    }
+    h.field(b"--with");
+    for t in &spec.extra_programs {
+        h.field(t.as_bytes());
+    }
+    h
+}
+
+/// The hash of everything [`walk`] depends on besides the host files it looks at (those are
+/// the memo's witnesses, see [`crate::memo`]).
+fn walk_inputs(spec: &ApplianceSpec, init_hash: &[u8; 32]) -> String {
+    let mut h = spec_hasher(b"bootbox-appliance-walk", spec);
+    // A relative `--with` path is found from the working directory.
+    if spec
+        .extra_programs
+        .iter()
+        .any(|p| p.contains('/') && !p.starts_with('/'))
+    {
+        let cwd = std::env::current_dir().unwrap_or_default();
+        h.field(cwd.as_os_str().as_encoded_bytes());
+    }
+    h.field(b"PATH");
+    h.field(
+        std::env::var_os("PATH")
+            .unwrap_or_default()
+            .as_encoded_bytes(),
+    );
+    h.field(b"library dirs");
+    for d in elf::system_library_dirs() {
+        h.field(d.as_os_str().as_encoded_bytes());
+    }
+    h.field(spec.init.as_os_str().as_encoded_bytes());
+    h.field(init_hash);
+    h.finish_hex()
+}
+
+/// Assembles the tree and its key; also returns every host path looked at and passed over
+/// (for the memo).
+fn walk(
+    spec: &ApplianceSpec,
+    init_hash: &[u8; 32],
+) -> Result<(Tree, String, Vec<PathBuf>), ApplianceError> {
+    let mut passed_over: Vec<PathBuf> = optional_files().map(Path::to_path_buf).collect();
     let mut tree = Tree::new();
     for d in BASE_DIRS {
         tree.add_dir(d)?;
@@ -314,19 +382,23 @@ pub fn assemble(spec: &ApplianceSpec) -> Result<(Tree, String), ApplianceError> 
     // Programs: defaults only if present, --with programs must exist.
     let mut programs: Vec<(String, PathBuf)> = Vec::new();
     for name in DEFAULT_TOOLS {
-        if let Ok(p) = elf::find_program(name) {
+        if let Ok(p) = elf::find_program_probing(name, &mut passed_over) {
             programs.push((name.to_string(), p));
         }
     }
     for name in &spec.extra_programs {
-        programs.push((name.clone(), elf::find_program(name)?));
+        programs.push((
+            name.clone(),
+            elf::find_program_probing(name, &mut passed_over)?,
+        ));
     }
     let mut roots: Vec<PathBuf> = programs.iter().map(|(_, p)| p.clone()).collect();
     // Scripts and `system()` expect /bin/sh by that exact path.
     if Path::new("/bin/sh").exists() {
         roots.push(PathBuf::from("/bin/sh"));
     }
-    let closure = elf::closure(&roots)?;
+    let mut closure = elf::closure(&roots)?;
+    passed_over.append(&mut closure.probed);
     for f in &closure.files {
         tree.add_host_path(f)?;
     }
@@ -356,19 +428,10 @@ pub fn assemble(spec: &ApplianceSpec) -> Result<(Tree, String), ApplianceError> 
         tree.add_host_path(Path::new("/etc/ld.so.cache"))?;
     }
 
-    let mut h = Sha256::new();
-    h.field(b"bootbox-appliance");
-    h.field(&FORMAT_VERSION.to_le_bytes());
-    for t in DEFAULT_TOOLS {
-        h.field(t.as_bytes());
-    }
-    h.field(b"--with");
-    for t in &spec.extra_programs {
-        h.field(t.as_bytes());
-    }
-    h.field(&init_hash);
+    let mut h = spec_hasher(b"bootbox-appliance", spec);
+    h.field(init_hash);
     tree.fingerprint(&mut h);
-    Ok((tree, h.finish_hex()))
+    Ok((tree, h.finish_hex(), passed_over))
 }
 
 fn flock(file: &File) -> Result<(), ApplianceError> {
@@ -395,8 +458,26 @@ fn touch(path: &Path) {
 /// Builds (or finds in the cache) the base appliance for `spec`.
 pub fn prepare(spec: &ApplianceSpec) -> Result<Prepared, ApplianceError> {
     let start = Instant::now();
-    let (tree, key) = assemble(spec)?;
     let dir = spec.cache_dir.join("appliance");
+    let init_hash = init_content_hash(&spec.init, &dir)?;
+    let inputs = walk_inputs(spec, &init_hash);
+    if let Some(key) = memo::recall(&dir, &inputs) {
+        let path = dir.join(format!("{key}.cpio"));
+        if let Ok(m) = fs::metadata(&path) {
+            if m.is_file() {
+                touch(&path);
+                return Ok(Prepared {
+                    path,
+                    key,
+                    built: false,
+                    build_time: start.elapsed(),
+                    size: m.len(),
+                });
+            }
+        }
+    }
+    let (tree, key, passed_over) = walk(spec, &init_hash)?;
+    memo::remember(&dir, &inputs, &key, &tree, &passed_over);
     let path = dir.join(format!("{key}.cpio"));
     let done = |built: bool, path: PathBuf| -> Result<Prepared, ApplianceError> {
         let size = fs::metadata(&path)

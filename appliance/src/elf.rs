@@ -417,6 +417,12 @@ fn wildmatch(pat: &str, s: &str) -> bool {
 /// Finds `name` on the host: a path if it contains `/`, else the first executable regular
 /// file in `$PATH` followed by the standard system directories.
 pub fn find_program(name: &str) -> Result<PathBuf, ElfError> {
+    find_program_probing(name, &mut Vec::new())
+}
+
+/// [`find_program`], also listing in `probed` every path it looked at and passed over (absent,
+/// not a file or not executable): what would change its answer besides the answer itself.
+pub fn find_program_probing(name: &str, probed: &mut Vec<PathBuf>) -> Result<PathBuf, ElfError> {
     if name.is_empty() {
         return Err(ElfError::NotInPath(name.to_string()));
     }
@@ -445,6 +451,7 @@ pub fn find_program(name: &str) -> Result<PathBuf, ElfError> {
         if is_executable_file(&cand) {
             return Ok(cand);
         }
+        probed.push(cand);
     }
     Err(ElfError::NotInPath(name.to_string()))
 }
@@ -491,6 +498,10 @@ pub struct Closure {
     /// Every file (programs, interpreters, libraries), as host paths in the order discovered;
     /// symlinked paths are kept as given (the appliance tree records the links).
     pub files: Vec<PathBuf>,
+    /// Library candidates looked at and passed over (absent or not x86-64 ELF) before the one
+    /// taken, and programs looked up for `#!/usr/bin/env` scripts likewise: a change to any
+    /// of them may change the closure.
+    pub probed: Vec<PathBuf>,
 }
 
 /// Computes the closure of `programs` (host paths of existing files).
@@ -541,7 +552,7 @@ pub fn closure(programs: &[PathBuf]) -> Result<Closure, ElfError> {
                             .find(|w| !w.starts_with('-') && !w.contains('='));
                         if let Some(prog) = prog {
                             queue.push_back(Pending {
-                                path: find_program(prog)?,
+                                path: find_program_probing(prog, &mut out.probed)?,
                                 inherited_rpath: Vec::new(),
                             });
                         }
@@ -579,12 +590,19 @@ pub fn closure(programs: &[PathBuf]) -> Result<Closure, ElfError> {
                         let p = if p.is_absolute() { p } else { origin.join(p) };
                         p.exists().then_some(p)
                     } else {
+                        let probed = &mut out.probed;
                         rpath_chain
                             .iter()
                             .chain(runpath.iter())
                             .chain(sys_dirs.iter())
                             .map(|d| d.join(needed))
-                            .find(|c| is_x86_64_elf(c))
+                            .find(|c| {
+                                let ok = is_x86_64_elf(c);
+                                if !ok {
+                                    probed.push(c.clone());
+                                }
+                                ok
+                            })
                     };
                     let lib = found.ok_or_else(|| ElfError::LibraryNotFound {
                         needed: needed.clone(),

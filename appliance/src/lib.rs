@@ -7,12 +7,14 @@
 //! - [`cpio`]: deterministic newc writer.
 //! - [`cache`]: content-keyed cache of base appliances ([`prepare`], [`find_init`]).
 //! - [`job`] / [`jobspec`]: the job description and its `/bootbox/job` archive.
+//! - [`memo`]: the assembly memo that spares a warm run the walk of the tree.
 //! - [`sha256`]: hashing for cache keys.
 
 pub mod cache;
 pub mod cpio;
 pub mod elf;
 pub mod job;
+pub mod memo;
 pub mod sha256;
 pub mod tree;
 

@@ -4,8 +4,8 @@
 //! recorded as a symlink (so `/lib64/ld-linux-x86-64.so.2 -> /lib/...` and merged-/usr links
 //! like `/bin -> usr/bin` survive), and the real file is added at its real path. Entries are
 //! kept sorted, so writing the tree gives a deterministic cpio with parents before children.
-//! The tree also feeds a stable fingerprint (paths, kinds, sizes, mtimes, link targets) into
-//! the cache key.
+//! The tree also feeds a stable fingerprint (paths, kinds, link targets, and each host file's
+//! size, mtime, ctime, device and inode) into the cache key.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
@@ -56,10 +56,8 @@ pub enum Node {
         host: PathBuf,
         /// Permission bits.
         perm: u32,
-        /// Size when added (for the cache key).
-        size: u64,
-        /// Modification time in nanoseconds since the epoch when added (for the cache key).
-        mtime_ns: i128,
+        /// What the file was when added (for the cache key).
+        stamp: HostStamp,
     },
     /// A regular file with given contents.
     Bytes {
@@ -79,6 +77,42 @@ pub enum Node {
         /// Minor number.
         minor: u32,
     },
+}
+
+/// What a host file was when it was added: everything a change to it changes. No user can
+/// set the ctime, so every rewrite of the file changes it; a file replaced by another one
+/// (rename over it) has a new inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostStamp {
+    pub size: u64,
+    /// Modification time in nanoseconds since the epoch.
+    pub mtime_ns: i128,
+    /// Status change time in nanoseconds since the epoch.
+    pub ctime_ns: i128,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl HostStamp {
+    /// The stamp of the file `meta` describes.
+    pub fn of(meta: &std::fs::Metadata) -> HostStamp {
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        HostStamp {
+            size: meta.len(),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+
+    fn fingerprint(&self, h: &mut Sha256) {
+        h.field(&self.size.to_le_bytes());
+        h.field(&self.mtime_ns.to_le_bytes());
+        h.field(&self.ctime_ns.to_le_bytes());
+        h.field(&self.dev.to_le_bytes());
+        h.field(&self.ino.to_le_bytes());
+    }
 }
 
 /// A sorted set of guest paths (stored relative, without the leading `/`).
@@ -203,8 +237,7 @@ impl Tree {
         let node = Node::HostFile {
             host: host.to_path_buf(),
             perm: perm.unwrap_or(meta.mode() & 0o7777),
-            size: meta.len(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            stamp: HostStamp::of(&meta),
         };
         self.insert(path, node)
     }
@@ -284,17 +317,11 @@ impl Tree {
             h.field(path.as_bytes());
             match node {
                 Node::Dir => h.field(b"d"),
-                Node::HostFile {
-                    host,
-                    perm,
-                    size,
-                    mtime_ns,
-                } => {
+                Node::HostFile { host, perm, stamp } => {
                     h.field(b"f");
                     h.field(host.as_os_str().as_bytes());
                     h.field(&perm.to_le_bytes());
-                    h.field(&size.to_le_bytes());
-                    h.field(&mtime_ns.to_le_bytes());
+                    stamp.fingerprint(h);
                 }
                 Node::Bytes { data, perm } => {
                     h.field(b"b");
@@ -384,7 +411,10 @@ mod tests {
         );
         assert!(matches!(
             t.get(&format!("{b}/real/lib/libx.so.1.2")),
-            Some(Node::HostFile { size: 3, .. })
+            Some(Node::HostFile {
+                stamp: HostStamp { size: 3, .. },
+                ..
+            })
         ));
         std::fs::remove_dir_all(&base).unwrap();
     }

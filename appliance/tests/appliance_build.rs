@@ -164,6 +164,14 @@ fn fake_init(dir: &Path) -> PathBuf {
     p
 }
 
+/// An executable script `mytool` in `dir`, for `--with`.
+fn script_tool(dir: &Path) -> PathBuf {
+    let tool = dir.join("mytool");
+    std::fs::write(&tool, "#!/bin/sh\necho mytool\n").unwrap();
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    tool
+}
+
 fn spec(dir: &Path, init: &Path, extra: &[&str]) -> ApplianceSpec {
     ApplianceSpec {
         init: init.to_path_buf(),
@@ -273,9 +281,7 @@ fn same_inputs_give_identical_archives() {
 fn cache_hit_miss_and_rebuild_on_change() {
     let d = scratch("cache");
     let init = fake_init(d.path());
-    let tool = d.path().join("mytool");
-    std::fs::write(&tool, "#!/bin/sh\necho mytool\n").unwrap();
-    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let tool = script_tool(d.path());
     let s = spec(d.path(), &init, &[tool.to_str().unwrap()]);
 
     let first = prepare(&s).unwrap();
@@ -307,6 +313,44 @@ fn cache_hit_miss_and_rebuild_on_change() {
     let fourth = prepare(&s).unwrap();
     assert!(fourth.built);
     assert_ne!(fourth.key, third.key);
+}
+
+#[test]
+fn the_assembly_memo_never_hides_a_changed_program() {
+    let d = scratch("memo");
+    let init = fake_init(d.path());
+    let tool = script_tool(d.path());
+    let s = spec(d.path(), &init, &[tool.to_str().unwrap()]);
+    let memo_dir = d.path().join("cache/appliance/memo");
+    let memos = || {
+        std::fs::read_dir(&memo_dir)
+            .map(|rd| rd.flatten().count())
+            .unwrap_or(0)
+    };
+    // Files changed within the racy window give no memo.
+    let first = prepare(&s).unwrap();
+    assert!(first.built);
+    assert_eq!(memos(), 0);
+    // Once they are older, a walk leaves a memo, and the next run takes the key from it.
+    std::thread::sleep(Duration::from_secs(appliance::memo::RACY_SECS as u64 + 1));
+    let second = prepare(&s).unwrap();
+    assert!(!second.built);
+    assert_eq!(memos(), 1);
+    let third = prepare(&s).unwrap();
+    assert_eq!(
+        (third.key.as_str(), third.built),
+        (first.key.as_str(), false)
+    );
+
+    // Same size, mtime put back: only the ctime tells, and the key still changes.
+    let mtime = std::fs::metadata(&tool).unwrap().modified().unwrap();
+    std::fs::write(&tool, "#!/bin/sh\necho MYTOOL\n").unwrap();
+    let f = std::fs::File::options().write(true).open(&tool).unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
+    let fourth = prepare(&s).unwrap();
+    assert!(fourth.built);
+    assert_ne!(fourth.key, first.key);
 }
 
 #[test]

@@ -283,10 +283,11 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
             _ => Err(fail(format!("--env {kv}: expected NAME=VALUE"))),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let kernel = kernel::find(a.vm.kernel.as_deref())?;
+    let (kernel, sealed) = kernel::find_sealed(a.vm.kernel.as_deref())?;
     log::info!("using kernel {}", kernel.display());
     // Everything cheap is checked before the appliance is built.
     let mut config = vm_config(kernel, APPLIANCE_CMDLINE.to_string(), &a.vm)?;
+    config.kernel_sealed = sealed;
     config.check()?;
     let (prepared, mut job) =
         appliance_and_job(&shares, &a.with, env, a.workdir.clone(), a.command.clone())?;
@@ -296,8 +297,9 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
     let job_cpio = appliance::job_cpio(&job)?;
 
     let interactive = a.command.is_empty();
+    // The cached archive is only ever replaced by rename, never rewritten: it is mapped.
     config.initrd = vec![
-        InitrdPart::File(prepared.path.clone()),
+        InitrdPart::SealedFile(prepared.path.clone()),
         InitrdPart::Bytes(job_cpio),
     ];
     // The interactive shell talks through the serial console on the terminal; otherwise the
@@ -464,7 +466,7 @@ fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u
     vm_timeout(&a.vm)?;
     check_ownership_mode(&a.vm)?;
     let shares = checked_shares(a.shares.clone())?;
-    let kernel = kernel::find(a.vm.kernel.as_deref())?;
+    let (kernel, sealed) = kernel::find_sealed(a.vm.kernel.as_deref())?;
     log::info!("using kernel {}", kernel.display());
     for i in &a.initrd {
         if !i.is_file() {
@@ -472,6 +474,7 @@ fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u
         }
     }
     let mut config = vm_config(kernel, a.cmdline.clone(), &a.vm)?;
+    config.kernel_sealed = sealed;
     config.check()?;
     config.initrd = a.initrd.iter().cloned().map(InitrdPart::File).collect();
     config.console = ConsoleSink::Stdout;
@@ -522,10 +525,8 @@ fn confine(a: &VmArgs, config: &VmConfig, shares: &[Share]) -> Result<(), Failur
         .seccomp(!a.no_seccomp)
         .passthrough_ownership(a.passthrough_ownership)
         .read_file(&config.kernel);
-    for part in &config.initrd {
-        if let InitrdPart::File(path) = part {
-            policy = policy.read_file(path);
-        }
+    for path in config.initrd.iter().filter_map(InitrdPart::path) {
+        policy = policy.read_file(path);
     }
     for s in shares {
         policy = policy.share(&s.dir, !s.read_only);

@@ -21,8 +21,27 @@ const PAGE: u64 = 4096;
 /// One piece of the initrd; the pieces are concatenated in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InitrdPart {
+    /// A file, copied into guest memory.
     File(PathBuf),
+    /// A file that is only ever replaced (renamed over) or removed, never rewritten in place,
+    /// such as a cached appliance archive. When it starts on a page boundary it is mapped
+    /// copy-on-write into guest memory instead of copied: loading it costs no copy and no page
+    /// faults, and the guest reads it from the page cache. (A file rewritten in place while
+    /// the VM runs would change under the guest, or fault it when truncated: pass such files
+    /// as [`InitrdPart::File`].)
+    SealedFile(PathBuf),
+    /// Bytes in memory.
     Bytes(Vec<u8>),
+}
+
+impl InitrdPart {
+    /// The host file this part reads, if any.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            InitrdPart::File(p) | InitrdPart::SealedFile(p) => Some(p),
+            InitrdPart::Bytes(_) => None,
+        }
+    }
 }
 
 /// What the loader learned about the kernel.
@@ -84,14 +103,31 @@ pub fn check_kernel_file(path: &Path) -> Result<(), VmError> {
     ))
 }
 
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, VmError> {
+/// A `sealed` kernel (a file only ever replaced by rename, never rewritten in place, like the
+/// kernels scripts/build-kernel.sh publishes) that is an ELF vmlinux has its segments mapped
+/// copy-on-write rather than copied (see [`SealedKernel`]); any other kernel is copied.
+pub fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    sealed: bool,
+) -> Result<LoadedKernel, VmError> {
     let mut file =
         File::open(path).map_err(|e| bad_kernel(path, format!("cannot open it: {e}")))?;
     let mut magic = [0u8; 4];
     let is_elf = file.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF";
     let mem_mib = mem_size(mem) >> 20;
     if is_elf {
-        let r = Elf::load(mem, None, &mut file, Some(GuestAddress(layout::HIMEM_START))).map_err(|e| {
+        let high = Some(GuestAddress(layout::HIMEM_START));
+        let loaded = if sealed {
+            let size = file
+                .metadata()
+                .map_err(|e| bad_kernel(path, format!("cannot read it: {e}")))?
+                .len();
+            Elf::load(mem, None, &mut SealedKernel { file, size }, high)
+        } else {
+            Elf::load(mem, None, &mut file, high)
+        };
+        let r = loaded.map_err(|e| {
             bad_kernel(path, format!(
                 "it looks like an ELF file but is not a loadable x86-64 vmlinux ({e}); \
                  expected an uncompressed vmlinux linked at 1 MiB or above that fits in {mem_mib} MiB"
@@ -145,16 +181,183 @@ fn mem_size(mem: &GuestMemoryMmap) -> u64 {
     mem.iter().map(|r| r.len()).sum()
 }
 
-fn part_len(part: &InitrdPart) -> Result<u64, VmError> {
-    match part {
-        InitrdPart::Bytes(b) => Ok(b.len() as u64),
-        InitrdPart::File(p) => std::fs::metadata(p)
-            .map(|m| m.len())
-            .map_err(|e| VmError::Initrd {
-                path: p.clone(),
-                reason: format!("cannot read it: {e}"),
-            }),
+/// A part ready to be placed: its bytes, or its open file and length (opened once, so the
+/// length measured is the length read or mapped).
+enum OpenPart<'a> {
+    Bytes(&'a [u8]),
+    File {
+        path: &'a Path,
+        file: File,
+        len: u64,
+        sealed: bool,
+    },
+}
+
+impl OpenPart<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            OpenPart::Bytes(b) => b.len() as u64,
+            OpenPart::File { len, .. } => *len,
+        }
     }
+}
+
+fn open_part(part: &InitrdPart) -> Result<OpenPart<'_>, VmError> {
+    let (path, sealed) = match part {
+        InitrdPart::Bytes(b) => return Ok(OpenPart::Bytes(b)),
+        InitrdPart::File(p) => (p, false),
+        InitrdPart::SealedFile(p) => (p, true),
+    };
+    let err = |e: std::io::Error| VmError::Initrd {
+        path: path.clone(),
+        reason: format!("cannot read it: {e}"),
+    };
+    let file = File::open(path).map_err(err)?;
+    let len = file.metadata().map_err(err)?.len();
+    Ok(OpenPart::File {
+        path,
+        file,
+        len,
+        sealed,
+    })
+}
+
+/// Maps `len` bytes of `file` from `offset` (both whole pages; the part of the last page past
+/// the end of the file reads as zero) copy-on-write at `host`, replacing the pages there. The result reads as a copy of the file would, and writes stay
+/// private to this mapping.
+///
+/// # Safety
+/// `host..host + len` must be page-aligned and lie inside one private anonymous mapping that
+/// outlives every use of the new pages (guest memory: it is unmapped with its region), and no
+/// Rust reference may point into that range (guest memory is only reached through volatile
+/// accesses).
+unsafe fn map_file_over(
+    host: *mut u8,
+    len: usize,
+    file: &File,
+    offset: u64,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let offset = libc::off_t::try_from(offset)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: the caller guarantees the range is ours to replace; MAP_FIXED puts a private
+    // file mapping of the same size and protection exactly there.
+    let r = unsafe {
+        libc::mmap(
+            host.cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            offset,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    if r != host.cast() {
+        return Err(std::io::Error::other("the mapping was placed elsewhere"));
+    }
+    Ok(())
+}
+
+/// A sealed kernel file as linux-loader reads it: headers and notes are read as from the file,
+/// but a segment read into guest memory maps the whole pages of the file copy-on-write where
+/// file offset and destination are page-congruent (as a vmlinux's PT_LOAD segments are), and
+/// copies only the partial pages at either end. The guest gets the same bytes without a copy
+/// or a page fault per page.
+struct SealedKernel {
+    file: File,
+    size: u64,
+}
+
+impl Read for SealedKernel {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.file.read(buf)
+    }
+}
+
+impl std::io::Seek for SealedKernel {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.file.seek(pos)
+    }
+}
+
+impl vm_memory::ReadVolatile for SealedKernel {
+    fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        buf: &mut vm_memory::VolatileSlice<B>,
+    ) -> Result<usize, vm_memory::VolatileMemoryError> {
+        use std::io::Seek;
+        use vm_memory::VolatileMemoryError as E;
+        let len = buf.len() as u64;
+        let pos = self.file.stream_position().map_err(E::IOError)?;
+        let dst = buf.ptr_guard_mut().as_ptr() as u64;
+        let avail = self.size.saturating_sub(pos).min(len);
+        let head = (dst.div_ceil(PAGE) * PAGE - dst).min(avail);
+        let whole = (avail - head) / PAGE * PAGE;
+        if dst.wrapping_sub(pos) & (PAGE - 1) != 0 || whole == 0 {
+            return self.file.read_volatile(buf);
+        }
+        if head > 0 {
+            self.file
+                .read_exact_volatile(&mut buf.subslice(0, head as usize)?)?;
+        }
+        let middle = buf.subslice(head as usize, whole as usize)?;
+        // SAFETY: `middle` is a page-aligned part of the guest memory slice we were asked to
+        // fill: guest memory is private anonymous memory that outlives the VM's use of it and
+        // is only reached through volatile accesses.
+        unsafe {
+            map_file_over(
+                middle.ptr_guard_mut().as_ptr(),
+                whole as usize,
+                &self.file,
+                pos + head,
+            )
+        }
+        .map_err(E::IOError)?;
+        middle.bitmap().mark_dirty(0, whole as usize);
+        self.file
+            .seek(std::io::SeekFrom::Current(whole as i64))
+            .map_err(E::IOError)?;
+        let rest = (len - head - whole) as usize;
+        if rest > 0 {
+            self.file
+                .read_exact_volatile(&mut buf.subslice((head + whole) as usize, rest)?)?;
+        }
+        Ok(len as usize)
+    }
+}
+
+/// Maps `len` bytes of `file` copy-on-write at guest address `at` (page-aligned), over the
+/// anonymous guest memory there. The last page's bytes past the end of the file read as zero
+/// and may be written (the next initrd part starts there). Returns false when the range is
+/// not inside one guest memory region (the caller copies instead).
+fn map_sealed(mem: &GuestMemoryMmap, at: u64, file: &File, len: u64) -> Result<bool, String> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+    let map_len = len.div_ceil(PAGE) * PAGE;
+    if at & (PAGE - 1) != 0 || map_len == 0 {
+        return Ok(false);
+    }
+    let Some(region) = mem.find_region(GuestAddress(at)) else {
+        return Ok(false);
+    };
+    let offset = at - region.start_addr().0;
+    if offset
+        .checked_add(map_len)
+        .is_none_or(|end| end > region.len())
+    {
+        return Ok(false);
+    }
+    let host = region
+        .get_host_address(MemoryRegionAddress(offset))
+        .map_err(|e| e.to_string())?;
+    let map_len = usize::try_from(map_len).map_err(|e| e.to_string())?;
+    // SAFETY: `host..host + map_len` lies inside one mapping that `mem` owns (checked above)
+    // and keeps for as long as the guest memory lives; no Rust reference into guest memory
+    // exists (it is only accessed through volatile slices).
+    unsafe { map_file_over(host, map_len, file, 0) }.map_err(|e| e.to_string())?;
+    Ok(true)
 }
 
 /// Where an initrd of `size` bytes goes: page-aligned at the top of low RAM (and below
@@ -180,36 +383,46 @@ pub fn initrd_placement(
     }
 }
 
-/// Concatenates `parts` into guest memory; `None` when there are no parts or they are all empty.
+/// Concatenates `parts` into guest memory (mapping [`InitrdPart::SealedFile`] parts, copying
+/// the others); `None` when there are no parts or they are all empty.
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
     parts: &[InitrdPart],
     kernel_end: u64,
     ceiling: u64,
 ) -> Result<Option<InitrdInfo>, VmError> {
-    let mut lens = Vec::with_capacity(parts.len());
-    for p in parts {
-        lens.push(part_len(p)?);
-    }
-    let size: u64 = lens.iter().sum();
+    let parts = parts.iter().map(open_part).collect::<Result<Vec<_>, _>>()?;
+    let size: u64 = parts.iter().map(OpenPart::len).sum();
     if size == 0 {
         return Ok(None);
     }
     let addr = initrd_placement(mem_size(mem), kernel_end, size, ceiling)?;
     let mut at = addr;
-    for (part, len) in parts.iter().zip(lens) {
+    for part in parts {
+        let len = part.len();
         match part {
-            InitrdPart::Bytes(b) => mem.write_slice(b, GuestAddress(at)).map_err(|e| {
+            OpenPart::Bytes(b) => mem.write_slice(b, GuestAddress(at)).map_err(|e| {
                 VmError::Memory(format!("cannot copy an in-memory initrd part: {e}"))
             })?,
-            InitrdPart::File(p) => {
+            OpenPart::File {
+                path,
+                mut file,
+                sealed,
+                ..
+            } => {
                 let err = |reason: String| VmError::Initrd {
-                    path: p.clone(),
+                    path: path.to_path_buf(),
                     reason,
                 };
-                let mut f = File::open(p).map_err(|e| err(format!("cannot open it: {e}")))?;
-                mem.read_exact_volatile_from(GuestAddress(at), &mut f, len as usize)
-                    .map_err(|e| err(format!("cannot read {len} bytes (did it change?): {e}")))?;
+                let mapped = sealed
+                    && map_sealed(mem, at, &file, len)
+                        .map_err(|e| err(format!("cannot map it into guest memory: {e}")))?;
+                if !mapped {
+                    mem.read_exact_volatile_from(GuestAddress(at), &mut file, len as usize)
+                        .map_err(|e| {
+                            err(format!("cannot read {len} bytes (did it change?): {e}"))
+                        })?;
+                }
             }
         }
         at += len;
@@ -284,19 +497,150 @@ mod tests {
         assert_eq!(load_initrd(&m, &[], 0x20_0000, u64::MAX).unwrap(), None);
     }
 
+    /// Whether a mapping of `path` exists in this process.
+    fn is_mapped(path: &Path) -> bool {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let name = path.to_str().unwrap();
+        maps.lines().any(|l| l.ends_with(name))
+    }
+
+    #[test]
+    fn a_sealed_file_is_mapped_and_the_next_part_follows_it() {
+        let m = mem(32);
+        let dir = tempfile::tempdir().unwrap();
+        let sealed = dir.path().join("appliance.cpio");
+        // Not a whole number of pages: the next part starts inside the last mapped page.
+        let content: Vec<u8> = (0..3 * PAGE + 100).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&sealed, &content).unwrap();
+        let parts = [
+            InitrdPart::SealedFile(sealed.clone()),
+            InitrdPart::Bytes(b"job".to_vec()),
+        ];
+        let info = load_initrd(&m, &parts, 0x20_0000, u64::MAX)
+            .unwrap()
+            .unwrap();
+        assert!(is_mapped(&sealed), "the sealed part is mapped, not copied");
+        assert_eq!(info.size, content.len() as u64 + 3);
+        let mut back = vec![0u8; info.size as usize];
+        m.read_slice(&mut back, GuestAddress(info.addr)).unwrap();
+        assert_eq!(&back[..content.len()], &content[..]);
+        assert_eq!(&back[content.len()..], b"job");
+        // Past the parts, the last page reads as zero, as fresh guest memory does.
+        let tail_len = (PAGE - (info.size % PAGE)) as usize;
+        let mut tail = vec![1u8; tail_len];
+        m.read_slice(&mut tail, GuestAddress(info.addr + info.size))
+            .unwrap();
+        assert!(tail.iter().all(|b| *b == 0));
+        // Writes stay private to the guest.
+        m.write_slice(b"guest", GuestAddress(info.addr)).unwrap();
+        assert_eq!(std::fs::read(&sealed).unwrap(), content);
+        // What is resident counts the mapped pages too.
+        assert!(crate::memory::resident_kib(&m).unwrap() >= 16);
+    }
+
+    #[test]
+    fn a_sealed_file_off_a_page_boundary_is_copied() {
+        let m = mem(32);
+        let dir = tempfile::tempdir().unwrap();
+        let sealed = dir.path().join("late.cpio");
+        std::fs::write(&sealed, b"sealed part").unwrap();
+        let parts = [
+            InitrdPart::Bytes(b"first ".to_vec()),
+            InitrdPart::SealedFile(sealed.clone()),
+        ];
+        let info = load_initrd(&m, &parts, 0x20_0000, u64::MAX)
+            .unwrap()
+            .unwrap();
+        assert!(!is_mapped(&sealed));
+        let mut back = vec![0u8; info.size as usize];
+        m.read_slice(&mut back, GuestAddress(info.addr)).unwrap();
+        assert_eq!(&back, b"first sealed part");
+        let missing = [InitrdPart::SealedFile(dir.path().join("missing"))];
+        let err = load_initrd(&m, &missing, 0x20_0000, u64::MAX).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    /// An x86-64 ELF with one PT_LOAD segment of `filesz` bytes (plus a page of bss) from file
+    /// offset `offset` to guest address `paddr`, its bytes a pattern.
+    fn elf_with_segment(offset: u64, paddr: u64, filesz: u64) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+        f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        f.extend_from_slice(&62u16.to_le_bytes()); // x86-64
+        f.extend_from_slice(&1u32.to_le_bytes());
+        for v in [paddr, 64, 0] {
+            f.extend_from_slice(&v.to_le_bytes()); // entry, phoff, shoff
+        }
+        f.extend_from_slice(&0u32.to_le_bytes());
+        for v in [64u16, 56, 1, 64, 0, 0] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        f.extend_from_slice(&5u32.to_le_bytes());
+        for v in [offset, paddr, paddr, filesz, filesz + PAGE, PAGE] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        f.resize(offset as usize, 0);
+        f.extend((0..filesz).map(|i| (i % 253) as u8 + 1));
+        f
+    }
+
+    #[test]
+    fn a_sealed_kernel_is_mapped_and_loads_the_same_bytes_as_a_copied_one() {
+        let dir = tempfile::tempdir().unwrap();
+        // Page-congruent but not page-aligned, with partial pages at both ends and bss after.
+        let (offset, paddr, filesz) = (0x1100, 0x20_0100, 3 * PAGE + 0x300);
+        let path = dir.path().join("vmlinux");
+        std::fs::write(&path, elf_with_segment(offset, paddr, filesz)).unwrap();
+        let (copied, sealed) = (mem(32), mem(32));
+        let a = load_kernel(&copied, &path, false).unwrap();
+        assert!(!is_mapped(&path));
+        let b = load_kernel(&sealed, &path, true).unwrap();
+        assert!(
+            is_mapped(&path),
+            "the sealed kernel's whole pages are mapped"
+        );
+        assert_eq!((a.entry, a.end, a.mode), (b.entry, b.end, b.mode));
+        assert_eq!(b.end, paddr + filesz + PAGE);
+        let span = (2 * PAGE + filesz) as usize;
+        let (mut x, mut y) = (vec![0u8; span], vec![0u8; span]);
+        copied
+            .read_slice(&mut x, GuestAddress(paddr - PAGE))
+            .unwrap();
+        sealed
+            .read_slice(&mut y, GuestAddress(paddr - PAGE))
+            .unwrap();
+        assert!(x == y, "the guest sees the same bytes either way");
+        let start = PAGE as usize;
+        assert_eq!(y[start], 1);
+        assert!(
+            y[start + filesz as usize..].iter().all(|b| *b == 0),
+            "bss is zero"
+        );
+        // A segment off the page grid of its file offset is copied.
+        let skewed = dir.path().join("skewed");
+        std::fs::write(&skewed, elf_with_segment(0x1080, 0x20_0100, 3 * PAGE)).unwrap();
+        let m = mem(32);
+        load_kernel(&m, &skewed, true).unwrap();
+        assert!(!is_mapped(&skewed));
+        let mut z = [0u8; 4];
+        m.read_slice(&mut z, GuestAddress(0x20_0100)).unwrap();
+        assert_eq!(z, [1, 2, 3, 4]);
+    }
+
     #[test]
     fn not_a_kernel_is_a_clear_error() {
         let m = mem(32);
         let p = std::env::temp_dir().join(format!("vmm-notakernel-{}", std::process::id()));
         std::fs::write(&p, vec![0x55u8; 4096]).unwrap();
-        let err = load_kernel(&m, &p).unwrap_err();
+        let err = load_kernel(&m, &p, false).unwrap_err();
         std::fs::remove_file(&p).unwrap();
         let msg = err.to_string();
         assert!(
             msg.contains("vmm-notakernel") && msg.contains("bzImage"),
             "{msg}"
         );
-        let missing = load_kernel(&m, Path::new("/nonexistent/vmlinux")).unwrap_err();
+        let missing = load_kernel(&m, Path::new("/nonexistent/vmlinux"), true).unwrap_err();
         assert!(missing.to_string().contains("/nonexistent/vmlinux"));
     }
 

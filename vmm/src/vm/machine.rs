@@ -109,6 +109,9 @@ impl Vm {
             )));
         }
         let kvm = open_kvm()?;
+        // The phases around the two KVM calls that take time on some hosts (KVM_CREATE_VM and
+        // registering guest memory) tell the host's share from the monitor's.
+        phases.record("kvm opened");
         let kvm_err = |what| move |source| VmError::Kvm { what, source };
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         phases.record("kvm vm created");
@@ -116,6 +119,17 @@ impl Vm {
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+
+        // Guest memory before the in-kernel irqchip: once the irqchip exists, registering a
+        // memory slot waits several milliseconds in KVM (measured: 5-10 ms after
+        // KVM_CREATE_IRQCHIP, 0.1-2 ms before it), and nothing needs the irqchip first.
+        let mem = match mem {
+            Some(mem) => mem,
+            None => memory::create_guest_memory(config.mem_mib)?,
+        };
+        memory::register_with_kvm(&fd, &mem)?;
+        phases.record("memory ready");
+
         fd.create_irq_chip()
             .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
@@ -123,13 +137,7 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
-        let mem = match mem {
-            Some(mem) => mem,
-            None => memory::create_guest_memory(config.mem_mib)?,
-        };
-        memory::register_with_kvm(&fd, &mem)?;
-        phases.record("memory ready");
+        phases.record("kvm devices created");
 
         let control = RunControl::new()?;
         let console = Console::new(config.console, phases.clone());
