@@ -42,7 +42,6 @@ if [ "$mode" = auto ]; then
     if grep -qwE 'vmx|svm' /proc/cpuinfo; then mode=direct; else mode=nested; fi
 fi
 
-step "end-to-end tests ($mode KVM)"
 e2e_bin=$(cargo test --release -p bootbox --test e2e --no-run --message-format=json 2>/dev/null |
     python3 -c 'import json,sys
 for line in sys.stdin:
@@ -51,9 +50,44 @@ for line in sys.stdin:
         print(m["executable"])')
 [ -n "$e2e_bin" ] || { echo "could not build the end-to-end test binary" >&2; exit 1; }
 e2e_env=(BOOTBOX_KERNEL="$kernel" BOOTBOX_BIN="$PWD/target/release/bootbox" BOOTBOX_INIT="$PWD/target/release/bootbox-init" BOOTBOX_CACHE=/tmp/bootbox-e2e-cache)
+
+# Runs the end-to-end suite in the nested test host with extra environment "$@". A frozen test
+# host (exit 123, see testhost.sh) says nothing about bootbox: the tests that had not passed
+# run again, up to two more times.
+e2e_nested() {
+    local skips=() passed_before=() passed attempt status log
+    for attempt in 1 2 3; do
+        status=0
+        log="$fixture.attempt$attempt"
+        scripts/testhost.sh --timeout 2400 \
+            --mirror "$e2e_bin" --mirror "$PWD/target/release/bootbox" --mirror "$PWD/target/release/bootbox-init" \
+            --mirror "$kernel" --mirror "$fixture" --appliance-tools \
+            -- env "${e2e_env[@]}" BOOTBOX_DISK_FIXTURE="$fixture" "$@" "$e2e_bin" --ignored --test-threads=1 \
+            "${skips[@]}" | tee "$log" || status=${PIPESTATUS[0]}
+        if [ "$status" = 123 ] && [ "$attempt" != 3 ]; then
+            # The names of the tests that passed; the watchdog's heartbeat may sit between a
+            # test's name and its verdict.
+            mapfile -t passed < <(tr -d '\r' <"$log" | python3 -c 'import re, sys
+for m in re.finditer(r"^test (\S+) \.\.\. (?:\s*testhost: alive at \d+s\s*)*ok$", sys.stdin.read(), re.M):
+    print(m.group(1))')
+            passed_before+=("${passed[@]}")
+            skips=(--exact)
+            for t in "${passed_before[@]}"; do skips+=(--skip "$t"); done
+            echo "the test host froze; running the end-to-end tests that had not passed again (${#passed_before[@]} passed)" >&2
+            continue
+        fi
+        [ "$status" = 0 ] || exit "$status"
+        break
+    done
+}
+
+# The suite runs twice: with warm start (the default) and with every run booting cold.
 case "$mode" in
     direct)
+        step "end-to-end tests (direct KVM, warm start)"
         env "${e2e_env[@]}" "$e2e_bin" --ignored --test-threads=1
+        step "end-to-end tests (direct KVM, cold boots: BOOTBOX_COLD=1)"
+        env "${e2e_env[@]}" BOOTBOX_COLD=1 "$e2e_bin" --ignored --test-threads=1
         ;;
     nested)
         # The disk test's images are made here: the test host has no mkfs tools.
@@ -63,35 +97,13 @@ case "$mode" in
             cat "$fixture.log" >&2
             exit 1
         }
-        # A frozen test host (exit 123, see testhost.sh) says nothing about bootbox: run the
-        # tests that had not passed yet again, up to two more times.
-        skips=()  # --exact --skip NAME... for the tests that passed in an earlier attempt
-        passed_before=()
-        for attempt in 1 2 3; do
-            status=0
-            log="$fixture.attempt$attempt"
-            scripts/testhost.sh --timeout 2400 \
-                --mirror "$e2e_bin" --mirror "$PWD/target/release/bootbox" --mirror "$PWD/target/release/bootbox-init" \
-                --mirror "$kernel" --mirror "$fixture" --appliance-tools \
-                -- env "${e2e_env[@]}" BOOTBOX_DISK_FIXTURE="$fixture" "$e2e_bin" --ignored --test-threads=1 \
-                "${skips[@]}" | tee "$log" || status=${PIPESTATUS[0]}
-            if [ "$status" = 123 ] && [ "$attempt" != 3 ]; then
-                # The names of the tests that passed; the watchdog's heartbeat may sit between
-                # a test's name and its verdict.
-                mapfile -t passed < <(tr -d '\r' <"$log" | python3 -c 'import re, sys
-for m in re.finditer(r"^test (\S+) \.\.\. (?:\s*testhost: alive at \d+s\s*)*ok$", sys.stdin.read(), re.M):
-    print(m.group(1))')
-                passed_before+=("${passed[@]}")
-                skips=(--exact)
-                for t in "${passed_before[@]}"; do skips+=(--skip "$t"); done
-                echo "the test host froze; running the end-to-end tests that had not passed again (${#passed_before[@]} passed)" >&2
-                continue
-            fi
-            [ "$status" = 0 ] || exit "$status"
-            break
-        done
+        step "end-to-end tests (nested KVM, warm start)"
+        e2e_nested
+        step "end-to-end tests (nested KVM, cold boots: BOOTBOX_COLD=1)"
+        e2e_nested BOOTBOX_COLD=1
         ;;
     skip)
+        step "end-to-end tests"
         echo "end-to-end tests skipped (BOOTBOX_E2E=skip)"
         ;;
     *) echo "BOOTBOX_E2E must be auto, direct, nested or skip" >&2; exit 2 ;;
