@@ -4,8 +4,9 @@
 # figures (min/median/p95/mean/stddev) and the ratios of medians.
 #
 #   scripts/bench-vm.sh boot [RUNS]   # launch to job result for `true`, booted (--cold)
-#   scripts/bench-vm.sh warm [RUNS]   # launch to job result for `true`: resumed from the
-#                                     # warm-start snapshot vs booted (--cold), same bootbox
+#   scripts/bench-vm.sh warm [RUNS]   # launch to job result, resumed from the warm-start
+#                                     # snapshot (the default) vs booted (--cold) vs QEMU
+#                                     # microvm booting, and a 9p hash warm vs cold
 #   scripts/bench-vm.sh 9p   [RUNS]   # `find | xargs sha256sum` over a generated tree, over
 #                                     # bootbox's virtio-9p vs QEMU's virtio-9p (-fsdev local)
 #   scripts/bench-vm.sh disk [RUNS]   # virtio-blk against QEMU's virtio-blk-device on the same
@@ -114,10 +115,24 @@ case "$mode" in
             -- run --cold -- "${job[@]}"
         ;;
     warm)
-        # The first warm run of this shape makes the snapshot; the warmup runs cover it.
-        "$bootbox" bench --runs "$runs" --warmup 2 --expect-status 0 \
-            --compare "$bootbox run --cold -- true" \
-            -- run --warm -- true
+        # The first warm run of each shape makes its snapshot; the warmup runs cover it.
+        job=(sh -c 'exit 5')
+        echo "bench-vm: warm: launch to job result, resumed (A) against booted (B)" >&2
+        "$bootbox" bench --runs "$runs" --warmup 2 --expect-status 5 \
+            --compare "$bootbox run --cold -- sh -c 'exit 5'; test \$? = 5" \
+            -- run -- "${job[@]}"
+        echo "bench-vm: warm: launch to job result, resumed (A) against QEMU -M microvm booting the same kernel and appliance (B)" >&2
+        "$bootbox" initrd -o "$work/app.cpio" -- "${job[@]}" >/dev/null
+        "$bootbox" bench --runs "$runs" --warmup 2 --expect-status 5 \
+            --compare "$(qemu_check "-initrd $work/app.cpio -append '$cmdline'")" \
+            -- run -- "${job[@]}"
+        echo "bench-vm: warm: a 9p hash of 2000 files, resumed (A) against booted (B)" >&2
+        tree="$work/tree"
+        make_tree "$tree"
+        hash="find . -type f -print0 | xargs -0 sha256sum >/dev/null; exit 5"
+        "$bootbox" bench --runs "$runs" --warmup 1 --expect-status 5 \
+            --compare "$bootbox run --cold --share $tree:data -- sh -c '$hash'; test \$? = 5" \
+            -- run --share "$tree:data" -- sh -c "$hash"
         ;;
     9p)
         tree="$work/tree"

@@ -1347,9 +1347,9 @@ fn warm_jobs_see_only_their_own_shares_match_cold_runs_and_get_fresh_time_and_ra
     let (two, code4, err4, resumed4, _) = warm_run(
         a.s(),
         &["--vcpus", "2"],
-        "nproc; grep -c ^processor /proc/cpuinfo; cat /share/a.txt",
+        "nproc; cat /share/a.txt",
     );
     assert!(resumed4, "{err4}");
     assert_eq!(code4, Some(0), "{err4}");
-    assert_eq!(two, ["2", "2", "alpha"]);
+    assert_eq!(two, ["2", "alpha"], "both vCPUs online after the restore");
 }
