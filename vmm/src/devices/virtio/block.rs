@@ -18,9 +18,9 @@ use super::{DeviceStats, Interrupt, VIRTIO_RING_F_INDIRECT_DESC};
 use p9::{ReplyBuf, WorkerPool};
 use std::os::fd::AsFd;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// virtio device ID of a block device.
@@ -164,14 +164,9 @@ impl VirtioDevice for Block {
         super::read_config_bytes(&self.config, offset, data);
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<Box<dyn QueueHandler>, VirtioError> {
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<Box<dyn QueueHandler>, VirtioError> {
         let indirect_ok = ctx.has_feature(VIRTIO_RING_F_INDIRECT_DESC);
-        let Some(queue) = ctx.queues.into_iter().next().filter(|q| q.ready()) else {
-            return Err(VirtioError::Activate {
-                device: "block",
-                reason: "the driver did not set up the request queue".into(),
-            });
-        };
+        let queue = ctx.take_request_queue("block")?;
         let (jobs, finished) = mpsc::channel();
         Ok(Box::new(BlockHandler {
             shared: Arc::new(Shared {
@@ -211,10 +206,6 @@ fn ioerr<T>(why: &str) -> Result<T, Refused> {
 }
 
 impl Shared {
-    fn queue(&self) -> MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Serves one request: execute it, write its status byte, add it to the used ring.
     fn serve(&self, chain: &Chain) {
         let timer = self.stats.start();
@@ -243,9 +234,13 @@ impl Shared {
             // data_written < the writable length, which the walker bounded by u32::MAX.
             used_len = u32::try_from(data_written + 1).unwrap_or(u32::MAX);
         }
-        let added =
-            self.interrupt
-                .complete("block", &mut self.queue(), &self.mem, chain.head, used_len);
+        let added = self.interrupt.complete(
+            "block",
+            &mut chain::lock_queue(&self.queue),
+            &self.mem,
+            chain.head,
+            used_len,
+        );
         if !added {
             return;
         }
@@ -437,31 +432,22 @@ struct BlockHandler {
 
 impl BlockHandler {
     fn drain(&mut self) -> Result<(), ChainError> {
-        let mem = &*self.shared.mem;
-        let ring = |e: virtio_queue::Error| ChainError::Ring(e.to_string());
-        loop {
-            let (desc_table, size) = {
-                let mut queue = self.shared.queue();
-                queue.disable_notification(mem).map_err(ring)?;
-                chain::pop_available(&mut queue, mem, &mut self.heads)?;
-                if self.heads.is_empty() {
-                    if queue.enable_notification(mem).map_err(ring)? {
-                        continue; // more arrived while notifications were off
-                    }
-                    return Ok(());
-                }
-                (GuestAddress(queue.desc_table()), queue.size())
-            };
-            for &head in &self.heads {
-                let chain = chain::walk(mem, desc_table, size, head, self.indirect_ok)?;
-                let shared = self.shared.clone();
+        let shared = &self.shared;
+        chain::drain_requests(
+            &shared.queue,
+            &shared.mem,
+            &mut self.heads,
+            self.indirect_ok,
+            |chain| {
+                let shared = shared.clone();
                 let token = self.jobs.clone();
                 self.pool.submit(Box::new(move || {
                     shared.serve(&chain);
                     drop(token);
                 }));
-            }
-        }
+                Ok(())
+            },
+        )
     }
 }
 

@@ -18,9 +18,9 @@ use p9::{ReplyBuf, Server, WorkerPool};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Longest accepted mount tag, in bytes.
@@ -152,14 +152,9 @@ impl VirtioDevice for Virtio9p {
         super::read_config_bytes(&self.config, offset, data);
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<Box<dyn QueueHandler>, VirtioError> {
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<Box<dyn QueueHandler>, VirtioError> {
         let indirect_ok = ctx.has_feature(VIRTIO_RING_F_INDIRECT_DESC);
-        let Some(queue) = ctx.queues.into_iter().next().filter(|q| q.ready()) else {
-            return Err(VirtioError::Activate {
-                device: "9p",
-                reason: "the driver did not set up the request queue".into(),
-            });
-        };
+        let queue = ctx.take_request_queue("9p")?;
         Ok(Box::new(P9Handler {
             shared: Arc::new(Shared {
                 mem: ctx.mem,
@@ -192,10 +187,6 @@ struct Shared {
 }
 
 impl Shared {
-    fn queue(&self) -> MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn error(&self, e: &ChainError) {
         self.interrupt.device_error("9p", e);
     }
@@ -230,9 +221,13 @@ impl Shared {
             .min(reply.capacity());
         // `written` <= the writable length, which the walker bounded by u32::MAX.
         let written = u32::try_from(written).unwrap_or(u32::MAX);
-        let added =
-            self.interrupt
-                .complete("9p", &mut self.queue(), &self.mem, chain.head, written);
+        let added = self.interrupt.complete(
+            "9p",
+            &mut chain::lock_queue(&self.queue),
+            &self.mem,
+            chain.head,
+            written,
+        );
         if !added {
             return;
         }
@@ -260,22 +255,12 @@ impl P9Handler {
     fn drain(&mut self) -> Result<(), ChainError> {
         let shared = &self.shared;
         let mem = &*shared.mem;
-        let ring = |e: virtio_queue::Error| ChainError::Ring(e.to_string());
-        loop {
-            let (desc_table, size) = {
-                let mut queue = shared.queue();
-                queue.disable_notification(mem).map_err(ring)?;
-                chain::pop_available(&mut queue, mem, &mut self.heads)?;
-                if self.heads.is_empty() {
-                    if queue.enable_notification(mem).map_err(ring)? {
-                        continue; // more arrived while notifications were off
-                    }
-                    return Ok(());
-                }
-                (GuestAddress(queue.desc_table()), queue.size())
-            };
-            for &head in &self.heads {
-                let chain = chain::walk(mem, desc_table, size, head, self.indirect_ok)?;
+        chain::drain_requests(
+            &shared.queue,
+            mem,
+            &mut self.heads,
+            self.indirect_ok,
+            |chain| {
                 if chain.readable_len > MAX_REQUEST_BYTES {
                     return Err(ChainError::TooLong {
                         limit: MAX_REQUEST_BYTES,
@@ -289,7 +274,7 @@ impl P9Handler {
                     match flushed_tag(&header[..n]) {
                         // Answered by the worker that completes `oldtag`.
                         Some(oldtag) => match flushes.flush(oldtag, chain) {
-                            None => continue,
+                            None => return Ok(()),
                             Some(chain) => (chain, None),
                         },
                         None => {
@@ -311,8 +296,9 @@ impl P9Handler {
                     }
                     job_shared.done();
                 }));
-            }
-        }
+                Ok(())
+            },
+        )
     }
 }
 
