@@ -1097,10 +1097,9 @@ fn ninep_malformed_chains_break_the_device() {
 #[test]
 fn guest_reply_preadv_lands_in_scattered_buffers() {
     let mem = memory();
-    let path = std::env::temp_dir().join(format!("virtio-zc-{}", std::process::id()));
     let content = pattern(20_000, 3);
-    std::fs::write(&path, &content).unwrap();
-    let file = std::fs::File::open(&path).unwrap();
+    let mut file = tempfile::tempfile().unwrap();
+    file.write_all(&content).unwrap();
     let bufs = [
         chain::Buffer {
             addr: GuestAddress(DATA),
@@ -1138,7 +1137,6 @@ fn guest_reply_preadv_lands_in_scattered_buffers() {
     // Out of the reply area: refused, nothing written.
     assert!(reply.read_from(14_000, 200, file.as_fd(), 0).is_err());
     assert!(reply.write_at(usize::MAX, b"x").is_err());
-    std::fs::remove_file(&path).unwrap();
 }
 
 // ---------------------------------------------------------------- 9p against the real server
@@ -1157,22 +1155,22 @@ fn str9p(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
+/// A shared directory, removed on drop.
 struct Share {
     dir: std::path::PathBuf,
+    _tmp: tempfile::TempDir,
 }
 
 impl Share {
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("virtio-9p-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Share { dir }
-    }
-}
-
-impl Drop for Share {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("virtio-9p-{name}-"))
+            .tempdir()
+            .unwrap();
+        Share {
+            dir: tmp.path().to_path_buf(),
+            _tmp: tmp,
+        }
     }
 }
 
