@@ -323,6 +323,12 @@ pub fn lock_queue(queue: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
 /// back on; a request that arrives while they were off is picked up before returning. The queue
 /// lock is held only while popping, so `each` may hand chains to workers that complete them.
 /// The first error, from the ring, a walk or `each`, ends the drain.
+///
+/// A driver's index only grows, so after notifications are back on and the ring says more
+/// arrived, the next pop finds it. When that pop finds nothing (the available index moved
+/// back: the driver laid the rings over each other, so that the device's own write of the
+/// used ring's flags is the index it reads), the drain ends instead of spinning on the
+/// device thread.
 pub fn drain_requests(
     queue: &Mutex<Queue>,
     mem: &GuestMemoryMmap,
@@ -331,17 +337,20 @@ pub fn drain_requests(
     mut each: impl FnMut(Chain) -> Result<(), ChainError>,
 ) -> Result<(), ChainError> {
     let ring = |e: virtio_queue::Error| ChainError::Ring(e.to_string());
+    let mut rechecking = false;
     loop {
         let (desc_table, size) = {
             let mut queue = lock_queue(queue);
             queue.disable_notification(mem).map_err(ring)?;
             pop_available(&mut queue, mem, heads)?;
             if heads.is_empty() {
-                if queue.enable_notification(mem).map_err(ring)? {
+                if queue.enable_notification(mem).map_err(ring)? && !rechecking {
+                    rechecking = true;
                     continue; // more arrived while notifications were off
                 }
                 return Ok(());
             }
+            rechecking = false;
             (GuestAddress(queue.desc_table()), queue.size())
         };
         for &head in heads.iter() {

@@ -918,6 +918,47 @@ fn indirect_chain_is_accepted() {
     assert_eq!(d.status() & STATUS_DEVICE_NEEDS_RESET, 0);
 }
 
+/// The available ring laid 2 bytes before the used ring: its index is the used ring's flags,
+/// which the drain itself flips when it turns notifications off (1) and on (0). After the one
+/// request it pops, every re-enable "reveals" a request no pop finds; the drain must end.
+#[test]
+fn a_drain_over_overlapping_rings_ends() {
+    use virtio_queue::{Queue, QueueT};
+    let mem = memory();
+    let (desc, avail) = (0x1_0000u64, 0x2_0002u64);
+    let used = avail + 2;
+    // Descriptor 0: one 16-byte device-readable buffer (the head that the used index, 0,
+    // names in the overlapping avail ring).
+    mem.write_obj(DATA, GuestAddress(desc)).unwrap();
+    mem.write_obj(16u32, GuestAddress(desc + 8)).unwrap();
+    let mut queue = Queue::new(16).unwrap();
+    queue.try_set_size(16).unwrap();
+    queue
+        .try_set_desc_table_address(GuestAddress(desc))
+        .unwrap();
+    queue
+        .try_set_avail_ring_address(GuestAddress(avail))
+        .unwrap();
+    queue.try_set_used_ring_address(GuestAddress(used)).unwrap();
+    queue.set_ready(true);
+    let queue = Mutex::new(queue);
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut heads = Vec::new();
+        let mut chains = Vec::new();
+        let r = chain::drain_requests(&queue, &mem, &mut heads, false, |c| {
+            chains.push(c.head);
+            Ok(())
+        });
+        let _ = done.send((r, chains));
+    });
+    let (r, chains) = finished
+        .recv_timeout(HANG)
+        .expect("the drain spins on rings laid over each other");
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(chains, [0], "the one request the ring held is served once");
+}
+
 // ---------------------------------------------------------------- 9p device
 
 #[test]
