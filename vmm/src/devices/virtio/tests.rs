@@ -946,7 +946,7 @@ fn a_drain_over_overlapping_rings_ends() {
     std::thread::spawn(move || {
         let mut heads = Vec::new();
         let mut chains = Vec::new();
-        let r = chain::drain_requests(&queue, &mem, &mut heads, false, |c| {
+        let r = super::request::drain_requests(&queue, &mem, &mut heads, false, |c| {
             chains.push(c.head);
             Ok(())
         });
@@ -1197,22 +1197,11 @@ fn str9p(out: &mut Vec<u8>, s: &str) {
 }
 
 /// A shared directory, removed on drop.
-struct Share {
-    dir: std::path::PathBuf,
-    _tmp: tempfile::TempDir,
-}
-
-impl Share {
-    fn new(name: &str) -> Self {
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!("virtio-9p-{name}-"))
-            .tempdir()
-            .unwrap();
-        Share {
-            dir: tmp.path().to_path_buf(),
-            _tmp: tmp,
-        }
-    }
+fn share_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("virtio-9p-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 /// Sends one request (at `DATA`) and returns the reply gathered from `replies`.
@@ -1263,8 +1252,8 @@ fn roundtrip(d: &mut Driver, used: &mut u16, req: &[u8], replies: &[(u64, u32)])
     out
 }
 
-fn real_ninep(share: &Share) -> Driver {
-    let server = p9::Server::new(&share.dir, p9::Config::default()).unwrap();
+fn real_ninep(share: &tempfile::TempDir) -> Driver {
+    let server = p9::Server::new(share.path(), p9::Config::default()).unwrap();
     let pool = Arc::new(WorkerPool::new(2, "t9p"));
     let mut d = Driver::new(Box::new(Virtio9p::new("share", server, pool).unwrap()));
     d.start(F_VERSION_1 | F_INDIRECT | F_EVENT_IDX | 1, 1, 128);
@@ -1275,8 +1264,8 @@ const RLERROR: u8 = 7;
 
 #[test]
 fn ninep_version_attach_getattr_roundtrip() {
-    let share = Share::new("attach");
-    std::fs::write(share.dir.join("f"), b"x").unwrap();
+    let share = share_dir("attach");
+    std::fs::write(share.path().join("f"), b"x").unwrap();
     let mut d = real_ninep(&share);
     let mut used = 0u16;
     let one = [(DATA + 0x1_0000, 8192u32)];
@@ -1313,9 +1302,9 @@ fn ninep_version_attach_getattr_roundtrip() {
 
 #[test]
 fn ninep_zero_copy_read_lands_in_scattered_guest_buffers() {
-    let share = Share::new("read");
+    let share = share_dir("read");
     let content = pattern(300_000, 9);
-    std::fs::write(share.dir.join("data"), &content).unwrap();
+    std::fs::write(share.path().join("data"), &content).unwrap();
     let mut d = real_ninep(&share);
     let mut used = 0u16;
 
@@ -1466,9 +1455,9 @@ fn ninep_rflush_follows_the_flushed_reply() {
 
 #[test]
 fn ninep_many_concurrent_reads_all_complete_exactly() {
-    let share = Share::new("many");
+    let share = share_dir("many");
     let content = pattern(1 << 20, 11);
-    std::fs::write(share.dir.join("data"), &content).unwrap();
+    std::fs::write(share.path().join("data"), &content).unwrap();
     let mut d = real_ninep(&share);
     let mut used = 0u16;
     open_data_file(&mut d, &mut used);
@@ -1526,8 +1515,8 @@ fn ninep_read_throughput() {
     const FILE: usize = 64 << 20;
     const LEN: u32 = 256 << 10;
     const INFLIGHT: u16 = 16;
-    let share = Share::new("bench");
-    std::fs::write(share.dir.join("data"), pattern(FILE, 5)).unwrap();
+    let share = share_dir("bench");
+    std::fs::write(share.path().join("data"), pattern(FILE, 5)).unwrap();
     let mut d = real_ninep(&share);
     let mut used = 0u16;
     open_data_file(&mut d, &mut used);
