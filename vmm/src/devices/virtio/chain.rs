@@ -7,10 +7,8 @@
 //! too many descriptors, too many bytes, and every kind of bad indirect table. Every loop is
 //! bounded by the table size and by [`MAX_CHAIN_DESCRIPTORS`], so a hostile chain costs at most
 //! that many 16-byte reads. It owns no queue state: the ring indexes stay in
-//! `virtio_queue::Queue`. [`drain_requests`] is the one drain loop of the request-queue devices
-//! (block, 9p): pop with notifications off, walk each chain, hand it on.
+//! `virtio_queue::Queue`.
 
-use std::sync::{Mutex, MutexGuard};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -309,52 +307,4 @@ pub fn pop_available(
     }
     queue.set_next_avail(next.wrapping_add(pending));
     Ok(())
-}
-
-/// Locks a device's request queue; a worker that panicked while holding it left the ring
-/// indexes consistent (every update is a single store), so a poisoned lock is taken as is.
-pub fn lock_queue(queue: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
-    queue.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Serves a request queue's notification: with notifications off, takes every available head
-/// (into `heads`, reused between calls), walks each chain (`indirect_ok`: the driver accepted
-/// indirect descriptors) and hands it to `each`, until the ring is empty with notifications
-/// back on; a request that arrives while they were off is picked up before returning. The queue
-/// lock is held only while popping, so `each` may hand chains to workers that complete them.
-/// The first error, from the ring, a walk or `each`, ends the drain.
-///
-/// A driver's index only grows, so after notifications are back on and the ring says more
-/// arrived, the next pop finds it. When that pop finds nothing (the available index moved
-/// back: the driver laid the rings over each other, so that the device's own write of the
-/// used ring's flags is the index it reads), the drain ends instead of spinning on the
-/// device thread.
-pub fn drain_requests(
-    queue: &Mutex<Queue>,
-    mem: &GuestMemoryMmap,
-    heads: &mut Vec<u16>,
-    indirect_ok: bool,
-    mut each: impl FnMut(Chain) -> Result<(), ChainError>,
-) -> Result<(), ChainError> {
-    let ring = |e: virtio_queue::Error| ChainError::Ring(e.to_string());
-    let mut rechecking = false;
-    loop {
-        let (desc_table, size) = {
-            let mut queue = lock_queue(queue);
-            queue.disable_notification(mem).map_err(ring)?;
-            pop_available(&mut queue, mem, heads)?;
-            if heads.is_empty() {
-                if queue.enable_notification(mem).map_err(ring)? && !rechecking {
-                    rechecking = true;
-                    continue; // more arrived while notifications were off
-                }
-                return Ok(());
-            }
-            rechecking = false;
-            (GuestAddress(queue.desc_table()), queue.size())
-        };
-        for &head in heads.iter() {
-            each(walk(mem, desc_table, size, head, indirect_ok)?)?;
-        }
-    }
 }

@@ -9,9 +9,10 @@
 //! buffers (file reads land there with one `preadv`, no bounce buffer), then takes the queue
 //! lock only to add the used element and decide on the interrupt.
 
-use super::chain::{self, Buffer, Chain, ChainError};
+use super::chain::{Buffer, Chain, ChainError};
 use super::mmio::{ActivateContext, QueueHandler, VirtioDevice, VirtioError};
-use super::{DeviceStats, Interrupt, TYPE_9P, VIRTIO_RING_F_INDIRECT_DESC};
+use super::request::RequestQueue;
+use super::TYPE_9P;
 use crate::sandbox::{self, ThreadRole};
 use p9::flush::{flushed_tag, FlushTracker};
 use p9::{ReplyBuf, Server, WorkerPool};
@@ -20,7 +21,6 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
-use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Longest accepted mount tag, in bytes.
@@ -152,32 +152,23 @@ impl VirtioDevice for Virtio9p {
         super::read_config_bytes(&self.config, offset, data);
     }
 
-    fn activate(&mut self, mut ctx: ActivateContext) -> Result<Box<dyn QueueHandler>, VirtioError> {
-        let indirect_ok = ctx.has_feature(VIRTIO_RING_F_INDIRECT_DESC);
-        let queue = ctx.take_request_queue("9p")?;
+    fn activate(&mut self, ctx: ActivateContext) -> Result<Box<dyn QueueHandler>, VirtioError> {
         Ok(Box::new(P9Handler {
             shared: Arc::new(Shared {
-                mem: ctx.mem,
-                queue: Mutex::new(queue),
-                interrupt: ctx.interrupt,
-                stats: ctx.stats,
+                rq: RequestQueue::activate(ctx, "9p")?,
                 server: self.server.clone(),
                 inflight: Mutex::new(0),
                 idle: Condvar::new(),
                 flushes: Mutex::new(FlushTracker::new()),
             }),
             pool: self.pool.clone(),
-            indirect_ok,
             heads: Vec::with_capacity(usize::from(QUEUE_SIZE)),
         }))
     }
 }
 
 struct Shared {
-    mem: Arc<GuestMemoryMmap>,
-    queue: Mutex<Queue>,
-    interrupt: Arc<Interrupt>,
-    stats: Arc<DeviceStats>,
+    rq: RequestQueue,
     server: Arc<dyn RequestHandler>,
     inflight: Mutex<usize>,
     idle: Condvar,
@@ -187,10 +178,6 @@ struct Shared {
 }
 
 impl Shared {
-    fn error(&self, e: &ChainError) {
-        self.interrupt.device_error("9p", e);
-    }
-
     /// Serves one request on a worker thread, then any Tflush that waited for it.
     fn serve_tracked(&self, chain: &Chain, tag: Option<u16>) {
         self.serve(chain);
@@ -208,31 +195,21 @@ impl Shared {
 
     /// Serves one request: gather, answer, add to the used ring, interrupt if needed.
     fn serve(&self, chain: &Chain) {
-        let timer = self.stats.start();
+        let timer = self.rq.stats.start();
         let mut request = Vec::new();
-        if let Err(e) = chain.gather(&self.mem, &mut request) {
-            self.error(&e);
+        if let Err(e) = chain.gather(&self.rq.mem, &mut request) {
+            self.rq.error(&e);
             return;
         }
-        let mut reply = GuestReply::new(&self.mem, &chain.writable);
+        let mut reply = GuestReply::new(&self.rq.mem, &chain.writable);
         let written = self
             .server
             .handle(&request, &mut reply)
             .min(reply.capacity());
         // `written` <= the writable length, which the walker bounded by u32::MAX.
         let written = u32::try_from(written).unwrap_or(u32::MAX);
-        let added = self.interrupt.complete(
-            "9p",
-            &mut chain::lock_queue(&self.queue),
-            &self.mem,
-            chain.head,
-            written,
-        );
-        if !added {
-            return;
-        }
-        self.stats.chain(chain.readable_len + u64::from(written));
-        self.stats.finish(timer);
+        let bytes = chain.readable_len + u64::from(written);
+        self.rq.complete(chain.head, written, bytes, timer);
     }
 
     fn done(&self) {
@@ -247,69 +224,51 @@ impl Shared {
 struct P9Handler {
     shared: Arc<Shared>,
     pool: Arc<WorkerPool>,
-    indirect_ok: bool,
     heads: Vec<u16>,
-}
-
-impl P9Handler {
-    fn drain(&mut self) -> Result<(), ChainError> {
-        let shared = &self.shared;
-        let mem = &*shared.mem;
-        chain::drain_requests(
-            &shared.queue,
-            mem,
-            &mut self.heads,
-            self.indirect_ok,
-            |chain| {
-                if chain.readable_len > MAX_REQUEST_BYTES {
-                    return Err(ChainError::TooLong {
-                        limit: MAX_REQUEST_BYTES,
-                    });
-                }
-                let mut header = [0u8; 9];
-                let n = chain.peek(mem, &mut header)?;
-                let tag = (n >= 7).then(|| u16::from_le_bytes([header[5], header[6]]));
-                let (chain, tracked) = {
-                    let mut flushes = shared.flushes.lock().unwrap_or_else(|e| e.into_inner());
-                    match flushed_tag(&header[..n]) {
-                        // Answered by the worker that completes `oldtag`.
-                        Some(oldtag) => match flushes.flush(oldtag, chain) {
-                            None => return Ok(()),
-                            Some(chain) => (chain, None),
-                        },
-                        None => {
-                            if let Some(tag) = tag {
-                                flushes.start(tag);
-                            }
-                            (chain, tag)
-                        }
-                    }
-                };
-                *shared.inflight.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-                let job_shared = shared.clone();
-                self.pool.submit(Box::new(move || {
-                    let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        job_shared.serve_tracked(&chain, tracked)
-                    }));
-                    if let Err(payload) = served {
-                        job_shared.interrupt.device_panicked("9p", &*payload);
-                    }
-                    job_shared.done();
-                }));
-                Ok(())
-            },
-        )
-    }
 }
 
 impl QueueHandler for P9Handler {
     fn notify(&mut self, queue: usize) {
-        if queue != 0 || self.shared.interrupt.is_broken() {
-            return;
-        }
-        if let Err(e) = self.drain() {
-            self.shared.error(&e);
-        }
+        let shared = &self.shared;
+        let mem = &*shared.rq.mem;
+        shared.rq.notified(queue, &mut self.heads, |chain| {
+            if chain.readable_len > MAX_REQUEST_BYTES {
+                return Err(ChainError::TooLong {
+                    limit: MAX_REQUEST_BYTES,
+                });
+            }
+            let mut header = [0u8; 9];
+            let n = chain.peek(mem, &mut header)?;
+            let tag = (n >= 7).then(|| u16::from_le_bytes([header[5], header[6]]));
+            let (chain, tracked) = {
+                let mut flushes = shared.flushes.lock().unwrap_or_else(|e| e.into_inner());
+                match flushed_tag(&header[..n]) {
+                    // Answered by the worker that completes `oldtag`.
+                    Some(oldtag) => match flushes.flush(oldtag, chain) {
+                        None => return Ok(()),
+                        Some(chain) => (chain, None),
+                    },
+                    None => {
+                        if let Some(tag) = tag {
+                            flushes.start(tag);
+                        }
+                        (chain, tag)
+                    }
+                }
+            };
+            *shared.inflight.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+            let job_shared = shared.clone();
+            self.pool.submit(Box::new(move || {
+                let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    job_shared.serve_tracked(&chain, tracked)
+                }));
+                if let Err(payload) = served {
+                    job_shared.rq.interrupt.device_panicked("9p", &*payload);
+                }
+                job_shared.done();
+            }));
+            Ok(())
+        });
     }
 }
 

@@ -106,19 +106,6 @@ impl ActivateContext {
     pub fn has_feature(&self, bit: u32) -> bool {
         self.features & (1u64 << bit) != 0
     }
-
-    /// Takes queue 0, the request queue of a single-queue device (`device` names it in the
-    /// error), which the driver must have set up.
-    pub fn take_request_queue(&mut self, device: &'static str) -> Result<Queue, VirtioError> {
-        std::mem::take(&mut self.queues)
-            .into_iter()
-            .next()
-            .filter(|q| q.ready())
-            .ok_or_else(|| VirtioError::Activate {
-                device,
-                reason: "the driver did not set up the request queue".into(),
-            })
-    }
 }
 
 /// Serves queue notifications for an activated device, on the transport's event thread.
