@@ -17,9 +17,7 @@ use super::mmio::{ActivateContext, QueueHandler, VirtioDevice, VirtioError};
 use super::request::RequestQueue;
 use p9::{ReplyBuf, WorkerPool};
 use std::os::fd::AsFd;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
 /// virtio device ID of a block device.
@@ -63,8 +61,6 @@ const HEADER_LEN: usize = 16;
 const CONFIG_LEN: usize = 24;
 /// Bounce buffer of a read from a format that is not a plain file.
 const BOUNCE_CHUNK: usize = 1 << 20;
-/// How long a reset or shutdown waits for in-flight requests before abandoning them.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a block device cannot be created.
 #[derive(Debug, thiserror::Error)]
@@ -164,7 +160,6 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<Box<dyn QueueHandler>, VirtioError> {
-        let (jobs, finished) = mpsc::channel();
         Ok(Box::new(BlockHandler {
             shared: Arc::new(Shared {
                 rq: RequestQueue::activate(ctx, "block")?,
@@ -174,8 +169,6 @@ impl VirtioDevice for Block {
             }),
             pool: self.pool.clone(),
             heads: Vec::with_capacity(usize::from(QUEUE_SIZE)),
-            jobs: Some(jobs),
-            finished,
         }))
     }
 }
@@ -402,21 +395,17 @@ struct BlockHandler {
     shared: Arc<Shared>,
     pool: Arc<WorkerPool>,
     heads: Vec<u16>,
-    /// Each submitted request holds a clone until it completes; dropping the handler drops
-    /// this one and waits for `finished` to disconnect (every request done).
-    jobs: Option<Sender<()>>,
-    finished: Receiver<()>,
 }
 
 impl QueueHandler for BlockHandler {
     fn notify(&mut self, queue: usize) {
         let shared = &self.shared;
         shared.rq.notified(queue, &mut self.heads, |chain| {
+            shared.rq.started();
             let shared = shared.clone();
-            let token = self.jobs.clone();
             self.pool.submit(Box::new(move || {
+                let _serving = shared.rq.serving();
                 shared.serve(&chain);
-                drop(token);
             }));
             Ok(())
         });
@@ -426,20 +415,6 @@ impl QueueHandler for BlockHandler {
 impl Drop for BlockHandler {
     /// Waits for in-flight requests so none touches guest memory after a reset completes.
     fn drop(&mut self) {
-        self.jobs = None;
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.finished.recv_timeout(left) {
-                Err(RecvTimeoutError::Disconnected) => return,
-                Err(RecvTimeoutError::Timeout) => {
-                    log::error!(
-                        "virtio-block: requests still running after {DRAIN_TIMEOUT:?}; abandoning them"
-                    );
-                    return;
-                }
-                Ok(()) => {}
-            }
-        }
+        self.shared.rq.wait_idle();
     }
 }

@@ -19,8 +19,7 @@ use p9::{ReplyBuf, Server, WorkerPool};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Longest accepted mount tag, in bytes.
@@ -31,8 +30,6 @@ pub const VIRTIO_9P_MOUNT_TAG: u32 = 0;
 pub const MAX_REQUEST_BYTES: u64 = 64 << 20;
 
 const QUEUE_SIZE: u16 = 256;
-/// How long a reset or shutdown waits for in-flight requests before abandoning them.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A virtio-9p device exporting one [`p9::Server`] under a mount tag.
 pub struct Virtio9p {
@@ -157,8 +154,6 @@ impl VirtioDevice for Virtio9p {
             shared: Arc::new(Shared {
                 rq: RequestQueue::activate(ctx, "9p")?,
                 server: self.server.clone(),
-                inflight: Mutex::new(0),
-                idle: Condvar::new(),
                 flushes: Mutex::new(FlushTracker::new()),
             }),
             pool: self.pool.clone(),
@@ -170,8 +165,6 @@ impl VirtioDevice for Virtio9p {
 struct Shared {
     rq: RequestQueue,
     server: Arc<dyn RequestHandler>,
-    inflight: Mutex<usize>,
-    idle: Condvar,
     /// Tags of requests being served and the Tflush chains waiting for each: 9P requires
     /// Rflush after the flushed request's reply.
     flushes: Mutex<FlushTracker<Chain>>,
@@ -211,14 +204,6 @@ impl Shared {
         let bytes = chain.readable_len + u64::from(written);
         self.rq.complete(chain.head, written, bytes, timer);
     }
-
-    fn done(&self) {
-        let mut n = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            self.idle.notify_all();
-        }
-    }
 }
 
 struct P9Handler {
@@ -256,16 +241,16 @@ impl QueueHandler for P9Handler {
                     }
                 }
             };
-            *shared.inflight.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+            shared.rq.started();
             let job_shared = shared.clone();
             self.pool.submit(Box::new(move || {
+                let _serving = job_shared.rq.serving();
                 let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
                     job_shared.serve_tracked(&chain, tracked)
                 }));
                 if let Err(payload) = served {
                     job_shared.rq.interrupt.device_panicked("9p", &*payload);
                 }
-                job_shared.done();
             }));
             Ok(())
         });
@@ -275,22 +260,7 @@ impl QueueHandler for P9Handler {
 impl Drop for P9Handler {
     /// Waits for in-flight requests so none touches guest memory after a reset completes.
     fn drop(&mut self) {
-        let n = self
-            .shared
-            .inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let (n, timeout) = self
-            .shared
-            .idle
-            .wait_timeout_while(n, DRAIN_TIMEOUT, |n| *n > 0)
-            .unwrap_or_else(|e| e.into_inner());
-        if timeout.timed_out() {
-            log::error!(
-                "virtio-9p: {} requests still running after {DRAIN_TIMEOUT:?}; abandoning them",
-                *n
-            );
-        }
+        self.shared.rq.wait_idle();
     }
 }
 

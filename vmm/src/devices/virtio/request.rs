@@ -1,15 +1,20 @@
 //! The request queue of the single-queue request devices (virtio-blk, virtio-9p): taken from
 //! the driver at activation, drained on the event thread when the driver notifies it, and
-//! completed from whichever worker served each request. The devices own what a request means;
-//! this module owns the ring work they share.
+//! completed from whichever worker served each request, and a reset or shutdown waits for the
+//! requests still being served. The devices own what a request means; this module owns the
+//! ring work and the in-flight count they share.
 
 use super::chain::{self, Chain, ChainError};
 use super::mmio::{ActivateContext, VirtioError};
 use super::{DeviceStats, Interrupt, ServiceTimer, VIRTIO_RING_F_INDIRECT_DESC};
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+/// How long a reset or shutdown waits for in-flight requests before abandoning them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An activated device's request queue (queue 0) and what serving it needs.
 pub(crate) struct RequestQueue {
@@ -24,6 +29,22 @@ pub(crate) struct RequestQueue {
     device: &'static str,
     /// The driver accepted indirect descriptors.
     indirect_ok: bool,
+    /// Requests handed to workers and not yet served; `idle` is signalled when it drops to 0.
+    inflight: Mutex<usize>,
+    idle: Condvar,
+}
+
+/// Counts a started request finished when dropped, also when its worker unwinds.
+pub(crate) struct Serving<'a>(&'a RequestQueue);
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        let mut n = self.0.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.0.idle.notify_all();
+        }
+    }
 }
 
 impl RequestQueue {
@@ -47,7 +68,37 @@ impl RequestQueue {
             stats: ctx.stats,
             device,
             indirect_ok,
+            inflight: Mutex::new(0),
+            idle: Condvar::new(),
         })
+    }
+
+    /// Counts a request about to be handed to a worker, on the event thread (so that a reset
+    /// right after it waits for it); the worker holds [`Self::serving`] while it serves it.
+    pub fn started(&self) {
+        *self.inflight.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    }
+
+    /// Held by the worker serving a [started](Self::started) request.
+    pub fn serving(&self) -> Serving<'_> {
+        Serving(self)
+    }
+
+    /// Waits until every started request is served, so that none touches guest memory after a
+    /// reset or shutdown completes; after [`DRAIN_TIMEOUT`] it logs and abandons them.
+    pub fn wait_idle(&self) {
+        let n = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        let (n, timeout) = self
+            .idle
+            .wait_timeout_while(n, DRAIN_TIMEOUT, |n| *n > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        if timeout.timed_out() {
+            log::error!(
+                "virtio-{}: {} requests still running after {DRAIN_TIMEOUT:?}; abandoning them",
+                self.device,
+                *n
+            );
+        }
     }
 
     /// Puts the device into its error state (see [`Interrupt::device_error`]).
