@@ -76,8 +76,8 @@ mod tests {
 
     #[test]
     fn picks_the_newest_cached_kernel_and_ignores_incomplete_entries() {
-        let dir = std::env::temp_dir().join(format!("bootbox-kernel-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         for (key, age) in [("old", 100), ("new", 10)] {
             std::fs::create_dir_all(dir.join(key)).unwrap();
             let f = dir.join(key).join("vmlinux");
@@ -91,17 +91,14 @@ mod tests {
                 .unwrap();
         }
         std::fs::create_dir_all(dir.join("build-incomplete")).unwrap();
-        assert_eq!(newest_cached(&dir), Some(dir.join("new").join("vmlinux")));
+        assert_eq!(newest_cached(dir), Some(dir.join("new").join("vmlinux")));
         assert_eq!(newest_cached(&dir.join("absent")), None);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn the_users_cache_comes_before_the_system_wide_kernels() {
-        let base =
-            std::env::temp_dir().join(format!("bootbox-kernel-order-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&base);
-        let (user, system) = (base.join("user"), base.join("system"));
+        let base = tempfile::tempdir().unwrap();
+        let (user, system) = (base.path().join("user"), base.path().join("system"));
         std::fs::create_dir_all(system.join("k1")).unwrap();
         std::fs::write(system.join("k1/vmlinux"), b"x").unwrap();
         assert_eq!(
@@ -115,7 +112,6 @@ mod tests {
             first_found(&[&user, &system]),
             Some(user.join("k2/vmlinux"))
         );
-        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

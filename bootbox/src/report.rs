@@ -222,13 +222,11 @@ mod tests {
 
     #[test]
     fn json_round_trips() {
-        let dir = std::env::temp_dir().join(format!("bootbox-report-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("r.json");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("r.json");
         record().write_json(&f).unwrap();
         let back = RunRecord::read_json(&f).unwrap();
         assert_eq!(back.phases, record().phases);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -14,7 +14,6 @@ use kvm_bindings::{
     KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use std::path::PathBuf;
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     MemoryRegionAddress,
@@ -95,14 +94,6 @@ impl Coverage {
         for s in &self.skipped {
             eprintln!("  - {s}");
         }
-    }
-}
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -453,10 +444,11 @@ fn a_restored_guest_continues_where_the_snapshot_stopped() {
     let mut original = boot_original(&kvm, &mut cov);
     note_captured_parts(&original, &mut cov);
 
-    let dir =
-        TempDir(std::env::temp_dir().join(format!("vmm-snapshot-kvm-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
-    let path = dir.0.join("appliance.snap");
+    let dir = tempfile::Builder::new()
+        .prefix("vmm-snapshot-kvm-")
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join("appliance.snap");
     let key = [0x42; 32];
     let state = SnapshotState {
         vm: original.vm_state.clone(),

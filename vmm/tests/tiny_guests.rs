@@ -4,8 +4,10 @@
 //! serial capture, the exit/phase ports, unmapped MMIO, reset, timeout and stop. Each test skips
 //! (saying why) only when /dev/kvm cannot be opened.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use tempfile::NamedTempFile;
 use vmm::{ConsoleSink, GuestExit, InitrdPart, PhaseLog, Vm, VmConfig, VmError};
 
 const LOAD_ADDR: u64 = 0x10_0000;
@@ -138,24 +140,19 @@ fn bzimage_kernel(code64: &[u8], init_size: u32) -> Vec<u8> {
     f
 }
 
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(tag: &str, bytes: &[u8]) -> Self {
-        let p = std::env::temp_dir().join(format!("vmm-tiny-{tag}-{}", std::process::id()));
-        std::fs::write(&p, bytes).unwrap();
-        TempFile(p)
-    }
+/// A temporary file holding `bytes`, removed when dropped.
+fn temp_file(tag: &str, bytes: &[u8]) -> NamedTempFile {
+    let mut f = tempfile::Builder::new()
+        .prefix(&format!("vmm-tiny-{tag}-"))
+        .tempfile()
+        .unwrap();
+    f.write_all(bytes).unwrap();
+    f.flush().unwrap();
+    f
 }
 
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn config(kernel: &TempFile, cmdline: &str) -> VmConfig {
-    let mut c = VmConfig::new(&kernel.0, cmdline);
+fn config(kernel: &NamedTempFile, cmdline: &str) -> VmConfig {
+    let mut c = VmConfig::new(kernel.path(), cmdline);
     c.mem_mib = 64;
     c.console = ConsoleSink::Capture;
     c.timeout = Some(Duration::from_secs(60));
@@ -198,14 +195,14 @@ fn pvh_elf_guest_runs_end_to_end() {
     // runs code from a copy-on-write file mapping.
     let mut code = pvh_guest_code();
     code.resize(2 * 4096 + 100, 0xf4);
-    let kernel = TempFile::new("pvh", &elf_kernel(&code, true));
-    let part = TempFile::new("initrd-part", b"o");
+    let kernel = temp_file("pvh", &elf_kernel(&code, true));
+    let part = temp_file("initrd-part", b"o");
     let mut c = config(&kernel, "AB console=ttyS0");
     c.kernel_sealed = true;
     // The guest reads the first part through a copy-on-write file mapping, the second from
     // the same page (copied in after it).
     c.initrd = vec![
-        InitrdPart::SealedFile(part.0.clone()),
+        InitrdPart::SealedFile(part.path().to_path_buf()),
         InitrdPart::Bytes(b"k-rest".to_vec()),
     ];
     c.stats = true;
@@ -267,7 +264,7 @@ fn loading_and_running_are_separate_steps() {
     if !kvm_available() {
         return;
     }
-    let kernel = TempFile::new("steps", &elf_kernel(&pvh_guest_code(), true));
+    let kernel = temp_file("steps", &elf_kernel(&pvh_guest_code(), true));
     let phases = PhaseLog::new(Instant::now());
     let vm = Vm::new(config(&kernel, "AB"), phases.clone()).unwrap();
     let ready = vm.load().unwrap();
@@ -301,7 +298,7 @@ fn long_mode_elf_guest_gets_the_zero_page() {
         .out(0x600, 7)
         .halt_forever()
         .0;
-    let kernel = TempFile::new("elf64", &elf_kernel(&code, false));
+    let kernel = temp_file("elf64", &elf_kernel(&code, false));
     let out = run(config(&kernel, "console=ttyS0")).unwrap();
     assert_eq!(out.exit, GuestExit::Status(7));
     assert_eq!(out.console_output, b"64\n");
@@ -318,7 +315,7 @@ fn bzimage_guest_keeps_its_setup_header() {
         .out(0x600, 5)
         .halt_forever()
         .0;
-    let kernel = TempFile::new("bz", &bzimage_kernel(&code, 0x1000));
+    let kernel = temp_file("bz", &bzimage_kernel(&code, 0x1000));
     let out = run(config(&kernel, "console=ttyS0")).unwrap();
     assert_eq!(out.exit, GuestExit::Status(5));
 }
@@ -330,7 +327,7 @@ fn bzimage_decompression_area_is_kept_free_of_the_initrd() {
     }
     let code = Asm::default().out(0x600, 6).halt_forever().0;
     // 1 MiB load address + 24 MiB init_size + an 8 MiB initrd do not fit in 32 MiB ...
-    let kernel = TempFile::new("bz-big", &bzimage_kernel(&code, 24 << 20));
+    let kernel = temp_file("bz-big", &bzimage_kernel(&code, 24 << 20));
     let mut c = config(&kernel, "");
     c.mem_mib = 32;
     c.initrd = vec![InitrdPart::Bytes(vec![0; 8 << 20])];
@@ -352,7 +349,7 @@ fn memory_above_the_mmio_gap_is_in_the_pvh_memory_map() {
         .raw(&[0x66, 0xba, 0x00, 0x06, 0xee]) // mov dx, 0x600; out dx, al
         .halt_forever()
         .0;
-    let kernel = TempFile::new("split", &elf_kernel(&code, true));
+    let kernel = temp_file("split", &elf_kernel(&code, true));
     let mut c = config(&kernel, "");
     c.mem_mib = 4096;
     // Low RAM, EBDA/BIOS reserved, RAM up to the gap, RAM from 4 GiB.
@@ -371,7 +368,7 @@ fn i8042_reset_ends_the_run() {
         .out(0x64, 0xfe)
         .halt_forever()
         .0;
-    let kernel = TempFile::new("reset", &elf_kernel(&code, true));
+    let kernel = temp_file("reset", &elf_kernel(&code, true));
     let out = run(config(&kernel, "")).unwrap();
     assert_eq!(out.exit, GuestExit::Reset);
     assert_eq!(out.console_tail, vec!["bye".to_string()]);
@@ -384,7 +381,7 @@ fn halted_guest_runs_into_the_timeout() {
     }
     // cli; hlt: with the in-kernel irqchip KVM keeps the vCPU halted, so only the timeout ends it.
     let code = Asm::default().serial(b"zz").raw(&[0xfa]).halt_forever().0;
-    let kernel = TempFile::new("hlt", &elf_kernel(&code, true));
+    let kernel = temp_file("hlt", &elf_kernel(&code, true));
     let mut c = config(&kernel, "");
     c.timeout = Some(Duration::from_millis(300));
     let out = run(c).unwrap();
@@ -398,7 +395,7 @@ fn stop_handle_ends_a_spinning_guest() {
         return;
     }
     let code = Asm::default().out(0x610, 1).raw(&[0xeb, 0xfe]).0; // jmp $
-    let kernel = TempFile::new("spin", &elf_kernel(&code, true));
+    let kernel = temp_file("spin", &elf_kernel(&code, true));
     let mut c = config(&kernel, "");
     c.vcpus = 2;
     let vm = Vm::new(c, PhaseLog::new(Instant::now())).unwrap();
@@ -419,7 +416,7 @@ fn triple_fault_is_reported_with_the_location() {
     }
     // ud2 with an IDT of one not-present gate: #UD -> #NP -> #DF -> shutdown.
     let code = Asm::default().raw(&[0x0f, 0x0b]).0;
-    let kernel = TempFile::new("ud2", &elf_kernel(&code, true));
+    let kernel = temp_file("ud2", &elf_kernel(&code, true));
     let vm = Vm::new(config(&kernel, ""), PhaseLog::new(Instant::now())).unwrap();
     let console = vm.console_handle();
     let err = vm.run().unwrap_err();
@@ -434,7 +431,7 @@ fn not_a_kernel_is_a_clear_error() {
     if !kvm_available() {
         return;
     }
-    let kernel = TempFile::new("junk", b"this is not a kernel, just some text\n");
+    let kernel = temp_file("junk", b"this is not a kernel, just some text\n");
     let err = run(config(&kernel, "")).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, VmError::BadKernel { .. }), "{msg}");
@@ -449,7 +446,7 @@ fn initrd_that_does_not_fit_says_how_much_memory_is_needed() {
     if !kvm_available() {
         return;
     }
-    let kernel = TempFile::new("small", &elf_kernel(&[0xf4], true));
+    let kernel = temp_file("small", &elf_kernel(&[0xf4], true));
     let mut c = config(&kernel, "");
     c.mem_mib = 32;
     c.initrd = vec![InitrdPart::Bytes(vec![0; 40 << 20])];
@@ -667,13 +664,13 @@ fn sandboxed_9p_child(dir: PathBuf) -> ! {
         msg::RLCREATE,
         msg::RWRITE,
     ];
-    let kernel = TempFile::new(
+    let kernel = temp_file(
         "sandboxed-9p",
         &elf_kernel(&virtio_9p_guest(&requests, &replies, 4), true),
     );
     let report = vmm::sandbox::install(
         &vmm::sandbox::Policy::new()
-            .read_file(&kernel.0)
+            .read_file(kernel.path())
             .share(&dir, true),
     )
     .unwrap();
@@ -718,9 +715,11 @@ fn a_sandboxed_guest_drives_virtio_9p_through_confined_threads() {
     if !kvm_available() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("vmm-tiny-sandboxed-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("vmm-tiny-sandboxed-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
     std::fs::write(dir.join("hello.txt"), "hello from the share\n").unwrap();
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
@@ -729,13 +728,13 @@ fn a_sandboxed_guest_drives_virtio_9p_through_confined_threads() {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env(SANDBOXED_CHILD, &dir)
+        .env(SANDBOXED_CHILD, dir)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let created = std::fs::read_to_string(dir.join("created.txt"));
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(tmp);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("exit: Status(42)"), "{stdout}\n{stderr}");
     assert!(

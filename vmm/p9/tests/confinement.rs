@@ -89,38 +89,12 @@ fn symlinks_are_never_followed() {
     }
     // Creating through a symlinked directory fails (the link is not a directory fid).
     h.walk_to(14, "abs_out").unwrap();
-    assert_eq!(
-        h.call(&Tmessage::Lcreate {
-            fid: 14,
-            name: b"x",
-            flags: 2,
-            mode: 0o600,
-            gid: 0
-        })
-        .unwrap_err(),
-        libc::ENOTDIR
-    );
-    assert_eq!(
-        h.call(&Tmessage::Mkdir {
-            dfid: 14,
-            name: b"x",
-            mode: 0o700,
-            gid: 0
-        })
-        .unwrap_err(),
-        libc::ENOTDIR
-    );
+    assert_eq!(h.lcreate(14, b"x", 2, 0o600, 0).unwrap_err(), libc::ENOTDIR);
+    assert_eq!(h.mkdir(14, b"x", 0o700, 0).unwrap_err(), libc::ENOTDIR);
     // lcreate never opens an existing symlink's target.
     h.walk_to(15, "").unwrap();
     assert_eq!(
-        h.call(&Tmessage::Lcreate {
-            fid: 15,
-            name: b"secret_link",
-            flags: 2,
-            mode: 0o600,
-            gid: 0
-        })
-        .unwrap_err(),
+        h.lcreate(15, b"secret_link", 2, 0o600, 0).unwrap_err(),
         libc::EEXIST
     );
     // setattr on a symlink does not touch the target.
@@ -130,24 +104,19 @@ fn symlinks_are_never_followed() {
         size: 0,
         ..Default::default()
     };
-    assert!(h.call(&Tmessage::Setattr { fid: 16, attr: sa }).is_err());
+    assert!(h.setattr(16, sa).is_err());
     let sa = SetAttr {
         valid: setattr::MODE,
         mode: 0o777,
         ..Default::default()
     };
-    assert!(h.call(&Tmessage::Setattr { fid: 16, attr: sa }).is_err());
+    assert!(h.setattr(16, sa).is_err());
     assert_eq!(
         std::fs::read(share.join("../outside/secret")).unwrap(),
         b"SECRET"
     );
     // Hard-linking a symlink links the link, not the secret.
-    h.call(&Tmessage::Link {
-        dfid: ROOT,
-        fid: 16,
-        name: b"hard",
-    })
-    .unwrap();
+    h.link(ROOT, 16, b"hard").unwrap();
     assert!(std::fs::symlink_metadata(share.join("hard"))
         .unwrap()
         .file_type()
@@ -192,23 +161,12 @@ fn special_files_are_never_opened() {
             valid: setattr::SIZE,
             ..Default::default()
         };
-        assert_eq!(
-            h.call(&Tmessage::Setattr { fid, attr: sa }).unwrap_err(),
-            libc::EINVAL,
-            "{n}"
-        );
+        assert_eq!(h.setattr(fid, sa).unwrap_err(), libc::EINVAL, "{n}");
     }
     // lcreate over an existing FIFO never opens it.
     h.walk_to(20, "").unwrap();
     assert_eq!(
-        h.call(&Tmessage::Lcreate {
-            fid: 20,
-            name: b"fifo",
-            flags: 0,
-            mode: 0o600,
-            gid: 0
-        })
-        .unwrap_err(),
+        h.lcreate(20, b"fifo", 0, 0o600, 0).unwrap_err(),
         libc::EEXIST
     );
 }
@@ -317,15 +275,7 @@ fn read_only_share_refuses_every_mutation() {
     // Reading still works.
     h.lopen(2, libc::O_RDONLY as u32).unwrap();
     assert_eq!(h.read(2, 0, 100).unwrap(), b"keep");
-    assert_eq!(
-        h.call(&Tmessage::Write {
-            fid: 2,
-            offset: 0,
-            data: b"x"
-        })
-        .unwrap_err(),
-        libc::EROFS
-    );
+    assert_eq!(h.write(2, 0, b"x").unwrap_err(), libc::EROFS);
     assert_eq!(std::fs::read(t.join("f")).unwrap(), b"keep");
     assert!(t.join("d/x").exists());
     assert_eq!(std::fs::read_dir(t.join("d")).unwrap().count(), 1);
@@ -348,17 +298,7 @@ fn fid_and_open_file_limits() {
         h.walk(ROOT, fid, &["f"]).unwrap();
     }
     assert_eq!(h.walk(ROOT, 11, &["f"]).unwrap_err(), libc::ENFILE);
-    assert_eq!(
-        h.call(&Tmessage::Attach {
-            fid: 11,
-            afid: wire::NOFID,
-            uname: b"",
-            aname: b"",
-            n_uname: 0
-        })
-        .unwrap_err(),
-        libc::ENFILE
-    );
+    assert_eq!(h.call(&anonymous_attach(11)).unwrap_err(), libc::ENFILE);
     h.clunk(10).unwrap();
     h.walk(ROOT, 11, &["f"]).unwrap();
     for fid in 2..=4 {
@@ -461,14 +401,7 @@ fn malformed_messages_get_rlerror() {
     assert_eq!(h.getattr(12345).unwrap_err(), libc::EBADF);
     assert_eq!(h.walk(wire::NOFID, 3, &[]).unwrap_err(), libc::EBADF);
     assert_eq!(
-        h.call(&Tmessage::Attach {
-            fid: wire::NOFID,
-            afid: wire::NOFID,
-            uname: b"",
-            aname: b"",
-            n_uname: 0
-        })
-        .unwrap_err(),
+        h.call(&anonymous_attach(wire::NOFID)).unwrap_err(),
         libc::EBADF
     );
     // A reply area too small for the reply: Rlerror if it fits, otherwise nothing.

@@ -6,30 +6,18 @@
 mod common;
 
 use common::*;
-use p9::wire::{self, setattr, Rmessage, SetAttr, Tmessage};
+use p9::wire::{setattr, Rmessage, SetAttr, Tmessage};
 use p9::{Config, Server, VecReply};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 fn lcreate(h: &mut Harness, fid: u32, name: &str, mode: u32) -> Result<(), i32> {
-    h.call(&Tmessage::Lcreate {
-        fid,
-        name: name.as_bytes(),
-        flags: libc::O_RDWR as u32,
-        mode,
-        gid: 0,
-    })
-    .map(|_| ())
+    h.lcreate(fid, name.as_bytes(), libc::O_RDWR as u32, mode, 0)
+        .map(|_| ())
 }
 
 fn mkdir(h: &mut Harness, dfid: u32, name: &str) -> Result<(), i32> {
-    h.call(&Tmessage::Mkdir {
-        dfid,
-        name: name.as_bytes(),
-        mode: 0o755,
-        gid: 0,
-    })
-    .map(|_| ())
+    h.mkdir(dfid, name.as_bytes(), 0o755, 0).map(|_| ())
 }
 
 /// Everything the guest can try from a fid whose directory is outside the share now. Returns
@@ -231,14 +219,7 @@ fn sessions_have_their_own_caps() {
     let mut r = VecReply::new(8192);
     for fid in 0..4u32 {
         b.clear();
-        Tmessage::Attach {
-            fid,
-            afid: wire::NOFID,
-            uname: b"",
-            aname: b"",
-            n_uname: 0,
-        }
-        .encode(1, &mut b);
+        anonymous_attach(fid).encode(1, &mut b);
         let n = other.handle(&b, &mut r);
         let (_, rep) = Rmessage::decode(&r.as_slice()[..n]).unwrap();
         assert!(matches!(rep, Rmessage::Attach { .. }), "{rep:?}");
@@ -285,15 +266,15 @@ fn symlink_times_are_set_on_the_link_itself() {
     let target_mtime = std::fs::metadata(t.join("target")).unwrap().mtime();
     let mut h = Harness::new(&t.path, Config::default());
     h.walk_to(2, "link").unwrap();
-    h.call(&Tmessage::Setattr {
-        fid: 2,
-        attr: SetAttr {
+    h.setattr(
+        2,
+        SetAttr {
             valid: setattr::MTIME | setattr::MTIME_SET | setattr::ATIME | setattr::ATIME_SET,
             atime_sec: 1_000_000,
             mtime_sec: 2_000_000,
             ..Default::default()
         },
-    })
+    )
     .unwrap();
     let m = std::fs::symlink_metadata(t.join("link")).unwrap();
     assert_eq!(m.mtime(), 2_000_000);
@@ -314,23 +295,17 @@ fn set_id_bits_never_reach_the_host() {
     let mode = |p: &str| std::fs::metadata(t.join(p)).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode("suid") & 0o6000, 0, "lcreate kept a set-id bit");
     h.walk_to(3, "suid").unwrap();
-    h.call(&Tmessage::Setattr {
-        fid: 3,
-        attr: SetAttr {
+    h.setattr(
+        3,
+        SetAttr {
             valid: setattr::MODE,
             mode: 0o4755,
             ..Default::default()
         },
-    })
+    )
     .unwrap();
     assert_eq!(mode("suid") & 0o6000, 0, "setattr kept a set-id bit");
-    h.call(&Tmessage::Mkdir {
-        dfid: ROOT,
-        name: b"sgid",
-        mode: 0o2755,
-        gid: 0,
-    })
-    .unwrap();
+    h.mkdir(ROOT, b"sgid", 0o2755, 0).unwrap();
     assert_eq!(mode("sgid") & 0o6000, 0, "mkdir kept a set-id bit");
 }
 

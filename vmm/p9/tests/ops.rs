@@ -153,40 +153,19 @@ fn open_read_write_create() {
     assert_eq!(d, &data[100..100 + d.len()]);
     assert!(h.read(2, 1 << 40, 100).unwrap().is_empty());
     // Write to a read-only opened file fails.
-    assert_eq!(
-        h.call(&Tmessage::Write {
-            fid: 2,
-            offset: 0,
-            data: b"x"
-        })
-        .unwrap_err(),
-        libc::EBADF
-    );
+    assert_eq!(h.write(2, 0, b"x").unwrap_err(), libc::EBADF);
 
     // lcreate turns the directory fid into the new, opened file.
     h.walk_to(3, "").unwrap();
     let q = match h
-        .call(&Tmessage::Lcreate {
-            fid: 3,
-            name: b"new.txt",
-            flags: libc::O_RDWR as u32,
-            mode: 0o640,
-            gid: 0,
-        })
+        .lcreate(3, b"new.txt", libc::O_RDWR as u32, 0o640, 0)
         .unwrap()
     {
         Rmessage::Lcreate { qid, .. } => qid,
         r => panic!("{r:?}"),
     };
     assert_eq!(q.path, ino(&t.join("new.txt")));
-    match h
-        .call(&Tmessage::Write {
-            fid: 3,
-            offset: 0,
-            data: b"written",
-        })
-        .unwrap()
-    {
+    match h.write(3, 0, b"written").unwrap() {
         Rmessage::Write { count } => assert_eq!(count, 7),
         r => panic!("{r:?}"),
     }
@@ -213,27 +192,13 @@ fn open_read_write_create() {
     // Creating an existing name fails.
     h.walk_to(4, "").unwrap();
     assert_eq!(
-        h.call(&Tmessage::Lcreate {
-            fid: 4,
-            name: b"new.txt",
-            flags: 2,
-            mode: 0o600,
-            gid: 0
-        })
-        .unwrap_err(),
+        h.lcreate(4, b"new.txt", 2, 0o600, 0).unwrap_err(),
         libc::EEXIST
     );
     // Bad names.
     for bad in [&b""[..], b".", b"..", b"a/b", b"a\0b"] {
         assert_eq!(
-            h.call(&Tmessage::Lcreate {
-                fid: 4,
-                name: bad,
-                flags: 2,
-                mode: 0o600,
-                gid: 0
-            })
-            .unwrap_err(),
+            h.lcreate(4, bad, 2, 0o600, 0).unwrap_err(),
             libc::EINVAL,
             "name {bad:?}"
         );
@@ -388,15 +353,15 @@ fn getattr_of_a_settled_file_follows_chown_and_host_attribute_changes() {
     assert_eq!((a.uid, a.gid), (host.uid(), host.gid()));
     // Kept now; the guest's chown (recorded in the attribute) must show at once.
     assert_eq!(h.getattr(2).unwrap().uid, host.uid());
-    h.call(&Tmessage::Setattr {
-        fid: 2,
-        attr: SetAttr {
+    h.setattr(
+        2,
+        SetAttr {
             valid: setattr::UID | setattr::GID,
             uid: 4321,
             gid: 8765,
             ..Default::default()
         },
-    })
+    )
     .unwrap();
     let a = h.getattr(2).unwrap();
     assert_eq!((a.uid, a.gid), (4321, 8765));
@@ -418,15 +383,7 @@ fn namespace_operations() {
     t.file("f", b"data");
     let mut h = Harness::new(&t.path, Config::default());
     // mkdir
-    match h
-        .call(&Tmessage::Mkdir {
-            dfid: ROOT,
-            name: b"dir",
-            mode: 0o750,
-            gid: 0,
-        })
-        .unwrap()
-    {
+    match h.mkdir(ROOT, b"dir", 0o750, 0).unwrap() {
         Rmessage::Mkdir { qid } => {
             assert_eq!(qid.ty, QTDIR);
             assert_eq!(qid.path, ino(&t.join("dir")));
@@ -434,16 +391,7 @@ fn namespace_operations() {
         r => panic!("{r:?}"),
     }
     assert!(t.join("dir").is_dir());
-    assert_eq!(
-        h.call(&Tmessage::Mkdir {
-            dfid: ROOT,
-            name: b"dir",
-            mode: 0o750,
-            gid: 0
-        })
-        .unwrap_err(),
-        libc::EEXIST
-    );
+    assert_eq!(h.mkdir(ROOT, b"dir", 0o750, 0).unwrap_err(), libc::EEXIST);
     // symlink + readlink (the target text is stored, never followed)
     match h
         .call(&Tmessage::Symlink {
@@ -468,30 +416,12 @@ fn namespace_operations() {
         libc::EINVAL
     );
     // link
-    h.call(&Tmessage::Link {
-        dfid: ROOT,
-        fid: 3,
-        name: b"f2",
-    })
-    .unwrap();
+    h.link(ROOT, 3, b"f2").unwrap();
     assert_eq!(ino(&t.join("f2")), ino(&t.join("f")));
     h.walk_to(4, "dir").unwrap();
-    assert_eq!(
-        h.call(&Tmessage::Link {
-            dfid: ROOT,
-            fid: 4,
-            name: b"dir2"
-        })
-        .unwrap_err(),
-        libc::EPERM
-    );
+    assert_eq!(h.link(ROOT, 4, b"dir2").unwrap_err(), libc::EPERM);
     // link of a symlink links the symlink itself
-    h.call(&Tmessage::Link {
-        dfid: ROOT,
-        fid: 2,
-        name: b"sl2",
-    })
-    .unwrap();
+    h.link(ROOT, 2, b"sl2").unwrap();
     assert_eq!(
         std::fs::read_link(t.join("sl2")).unwrap().to_str().unwrap(),
         "../../etc/passwd"
@@ -630,7 +560,7 @@ fn setattr_statfs_locks_xattrs_flush() {
         mtime_nsec: 5,
         ..Default::default()
     };
-    h.call(&Tmessage::Setattr { fid: 2, attr: sa }).unwrap();
+    h.setattr(2, sa).unwrap();
     let m = std::fs::metadata(t.join("f")).unwrap();
     assert_eq!(m.permissions().mode() & 0o7777, 0o600);
     assert_eq!(m.len(), 4);
@@ -640,13 +570,13 @@ fn setattr_statfs_locks_xattrs_flush() {
     // qid.version follows mtime
     let a = h.getattr(2).unwrap();
     assert_eq!(a.mtime_sec, 2_000_000);
-    h.call(&Tmessage::Setattr {
-        fid: 2,
-        attr: SetAttr {
+    h.setattr(
+        2,
+        SetAttr {
             valid: setattr::MTIME,
             ..Default::default()
         },
-    })
+    )
     .unwrap();
     assert_ne!(h.getattr(2).unwrap().qid.version, a.qid.version);
     // uid/gid to our own ids works.
@@ -656,20 +586,13 @@ fn setattr_statfs_locks_xattrs_flush() {
         gid: m.gid(),
         ..Default::default()
     };
-    h.call(&Tmessage::Setattr { fid: 2, attr: sa }).unwrap();
+    h.setattr(2, sa).unwrap();
     // size on a directory
     let sa = SetAttr {
         valid: setattr::SIZE,
         ..Default::default()
     };
-    assert_eq!(
-        h.call(&Tmessage::Setattr {
-            fid: ROOT,
-            attr: sa
-        })
-        .unwrap_err(),
-        libc::EISDIR
-    );
+    assert_eq!(h.setattr(ROOT, sa).unwrap_err(), libc::EISDIR);
 
     match h.call(&Tmessage::Statfs { fid: ROOT }).unwrap() {
         Rmessage::Statfs(s) => {

@@ -27,14 +27,8 @@ fn as_user_1000(t: &TempTree) -> Harness {
 
 fn lcreate(h: &mut Harness, dir: u32, newfid: u32, name: &str, mode: u32, gid: u32) {
     h.walk(dir, newfid, &[]).unwrap();
-    h.call(&Tmessage::Lcreate {
-        fid: newfid,
-        name: name.as_bytes(),
-        flags: libc::O_RDWR as u32,
-        mode,
-        gid,
-    })
-    .unwrap();
+    h.lcreate(newfid, name.as_bytes(), libc::O_RDWR as u32, mode, gid)
+        .unwrap();
 }
 
 fn me() -> (u32, u32) {
@@ -59,16 +53,16 @@ fn the_guest_reads_back_what_it_set_and_the_host_keeps_its_own() {
     assert_eq!(m.mode() & 0o7000, 0, "no set-id bit on the host");
 
     // chown and chmod: the guest sees them, the host does not change owner.
-    h.call(&Tmessage::Setattr {
-        fid: 2,
-        attr: SetAttr {
+    h.setattr(
+        2,
+        SetAttr {
             valid: setattr::UID | setattr::GID | setattr::MODE,
             uid: 0,
             gid: 0,
             mode: 0o4700,
             ..Default::default()
         },
-    })
+    )
     .unwrap();
     let a = h.getattr(2).unwrap();
     assert_eq!((a.uid, a.gid, a.mode), (0, 0, libc::S_IFREG | 0o4700));
@@ -77,14 +71,14 @@ fn the_guest_reads_back_what_it_set_and_the_host_keeps_its_own() {
     assert_eq!(m.mode() & 0o7777, 0o700);
 
     // chmod 000 in the guest still leaves the server able to use the file.
-    h.call(&Tmessage::Setattr {
-        fid: 2,
-        attr: SetAttr {
+    h.setattr(
+        2,
+        SetAttr {
             valid: setattr::MODE,
             mode: 0,
             ..Default::default()
         },
-    })
+    )
     .unwrap();
     assert_eq!(h.getattr(2).unwrap().mode, libc::S_IFREG);
     assert_eq!(
@@ -93,13 +87,7 @@ fn the_guest_reads_back_what_it_set_and_the_host_keeps_its_own() {
     );
 
     // Directories too.
-    h.call(&Tmessage::Mkdir {
-        dfid: GUEST,
-        name: b"home",
-        mode: 0o1770,
-        gid: 100,
-    })
-    .unwrap();
+    h.mkdir(GUEST, b"home", 0o1770, 100).unwrap();
     h.walk(GUEST, 3, &["home"]).unwrap();
     let a = h.getattr(3).unwrap();
     assert_eq!((a.uid, a.gid, a.mode), (1000, 100, libc::S_IFDIR | 0o1770));
@@ -219,15 +207,15 @@ fn symlinks_keep_the_guest_owner_the_guest_gave_them_and_the_host_link_is_untouc
         (setattr::GID, 0, 7, (1000, 7)),
         (setattr::UID, 65534, 0, (65534, 7)),
     ] {
-        h.call(&Tmessage::Setattr {
-            fid: 3,
-            attr: SetAttr {
+        h.setattr(
+            3,
+            SetAttr {
                 valid,
                 uid,
                 gid,
                 ..Default::default()
             },
-        })
+        )
         .unwrap();
         let a = h.getattr(3).unwrap();
         assert_eq!((a.uid, a.gid), want);

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::TempTree;
+use common::{anonymous_attach, TempTree};
 use p9::client::{Client, ClientError};
 use p9::socket::SocketOptions;
 use p9::wire::{self, Rmessage, Tmessage};
@@ -80,20 +80,23 @@ fn open_session(s: &mut UnixStream, msize: u32) {
         matches!(r[0].1, Rmessage::Version { msize: m, .. } if m == msize),
         "{r:?}"
     );
-    let r = batch(
-        s,
-        &[(
-            1,
-            Tmessage::Attach {
-                fid: 1,
-                afid: wire::NOFID,
-                uname: b"",
-                aname: b"",
-                n_uname: 0,
-            },
-        )],
-    );
+    let r = batch(s, &[(1, anonymous_attach(1))]);
     assert!(matches!(r[0].1, Rmessage::Attach { .. }), "{r:?}");
+}
+
+/// Walks fid 1 (the root) to `name` as fid 2 (tag 2) and opens it with `flags` (tag 3).
+fn open_file(s: &mut UnixStream, name: &[u8], flags: u32) {
+    let walk = Tmessage::Walk {
+        fid: 1,
+        newfid: 2,
+        names: wire::WalkNames::new(&[name]).unwrap(),
+    };
+    assert!(matches!(batch(s, &[(2, walk)])[0].1, Rmessage::Walk { .. }));
+    let lopen = Tmessage::Lopen { fid: 2, flags };
+    assert!(matches!(
+        batch(s, &[(3, lopen)])[0].1,
+        Rmessage::Lopen { .. }
+    ));
 }
 
 /// Reads until the server ends the connection; it must send nothing more, and not hang.
@@ -174,14 +177,7 @@ fn pipelined_requests_and_flush_ordering() {
         version: b"9P2000.L",
     }
     .encode(wire::NOTAG, &mut b);
-    Tmessage::Attach {
-        fid: 1,
-        afid: wire::NOFID,
-        uname: b"",
-        aname: b"",
-        n_uname: 0,
-    }
-    .encode(1, &mut b);
+    anonymous_attach(1).encode(1, &mut b);
     s.write_all(&b).unwrap();
     read_msg(&mut s);
     read_msg(&mut s);
@@ -268,20 +264,7 @@ fn a_client_that_never_reads_its_replies_stalls_only_itself() {
     // holds, plus a flush of the last one, and reads nothing.
     let mut a = connect(&sock);
     open_session(&mut a, MSIZE);
-    let walk_big = Tmessage::Walk {
-        fid: 1,
-        newfid: 2,
-        names: wire::WalkNames::new(&[b"big"]).unwrap(),
-    };
-    assert!(matches!(
-        batch(&mut a, &[(2, walk_big)])[0].1,
-        Rmessage::Walk { .. }
-    ));
-    let lopen = Tmessage::Lopen { fid: 2, flags: 0 };
-    assert!(matches!(
-        batch(&mut a, &[(3, lopen)])[0].1,
-        Rmessage::Lopen { .. }
-    ));
+    open_file(&mut a, b"big", 0);
     const READS: u16 = 500;
     let mut b = Vec::new();
     for tag in 1..=READS {
@@ -429,20 +412,7 @@ fn frames_beyond_the_negotiated_msize_close_the_connection() {
     // The configured maximum is 512000; this session negotiates 8192.
     let mut s = connect(&sock);
     open_session(&mut s, 8192);
-    let walk = Tmessage::Walk {
-        fid: 1,
-        newfid: 2,
-        names: wire::WalkNames::new(&[b"f"]).unwrap(),
-    };
-    assert!(matches!(
-        batch(&mut s, &[(2, walk)])[0].1,
-        Rmessage::Walk { .. }
-    ));
-    let lopen = Tmessage::Lopen { fid: 2, flags: 2 };
-    assert!(matches!(
-        batch(&mut s, &[(3, lopen)])[0].1,
-        Rmessage::Lopen { .. }
-    ));
+    open_file(&mut s, b"f", 2);
     // A frame of exactly msize is served.
     let data = vec![5u8; 8192 - 23];
     let w = Tmessage::Write {

@@ -621,29 +621,15 @@ mod tests {
         mem
     }
 
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> Self {
-            static N: AtomicU64 = AtomicU64::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "vmm-snapshot-{tag}-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            TempDir(p)
-        }
+    fn temp_dir(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("vmm-snapshot-{tag}-"))
+            .tempdir()
+            .unwrap()
     }
 
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn written_image(dir: &TempDir) -> (PathBuf, Vec<u8>) {
-        let path = dir.0.join("snap");
+    fn written_image(dir: &tempfile::TempDir) -> (PathBuf, Vec<u8>) {
+        let path = dir.path().join("snap");
         write_snapshot(&path, &KEY, &sample_state(), &sample_memory()).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         (path, bytes)
@@ -663,7 +649,7 @@ mod tests {
 
     #[test]
     fn snapshot_round_trips_with_sparse_memory() {
-        let dir = TempDir::new("roundtrip");
+        let dir = temp_dir("roundtrip");
         let (path, bytes) = written_image(&dir);
         let snap = read_snapshot(&path, &KEY).unwrap();
         assert_eq!(snap.state, sample_state());
@@ -706,12 +692,12 @@ mod tests {
             "{allocated} bytes allocated: zero pages were written"
         );
         // No temp file is left behind.
-        assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 1);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]
     fn a_new_snapshot_replaces_the_old_one_whole() {
-        let dir = TempDir::new("replace");
+        let dir = temp_dir("replace");
         let (path, _) = written_image(&dir);
         let mut state = sample_state();
         state.devices.clear();
@@ -721,7 +707,7 @@ mod tests {
 
     #[test]
     fn each_header_field_is_checked() {
-        let dir = TempDir::new("fields");
+        let dir = temp_dir("fields");
         let (_, image) = written_image(&dir);
         let corrupt = |offset: usize, value: &[u8]| {
             let mut bad = image.clone();
@@ -780,7 +766,7 @@ mod tests {
 
     #[test]
     fn every_truncation_and_extension_is_refused() {
-        let dir = TempDir::new("trunc");
+        let dir = temp_dir("trunc");
         let (_, image) = written_image(&dir);
         for len in (0..image.len()).step_by(97).chain([image.len() - 1]) {
             let err = parse_image(&image[..len]).unwrap_err();
@@ -803,7 +789,7 @@ mod tests {
     #[test]
     fn a_state_section_that_passes_its_checksum_is_still_decoded_strictly() {
         // A writer bug (or a forged file) with a valid checksum must still fail cleanly.
-        let dir = TempDir::new("strict");
+        let dir = temp_dir("strict");
         let (_, mut image) = written_image(&dir);
         // The vCPU count lives right after the VM state.
         let mut e = Encoder::default();
@@ -823,11 +809,11 @@ mod tests {
 
     #[test]
     fn wrong_key_and_missing_file_have_clear_errors() {
-        let dir = TempDir::new("key");
+        let dir = temp_dir("key");
         let (path, _) = written_image(&dir);
         let err = read_snapshot(&path, &[0; 32]).unwrap_err();
         assert!(err.to_string().contains("key mismatch"), "{err}");
-        let err = read_snapshot(&dir.0.join("absent"), &KEY).unwrap_err();
+        let err = read_snapshot(&dir.path().join("absent"), &KEY).unwrap_err();
         assert!(err.to_string().starts_with("opening "), "{err}");
     }
 
@@ -835,7 +821,7 @@ mod tests {
     /// of a valid image, and random truncations, must give `Ok` or `Err`, never a panic.
     #[test]
     fn random_corruption_never_panics() {
-        let dir = TempDir::new("fuzz");
+        let dir = temp_dir("fuzz");
         let (_, image) = written_image(&dir);
         let state_end = HEADER_LEN + sample_state().encode().len() + CHECKSUM_LEN as usize;
         let mut rng = 0x9e37_79b9_7f4a_7c15u64;

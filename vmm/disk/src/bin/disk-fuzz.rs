@@ -339,10 +339,8 @@ mod tests {
 
     #[test]
     fn valid_generated_images_read_back_and_mutants_do_not_panic() {
-        let dir = std::env::temp_dir().join(format!("disk-fuzz-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let result = run(0x5eed, 400, 120.0, &dir);
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = tempfile::tempdir().unwrap();
+        let result = run(0x5eed, 400, 120.0, dir.path());
         assert_eq!(result, Ok(400));
     }
 }

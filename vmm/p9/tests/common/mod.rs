@@ -158,8 +158,65 @@ impl Harness {
         }
     }
 
+    pub fn write(&mut self, fid: u32, offset: u64, data: &[u8]) -> Result<Rmessage<'static>, i32> {
+        self.call(&Tmessage::Write { fid, offset, data })
+    }
+
+    /// Tlcreate: `fid` (a directory) becomes the new file, opened with `flags`.
+    pub fn lcreate(
+        &mut self,
+        fid: u32,
+        name: &[u8],
+        flags: u32,
+        mode: u32,
+        gid: u32,
+    ) -> Result<Rmessage<'static>, i32> {
+        self.call(&Tmessage::Lcreate {
+            fid,
+            name,
+            flags,
+            mode,
+            gid,
+        })
+    }
+
+    pub fn mkdir(
+        &mut self,
+        dfid: u32,
+        name: &[u8],
+        mode: u32,
+        gid: u32,
+    ) -> Result<Rmessage<'static>, i32> {
+        self.call(&Tmessage::Mkdir {
+            dfid,
+            name,
+            mode,
+            gid,
+        })
+    }
+
+    pub fn setattr(&mut self, fid: u32, attr: wire::SetAttr) -> Result<Rmessage<'static>, i32> {
+        self.call(&Tmessage::Setattr { fid, attr })
+    }
+
+    /// Tlink: a hard link to `fid` named `name` in directory `dfid`.
+    pub fn link(&mut self, dfid: u32, fid: u32, name: &[u8]) -> Result<Rmessage<'static>, i32> {
+        self.call(&Tmessage::Link { dfid, fid, name })
+    }
+
     pub fn clunk(&mut self, fid: u32) -> Result<(), i32> {
         self.call(&Tmessage::Clunk { fid }).map(|_| ())
+    }
+}
+
+/// Tattach of `fid` to the share root with no user name and no authentication fid.
+pub fn anonymous_attach(fid: u32) -> Tmessage<'static> {
+    Tmessage::Attach {
+        fid,
+        afid: wire::NOFID,
+        uname: b"",
+        aname: b"",
+        n_uname: 0,
     }
 }
 

@@ -11,17 +11,14 @@
 //! but wrong as a block request (short header, out-of-range sectors, wrong directions, too many
 //! or too large segments, a write to a read-only disk) gets an error status, never a crash.
 
-use super::chain::{self, Buffer, Chain, ChainError};
+use super::chain::{Buffer, Chain};
 use super::fs9p::GuestReply;
 use super::mmio::{ActivateContext, QueueHandler, VirtioDevice, VirtioError};
-use super::{DeviceStats, Interrupt, VIRTIO_RING_F_INDIRECT_DESC};
+use super::request::RequestQueue;
 use p9::{ReplyBuf, WorkerPool};
 use std::os::fd::AsFd;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use std::sync::Arc;
+use vm_memory::{Bytes, GuestAddress};
 
 /// virtio device ID of a block device.
 pub const TYPE_BLOCK: u32 = 2;
@@ -64,8 +61,6 @@ const HEADER_LEN: usize = 16;
 const CONFIG_LEN: usize = 24;
 /// Bounce buffer of a read from a format that is not a plain file.
 const BOUNCE_CHUNK: usize = 1 << 20;
-/// How long a reset or shutdown waits for in-flight requests before abandoning them.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a block device cannot be created.
 #[derive(Debug, thiserror::Error)]
@@ -165,38 +160,21 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<Box<dyn QueueHandler>, VirtioError> {
-        let indirect_ok = ctx.has_feature(VIRTIO_RING_F_INDIRECT_DESC);
-        let Some(queue) = ctx.queues.into_iter().next().filter(|q| q.ready()) else {
-            return Err(VirtioError::Activate {
-                device: "block",
-                reason: "the driver did not set up the request queue".into(),
-            });
-        };
-        let (jobs, finished) = mpsc::channel();
         Ok(Box::new(BlockHandler {
             shared: Arc::new(Shared {
-                mem: ctx.mem,
-                queue: Mutex::new(queue),
-                interrupt: ctx.interrupt,
-                stats: ctx.stats,
+                rq: RequestQueue::activate(ctx, "block")?,
                 image: self.image.clone(),
                 read_only: self.read_only,
                 serial: self.serial,
             }),
             pool: self.pool.clone(),
-            indirect_ok,
             heads: Vec::with_capacity(usize::from(QUEUE_SIZE)),
-            jobs: Some(jobs),
-            finished,
         }))
     }
 }
 
 struct Shared {
-    mem: Arc<GuestMemoryMmap>,
-    queue: Mutex<Queue>,
-    interrupt: Arc<Interrupt>,
-    stats: Arc<DeviceStats>,
+    rq: RequestQueue,
     image: Arc<dyn disk::Image>,
     read_only: bool,
     serial: [u8; ID_LEN],
@@ -211,13 +189,9 @@ fn ioerr<T>(why: &str) -> Result<T, Refused> {
 }
 
 impl Shared {
-    fn queue(&self) -> MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Serves one request: execute it, write its status byte, add it to the used ring.
     fn serve(&self, chain: &Chain) {
-        let timer = self.stats.start();
+        let timer = self.rq.stats.start();
         // The status is the last device-writable byte; without one nothing can be reported.
         let status_at = chain
             .writable
@@ -235,29 +209,21 @@ impl Shared {
         };
         let mut used_len = 0u32;
         if let (Some(addr), Some(status)) = (status_at, status) {
-            if self.mem.write_obj(status, addr).is_err() {
-                self.interrupt
-                    .device_error("block", &"status byte is outside guest memory");
+            if self.rq.mem.write_obj(status, addr).is_err() {
+                self.rq.error(&"status byte is outside guest memory");
                 return;
             }
             // data_written < the writable length, which the walker bounded by u32::MAX.
             used_len = u32::try_from(data_written + 1).unwrap_or(u32::MAX);
         }
-        let added =
-            self.interrupt
-                .complete("block", &mut self.queue(), &self.mem, chain.head, used_len);
-        if !added {
-            return;
-        }
-        self.stats.chain(data_written);
-        self.stats.finish(timer);
+        self.rq.complete(chain.head, used_len, data_written, timer);
     }
 
     /// Executes a request whose chain has a status byte; returns the data bytes written to
     /// the guest (not counting the status byte).
     fn execute(&self, chain: &Chain) -> Result<u64, Refused> {
         let mut header = [0u8; HEADER_LEN];
-        match chain.peek(&self.mem, &mut header) {
+        match chain.peek(&self.rq.mem, &mut header) {
             Ok(HEADER_LEN) => {}
             _ => return ioerr("header shorter than 16 bytes"),
         }
@@ -302,7 +268,7 @@ impl Shared {
                 }
                 let bufs = data_buffers(&chain.writable, 0, writable_data)?;
                 let n = writable_data.min(ID_LEN as u64) as usize;
-                GuestReply::new(&self.mem, &bufs)
+                GuestReply::new(&self.rq.mem, &bufs)
                     .write_at(0, &self.serial[..n])
                     .or_else(|_| ioerr("serial buffer outside guest memory"))?;
                 Ok(n as u64)
@@ -328,7 +294,7 @@ impl Shared {
 
     /// Reads `len` disk bytes at `offset` into the guest buffers `bufs`.
     fn read(&self, bufs: &[Buffer], offset: u64, len: u64) -> Result<(), Refused> {
-        let mut reply = GuestReply::new(&self.mem, bufs);
+        let mut reply = GuestReply::new(&self.rq.mem, bufs);
         // Bytes past the image's end (the last partial sector) read as zeros.
         let in_image = len.min(self.image.len().saturating_sub(offset)) as usize;
         let failed = |e: &dyn std::fmt::Display| {
@@ -372,7 +338,8 @@ impl Shared {
         let mut pos = 0usize;
         for b in bufs {
             let end = pos + b.len as usize;
-            self.mem
+            self.rq
+                .mem
                 .read_slice(&mut data[pos..end], b.addr)
                 .or_else(|_| ioerr("data buffer outside guest memory"))?;
             pos = end;
@@ -427,72 +394,27 @@ fn data_buffers(bufs: &[Buffer], mut skip: u64, len: u64) -> Result<Vec<Buffer>,
 struct BlockHandler {
     shared: Arc<Shared>,
     pool: Arc<WorkerPool>,
-    indirect_ok: bool,
     heads: Vec<u16>,
-    /// Each submitted request holds a clone until it completes; dropping the handler drops
-    /// this one and waits for `finished` to disconnect (every request done).
-    jobs: Option<Sender<()>>,
-    finished: Receiver<()>,
-}
-
-impl BlockHandler {
-    fn drain(&mut self) -> Result<(), ChainError> {
-        let mem = &*self.shared.mem;
-        let ring = |e: virtio_queue::Error| ChainError::Ring(e.to_string());
-        loop {
-            let (desc_table, size) = {
-                let mut queue = self.shared.queue();
-                queue.disable_notification(mem).map_err(ring)?;
-                chain::pop_available(&mut queue, mem, &mut self.heads)?;
-                if self.heads.is_empty() {
-                    if queue.enable_notification(mem).map_err(ring)? {
-                        continue; // more arrived while notifications were off
-                    }
-                    return Ok(());
-                }
-                (GuestAddress(queue.desc_table()), queue.size())
-            };
-            for &head in &self.heads {
-                let chain = chain::walk(mem, desc_table, size, head, self.indirect_ok)?;
-                let shared = self.shared.clone();
-                let token = self.jobs.clone();
-                self.pool.submit(Box::new(move || {
-                    shared.serve(&chain);
-                    drop(token);
-                }));
-            }
-        }
-    }
 }
 
 impl QueueHandler for BlockHandler {
     fn notify(&mut self, queue: usize) {
-        if queue != 0 || self.shared.interrupt.is_broken() {
-            return;
-        }
-        if let Err(e) = self.drain() {
-            self.shared.interrupt.device_error("block", &e);
-        }
+        let shared = &self.shared;
+        shared.rq.notified(queue, &mut self.heads, |chain| {
+            shared.rq.started();
+            let shared = shared.clone();
+            self.pool.submit(Box::new(move || {
+                let _serving = shared.rq.serving();
+                shared.serve(&chain);
+            }));
+            Ok(())
+        });
     }
 }
 
 impl Drop for BlockHandler {
     /// Waits for in-flight requests so none touches guest memory after a reset completes.
     fn drop(&mut self) {
-        self.jobs = None;
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.finished.recv_timeout(left) {
-                Err(RecvTimeoutError::Disconnected) => return,
-                Err(RecvTimeoutError::Timeout) => {
-                    log::error!(
-                        "virtio-block: requests still running after {DRAIN_TIMEOUT:?}; abandoning them"
-                    );
-                    return;
-                }
-                Ok(()) => {}
-            }
-        }
+        self.shared.rq.wait_idle();
     }
 }

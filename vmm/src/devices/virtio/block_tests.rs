@@ -5,7 +5,7 @@
 
 use super::super::block::*;
 use super::*;
-use std::path::PathBuf;
+use std::io::Write;
 
 /// Each request's header, status and data live in their own 1 MiB slot above `DATA`.
 const SLOT: u64 = 0x10_0000;
@@ -32,13 +32,18 @@ impl disk::Image for MemImage {
 }
 
 /// A raw image file removed on drop.
-struct TempImage(PathBuf);
+struct TempImage(tempfile::NamedTempFile);
 
 impl TempImage {
     fn new(name: &str, data: &[u8]) -> Self {
-        let path = std::env::temp_dir().join(format!("blk-{}-{name}.img", std::process::id()));
-        std::fs::write(&path, data).unwrap();
-        TempImage(path)
+        let mut file = tempfile::Builder::new()
+            .prefix(&format!("blk-{name}-"))
+            .suffix(".img")
+            .tempfile()
+            .unwrap();
+        file.write_all(data).unwrap();
+        file.flush().unwrap();
+        TempImage(file)
     }
 
     fn open(&self, writable: bool) -> Arc<dyn disk::Image> {
@@ -46,13 +51,7 @@ impl TempImage {
             format: None,
             writable,
         };
-        Arc::from(disk::open(&self.0, options).unwrap())
-    }
-}
-
-impl Drop for TempImage {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        Arc::from(disk::open(self.0.path(), options).unwrap())
     }
 }
 
@@ -219,7 +218,7 @@ fn block_writes_only_when_writable_and_answers_flush_and_get_id() {
     ro.fill(w.data, &[0x42; 1024]);
     assert_eq!(submit(&mut ro, &w), (VIRTIO_BLK_S_IOERR, 1));
     assert_eq!(
-        std::fs::read(&file.0).unwrap(),
+        std::fs::read(file.0.path()).unwrap(),
         data,
         "read-only disk unchanged"
     );
@@ -230,7 +229,7 @@ fn block_writes_only_when_writable_and_answers_flush_and_get_id() {
     assert_eq!(submit(&mut rw, &w), (VIRTIO_BLK_S_OK, 1));
     let f = request(&mut rw, 1, VIRTIO_BLK_T_FLUSH, 0, &[], false);
     assert_eq!(submit(&mut rw, &f), (VIRTIO_BLK_S_OK, 1));
-    let on_disk = std::fs::read(&file.0).unwrap();
+    let on_disk = std::fs::read(file.0.path()).unwrap();
     assert!(on_disk[1024..2048].iter().all(|&b| b == 0x42));
     assert_eq!(on_disk[..1024], data[..1024]);
     assert_eq!(on_disk[2048..], data[2048..]);

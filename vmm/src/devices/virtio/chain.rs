@@ -9,6 +9,7 @@
 //! that many 16-byte reads. It owns no queue state: the ring indexes stay in
 //! `virtio_queue::Queue`.
 
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// The most descriptors one chain may have, direct and indirect together. Linux keeps 9p chains
@@ -270,12 +271,11 @@ impl Chain {
 /// available ring at guest address 0 (a valid placement) as "not ready" and silently stops at
 /// an unreadable entry, leaving the index behind so that the caller would spin on it.
 pub fn pop_available(
-    queue: &mut virtio_queue::Queue,
+    queue: &mut Queue,
     mem: &GuestMemoryMmap,
     heads: &mut Vec<u16>,
 ) -> Result<(), ChainError> {
     use std::sync::atomic::Ordering;
-    use virtio_queue::QueueT;
     heads.clear();
     if !queue.ready() {
         return Err(ChainError::Ring("the queue is not ready".into()));

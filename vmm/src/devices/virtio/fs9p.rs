@@ -9,18 +9,17 @@
 //! buffers (file reads land there with one `preadv`, no bounce buffer), then takes the queue
 //! lock only to add the used element and decide on the interrupt.
 
-use super::chain::{self, Buffer, Chain, ChainError};
+use super::chain::{Buffer, Chain, ChainError};
 use super::mmio::{ActivateContext, QueueHandler, VirtioDevice, VirtioError};
-use super::{DeviceStats, Interrupt, TYPE_9P, VIRTIO_RING_F_INDIRECT_DESC};
+use super::request::RequestQueue;
+use super::TYPE_9P;
 use crate::sandbox::{self, ThreadRole};
 use p9::flush::{flushed_tag, FlushTracker};
 use p9::{ReplyBuf, Server, WorkerPool};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
-use virtio_queue::{Queue, QueueT};
+use std::sync::{Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Longest accepted mount tag, in bytes.
@@ -31,8 +30,6 @@ pub const VIRTIO_9P_MOUNT_TAG: u32 = 0;
 pub const MAX_REQUEST_BYTES: u64 = 64 << 20;
 
 const QUEUE_SIZE: u16 = 256;
-/// How long a reset or shutdown waits for in-flight requests before abandoning them.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A virtio-9p device exporting one [`p9::Server`] under a mount tag.
 pub struct Virtio9p {
@@ -153,53 +150,27 @@ impl VirtioDevice for Virtio9p {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<Box<dyn QueueHandler>, VirtioError> {
-        let indirect_ok = ctx.has_feature(VIRTIO_RING_F_INDIRECT_DESC);
-        let Some(queue) = ctx.queues.into_iter().next().filter(|q| q.ready()) else {
-            return Err(VirtioError::Activate {
-                device: "9p",
-                reason: "the driver did not set up the request queue".into(),
-            });
-        };
         Ok(Box::new(P9Handler {
             shared: Arc::new(Shared {
-                mem: ctx.mem,
-                queue: Mutex::new(queue),
-                interrupt: ctx.interrupt,
-                stats: ctx.stats,
+                rq: RequestQueue::activate(ctx, "9p")?,
                 server: self.server.clone(),
-                inflight: Mutex::new(0),
-                idle: Condvar::new(),
                 flushes: Mutex::new(FlushTracker::new()),
             }),
             pool: self.pool.clone(),
-            indirect_ok,
             heads: Vec::with_capacity(usize::from(QUEUE_SIZE)),
         }))
     }
 }
 
 struct Shared {
-    mem: Arc<GuestMemoryMmap>,
-    queue: Mutex<Queue>,
-    interrupt: Arc<Interrupt>,
-    stats: Arc<DeviceStats>,
+    rq: RequestQueue,
     server: Arc<dyn RequestHandler>,
-    inflight: Mutex<usize>,
-    idle: Condvar,
     /// Tags of requests being served and the Tflush chains waiting for each: 9P requires
     /// Rflush after the flushed request's reply.
     flushes: Mutex<FlushTracker<Chain>>,
 }
 
 impl Shared {
-    fn queue(&self) -> MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn error(&self, e: &ChainError) {
-        self.interrupt.device_error("9p", e);
-    }
-
     /// Serves one request on a worker thread, then any Tflush that waited for it.
     fn serve_tracked(&self, chain: &Chain, tag: Option<u16>) {
         self.serve(chain);
@@ -217,135 +188,79 @@ impl Shared {
 
     /// Serves one request: gather, answer, add to the used ring, interrupt if needed.
     fn serve(&self, chain: &Chain) {
-        let timer = self.stats.start();
+        let timer = self.rq.stats.start();
         let mut request = Vec::new();
-        if let Err(e) = chain.gather(&self.mem, &mut request) {
-            self.error(&e);
+        if let Err(e) = chain.gather(&self.rq.mem, &mut request) {
+            self.rq.error(&e);
             return;
         }
-        let mut reply = GuestReply::new(&self.mem, &chain.writable);
+        let mut reply = GuestReply::new(&self.rq.mem, &chain.writable);
         let written = self
             .server
             .handle(&request, &mut reply)
             .min(reply.capacity());
         // `written` <= the writable length, which the walker bounded by u32::MAX.
         let written = u32::try_from(written).unwrap_or(u32::MAX);
-        let added =
-            self.interrupt
-                .complete("9p", &mut self.queue(), &self.mem, chain.head, written);
-        if !added {
-            return;
-        }
-        self.stats.chain(chain.readable_len + u64::from(written));
-        self.stats.finish(timer);
-    }
-
-    fn done(&self) {
-        let mut n = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            self.idle.notify_all();
-        }
+        let bytes = chain.readable_len + u64::from(written);
+        self.rq.complete(chain.head, written, bytes, timer);
     }
 }
 
 struct P9Handler {
     shared: Arc<Shared>,
     pool: Arc<WorkerPool>,
-    indirect_ok: bool,
     heads: Vec<u16>,
-}
-
-impl P9Handler {
-    fn drain(&mut self) -> Result<(), ChainError> {
-        let shared = &self.shared;
-        let mem = &*shared.mem;
-        let ring = |e: virtio_queue::Error| ChainError::Ring(e.to_string());
-        loop {
-            let (desc_table, size) = {
-                let mut queue = shared.queue();
-                queue.disable_notification(mem).map_err(ring)?;
-                chain::pop_available(&mut queue, mem, &mut self.heads)?;
-                if self.heads.is_empty() {
-                    if queue.enable_notification(mem).map_err(ring)? {
-                        continue; // more arrived while notifications were off
-                    }
-                    return Ok(());
-                }
-                (GuestAddress(queue.desc_table()), queue.size())
-            };
-            for &head in &self.heads {
-                let chain = chain::walk(mem, desc_table, size, head, self.indirect_ok)?;
-                if chain.readable_len > MAX_REQUEST_BYTES {
-                    return Err(ChainError::TooLong {
-                        limit: MAX_REQUEST_BYTES,
-                    });
-                }
-                let mut header = [0u8; 9];
-                let n = chain.peek(mem, &mut header)?;
-                let tag = (n >= 7).then(|| u16::from_le_bytes([header[5], header[6]]));
-                let (chain, tracked) = {
-                    let mut flushes = shared.flushes.lock().unwrap_or_else(|e| e.into_inner());
-                    match flushed_tag(&header[..n]) {
-                        // Answered by the worker that completes `oldtag`.
-                        Some(oldtag) => match flushes.flush(oldtag, chain) {
-                            None => continue,
-                            Some(chain) => (chain, None),
-                        },
-                        None => {
-                            if let Some(tag) = tag {
-                                flushes.start(tag);
-                            }
-                            (chain, tag)
-                        }
-                    }
-                };
-                *shared.inflight.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-                let job_shared = shared.clone();
-                self.pool.submit(Box::new(move || {
-                    let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        job_shared.serve_tracked(&chain, tracked)
-                    }));
-                    if let Err(payload) = served {
-                        job_shared.interrupt.device_panicked("9p", &*payload);
-                    }
-                    job_shared.done();
-                }));
-            }
-        }
-    }
 }
 
 impl QueueHandler for P9Handler {
     fn notify(&mut self, queue: usize) {
-        if queue != 0 || self.shared.interrupt.is_broken() {
-            return;
-        }
-        if let Err(e) = self.drain() {
-            self.shared.error(&e);
-        }
+        let shared = &self.shared;
+        let mem = &*shared.rq.mem;
+        shared.rq.notified(queue, &mut self.heads, |chain| {
+            if chain.readable_len > MAX_REQUEST_BYTES {
+                return Err(ChainError::TooLong {
+                    limit: MAX_REQUEST_BYTES,
+                });
+            }
+            let mut header = [0u8; 9];
+            let n = chain.peek(mem, &mut header)?;
+            let tag = (n >= 7).then(|| u16::from_le_bytes([header[5], header[6]]));
+            let (chain, tracked) = {
+                let mut flushes = shared.flushes.lock().unwrap_or_else(|e| e.into_inner());
+                match flushed_tag(&header[..n]) {
+                    // Answered by the worker that completes `oldtag`.
+                    Some(oldtag) => match flushes.flush(oldtag, chain) {
+                        None => return Ok(()),
+                        Some(chain) => (chain, None),
+                    },
+                    None => {
+                        if let Some(tag) = tag {
+                            flushes.start(tag);
+                        }
+                        (chain, tag)
+                    }
+                }
+            };
+            shared.rq.started();
+            let job_shared = shared.clone();
+            self.pool.submit(Box::new(move || {
+                let _serving = job_shared.rq.serving();
+                let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    job_shared.serve_tracked(&chain, tracked)
+                }));
+                if let Err(payload) = served {
+                    job_shared.rq.interrupt.device_panicked("9p", &*payload);
+                }
+            }));
+            Ok(())
+        });
     }
 }
 
 impl Drop for P9Handler {
     /// Waits for in-flight requests so none touches guest memory after a reset completes.
     fn drop(&mut self) {
-        let n = self
-            .shared
-            .inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let (n, timeout) = self
-            .shared
-            .idle
-            .wait_timeout_while(n, DRAIN_TIMEOUT, |n| *n > 0)
-            .unwrap_or_else(|e| e.into_inner());
-        if timeout.timed_out() {
-            log::error!(
-                "virtio-9p: {} requests still running after {DRAIN_TIMEOUT:?}; abandoning them",
-                *n
-            );
-        }
+        self.shared.rq.wait_idle();
     }
 }
 

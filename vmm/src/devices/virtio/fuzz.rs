@@ -772,6 +772,14 @@ impl FuzzServer {
         let mut v = self.violation.lock().unwrap_or_else(|e| e.into_inner());
         v.get_or_insert(what);
     }
+
+    /// The first reply-area violation seen since the last call, if any.
+    fn take_violation(&self) -> Option<String> {
+        self.violation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
 }
 
 impl RequestHandler for FuzzServer {
@@ -858,6 +866,28 @@ enum Kind {
 }
 
 impl Kind {
+    /// The features a driver accepts: version 1 and the device's own, with indirect
+    /// descriptors and event indexes each half the time.
+    fn driver_features(self, src: &mut Source) -> u64 {
+        let mut features = F_VERSION_1 | self.device_features();
+        if src.chance(1, 2) {
+            features |= F_INDIRECT;
+        }
+        if src.chance(1, 2) {
+            features |= F_EVENT_IDX;
+        }
+        features
+    }
+
+    /// The console with chance `num` in `den`, else 9p.
+    fn generate(src: &mut Source, num: u64, den: u64) -> Kind {
+        if src.chance(num, den) {
+            Kind::Console
+        } else {
+            Kind::NineP
+        }
+    }
+
     /// The queue the driver feeds (console transmit, 9p requests).
     fn queue(self) -> u32 {
         match self {
@@ -905,6 +935,31 @@ fn device(
             )
         }
     })
+}
+
+/// What a fuzzed device writes to: the console's output sink and the 9p stand-in server.
+fn stand_ins(sh: &Shared) -> (Sink, Arc<FuzzServer>) {
+    let server = Arc::new(FuzzServer {
+        file: sh.file.clone(),
+        violation: Mutex::new(None),
+    });
+    (Sink::default(), server)
+}
+
+/// A transport over a fresh device of `kind` in `mem`, with the per-device counters on (they
+/// are part of what is exercised).
+fn transport(
+    kind: Kind,
+    sink: &Sink,
+    server: &Arc<FuzzServer>,
+    sh: &Shared,
+    mem: &GuestMemoryMmap,
+) -> Result<MmioTransport, FuzzFailure> {
+    Ok(
+        MmioTransport::new(device(kind, sink, server, &sh.pool)?, mem.clone())
+            .map_err(|e| FuzzFailure::Setup(e.to_string()))?
+            .with_stats(true),
+    )
 }
 
 fn r32(t: &MmioTransport, off: u64) -> u32 {
@@ -1037,32 +1092,15 @@ fn publish(src: &mut Source, g: &mut Guest, r: &Rings, heads: &[u16], start: u16
 fn device_input(src: &mut Source) -> Result<(), FuzzFailure> {
     let sh = shared()?;
     let mut g = Guest::new(Layout::generate(src))?;
-    let kind = if src.chance(1, 2) {
-        Kind::Console
-    } else {
-        Kind::NineP
-    };
+    let kind = Kind::generate(src, 1, 2);
     let q = kind.queue();
-    let mut features = F_VERSION_1 | kind.device_features();
-    if src.chance(1, 2) {
-        features |= F_INDIRECT;
-    }
-    if src.chance(1, 2) {
-        features |= F_EVENT_IDX;
-    }
+    let features = kind.driver_features(src);
     let style = Style::generate(src, kind == Kind::NineP);
     let rings = Rings::generate(src, &g.layout, style);
-    let server = Arc::new(FuzzServer {
-        file: sh.file.clone(),
-        violation: Mutex::new(None),
-    });
-    let sink = Sink::default();
+    let (sink, server) = stand_ins(sh);
 
     // 1. The transport accepts exactly the layouts the spec allows.
-    // The per-device counters are part of what is exercised.
-    let t = MmioTransport::new(device(kind, &sink, &server, &sh.pool)?, g.mem.clone())
-        .map_err(|e| FuzzFailure::Setup(e.to_string()))?
-        .with_stats(true);
+    let t = transport(kind, &sink, &server, sh, &g.mem)?;
     negotiate(&t, features);
     if r32(&t, 0x70) & STATUS_FEATURES_OK == 0 {
         return Err(FuzzFailure::QueueSetup(format!(
@@ -1224,12 +1262,7 @@ fn device_input(src: &mut Source) -> Result<(), FuzzFailure> {
         g.layout.regions
     );
     let dev_err = |msg: String| Err(FuzzFailure::Device(format!("{what}: {msg}")));
-    if let Some(v) = server
-        .violation
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-    {
+    if let Some(v) = server.take_violation() {
         return dev_err(format!("reply area: {v}"));
     }
     let mut allowed = vec![used];
@@ -1361,6 +1394,15 @@ fn any_offset(src: &mut Source) -> u64 {
     }
 }
 
+/// The width of a register access: 4 bytes mostly, sometimes one the transport must ignore.
+fn access_width(src: &mut Source) -> usize {
+    if src.chance(4, 5) {
+        4
+    } else {
+        src.pick(&[0usize, 1, 2, 3, 8])
+    }
+}
+
 /// What the fuzzer knows of the transport's state without modelling it: the selected queue
 /// and every value a used-ring address register could have been given.
 struct MmioModel {
@@ -1372,20 +1414,9 @@ struct MmioModel {
 fn mmio_input(src: &mut Source) -> Result<(), FuzzFailure> {
     let sh = shared()?;
     let mut g = Guest::new(Layout::generate(src))?;
-    let kind = if src.chance(3, 4) {
-        Kind::Console
-    } else {
-        Kind::NineP
-    };
-    let server = Arc::new(FuzzServer {
-        file: sh.file.clone(),
-        violation: Mutex::new(None),
-    });
-    let sink = Sink::default();
-    // The per-device counters are part of what is exercised.
-    let t = MmioTransport::new(device(kind, &sink, &server, &sh.pool)?, g.mem.clone())
-        .map_err(|e| FuzzFailure::Setup(e.to_string()))?
-        .with_stats(true);
+    let kind = Kind::generate(src, 3, 4);
+    let (sink, server) = stand_ins(sh);
+    let t = transport(kind, &sink, &server, sh, &g.mem)?;
     let maxes = kind.max_sizes();
     let config = kind.config();
     // Ring layouts the driver will program, with chains already in place.
@@ -1413,11 +1444,7 @@ fn mmio_input(src: &mut Source) -> Result<(), FuzzFailure> {
             // A register write: a known register or any offset, any width.
             0..=4 => {
                 let off = any_offset(src);
-                let width = if src.chance(4, 5) {
-                    4
-                } else {
-                    src.pick(&[0usize, 1, 2, 3, 8])
-                };
+                let width = access_width(src);
                 let value = match src.below(6) {
                     0 => src.u64(),
                     1 => u64::from(src.pick(&[0u32, 1, 3, 7, 15, 0x4f, 0x80, 0xff, 0x8f])),
@@ -1442,11 +1469,7 @@ fn mmio_input(src: &mut Source) -> Result<(), FuzzFailure> {
             // A register read, checked against what the register must hold.
             5..=7 => {
                 let off = any_offset(src);
-                let width = if src.chance(4, 5) {
-                    4
-                } else {
-                    src.pick(&[0usize, 1, 2, 3, 8])
-                };
+                let width = access_width(src);
                 let mut data = vec![0xa5u8; width];
                 t.read(off, &mut data);
                 check_read(kind, maxes, &config, &m, off, &data)
@@ -1455,13 +1478,7 @@ fn mmio_input(src: &mut Source) -> Result<(), FuzzFailure> {
             // The proper bring-up, each step sometimes skipped.
             8..=9 => {
                 let skip = |src: &mut Source| src.chance(1, 12);
-                let mut features = F_VERSION_1 | kind.device_features();
-                if src.chance(1, 2) {
-                    features |= F_INDIRECT;
-                }
-                if src.chance(1, 2) {
-                    features |= F_EVENT_IDX;
-                }
+                let features = kind.driver_features(src);
                 if !skip(src) {
                     w32(&t, 0x70, 0);
                     m.sel = 0;
@@ -1539,12 +1556,7 @@ fn mmio_input(src: &mut Source) -> Result<(), FuzzFailure> {
         }
     }
     t.shutdown();
-    if let Some(v) = server
-        .violation
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-    {
+    if let Some(v) = server.take_violation() {
         return Err(FuzzFailure::Device(what(&format!("reply area: {v}"))));
     }
     if kind == Kind::Console {

@@ -17,6 +17,7 @@
 //! - [`fs9p`]: virtio-9p (device 9) handing requests to a [`p9::Server`] on a worker pool,
 //!   with zero-copy file reads into guest buffers;
 //! - [`block`]: virtio-blk (device 2) serving a [`disk::Image`], read-only by default;
+//! - [`request`]: the request queue block and 9p share (activation, the drain loop, completion);
 //! - the [`Interrupt`] line (interrupt status + irq eventfd + the device error state, including
 //!   the report of a device thread that panicked) and the per-device [`DeviceStats`] counters.
 //!
@@ -28,6 +29,7 @@ pub mod console;
 pub mod fs9p;
 pub mod fuzz;
 pub mod mmio;
+mod request;
 
 #[cfg(test)]
 mod tests;
@@ -187,9 +189,6 @@ impl Interrupt {
         self.raise(INT_USED_RING);
     }
 
-    /// Puts the device into its error state: sets DEVICE_NEEDS_RESET and raises a
-    /// configuration-change interrupt. Only the first error is logged, so a misbehaving guest
-    /// cannot flood the log.
     /// Puts the finished chain `head` (`len` bytes written) in the used ring of `queue` and
     /// interrupts the driver if it asked to be; a broken device adds nothing (false), a ring
     /// error breaks it. The caller holds the queue's lock.
@@ -216,6 +215,9 @@ impl Interrupt {
         true
     }
 
+    /// Puts the device into its error state: sets DEVICE_NEEDS_RESET and raises a
+    /// configuration-change interrupt. Only the first error is logged, so a misbehaving guest
+    /// cannot flood the log.
     pub fn device_error(&self, device: &str, what: &dyn fmt::Display) {
         if self.enter_error_state() {
             log::error!("virtio-{device}: {what}; device stopped until the driver resets it");

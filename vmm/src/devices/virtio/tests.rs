@@ -918,6 +918,47 @@ fn indirect_chain_is_accepted() {
     assert_eq!(d.status() & STATUS_DEVICE_NEEDS_RESET, 0);
 }
 
+/// The available ring laid 2 bytes before the used ring: its index is the used ring's flags,
+/// which the drain itself flips when it turns notifications off (1) and on (0). After the one
+/// request it pops, every re-enable "reveals" a request no pop finds; the drain must end.
+#[test]
+fn a_drain_over_overlapping_rings_ends() {
+    use virtio_queue::{Queue, QueueT};
+    let mem = memory();
+    let (desc, avail) = (0x1_0000u64, 0x2_0002u64);
+    let used = avail + 2;
+    // Descriptor 0: one 16-byte device-readable buffer (the head that the used index, 0,
+    // names in the overlapping avail ring).
+    mem.write_obj(DATA, GuestAddress(desc)).unwrap();
+    mem.write_obj(16u32, GuestAddress(desc + 8)).unwrap();
+    let mut queue = Queue::new(16).unwrap();
+    queue.try_set_size(16).unwrap();
+    queue
+        .try_set_desc_table_address(GuestAddress(desc))
+        .unwrap();
+    queue
+        .try_set_avail_ring_address(GuestAddress(avail))
+        .unwrap();
+    queue.try_set_used_ring_address(GuestAddress(used)).unwrap();
+    queue.set_ready(true);
+    let queue = Mutex::new(queue);
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut heads = Vec::new();
+        let mut chains = Vec::new();
+        let r = super::request::drain_requests(&queue, &mem, &mut heads, false, |c| {
+            chains.push(c.head);
+            Ok(())
+        });
+        let _ = done.send((r, chains));
+    });
+    let (r, chains) = finished
+        .recv_timeout(HANG)
+        .expect("the drain spins on rings laid over each other");
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(chains, [0], "the one request the ring held is served once");
+}
+
 // ---------------------------------------------------------------- 9p device
 
 #[test]
@@ -1097,10 +1138,9 @@ fn ninep_malformed_chains_break_the_device() {
 #[test]
 fn guest_reply_preadv_lands_in_scattered_buffers() {
     let mem = memory();
-    let path = std::env::temp_dir().join(format!("virtio-zc-{}", std::process::id()));
     let content = pattern(20_000, 3);
-    std::fs::write(&path, &content).unwrap();
-    let file = std::fs::File::open(&path).unwrap();
+    let mut file = tempfile::tempfile().unwrap();
+    file.write_all(&content).unwrap();
     let bufs = [
         chain::Buffer {
             addr: GuestAddress(DATA),
@@ -1138,7 +1178,6 @@ fn guest_reply_preadv_lands_in_scattered_buffers() {
     // Out of the reply area: refused, nothing written.
     assert!(reply.read_from(14_000, 200, file.as_fd(), 0).is_err());
     assert!(reply.write_at(usize::MAX, b"x").is_err());
-    std::fs::remove_file(&path).unwrap();
 }
 
 // ---------------------------------------------------------------- 9p against the real server
@@ -1157,23 +1196,12 @@ fn str9p(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-struct Share {
-    dir: std::path::PathBuf,
-}
-
-impl Share {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("virtio-9p-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Share { dir }
-    }
-}
-
-impl Drop for Share {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// A shared directory, removed on drop.
+fn share_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("virtio-9p-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 /// Sends one request (at `DATA`) and returns the reply gathered from `replies`.
@@ -1224,8 +1252,8 @@ fn roundtrip(d: &mut Driver, used: &mut u16, req: &[u8], replies: &[(u64, u32)])
     out
 }
 
-fn real_ninep(share: &Share) -> Driver {
-    let server = p9::Server::new(&share.dir, p9::Config::default()).unwrap();
+fn real_ninep(share: &tempfile::TempDir) -> Driver {
+    let server = p9::Server::new(share.path(), p9::Config::default()).unwrap();
     let pool = Arc::new(WorkerPool::new(2, "t9p"));
     let mut d = Driver::new(Box::new(Virtio9p::new("share", server, pool).unwrap()));
     d.start(F_VERSION_1 | F_INDIRECT | F_EVENT_IDX | 1, 1, 128);
@@ -1236,8 +1264,8 @@ const RLERROR: u8 = 7;
 
 #[test]
 fn ninep_version_attach_getattr_roundtrip() {
-    let share = Share::new("attach");
-    std::fs::write(share.dir.join("f"), b"x").unwrap();
+    let share = share_dir("attach");
+    std::fs::write(share.path().join("f"), b"x").unwrap();
     let mut d = real_ninep(&share);
     let mut used = 0u16;
     let one = [(DATA + 0x1_0000, 8192u32)];
@@ -1274,9 +1302,9 @@ fn ninep_version_attach_getattr_roundtrip() {
 
 #[test]
 fn ninep_zero_copy_read_lands_in_scattered_guest_buffers() {
-    let share = Share::new("read");
+    let share = share_dir("read");
     let content = pattern(300_000, 9);
-    std::fs::write(share.dir.join("data"), &content).unwrap();
+    std::fs::write(share.path().join("data"), &content).unwrap();
     let mut d = real_ninep(&share);
     let mut used = 0u16;
 
@@ -1427,9 +1455,9 @@ fn ninep_rflush_follows_the_flushed_reply() {
 
 #[test]
 fn ninep_many_concurrent_reads_all_complete_exactly() {
-    let share = Share::new("many");
+    let share = share_dir("many");
     let content = pattern(1 << 20, 11);
-    std::fs::write(share.dir.join("data"), &content).unwrap();
+    std::fs::write(share.path().join("data"), &content).unwrap();
     let mut d = real_ninep(&share);
     let mut used = 0u16;
     open_data_file(&mut d, &mut used);
@@ -1487,8 +1515,8 @@ fn ninep_read_throughput() {
     const FILE: usize = 64 << 20;
     const LEN: u32 = 256 << 10;
     const INFLIGHT: u16 = 16;
-    let share = Share::new("bench");
-    std::fs::write(share.dir.join("data"), pattern(FILE, 5)).unwrap();
+    let share = share_dir("bench");
+    std::fs::write(share.path().join("data"), pattern(FILE, 5)).unwrap();
     let mut d = real_ninep(&share);
     let mut used = 0u16;
     open_data_file(&mut d, &mut used);
