@@ -959,6 +959,35 @@ fn a_drain_over_overlapping_rings_ends() {
     assert_eq!(chains, [0], "the one request the ring held is served once");
 }
 
+/// The console's transmit queue with its available ring 2 bytes before its used ring (see
+/// `a_drain_over_overlapping_rings_ends`): the console's own drain must end too, so the device
+/// thread goes idle and a reset, which waits for it, returns.
+#[test]
+fn a_console_drain_over_overlapping_rings_ends() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut d, sink) = console();
+        assert!(d.negotiate(F_VERSION_1));
+        d.setup_queue(0, 16);
+        let (desc, avail) = (0x3_0000u64, 0x4_0002u64);
+        d.program_queue(1, 16, desc, avail, avail + 2);
+        d.write_desc(desc, 0, DATA, 2, 0, 0);
+        d.fill(DATA, b"hi");
+        d.add_status(STATUS_DRIVER_OK);
+        d.kick(1);
+        let start = Instant::now();
+        while sink.0.lock().unwrap().is_empty() && start.elapsed() < HANG {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        d.w32(0x70, 0); // joins the device thread
+        let _ = done.send(sink.0.lock().unwrap().clone());
+    });
+    let out = finished
+        .recv_timeout(HANG)
+        .expect("the console's drain spins on rings laid over each other");
+    assert_eq!(out, b"hi", "the one request the ring held is written once");
+}
+
 // ---------------------------------------------------------------- 9p device
 
 #[test]
