@@ -17,6 +17,9 @@
 # on a loop device) at DIR, for tests that need what the test host's tmpfs lacks, such as
 # user extended attributes. TESTHOST_APPEND adds words to the test host kernel's command line.
 #
+# The emulated test host has been seen to halt for good, idle with interrupts on (HLT, IF=1), as
+# if its one-shot timer interrupt had been lost. Its kernel therefore runs a periodic tick
+# (nohz=off highres=off), so one lost wake-up is healed by the next tick.
 # Inside, a watchdog prints "testhost: alive" every minute and, for any bootbox process older
 # than TESTHOST_WATCH_SECS (default 300), dumps its threads' states, system calls and kernel
 # stacks once. So a silent console means the emulated test host itself froze (its clock
@@ -253,7 +256,7 @@ timeout --foreground "$timeout_secs" qemu-system-x86_64 \
     -M q35 -cpu max -smp 1 -m "$mem_mib" -nographic -no-reboot -nic none -vga none \
     -monitor "unix:$stage/monitor,server=on,wait=off" \
     -kernel "$host_kernel" -initrd "$stage/testhost.cpio" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=3 ${TESTHOST_APPEND:-}" </dev/null | tee "$log"
+    -append "console=ttyS0 panic=-1 quiet loglevel=3 nohz=off highres=off ${TESTHOST_APPEND:-}" </dev/null | tee "$log"
 qemu_status=${PIPESTATUS[0]}
 kill "$watcher" 2>/dev/null
 set -e
