@@ -23,14 +23,6 @@ pub const SYSTEM_KERNELS: &str = "/var/cache/bootbox/kernel";
 
 /// The kernel to boot.
 pub fn find(explicit: Option<&Path>) -> Result<PathBuf, KernelError> {
-    find_sealed(explicit).map(|(path, _)| path)
-}
-
-/// The kernel to boot, and whether it is sealed: a kernel found in the caches, which
-/// scripts/build-kernel.sh publishes by renaming a finished directory into place and never
-/// rewrites, may be mapped into guest memory; a kernel named by `--kernel` or
-/// `$BOOTBOX_KERNEL` may be rebuilt in place at any time, so it is copied.
-pub fn find_sealed(explicit: Option<&Path>) -> Result<(PathBuf, bool), KernelError> {
     let chosen = explicit.map(Path::to_path_buf).or_else(|| {
         std::env::var_os("BOOTBOX_KERNEL")
             .filter(|v| !v.is_empty())
@@ -38,15 +30,13 @@ pub fn find_sealed(explicit: Option<&Path>) -> Result<(PathBuf, bool), KernelErr
     });
     if let Some(p) = chosen {
         return if p.is_file() {
-            Ok((p, false))
+            Ok(p)
         } else {
             Err(KernelError::Missing(p))
         };
     }
     let dir = appliance::default_cache_dir()?.join("kernel");
-    first_found(&[&dir, Path::new(SYSTEM_KERNELS)])
-        .map(|p| (p, true))
-        .ok_or(KernelError::NotBuilt(dir))
+    first_found(&[&dir, Path::new(SYSTEM_KERNELS)]).ok_or(KernelError::NotBuilt(dir))
 }
 
 /// The newest kernel in the first of `dirs` that holds one.

@@ -283,11 +283,10 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
             _ => Err(fail(format!("--env {kv}: expected NAME=VALUE"))),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let (kernel, sealed) = kernel::find_sealed(a.vm.kernel.as_deref())?;
+    let kernel = kernel::find(a.vm.kernel.as_deref())?;
     log::info!("using kernel {}", kernel.display());
     // Everything cheap is checked before the appliance is built.
     let mut config = vm_config(kernel, APPLIANCE_CMDLINE.to_string(), &a.vm)?;
-    config.kernel_sealed = sealed;
     config.check()?;
     let (prepared, mut job) =
         appliance_and_job(&shares, &a.with, env, a.workdir.clone(), a.command.clone())?;
@@ -466,7 +465,7 @@ fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u
     vm_timeout(&a.vm)?;
     check_ownership_mode(&a.vm)?;
     let shares = checked_shares(a.shares.clone())?;
-    let (kernel, sealed) = kernel::find_sealed(a.vm.kernel.as_deref())?;
+    let kernel = kernel::find(a.vm.kernel.as_deref())?;
     log::info!("using kernel {}", kernel.display());
     for i in &a.initrd {
         if !i.is_file() {
@@ -474,7 +473,6 @@ fn boot_inner(process_start: Instant, a: BootArgs, signals: Signals) -> Result<u
         }
     }
     let mut config = vm_config(kernel, a.cmdline.clone(), &a.vm)?;
-    config.kernel_sealed = sealed;
     config.check()?;
     config.initrd = a.initrd.iter().cloned().map(InitrdPart::File).collect();
     config.console = ConsoleSink::Stdout;

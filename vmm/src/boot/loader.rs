@@ -103,31 +103,14 @@ pub fn check_kernel_file(path: &Path) -> Result<(), VmError> {
     ))
 }
 
-/// A `sealed` kernel (a file only ever replaced by rename, never rewritten in place, like the
-/// kernels scripts/build-kernel.sh publishes) that is an ELF vmlinux has its segments mapped
-/// copy-on-write rather than copied (see [`SealedKernel`]); any other kernel is copied.
-pub fn load_kernel(
-    mem: &GuestMemoryMmap,
-    path: &Path,
-    sealed: bool,
-) -> Result<LoadedKernel, VmError> {
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, VmError> {
     let mut file =
         File::open(path).map_err(|e| bad_kernel(path, format!("cannot open it: {e}")))?;
     let mut magic = [0u8; 4];
     let is_elf = file.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF";
     let mem_mib = mem_size(mem) >> 20;
     if is_elf {
-        let high = Some(GuestAddress(layout::HIMEM_START));
-        let loaded = if sealed {
-            let size = file
-                .metadata()
-                .map_err(|e| bad_kernel(path, format!("cannot read it: {e}")))?
-                .len();
-            Elf::load(mem, None, &mut SealedKernel { file, size }, high)
-        } else {
-            Elf::load(mem, None, &mut file, high)
-        };
-        let r = loaded.map_err(|e| {
+        let r = Elf::load(mem, None, &mut file, Some(GuestAddress(layout::HIMEM_START))).map_err(|e| {
             bad_kernel(path, format!(
                 "it looks like an ELF file but is not a loadable x86-64 vmlinux ({e}); \
                  expected an uncompressed vmlinux linked at 1 MiB or above that fits in {mem_mib} MiB"
@@ -222,118 +205,12 @@ fn open_part(part: &InitrdPart) -> Result<OpenPart<'_>, VmError> {
     })
 }
 
-/// Maps `len` bytes of `file` from `offset` (both whole pages; the part of the last page past
-/// the end of the file reads as zero) copy-on-write at `host`, replacing the pages there. The result reads as a copy of the file would, and writes stay
-/// private to this mapping.
-///
-/// # Safety
-/// `host..host + len` must be page-aligned and lie inside one private anonymous mapping that
-/// outlives every use of the new pages (guest memory: it is unmapped with its region), and no
-/// Rust reference may point into that range (guest memory is only reached through volatile
-/// accesses).
-unsafe fn map_file_over(
-    host: *mut u8,
-    len: usize,
-    file: &File,
-    offset: u64,
-) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let offset = libc::off_t::try_from(offset)
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: the caller guarantees the range is ours to replace; MAP_FIXED puts a private
-    // file mapping of the same size and protection exactly there.
-    let r = unsafe {
-        libc::mmap(
-            host.cast(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-            file.as_raw_fd(),
-            offset,
-        )
-    };
-    if r == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
-    if r != host.cast() {
-        return Err(std::io::Error::other("the mapping was placed elsewhere"));
-    }
-    Ok(())
-}
-
-/// A sealed kernel file as linux-loader reads it: headers and notes are read as from the file,
-/// but a segment read into guest memory maps the whole pages of the file copy-on-write where
-/// file offset and destination are page-congruent (as a vmlinux's PT_LOAD segments are), and
-/// copies only the partial pages at either end. The guest gets the same bytes without a copy
-/// or a page fault per page.
-struct SealedKernel {
-    file: File,
-    size: u64,
-}
-
-impl Read for SealedKernel {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.file.read(buf)
-    }
-}
-
-impl std::io::Seek for SealedKernel {
-    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
-        self.file.seek(pos)
-    }
-}
-
-impl vm_memory::ReadVolatile for SealedKernel {
-    fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
-        &mut self,
-        buf: &mut vm_memory::VolatileSlice<B>,
-    ) -> Result<usize, vm_memory::VolatileMemoryError> {
-        use std::io::Seek;
-        use vm_memory::VolatileMemoryError as E;
-        let len = buf.len() as u64;
-        let pos = self.file.stream_position().map_err(E::IOError)?;
-        let dst = buf.ptr_guard_mut().as_ptr() as u64;
-        let avail = self.size.saturating_sub(pos).min(len);
-        let head = (dst.div_ceil(PAGE) * PAGE - dst).min(avail);
-        let whole = (avail - head) / PAGE * PAGE;
-        if dst.wrapping_sub(pos) & (PAGE - 1) != 0 || whole == 0 {
-            return self.file.read_volatile(buf);
-        }
-        if head > 0 {
-            self.file
-                .read_exact_volatile(&mut buf.subslice(0, head as usize)?)?;
-        }
-        let middle = buf.subslice(head as usize, whole as usize)?;
-        // SAFETY: `middle` is a page-aligned part of the guest memory slice we were asked to
-        // fill: guest memory is private anonymous memory that outlives the VM's use of it and
-        // is only reached through volatile accesses.
-        unsafe {
-            map_file_over(
-                middle.ptr_guard_mut().as_ptr(),
-                whole as usize,
-                &self.file,
-                pos + head,
-            )
-        }
-        .map_err(E::IOError)?;
-        middle.bitmap().mark_dirty(0, whole as usize);
-        self.file
-            .seek(std::io::SeekFrom::Current(whole as i64))
-            .map_err(E::IOError)?;
-        let rest = (len - head - whole) as usize;
-        if rest > 0 {
-            self.file
-                .read_exact_volatile(&mut buf.subslice((head + whole) as usize, rest)?)?;
-        }
-        Ok(len as usize)
-    }
-}
-
 /// Maps `len` bytes of `file` copy-on-write at guest address `at` (page-aligned), over the
 /// anonymous guest memory there. The last page's bytes past the end of the file read as zero
 /// and may be written (the next initrd part starts there). Returns false when the range is
 /// not inside one guest memory region (the caller copies instead).
 fn map_sealed(mem: &GuestMemoryMmap, at: u64, file: &File, len: u64) -> Result<bool, String> {
+    use std::os::fd::AsRawFd;
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
     let map_len = len.div_ceil(PAGE) * PAGE;
     if at & (PAGE - 1) != 0 || map_len == 0 {
@@ -354,9 +231,26 @@ fn map_sealed(mem: &GuestMemoryMmap, at: u64, file: &File, len: u64) -> Result<b
         .map_err(|e| e.to_string())?;
     let map_len = usize::try_from(map_len).map_err(|e| e.to_string())?;
     // SAFETY: `host..host + map_len` lies inside one mapping that `mem` owns (checked above)
-    // and keeps for as long as the guest memory lives; no Rust reference into guest memory
-    // exists (it is only accessed through volatile slices).
-    unsafe { map_file_over(host, map_len, file, 0) }.map_err(|e| e.to_string())?;
+    // and keeps for as long as the guest memory lives; MAP_FIXED replaces the pages there
+    // with a private file mapping of the same size and protection, which is what copying the
+    // file there would leave, and no Rust reference into guest memory exists (it is only
+    // accessed through volatile slices). The mapping is unmapped with the region.
+    let r = unsafe {
+        libc::mmap(
+            host.cast(),
+            map_len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    if r != host.cast() {
+        return Err("the kernel placed the mapping elsewhere".into());
+    }
     Ok(true)
 }
 
@@ -560,87 +454,19 @@ mod tests {
         assert!(err.to_string().contains("missing"), "{err}");
     }
 
-    /// An x86-64 ELF with one PT_LOAD segment of `filesz` bytes (plus a page of bss) from file
-    /// offset `offset` to guest address `paddr`, its bytes a pattern.
-    fn elf_with_segment(offset: u64, paddr: u64, filesz: u64) -> Vec<u8> {
-        let mut f = Vec::new();
-        f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-        f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-        f.extend_from_slice(&62u16.to_le_bytes()); // x86-64
-        f.extend_from_slice(&1u32.to_le_bytes());
-        for v in [paddr, 64, 0] {
-            f.extend_from_slice(&v.to_le_bytes()); // entry, phoff, shoff
-        }
-        f.extend_from_slice(&0u32.to_le_bytes());
-        for v in [64u16, 56, 1, 64, 0, 0] {
-            f.extend_from_slice(&v.to_le_bytes());
-        }
-        f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-        f.extend_from_slice(&5u32.to_le_bytes());
-        for v in [offset, paddr, paddr, filesz, filesz + PAGE, PAGE] {
-            f.extend_from_slice(&v.to_le_bytes());
-        }
-        f.resize(offset as usize, 0);
-        f.extend((0..filesz).map(|i| (i % 253) as u8 + 1));
-        f
-    }
-
-    #[test]
-    fn a_sealed_kernel_is_mapped_and_loads_the_same_bytes_as_a_copied_one() {
-        let dir = tempfile::tempdir().unwrap();
-        // Page-congruent but not page-aligned, with partial pages at both ends and bss after.
-        let (offset, paddr, filesz) = (0x1100, 0x20_0100, 3 * PAGE + 0x300);
-        let path = dir.path().join("vmlinux");
-        std::fs::write(&path, elf_with_segment(offset, paddr, filesz)).unwrap();
-        let (copied, sealed) = (mem(32), mem(32));
-        let a = load_kernel(&copied, &path, false).unwrap();
-        assert!(!is_mapped(&path));
-        let b = load_kernel(&sealed, &path, true).unwrap();
-        assert!(
-            is_mapped(&path),
-            "the sealed kernel's whole pages are mapped"
-        );
-        assert_eq!((a.entry, a.end, a.mode), (b.entry, b.end, b.mode));
-        assert_eq!(b.end, paddr + filesz + PAGE);
-        let span = (2 * PAGE + filesz) as usize;
-        let (mut x, mut y) = (vec![0u8; span], vec![0u8; span]);
-        copied
-            .read_slice(&mut x, GuestAddress(paddr - PAGE))
-            .unwrap();
-        sealed
-            .read_slice(&mut y, GuestAddress(paddr - PAGE))
-            .unwrap();
-        assert!(x == y, "the guest sees the same bytes either way");
-        let start = PAGE as usize;
-        assert_eq!(y[start], 1);
-        assert!(
-            y[start + filesz as usize..].iter().all(|b| *b == 0),
-            "bss is zero"
-        );
-        // A segment off the page grid of its file offset is copied.
-        let skewed = dir.path().join("skewed");
-        std::fs::write(&skewed, elf_with_segment(0x1080, 0x20_0100, 3 * PAGE)).unwrap();
-        let m = mem(32);
-        load_kernel(&m, &skewed, true).unwrap();
-        assert!(!is_mapped(&skewed));
-        let mut z = [0u8; 4];
-        m.read_slice(&mut z, GuestAddress(0x20_0100)).unwrap();
-        assert_eq!(z, [1, 2, 3, 4]);
-    }
-
     #[test]
     fn not_a_kernel_is_a_clear_error() {
         let m = mem(32);
         let p = std::env::temp_dir().join(format!("vmm-notakernel-{}", std::process::id()));
         std::fs::write(&p, vec![0x55u8; 4096]).unwrap();
-        let err = load_kernel(&m, &p, false).unwrap_err();
+        let err = load_kernel(&m, &p).unwrap_err();
         std::fs::remove_file(&p).unwrap();
         let msg = err.to_string();
         assert!(
             msg.contains("vmm-notakernel") && msg.contains("bzImage"),
             "{msg}"
         );
-        let missing = load_kernel(&m, Path::new("/nonexistent/vmlinux"), true).unwrap_err();
+        let missing = load_kernel(&m, Path::new("/nonexistent/vmlinux")).unwrap_err();
         assert!(missing.to_string().contains("/nonexistent/vmlinux"));
     }
 

@@ -13,10 +13,6 @@ use std::time::Duration;
 pub struct VmConfig {
     /// ELF vmlinux (PVH note preferred) or bzImage.
     pub kernel: PathBuf,
-    /// The kernel file is only ever replaced by rename, never rewritten in place (like the
-    /// kernels scripts/build-kernel.sh publishes): its segments may then be mapped into guest
-    /// memory instead of copied (see [`loader::load_kernel`]).
-    pub kernel_sealed: bool,
     pub initrd: Vec<InitrdPart>,
     /// Kernel command line; `virtio_mmio.device=` entries are appended for added devices.
     pub cmdline: String,
@@ -32,12 +28,10 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
-    /// A config with 256 MiB, one vCPU, console on stdout, no initrd, no stdin, no timeout, and a
-    /// kernel that is copied (not sealed).
+    /// A config with 256 MiB, one vCPU, console on stdout, no initrd, no stdin, no timeout.
     pub fn new(kernel: impl Into<PathBuf>, cmdline: impl Into<String>) -> Self {
         VmConfig {
             kernel: kernel.into(),
-            kernel_sealed: false,
             initrd: Vec::new(),
             cmdline: cmdline.into(),
             mem_mib: 256,

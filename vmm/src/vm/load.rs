@@ -13,8 +13,7 @@ impl Vm {
     /// Loads kernel, initrd and command line, builds the boot structures and creates the
     /// vCPUs in their boot state. Nothing runs yet.
     pub fn load(self) -> Result<ReadyVm, VmError> {
-        let kernel =
-            loader::load_kernel(&self.mem, &self.config.kernel, self.config.kernel_sealed)?;
+        let kernel = loader::load_kernel(&self.mem, &self.config.kernel)?;
         self.phases.record("kernel loaded");
         let initrd = loader::load_initrd(
             &self.mem,
