@@ -296,9 +296,8 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
     let job_cpio = appliance::job_cpio(&job)?;
 
     let interactive = a.command.is_empty();
-    // The cached archive is only ever replaced by rename, never rewritten: it is mapped.
     config.initrd = vec![
-        InitrdPart::SealedFile(prepared.path.clone()),
+        InitrdPart::File(prepared.path.clone()),
         InitrdPart::Bytes(job_cpio),
     ];
     // The interactive shell talks through the serial console on the terminal; otherwise the
@@ -523,8 +522,10 @@ fn confine(a: &VmArgs, config: &VmConfig, shares: &[Share]) -> Result<(), Failur
         .seccomp(!a.no_seccomp)
         .passthrough_ownership(a.passthrough_ownership)
         .read_file(&config.kernel);
-    for path in config.initrd.iter().filter_map(InitrdPart::path) {
-        policy = policy.read_file(path);
+    for part in &config.initrd {
+        if let InitrdPart::File(path) = part {
+            policy = policy.read_file(path);
+        }
     }
     for s in shares {
         policy = policy.share(&s.dir, !s.read_only);

@@ -52,17 +52,13 @@ pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError
 }
 
 /// How much of guest RAM is resident on the host, in KiB, from the `Rss:` lines of the
-/// mappings inside guest RAM in /proc/self/smaps (a region is one mapping, or several where
-/// files were mapped into it, see [`crate::boot::loader::InitrdPart::SealedFile`]). Guest
-/// pages are not given back while the VM lives, so at the end of a run this is also the
-/// guest's share of the process's peak RSS.
+/// guest mappings in /proc/self/smaps. Guest pages are not given back while the VM lives, so
+/// at the end of a run this is also the guest's share of the process's peak RSS.
 pub fn resident_kib(mem: &GuestMemoryMmap) -> Option<u64> {
-    let ranges: Vec<(u64, u64)> = mem
+    let starts: Vec<u64> = mem
         .iter()
-        .filter_map(|r| {
-            let start = r.get_host_address(MemoryRegionAddress(0)).ok()? as u64;
-            Some((start, start + r.len()))
-        })
+        .filter_map(|r| r.get_host_address(MemoryRegionAddress(0)).ok())
+        .map(|p| p as u64)
         .collect();
     let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
     let mut total = 0;
@@ -71,7 +67,7 @@ pub fn resident_kib(mem: &GuestMemoryMmap) -> Option<u64> {
         let first = line.split_whitespace().next().unwrap_or("");
         if let Some((start, _)) = first.split_once('-') {
             if let Ok(start) = u64::from_str_radix(start, 16) {
-                in_guest = ranges.iter().any(|&(s, e)| (s..e).contains(&start));
+                in_guest = starts.contains(&start);
                 continue;
             }
         }

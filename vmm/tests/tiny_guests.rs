@@ -194,10 +194,8 @@ fn pvh_elf_guest_runs_end_to_end() {
     let kernel = temp_file("pvh", &elf_kernel(&pvh_guest_code(), true));
     let part = temp_file("initrd-part", b"o");
     let mut c = config(&kernel, "AB console=ttyS0");
-    // The guest reads the first part through a copy-on-write file mapping, the second from
-    // the same page (copied in after it).
     c.initrd = vec![
-        InitrdPart::SealedFile(part.path().to_path_buf()),
+        InitrdPart::File(part.path().to_path_buf()),
         InitrdPart::Bytes(b"k-rest".to_vec()),
     ];
     c.stats = true;

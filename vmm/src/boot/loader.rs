@@ -21,27 +21,8 @@ const PAGE: u64 = 4096;
 /// One piece of the initrd; the pieces are concatenated in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InitrdPart {
-    /// A file, copied into guest memory.
     File(PathBuf),
-    /// A file that is only ever replaced (renamed over) or removed, never rewritten in place,
-    /// such as a cached appliance archive. When it starts on a page boundary it is mapped
-    /// copy-on-write into guest memory instead of copied: loading it costs no copy and no page
-    /// faults, and the guest reads it from the page cache. (A file rewritten in place while
-    /// the VM runs would change under the guest, or fault it when truncated: pass such files
-    /// as [`InitrdPart::File`].)
-    SealedFile(PathBuf),
-    /// Bytes in memory.
     Bytes(Vec<u8>),
-}
-
-impl InitrdPart {
-    /// The host file this part reads, if any.
-    pub fn path(&self) -> Option<&Path> {
-        match self {
-            InitrdPart::File(p) | InitrdPart::SealedFile(p) => Some(p),
-            InitrdPart::Bytes(_) => None,
-        }
-    }
 }
 
 /// What the loader learned about the kernel.
@@ -164,94 +145,16 @@ fn mem_size(mem: &GuestMemoryMmap) -> u64 {
     mem.iter().map(|r| r.len()).sum()
 }
 
-/// A part ready to be placed: its bytes, or its open file and length (opened once, so the
-/// length measured is the length read or mapped).
-enum OpenPart<'a> {
-    Bytes(&'a [u8]),
-    File {
-        path: &'a Path,
-        file: File,
-        len: u64,
-        sealed: bool,
-    },
-}
-
-impl OpenPart<'_> {
-    fn len(&self) -> u64 {
-        match self {
-            OpenPart::Bytes(b) => b.len() as u64,
-            OpenPart::File { len, .. } => *len,
-        }
+fn part_len(part: &InitrdPart) -> Result<u64, VmError> {
+    match part {
+        InitrdPart::Bytes(b) => Ok(b.len() as u64),
+        InitrdPart::File(p) => std::fs::metadata(p)
+            .map(|m| m.len())
+            .map_err(|e| VmError::Initrd {
+                path: p.clone(),
+                reason: format!("cannot read it: {e}"),
+            }),
     }
-}
-
-fn open_part(part: &InitrdPart) -> Result<OpenPart<'_>, VmError> {
-    let (path, sealed) = match part {
-        InitrdPart::Bytes(b) => return Ok(OpenPart::Bytes(b)),
-        InitrdPart::File(p) => (p, false),
-        InitrdPart::SealedFile(p) => (p, true),
-    };
-    let err = |e: std::io::Error| VmError::Initrd {
-        path: path.clone(),
-        reason: format!("cannot read it: {e}"),
-    };
-    let file = File::open(path).map_err(err)?;
-    let len = file.metadata().map_err(err)?.len();
-    Ok(OpenPart::File {
-        path,
-        file,
-        len,
-        sealed,
-    })
-}
-
-/// Maps `len` bytes of `file` copy-on-write at guest address `at` (page-aligned), over the
-/// anonymous guest memory there. The last page's bytes past the end of the file read as zero
-/// and may be written (the next initrd part starts there). Returns false when the range is
-/// not inside one guest memory region (the caller copies instead).
-fn map_sealed(mem: &GuestMemoryMmap, at: u64, file: &File, len: u64) -> Result<bool, String> {
-    use std::os::fd::AsRawFd;
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
-    let map_len = len.div_ceil(PAGE) * PAGE;
-    if at & (PAGE - 1) != 0 || map_len == 0 {
-        return Ok(false);
-    }
-    let Some(region) = mem.find_region(GuestAddress(at)) else {
-        return Ok(false);
-    };
-    let offset = at - region.start_addr().0;
-    if offset
-        .checked_add(map_len)
-        .is_none_or(|end| end > region.len())
-    {
-        return Ok(false);
-    }
-    let host = region
-        .get_host_address(MemoryRegionAddress(offset))
-        .map_err(|e| e.to_string())?;
-    let map_len = usize::try_from(map_len).map_err(|e| e.to_string())?;
-    // SAFETY: `host..host + map_len` lies inside one mapping that `mem` owns (checked above)
-    // and keeps for as long as the guest memory lives; MAP_FIXED replaces the pages there
-    // with a private file mapping of the same size and protection, which is what copying the
-    // file there would leave, and no Rust reference into guest memory exists (it is only
-    // accessed through volatile slices). The mapping is unmapped with the region.
-    let r = unsafe {
-        libc::mmap(
-            host.cast(),
-            map_len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    if r == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error().to_string());
-    }
-    if r != host.cast() {
-        return Err("the kernel placed the mapping elsewhere".into());
-    }
-    Ok(true)
 }
 
 /// Where an initrd of `size` bytes goes: page-aligned at the top of low RAM (and below
@@ -277,46 +180,36 @@ pub fn initrd_placement(
     }
 }
 
-/// Concatenates `parts` into guest memory (mapping [`InitrdPart::SealedFile`] parts, copying
-/// the others); `None` when there are no parts or they are all empty.
+/// Concatenates `parts` into guest memory; `None` when there are no parts or they are all empty.
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
     parts: &[InitrdPart],
     kernel_end: u64,
     ceiling: u64,
 ) -> Result<Option<InitrdInfo>, VmError> {
-    let parts = parts.iter().map(open_part).collect::<Result<Vec<_>, _>>()?;
-    let size: u64 = parts.iter().map(OpenPart::len).sum();
+    let mut lens = Vec::with_capacity(parts.len());
+    for p in parts {
+        lens.push(part_len(p)?);
+    }
+    let size: u64 = lens.iter().sum();
     if size == 0 {
         return Ok(None);
     }
     let addr = initrd_placement(mem_size(mem), kernel_end, size, ceiling)?;
     let mut at = addr;
-    for part in parts {
-        let len = part.len();
+    for (part, len) in parts.iter().zip(lens) {
         match part {
-            OpenPart::Bytes(b) => mem.write_slice(b, GuestAddress(at)).map_err(|e| {
+            InitrdPart::Bytes(b) => mem.write_slice(b, GuestAddress(at)).map_err(|e| {
                 VmError::Memory(format!("cannot copy an in-memory initrd part: {e}"))
             })?,
-            OpenPart::File {
-                path,
-                mut file,
-                sealed,
-                ..
-            } => {
+            InitrdPart::File(p) => {
                 let err = |reason: String| VmError::Initrd {
-                    path: path.to_path_buf(),
+                    path: p.clone(),
                     reason,
                 };
-                let mapped = sealed
-                    && map_sealed(mem, at, &file, len)
-                        .map_err(|e| err(format!("cannot map it into guest memory: {e}")))?;
-                if !mapped {
-                    mem.read_exact_volatile_from(GuestAddress(at), &mut file, len as usize)
-                        .map_err(|e| {
-                            err(format!("cannot read {len} bytes (did it change?): {e}"))
-                        })?;
-                }
+                let mut f = File::open(p).map_err(|e| err(format!("cannot open it: {e}")))?;
+                mem.read_exact_volatile_from(GuestAddress(at), &mut f, len as usize)
+                    .map_err(|e| err(format!("cannot read {len} bytes (did it change?): {e}")))?;
             }
         }
         at += len;
@@ -389,69 +282,6 @@ mod tests {
         m.read_slice(&mut back, GuestAddress(info.addr)).unwrap();
         assert_eq!(&back, b"hello world");
         assert_eq!(load_initrd(&m, &[], 0x20_0000, u64::MAX).unwrap(), None);
-    }
-
-    /// Whether a mapping of `path` exists in this process.
-    fn is_mapped(path: &Path) -> bool {
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        let name = path.to_str().unwrap();
-        maps.lines().any(|l| l.ends_with(name))
-    }
-
-    #[test]
-    fn a_sealed_file_is_mapped_and_the_next_part_follows_it() {
-        let m = mem(32);
-        let dir = tempfile::tempdir().unwrap();
-        let sealed = dir.path().join("appliance.cpio");
-        // Not a whole number of pages: the next part starts inside the last mapped page.
-        let content: Vec<u8> = (0..3 * PAGE + 100).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&sealed, &content).unwrap();
-        let parts = [
-            InitrdPart::SealedFile(sealed.clone()),
-            InitrdPart::Bytes(b"job".to_vec()),
-        ];
-        let info = load_initrd(&m, &parts, 0x20_0000, u64::MAX)
-            .unwrap()
-            .unwrap();
-        assert!(is_mapped(&sealed), "the sealed part is mapped, not copied");
-        assert_eq!(info.size, content.len() as u64 + 3);
-        let mut back = vec![0u8; info.size as usize];
-        m.read_slice(&mut back, GuestAddress(info.addr)).unwrap();
-        assert_eq!(&back[..content.len()], &content[..]);
-        assert_eq!(&back[content.len()..], b"job");
-        // Past the parts, the last page reads as zero, as fresh guest memory does.
-        let tail_len = (PAGE - (info.size % PAGE)) as usize;
-        let mut tail = vec![1u8; tail_len];
-        m.read_slice(&mut tail, GuestAddress(info.addr + info.size))
-            .unwrap();
-        assert!(tail.iter().all(|b| *b == 0));
-        // Writes stay private to the guest.
-        m.write_slice(b"guest", GuestAddress(info.addr)).unwrap();
-        assert_eq!(std::fs::read(&sealed).unwrap(), content);
-        // What is resident counts the mapped pages too.
-        assert!(crate::memory::resident_kib(&m).unwrap() >= 16);
-    }
-
-    #[test]
-    fn a_sealed_file_off_a_page_boundary_is_copied() {
-        let m = mem(32);
-        let dir = tempfile::tempdir().unwrap();
-        let sealed = dir.path().join("late.cpio");
-        std::fs::write(&sealed, b"sealed part").unwrap();
-        let parts = [
-            InitrdPart::Bytes(b"first ".to_vec()),
-            InitrdPart::SealedFile(sealed.clone()),
-        ];
-        let info = load_initrd(&m, &parts, 0x20_0000, u64::MAX)
-            .unwrap()
-            .unwrap();
-        assert!(!is_mapped(&sealed));
-        let mut back = vec![0u8; info.size as usize];
-        m.read_slice(&mut back, GuestAddress(info.addr)).unwrap();
-        assert_eq!(&back, b"first sealed part");
-        let missing = [InitrdPart::SealedFile(dir.path().join("missing"))];
-        let err = load_initrd(&m, &missing, 0x20_0000, u64::MAX).unwrap_err();
-        assert!(err.to_string().contains("missing"), "{err}");
     }
 
     #[test]
