@@ -1344,8 +1344,11 @@ fn warm_jobs_see_only_their_own_shares_match_cold_runs_and_get_fresh_time_and_ra
     assert_eq!(cold[..4], first[..4]);
     assert_ne!(cold[5], first[5]);
     // Two vCPUs: a snapshot of their own shape, with both vCPUs restored and running.
-    let (two, code4, err4, resumed4, _) =
-        warm_run(a.s(), &["--vcpus", "2"], "nproc; cat /share/a.txt");
+    let (two, code4, err4, resumed4, _) = warm_run(
+        a.s(),
+        &["--vcpus", "2"],
+        "grep -c ^processor /proc/cpuinfo; cat /share/a.txt",
+    );
     assert!(resumed4, "{err4}");
     assert_eq!(code4, Some(0), "{err4}");
     assert_eq!(two, ["2", "alpha"], "both vCPUs online after the restore");
