@@ -202,11 +202,19 @@ fn symlinks_keep_the_guest_owner_the_guest_gave_them_and_the_host_link_is_untouc
     );
     assert_eq!(a.mode & libc::S_IFMT, libc::S_IFLNK);
 
-    // lchown: only the group, then only the owner.
+    // lchown: only the group, then only the owner. Each changes the link's ctime (as a chown
+    // does), and nothing else of the host's link.
+    let host_times = || {
+        let m = std::fs::symlink_metadata(t.join("link")).unwrap();
+        ((m.ctime(), m.ctime_nsec()), (m.mtime(), m.mtime_nsec()))
+    };
     for (valid, uid, gid, want) in [
         (setattr::GID, 0, 7, (1000, 7)),
         (setattr::UID, 65534, 0, (65534, 7)),
     ] {
+        let (ctime_before, mtime_before) = host_times();
+        // Past the kernel's coarse clock tick, so a new ctime is a larger one.
+        std::thread::sleep(std::time::Duration::from_millis(30));
         h.setattr(
             3,
             SetAttr {
@@ -219,6 +227,12 @@ fn symlinks_keep_the_guest_owner_the_guest_gave_them_and_the_host_link_is_untouc
         .unwrap();
         let a = h.getattr(3).unwrap();
         assert_eq!((a.uid, a.gid), want);
+        let (ctime_after, mtime_after) = host_times();
+        assert!(
+            ctime_after > ctime_before,
+            "lchown changes the link's ctime"
+        );
+        assert_eq!(mtime_after, mtime_before, "and keeps its mtime");
     }
     let m = std::fs::symlink_metadata(t.join("link")).unwrap();
     assert_eq!((m.uid(), m.gid()), me(), "the host symlink keeps its owner");

@@ -185,6 +185,28 @@ impl Server {
             if !self.share.symlink_owners.set(&st, (uid, gid)) && (uid, gid) != (old_uid, old_gid) {
                 return Err(libc::EPERM);
             }
+            // A chown changes the inode's ctime, as the guest expects: setting the link's own
+            // times to the values they have does that on the host, and changes nothing else.
+            let same = [
+                libc::timespec {
+                    tv_sec: st.st_atime,
+                    tv_nsec: st.st_atime_nsec,
+                },
+                libc::timespec {
+                    tv_sec: st.st_mtime,
+                    tv_nsec: st.st_mtime_nsec,
+                },
+            ];
+            let (dir, name) = self.entry_of(f)?;
+            // SAFETY: `same` holds two timespecs; the name is NUL-terminated.
+            cvt(|| unsafe {
+                libc::utimensat(
+                    dir.as_raw_fd(),
+                    name.ptr(),
+                    same.as_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            })?;
         } else if a.valid & (sa::UID | sa::GID) != 0 {
             let uid = if a.valid & sa::UID != 0 {
                 a.uid
