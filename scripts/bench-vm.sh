@@ -34,6 +34,16 @@ case "$runs" in
     ''|*[!0-9]*|0) echo "bench-vm: RUNS must be a positive number, not '$runs'" >&2; exit 2 ;;
 esac
 
+# A tree of 2000 files (20 directories of 100, 0 to 16 KiB of random bytes) at $1.
+make_tree() {
+    local d f
+    mkdir -p "$1"
+    for d in $(seq 1 20); do
+        mkdir -p "$1/d$d"
+        for f in $(seq 1 100); do head -c $(( (d * 131 + f * 977) % 16384 )) /dev/urandom >"$1/d$d/f$f"; done
+    done
+}
+
 if [ "${BOOTBOX_BENCH_INNER:-}" != 1 ]; then
     cd "$repo"
     scripts/setup.sh
@@ -61,6 +71,17 @@ if [ "${BOOTBOX_BENCH_INNER:-}" != 1 ]; then
         export BOOTBOX_BENCH_DISKS="$disks/use"
         disk_mirror=(--mirror "$disks/use")
     fi
+    case "$mode" in
+        9p|warm|sandbox)
+            # The shared tree is made here: thousands of small processes are slow in the
+            # emulated test host.
+            bench_tree=$(mktemp -d "${TMPDIR:-/tmp}/bootbox-bench-tree.XXXXXX")
+            trap 'rm -rf "$bench_tree" "${disks:-}"' EXIT
+            make_tree "$bench_tree"
+            export BOOTBOX_BENCH_TREE="$bench_tree"
+            disk_mirror+=(--mirror "$bench_tree")
+            ;;
+    esac
     if grep -qwE 'vmx|svm' /proc/cpuinfo; then
         "$0" "$mode" "$runs"
         exit
@@ -71,6 +92,7 @@ if [ "${BOOTBOX_BENCH_INNER:-}" != 1 ]; then
         --mirror "$kernel" --mirror "$repo/scripts/bench-vm.sh" \
         --mirror /usr/bin/qemu-system-x86_64 --mirror /usr/share/qemu --mirror /usr/share/seabios \
         -- env BOOTBOX_KERNEL="$kernel" BOOTBOX_BENCH_INNER=1 BOOTBOX_BENCH_DISKS="${BOOTBOX_BENCH_DISKS:-}" \
+        BOOTBOX_BENCH_TREE="${BOOTBOX_BENCH_TREE:-}" \
         "$repo/scripts/bench-vm.sh" "$mode" "$runs"
     exit
 fi
@@ -96,15 +118,6 @@ qemu_check() {
         "test \$st = 11 || { echo \"qemu exit \$st\"; cat $work/qemu.log; false; } >&2"
 }
 
-# A tree of 2000 files (20 directories of 100, 0 to 16 KiB of random bytes) at $1.
-make_tree() {
-    local d f
-    mkdir -p "$1"
-    for d in $(seq 1 20); do
-        mkdir -p "$1/d$d"
-        for f in $(seq 1 100); do head -c $(( (d * 131 + f * 977) % 16384 )) /dev/urandom >"$1/d$d/f$f"; done
-    done
-}
 
 case "$mode" in
     boot)
@@ -127,16 +140,14 @@ case "$mode" in
             --compare "$(qemu_check "-initrd $work/app.cpio -append '$cmdline'")" \
             -- run -- "${job[@]}"
         echo "bench-vm: warm: a 9p hash of 2000 files, resumed (A) against booted (B)" >&2
-        tree="$work/tree"
-        make_tree "$tree"
+        tree="$BOOTBOX_BENCH_TREE"
         hash="find . -type f -print0 | xargs -0 sha256sum >/dev/null; exit 5"
         "$bootbox" bench --runs "$runs" --warmup 1 --expect-status 5 \
             --compare "$bootbox run --cold --share $tree:data -- sh -c '$hash'; test \$? = 5" \
             -- run --share "$tree:data" -- sh -c "$hash"
         ;;
     9p)
-        tree="$work/tree"
-        make_tree "$tree"
+        tree="$BOOTBOX_BENCH_TREE"
         digest='find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum'
         expected=$(cd "$tree" && sh -c "$digest")
         job=(sh -c "test \"\$($digest)\" = '$expected' && exit 5")
@@ -183,8 +194,7 @@ case "$mode" in
         "$bootbox" bench --runs "$runs" --warmup 2 --expect-status 5 \
             --compare "$bootbox run --no-sandbox -- sh -c 'exit 5'; test \$? = 5" \
             -- run -- sh -c 'exit 5'
-        tree="$work/tree"
-        make_tree "$tree"
+        tree="$BOOTBOX_BENCH_TREE"
         job="find . -type f -print0 | xargs -0 sha256sum >/dev/null; exit 5"
         "$bootbox" bench --runs "$runs" --warmup 1 --expect-status 5 \
             --compare "$bootbox run --no-sandbox --share $tree:data -- sh -c '$job'; test \$? = 5" \
