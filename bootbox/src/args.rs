@@ -67,24 +67,33 @@ pub struct InitrdArgs {
     /// Where to write the initramfs.
     #[arg(long, short = 'o', value_name = "FILE")]
     pub output: PathBuf,
-    /// Shares the job expects, as for `run` (mount tags are printed; give the other VMM the
-    /// same tags).
+    /// The job's shares, disks and extra programs, as for `run` (the share tags and the disks
+    /// are printed: give the other VMM the same tags, and the same disks in the same order).
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// The job's command (any bytes: file names need not be UTF-8).
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+/// What the appliance carries for a job: the same options and grammar for `run` and `initrd`.
+#[derive(Args, Debug, Clone)]
+pub struct JobArgs {
+    /// Share a host directory: DIR[:TAG][:ro|rw] (read-only unless :rw). One share is mounted
+    /// at /share, several at /share/TAG.
     #[arg(long = "share", value_name = SHARE_GRAMMAR, value_parser = parse_share, long_help = SHARE_HELP)]
     pub shares: Vec<Share>,
-    /// Disks the job expects, as for `run` (the image, device and mode are printed; give the
-    /// other VMM the same disks in the same order).
+    /// Attach a disk image as /dev/vda, /dev/vdb, ... (read-only unless :rw; qcow2 or raw,
+    /// found from the content unless named).
     #[arg(long = "disk", value_name = DISK_GRAMMAR, value_parser = parse_disk, long_help = DISK_HELP)]
     pub disks: Vec<Disk>,
-    /// The init mounts every recognised filesystem on the disks read-only under
-    /// /disk/<device> before the job starts.
+    /// Mount every recognised filesystem on the disks (whole disks and partitions) read-only
+    /// under /disk/<device> (e.g. /disk/vda, /disk/vda1) before the job starts.
     #[arg(long)]
     pub mount_disks: bool,
     /// Add a host program (and its libraries) to the appliance.
     #[arg(long = "with", value_name = "PROGRAM")]
     pub with: Vec<String>,
-    /// The job's command (any bytes: file names need not be UTF-8).
-    #[arg(last = true, value_name = "COMMAND")]
-    pub command: Vec<std::ffi::OsString>,
 }
 
 /// Options shared by `run` and `boot`.
@@ -131,21 +140,8 @@ pub struct VmArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Share a host directory: DIR[:TAG][:ro|rw] (read-only unless :rw). One share is mounted
-    /// at /share, several at /share/TAG.
-    #[arg(long = "share", value_name = SHARE_GRAMMAR, value_parser = parse_share, long_help = SHARE_HELP)]
-    pub shares: Vec<Share>,
-    /// Attach a disk image as /dev/vda, /dev/vdb, ... (read-only unless :rw; qcow2 or raw,
-    /// found from the content unless named).
-    #[arg(long = "disk", value_name = DISK_GRAMMAR, value_parser = parse_disk, long_help = DISK_HELP)]
-    pub disks: Vec<Disk>,
-    /// Mount every recognised filesystem on the disks (whole disks and partitions) read-only
-    /// under /disk/<device> (e.g. /disk/vda, /disk/vda1) before the job starts.
-    #[arg(long)]
-    pub mount_disks: bool,
-    /// Add a host program (and its libraries) to the appliance.
-    #[arg(long = "with", value_name = "PROGRAM")]
-    pub with: Vec<String>,
+    #[command(flatten)]
+    pub job: JobArgs,
     /// Set an environment variable for the job (NAME=VALUE).
     #[arg(long = "env", short = 'e', value_name = "NAME=VALUE")]
     pub env: Vec<String>,

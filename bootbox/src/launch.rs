@@ -12,7 +12,7 @@ use vmm::devices::virtio::VirtioConsole;
 use vmm::phases::PhaseLog;
 use vmm::vm::{ConsoleSink, GuestExit, InitrdPart, RunOutcome, Vm, VmConfig};
 
-use crate::args::{BootArgs, InitrdArgs, RunArgs, VmArgs};
+use crate::args::{BootArgs, InitrdArgs, JobArgs, RunArgs, VmArgs};
 use crate::failure::{fail, Failure};
 use crate::ninep::{add_shares, ShareServers};
 use crate::overlap::refuse_overlaps;
@@ -120,7 +120,7 @@ fn wants_cold(a: &RunArgs) -> bool {
 }
 
 fn warm_needs_cold(a: &RunArgs) -> bool {
-    if !a.disks.is_empty() {
+    if !a.job.disks.is_empty() {
         log::info!("warm start: disks are attached, so this run boots cold");
         return true;
     }
@@ -273,8 +273,7 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
     let phases = PhaseLog::new(process_start);
     vm_timeout(&a.vm)?;
     check_ownership_mode(&a.vm)?;
-    let shares = checked_shares(a.shares.clone())?;
-    crate::disk::check_disks(&a.disks, shares.len())?;
+    let shares = checked_job_inputs(&a.job)?;
     let env = a
         .env
         .iter()
@@ -288,10 +287,8 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
     // Everything cheap is checked before the appliance is built.
     let mut config = vm_config(kernel, APPLIANCE_CMDLINE.to_string(), &a.vm)?;
     config.check()?;
-    let (prepared, mut job) =
-        appliance_and_job(&shares, &a.with, env, a.workdir.clone(), a.command.clone())?;
-    job.disks = crate::disk::attachments(&a.disks);
-    job.mount_disks = a.mount_disks;
+    let (prepared, job) =
+        appliance_and_job(&shares, &a.job, env, a.workdir.clone(), a.command.clone())?;
     phases.record("appliance ready");
     let job_cpio = appliance::job_cpio(&job)?;
 
@@ -346,7 +343,7 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
             let servers = add_shares(&mut vm, &shares, ownership_mode(&a.vm))?;
             // After the consoles and shares: only block devices get /dev/vdX names, in this
             // order.
-            _block_pool = Some(crate::disk::attach(&mut vm, &a.disks)?);
+            _block_pool = Some(crate::disk::attach(&mut vm, &a.job.disks)?);
             (Machine::Cold(vm), servers)
         }
     };
@@ -382,9 +379,19 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
 
 /// The cached base appliance (built if needed) and the job that mounts `shares` and runs
 /// `argv`.
+/// The job's shares (checked for overlap) and disks (checked for count and format): the
+/// cheap checks, made before the appliance is built.
+fn checked_job_inputs(j: &JobArgs) -> Result<Vec<Share>, Failure> {
+    let shares = checked_shares(j.shares.clone())?;
+    crate::disk::check_disks(&j.disks, shares.len())?;
+    Ok(shares)
+}
+
+/// The appliance (built or from the cache, with `j.with`) and the job it runs: command,
+/// environment, working directory, share mounts and disks.
 fn appliance_and_job(
     shares: &[Share],
-    with: &[String],
+    j: &JobArgs,
     env: Vec<(String, String)>,
     workdir: Option<String>,
     argv: Vec<std::ffi::OsString>,
@@ -393,7 +400,7 @@ fn appliance_and_job(
     let argv: Vec<Vec<u8>> = argv.into_iter().map(OsStringExt::into_vec).collect();
     let spec = ApplianceSpec {
         init: appliance::find_init()?,
-        extra_programs: with.to_vec(),
+        extra_programs: j.with.clone(),
         cache_dir: appliance::default_cache_dir()?,
     };
     let prepared = appliance::prepare(&spec)?;
@@ -420,7 +427,8 @@ fn appliance_and_job(
             env,
             cwd,
             shares: mounts,
-            ..Job::default()
+            disks: crate::disk::attachments(&j.disks),
+            mount_disks: j.mount_disks,
         },
     ))
 }
@@ -428,12 +436,9 @@ fn appliance_and_job(
 /// `bootbox initrd`.
 pub fn initrd(a: InitrdArgs) -> u8 {
     let result = (|| -> Result<(), Failure> {
-        let shares = checked_shares(a.shares.clone())?;
-        crate::disk::check_disks(&a.disks, shares.len())?;
-        let (prepared, mut job) =
-            appliance_and_job(&shares, &a.with, Vec::new(), None, a.command.clone())?;
-        job.disks = crate::disk::attachments(&a.disks);
-        job.mount_disks = a.mount_disks;
+        let shares = checked_job_inputs(&a.job)?;
+        let (prepared, job) =
+            appliance_and_job(&shares, &a.job, Vec::new(), None, a.command.clone())?;
         let bytes = appliance::initramfs(&prepared, &job)?;
         std::fs::write(&a.output, bytes)
             .map_err(|e| fail(format!("cannot write {}: {e}", a.output.display())))?;
@@ -445,7 +450,7 @@ pub fn initrd(a: InitrdArgs) -> u8 {
                 if s.read_only { "ro" } else { "rw" }
             );
         }
-        crate::disk::print_attachments(&a.disks);
+        crate::disk::print_attachments(&a.job.disks);
         Ok(())
     })();
     match result {
