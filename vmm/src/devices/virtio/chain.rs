@@ -264,6 +264,36 @@ impl Chain {
     }
 }
 
+/// One step of draining a queue: with notifications off, takes every available head into
+/// `heads` and returns true; when there is none, turns notifications back on and returns false
+/// (the drain is over), unless the ring says more arrived meanwhile, which is looked at once.
+///
+/// A driver's index only grows, so after notifications are back on and the ring says more
+/// arrived, the next pop finds it. When that pop finds nothing (the available index moved
+/// back: the driver laid the rings over each other, so that the device's own write of the
+/// used ring's flags is the index it reads), the drain ends instead of spinning on the
+/// device thread.
+pub fn next_batch(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    heads: &mut Vec<u16>,
+) -> Result<bool, ChainError> {
+    let ring = |e: virtio_queue::Error| ChainError::Ring(e.to_string());
+    let mut rechecked = false;
+    loop {
+        queue.disable_notification(mem).map_err(ring)?;
+        pop_available(queue, mem, heads)?;
+        if !heads.is_empty() {
+            return Ok(true);
+        }
+        if queue.enable_notification(mem).map_err(ring)? && !rechecked {
+            rechecked = true;
+            continue; // more arrived while notifications were off
+        }
+        return Ok(false);
+    }
+}
+
 /// Takes every head the driver has made available so far (at most the queue size: an
 /// available index further ahead than that is an error).
 ///

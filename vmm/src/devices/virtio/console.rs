@@ -109,20 +109,7 @@ impl ConsoleHandler {
     fn drain(&mut self, sink: &mut dyn Write) -> Result<(), ChainError> {
         let mem = &*self.mem;
         let ring = |e: virtio_queue::Error| ChainError::Ring(e.to_string());
-        // As in `chain::drain_requests`: a re-check that pops nothing ends the drain, so rings
-        // a driver laid over each other cannot keep the device thread spinning.
-        let mut rechecking = false;
-        loop {
-            self.tx.disable_notification(mem).map_err(ring)?;
-            chain::pop_available(&mut self.tx, mem, &mut self.heads)?;
-            if self.heads.is_empty() {
-                if self.tx.enable_notification(mem).map_err(ring)? && !rechecking {
-                    rechecking = true;
-                    continue; // more arrived while notifications were off
-                }
-                return Ok(());
-            }
-            rechecking = false;
+        while chain::next_batch(&mut self.tx, mem, &mut self.heads)? {
             for i in 0..self.heads.len() {
                 let head = self.heads[i];
                 let c = chain::walk(
@@ -165,6 +152,7 @@ impl ConsoleHandler {
                 self.interrupt.signal_used();
             }
         }
+        Ok(())
     }
 }
 

@@ -147,18 +147,12 @@ fn lock_queue(queue: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
     queue.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Serves a request queue's notification: with notifications off, takes every available head
-/// (into `heads`, reused between calls), walks each chain (`indirect_ok`: the driver accepted
-/// indirect descriptors) and hands it to `each`, until the ring is empty with notifications
-/// back on; a request that arrives while they were off is picked up before returning. The queue
-/// lock is held only while popping, so `each` may hand chains to workers that complete them.
-/// The first error, from the ring, a walk or `each`, ends the drain.
-///
-/// A driver's index only grows, so after notifications are back on and the ring says more
-/// arrived, the next pop finds it. When that pop finds nothing (the available index moved
-/// back: the driver laid the rings over each other, so that the device's own write of the
-/// used ring's flags is the index it reads), the drain ends instead of spinning on the
-/// device thread.
+/// Serves a request queue's notification: takes batch after batch of available heads (into
+/// `heads`, reused between calls, by [`chain::next_batch`]), walks each chain (`indirect_ok`:
+/// the driver accepted indirect descriptors) and hands it to `each`, until the ring is empty
+/// with notifications back on. The queue lock is held only while popping, so `each` may hand
+/// chains to workers that complete them. The first error, from the ring, a walk or `each`,
+/// ends the drain.
 pub(crate) fn drain_requests(
     queue: &Mutex<Queue>,
     mem: &GuestMemoryMmap,
@@ -166,21 +160,12 @@ pub(crate) fn drain_requests(
     indirect_ok: bool,
     mut each: impl FnMut(Chain) -> Result<(), ChainError>,
 ) -> Result<(), ChainError> {
-    let ring = |e: virtio_queue::Error| ChainError::Ring(e.to_string());
-    let mut rechecking = false;
     loop {
         let (desc_table, size) = {
             let mut queue = lock_queue(queue);
-            queue.disable_notification(mem).map_err(ring)?;
-            chain::pop_available(&mut queue, mem, heads)?;
-            if heads.is_empty() {
-                if queue.enable_notification(mem).map_err(ring)? && !rechecking {
-                    rechecking = true;
-                    continue; // more arrived while notifications were off
-                }
+            if !chain::next_batch(&mut queue, mem, heads)? {
                 return Ok(());
             }
-            rechecking = false;
             (GuestAddress(queue.desc_table()), queue.size())
         };
         for &head in heads.iter() {
