@@ -46,7 +46,8 @@ impl VecReply {
     }
 }
 
-fn range_check(cap: usize, offset: usize, len: usize) -> io::Result<()> {
+/// Whether `len` bytes at `offset` fit a reply area of `cap` bytes (an error says why not).
+pub(crate) fn range_check(cap: usize, offset: usize, len: usize) -> io::Result<()> {
     match offset.checked_add(len) {
         Some(end) if end <= cap => Ok(()),
         _ => Err(io::Error::new(

@@ -10,7 +10,7 @@
 //! A reply whose data cannot go straight to the socket (another reply is being written first)
 //! is drained from the pipe into the buffer and sent from there.
 
-use crate::reply::{ReplyBuf, VecReply};
+use crate::reply::{range_check, ReplyBuf, VecReply};
 use crate::wire;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -273,9 +273,7 @@ impl ReplyBuf for SpliceReply {
         fd: BorrowedFd<'_>,
         file_offset: u64,
     ) -> io::Result<usize> {
-        let in_range = offset
-            .checked_add(len)
-            .is_some_and(|end| end <= self.buf.capacity());
+        let in_range = range_check(self.buf.capacity(), offset, len).is_ok();
         if let (Some(p), None, true) = (&self.pipe, self.spliced, in_range) {
             if (SPLICE_MIN..=p.cap).contains(&len) {
                 match p.fill(fd, file_offset, len) {
