@@ -108,17 +108,17 @@ fn ownership_mode(a: &VmArgs) -> p9::Ownership {
     }
 }
 
-/// Whether this run needs what a resumed appliance cannot give: disks (virtio-mmio has no
-/// hotplug, and the snapshot holds consoles and share slots only), or the kernel's console
-/// (`--console`: the kernel booted when the snapshot was made).
 /// The environment variable that makes cold boots the default (`1`); `--warm` still wins.
-pub const COLD_ENV: &str = "BOOTBOX_COLD";
+const COLD_ENV: &str = "BOOTBOX_COLD";
 
 /// Whether the user asked for a cold boot: `--cold`, or BOOTBOX_COLD=1 without `--warm`.
 fn wants_cold(a: &RunArgs) -> bool {
     a.cold || (!a.warm && std::env::var_os(COLD_ENV).is_some_and(|v| v == "1"))
 }
 
+/// Whether this run needs what a resumed appliance cannot give: disks (virtio-mmio has no
+/// hotplug, and the snapshot holds consoles and share slots only), or the kernel's console
+/// (`--console`: the kernel booted when the snapshot was made).
 fn warm_needs_cold(a: &RunArgs) -> bool {
     if !a.job.disks.is_empty() {
         log::info!("warm start: disks are attached, so this run boots cold");
@@ -377,8 +377,6 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
     Ok(finish(record, code, &a.vm))
 }
 
-/// The cached base appliance (built if needed) and the job that mounts `shares` and runs
-/// `argv`.
 /// The job's shares (checked for overlap) and disks (checked for count and format): the
 /// cheap checks, made before the appliance is built.
 fn checked_job_inputs(j: &JobArgs) -> Result<Vec<Share>, Failure> {
