@@ -262,7 +262,7 @@ kill "$watcher" 2>/dev/null
 set -e
 if [ -e "$stage/stalled" ]; then
     echo "testhost: no console output for ${stall_secs}s: the test host froze (an emulator problem, not the command's); stopped it" >&2
-    grep -E '^(RIP|EFL|CR0)=' "$stage/stall-registers" 2>/dev/null | sed 's/^/testhost: at the stall: /' >&2 || true
+    grep -E '^(RIP|CR0)=' "$stage/stall-registers" 2>/dev/null | sed 's/^/testhost: at the stall: /' >&2 || true
     exit 123
 fi
 status=$(tr -d '\r' <"$log" | sed -n 's/^BOOTBOX-TESTHOST-EXIT=\([0-9]*\)$/\1/p' | tail -n1)
