@@ -55,12 +55,9 @@ if [ "${BOOTBOX_BENCH_INNER:-}" != 1 ]; then
         # The images are made here: the nested test host has no mkfs tools.
         disks=$(mktemp -d "${TMPDIR:-/tmp}/bootbox-bench-disks.XXXXXX")
         trap 'rm -rf "$disks"' EXIT
+        make_tree "$disks/tree"
         mkdir -p "$disks/tree/etc"
         cp /etc/os-release "$disks/tree/etc/os-release"
-        for d in $(seq 1 20); do
-            mkdir -p "$disks/tree/d$d"
-            for f in $(seq 1 100); do head -c $(( (d * 131 + f * 977) % 16384 )) /dev/urandom >"$disks/tree/d$d/f$f"; done
-        done
         scripts/make-test-images.sh "$disks/all" "$disks/tree" 2>/dev/null
         mkdir -p "$disks/use"
         mv "$disks/all/ext4.img" "$disks/all/gpt.img" "$disks/use/"
@@ -117,7 +114,6 @@ qemu_check() {
     echo "$qemu_base $1 >/dev/null 2>$work/qemu.log; st=\$?;" \
         "test \$st = 11 || { echo \"qemu exit \$st\"; cat $work/qemu.log; false; } >&2"
 }
-
 
 case "$mode" in
     boot)
