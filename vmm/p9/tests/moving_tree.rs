@@ -1,7 +1,7 @@
 //! Escapes that need the tree to change under a held fid, and the refusals that must leave the
 //! host as it was: a directory moved out of the share on the host, a directory renamed out of
 //! an overlapping share, creates refused at a limit, a refused Tversion, deep paths, symlink
-//! times and set-id bits.
+//! times, set-id bits, and host renames racing the walks.
 
 mod common;
 
@@ -368,4 +368,73 @@ fn opening_a_directory_whose_name_now_leads_elsewhere_opens_the_fids_own() {
     std::fs::remove_dir_all(share.join("a/b")).unwrap();
     std::os::unix::fs::symlink(share.join("a/b-old"), share.join("a/b")).unwrap();
     assert_eq!(names(&mut h, 3), ["inner", "mine"]);
+}
+
+/// The host moves `share/a` out next to the secret and back, over and over, while the client
+/// walks into `a/b` and climbs from there (and from the root through `a/b`) towards the
+/// secret. Returns what reached it and how many walks into `a/b` succeeded.
+fn race_moves_against_walks(tag: &str, resolution_checks: bool) -> (Vec<&'static str>, usize) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (t, share) = moved_tree(tag);
+    let mut h = Harness::new(
+        &share,
+        Config {
+            resolution_checks,
+            ..Config::default()
+        },
+    );
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let mover = {
+        let (stop, inside, outside) = (stop.clone(), share.join("a"), t.join("a"));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = std::fs::rename(&inside, &outside);
+                std::thread::yield_now();
+                let _ = std::fs::rename(&outside, &inside);
+                std::thread::yield_now();
+            }
+        })
+    };
+    let mut reached = Vec::new();
+    let mut held = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while std::time::Instant::now() < deadline && reached.is_empty() {
+        let up_and_out = ["..", "..", "outside", "secret"];
+        if h.walk_to(2, "a/b").is_ok() {
+            held += 1;
+            if h.walk(2, 3, &up_and_out).map(|q| q.len()) == Ok(up_and_out.len()) {
+                reached.push("walk from a/b to the secret");
+                if h.lopen(3, 0).is_ok() && h.read(3, 0, 64).ok().as_deref() == Some(b"SECRET") {
+                    reached.push("read the secret");
+                }
+            }
+        }
+        let through = ["a", "b", "..", "..", "..", "outside", "secret"];
+        if h.walk(ROOT, 4, &through).map(|q| q.len()) == Ok(through.len()) {
+            reached.push("walk from the root through a/b to the secret");
+        }
+        for fid in [2, 3, 4] {
+            let _ = h.clunk(fid);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    mover.join().unwrap();
+    (reached, held)
+}
+
+#[test]
+fn renames_racing_walks_never_lead_out_of_the_share() {
+    let (reached, held) = race_moves_against_walks("race-checked", true);
+    assert!(reached.is_empty(), "the guest reached outside: {reached:?}");
+    assert!(held > 0, "no walk into a/b succeeded: the race never ran");
+}
+
+#[test]
+fn without_the_resolution_checks_renames_racing_walks_escape() {
+    // The race is real: with the checks off (a test-only switch) it reaches the secret.
+    let (reached, _) = race_moves_against_walks("race-unchecked", false);
+    assert!(
+        reached.contains(&"read the secret"),
+        "the unchecked server should have been escaped: {reached:?}"
+    );
 }
