@@ -18,6 +18,7 @@ use crate::ninep::{add_shares, ShareServers};
 use crate::overlap::refuse_overlaps;
 use crate::report::{vmm_peak_rss_kib, Phase, RunRecord};
 use crate::share::{dedupe_tags, Share};
+use crate::signals::Signals;
 use crate::warm::{warm_machine, Machine, WarmRequest};
 use crate::{kernel, EXIT_INTERRUPTED, EXIT_LAUNCHER, EXIT_TIMEOUT};
 
@@ -39,46 +40,6 @@ fn checked_shares(mut shares: Vec<Share>) -> Result<Vec<Share>, Failure> {
         log::info!("share {} as tag '{}', {mode}", s.dir.display(), s.tag);
     }
     Ok(shares)
-}
-
-/// Blocks SIGINT/SIGTERM/SIGHUP in every thread (call before any thread starts) and returns
-/// a waiter that turns the first of them into a VM stop.
-struct Signals {
-    set: libc::sigset_t,
-}
-
-impl Signals {
-    fn block() -> Signals {
-        // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it, and
-        // pthread_sigmask only changes this thread's mask (inherited by threads spawned later).
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-                libc::sigaddset(&mut set, sig);
-            }
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            Signals { set }
-        }
-    }
-
-    /// Starts a thread that waits for one of the blocked signals and calls `on_signal`.
-    fn watch(self, on_signal: impl FnOnce(i32) + Send + 'static) {
-        let set = self.set;
-        let spawned = std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                vmm::sandbox::enter_thread(vmm::sandbox::ThreadRole::SignalWaiter);
-                let mut sig: libc::c_int = 0;
-                // SAFETY: `set` is an initialised sigset_t and `sig` a valid out-pointer.
-                if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                    on_signal(sig);
-                }
-            });
-        if let Err(e) = spawned {
-            log::warn!("Ctrl-C handling is off ({e})");
-        }
-    }
 }
 
 /// A writer on a duplicate of one of our standard descriptors (unbuffered: every chain the
@@ -181,9 +142,8 @@ fn execute(
     shares: &ShareServers,
     what: &str,
 ) -> Result<(RunOutcome, RunRecord), Failure> {
-    let stop = vm.stop_handle();
     let console = vm.console_handle();
-    signals.watch(move |_| stop.stop());
+    signals.watch(vm.stop_handle());
     let outcome = match vm.run() {
         Ok(o) => o,
         Err(e) => {
@@ -290,6 +250,7 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
     let (prepared, job) =
         appliance_and_job(&shares, &a.job, env, a.workdir.clone(), a.command.clone())?;
     phases.record("appliance ready");
+    signals.check("building the appliance")?;
     let job_cpio = appliance::job_cpio(&job)?;
 
     let interactive = a.command.is_empty();
@@ -322,6 +283,7 @@ fn run_inner(process_start: Instant, a: RunArgs, signals: Signals) -> Result<u8,
         job: &job,
         shares: &shares,
         phases: &phases,
+        signals,
         stdout: VirtioConsole::new(std_writer(std::io::stdout().as_fd())?),
         stderr: VirtioConsole::new(std_writer(std::io::stderr().as_fd())?),
     };

@@ -19,6 +19,7 @@ mod ninep;
 mod overlap;
 mod report;
 mod share;
+mod signals;
 mod warm;
 
 use std::process::ExitCode;

@@ -33,6 +33,8 @@ use vmm::vm::{
 use crate::failure::{fail, Failure};
 use crate::ninep::{self, ShareServers};
 use crate::share::Share;
+use crate::signals::{interrupted, Signals};
+use crate::EXIT_INTERRUPTED;
 
 /// How long the snapshot-making boot may take before it is abandoned (and the job boots cold).
 const SNAPSHOT_BOOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -162,6 +164,7 @@ fn make_snapshot(
     appliance: &Path,
     path: &Path,
     key: &SnapshotKey,
+    signals: Signals,
 ) -> Result<(), Failure> {
     let mut c = config.clone();
     c.initrd = vec![
@@ -175,12 +178,22 @@ fn make_snapshot(
     let mut vm = Vm::new(c, PhaseLog::new(std::time::Instant::now()))?;
     add_warm_devices(&mut vm, discard(), discard(), &[], p9::Ownership::Mapped)?;
     let point = vm.add_job_port_for_snapshot()?;
-    vm.load()?.run_to_snapshot(point, path, key)?;
-    Ok(())
+    let stop = vm.stop_handle();
+    let loaded = vm.load()?;
+    let (made, interrupted_now) = signals.during(stop, || loaded.run_to_snapshot(point, path, key));
+    if interrupted_now {
+        // A snapshot completed before the signal was taken stays: it is whole and published.
+        return Err(interrupted("making the warm-start snapshot"));
+    }
+    Ok(made?)
 }
 
-/// Takes the exclusive lock of `dir` (held until the returned file is dropped).
-fn lock_dir(dir: &Path) -> Result<File, Failure> {
+/// How often a run waiting for another run's snapshot looks for Ctrl-C.
+const LOCK_POLL: Duration = Duration::from_millis(20);
+
+/// Takes the exclusive lock of `dir` (held until the returned file is dropped), waiting for
+/// another run that holds it; a stop signal ends the wait.
+fn lock_dir(dir: &Path, signals: Signals) -> Result<File, Failure> {
     let err = |what: &str, e: std::io::Error| {
         fail(format!(
             "snapshot cache: {what} {}: {e}; check permissions of the cache directory or set BOOTBOX_CACHE",
@@ -194,11 +207,18 @@ fn lock_dir(dir: &Path) -> Result<File, Failure> {
         .write(true)
         .open(dir.join(".lock"))
         .map_err(|e| err("opening the lock in", e))?;
-    // SAFETY: flock on an open, owned descriptor; no memory is passed.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(err("locking", std::io::Error::last_os_error()));
+    loop {
+        // SAFETY: flock on an open, owned descriptor; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(file);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(err("locking", e));
+        }
+        signals.check("waiting for another run's warm-start snapshot")?;
+        std::thread::sleep(LOCK_POLL);
     }
-    Ok(file)
 }
 
 /// Reads and validates the snapshot at `path`; an unusable one is reported, removed, and
@@ -224,15 +244,19 @@ fn ready_snapshot(
     config: &VmConfig,
     prepared: &Prepared,
     cache_root: &Path,
+    signals: Signals,
 ) -> Result<Option<SnapshotFile>, Failure> {
     let key = snapshot_key(&config.kernel, &prepared.key, config);
     let dir = snapshot_dir(cache_root);
     let path = dir.join(format!("{}.snap", hex(&key)));
     if !path.is_file() {
-        let _lock = lock_dir(&dir)?;
+        let _lock = lock_dir(&dir, signals)?;
         if !path.is_file() {
             log::info!("making the warm-start snapshot {}", path.display());
-            if let Err(f) = make_snapshot(config, &prepared.path, &path, &key) {
+            if let Err(f) = make_snapshot(config, &prepared.path, &path, &key, signals) {
+                if f.code == EXIT_INTERRUPTED {
+                    return Err(f);
+                }
                 eprintln!(
                     "bootbox: cannot make the warm-start snapshot ({}); booting cold",
                     f.message.replace('\n', " ")
@@ -293,6 +317,8 @@ pub struct WarmRequest<'a> {
     pub job: &'a Job,
     pub shares: &'a [Share],
     pub phases: &'a PhaseLog,
+    /// Ctrl-C while the snapshot is made (or waited for) stops the run with nothing left.
+    pub signals: Signals,
     pub stdout: VirtioConsole,
     pub stderr: VirtioConsole,
 }
@@ -312,7 +338,7 @@ pub fn warm_machine(
         return Ok(None);
     }
     let cache_root = appliance::default_cache_dir()?;
-    let Some(snapshot) = ready_snapshot(r.config, r.prepared, &cache_root)? else {
+    let Some(snapshot) = ready_snapshot(r.config, r.prepared, &cache_root, r.signals)? else {
         return Ok(None);
     };
     r.phases.record("snapshot opened");

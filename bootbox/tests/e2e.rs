@@ -762,16 +762,94 @@ fn a_guest_kernel_panic_is_reported_with_the_console_tail() {
 #[ignore = "boots a real kernel: run by scripts/test.sh"]
 fn ctrl_c_stops_the_vm_and_leaves_no_temporary_files() {
     use std::io::BufRead;
+    let names = |dir: &Path| -> std::collections::BTreeSet<_> {
+        std::fs::read_dir(dir)
+            .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+            .unwrap_or_default()
+    };
     // The appliance cache may live under the temporary directory (BOOTBOX_CACHE); it is meant
     // to stay, so it exists before the snapshot.
-    std::fs::create_dir_all(appliance::default_cache_dir().unwrap()).unwrap();
-    let tmp_before: std::collections::BTreeSet<_> = std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let cache = appliance::default_cache_dir().unwrap();
+    std::fs::create_dir_all(&cache).unwrap();
+    let tmp_before = names(&std::env::temp_dir());
+
+    // Ctrl-C while the first run of a new shape (--mem 304) boots the appliance to make its
+    // warm-start snapshot: the run stops there, the job never starts, no temp file stays.
+    let snapshots = cache.join("snapshot");
+    let snaps_before = names(&snapshots);
     let mut child = Command::new(bootbox_bin())
         .args([
             "run",
+            "--warm",
+            "--mem",
+            "304",
+            "--timeout",
+            "600",
+            "--",
+            "echo",
+            "job-ran",
+        ])
+        .env("BOOTBOX_KERNEL", kernel())
+        .env("BOOTBOX_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "the run ended before it made a snapshot: {seen}"
+        );
+        seen.push_str(&line);
+        if line.contains("making the warm-start snapshot") {
+            break;
+        }
+    }
+    // SAFETY: sending SIGINT to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().unwrap();
+    std::io::Read::read_to_string(&mut stderr, &mut seen).unwrap();
+    assert_eq!(out.status.code(), Some(130), "{seen}");
+    assert!(
+        seen.contains("interrupted while making the warm-start snapshot"),
+        "{seen}"
+    );
+    assert!(out.stdout.is_empty(), "the job ran: {:?}", out.stdout);
+    let made: Vec<_> = names(&snapshots)
+        .difference(&snaps_before)
+        .filter(|n| !n.to_string_lossy().ends_with(".snap"))
+        .cloned()
+        .collect();
+    assert!(made.is_empty(), "snapshot temp files left: {made:?}");
+    // The next run of that shape makes the snapshot whole and resumes from it.
+    let json = tempfile::NamedTempFile::new().unwrap();
+    let out = bootbox(&[
+        "run",
+        "--warm",
+        "--mem",
+        "304",
+        "--json",
+        json.path().to_str().unwrap(),
+        "--",
+        "echo",
+        "job-ran",
+    ]);
+    assert_eq!(stdout(&out), "job-ran\n");
+    let record = std::fs::read_to_string(json.path()).unwrap();
+    assert!(
+        record.contains("\"state restored\""),
+        "not resumed: {record}"
+    );
+
+    // Ctrl-C while the job runs (warm or cold, as the suite runs).
+    let mut child = Command::new(bootbox_bin())
+        .args([
+            "run",
+            "--mem",
+            "304",
             "--timeout",
             "600",
             "--",
@@ -795,10 +873,7 @@ fn ctrl_c_stops_the_vm_and_leaves_no_temporary_files() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("interrupted"), "{err}");
-    let tmp_after: std::collections::BTreeSet<_> = std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let tmp_after = names(&std::env::temp_dir());
     let left: Vec<_> = tmp_after.difference(&tmp_before).collect();
     assert!(left.is_empty(), "temporary files left behind: {left:?}");
 }
