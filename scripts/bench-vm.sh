@@ -6,7 +6,9 @@
 #   scripts/bench-vm.sh boot [RUNS]   # launch to job result for `true`, booted (--cold)
 #   scripts/bench-vm.sh warm [RUNS]   # launch to job result, resumed from the warm-start
 #                                     # snapshot (the default) vs booted (--cold) vs QEMU
-#                                     # microvm booting, and a 9p hash warm vs cold
+#                                     # microvm booting, and a 9p hash resumed vs booted vs
+#                                     # QEMU; each with memory: VMM RSS, guest memory
+#                                     # touched, page faults
 #   scripts/bench-vm.sh 9p   [RUNS]   # `find | xargs sha256sum` over a generated tree, over
 #                                     # bootbox's virtio-9p vs QEMU's virtio-9p (-fsdev local)
 #   scripts/bench-vm.sh disk [RUNS]   # virtio-blk against QEMU's virtio-blk-device on the same
@@ -128,7 +130,7 @@ case "$mode" in
         job=(sh -c 'exit 5')
         echo "bench-vm: warm: launch to job result, resumed (A) against booted (B)" >&2
         "$bootbox" bench --runs "$runs" --warmup 2 --expect-status 5 \
-            --compare "$bootbox run --cold -- sh -c 'exit 5'; test \$? = 5" \
+            --compare "$bootbox run --cold --json {json} -- sh -c 'exit 5'; test \$? = 5" \
             -- run -- "${job[@]}"
         echo "bench-vm: warm: launch to job result, resumed (A) against QEMU -M microvm booting the same kernel and appliance (B)" >&2
         "$bootbox" initrd -o "$work/app.cpio" -- "${job[@]}" >/dev/null
@@ -139,7 +141,13 @@ case "$mode" in
         tree="$BOOTBOX_BENCH_TREE"
         hash="find . -type f -print0 | xargs -0 sha256sum >/dev/null; exit 5"
         "$bootbox" bench --runs "$runs" --warmup 1 --expect-status 5 \
-            --compare "$bootbox run --cold --share $tree:data -- sh -c '$hash'; test \$? = 5" \
+            --compare "$bootbox run --cold --json {json} --share $tree:data -- sh -c '$hash'; test \$? = 5" \
+            -- run --share "$tree:data" -- sh -c "$hash"
+        echo "bench-vm: warm: the same 9p hash, resumed (A) against QEMU -M microvm booting with -fsdev local (B)" >&2
+        "$bootbox" initrd -o "$work/app9p.cpio" --share "$tree:data" -- sh -c "$hash" >/dev/null
+        "$bootbox" bench --runs "$runs" --warmup 1 --expect-status 5 \
+            --compare "$(qemu_check "-fsdev local,id=fs0,path=$tree,security_model=none,readonly=on \
+ -device virtio-9p-device,fsdev=fs0,mount_tag=data -initrd $work/app9p.cpio -append '$cmdline'")" \
             -- run --share "$tree:data" -- sh -c "$hash"
         ;;
     9p)

@@ -195,7 +195,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
     /// A second command line to time, interleaved A B A B (e.g. QEMU microvm with the same
-    /// kernel and initrd). A shell command string.
+    /// kernel and initrd). A shell command string; `{json}` in it becomes a path for a
+    /// bootbox run's `--json`, so that side's phases and memory are compared too.
     #[arg(long, value_name = "SHELL-COMMAND")]
     pub compare: Option<String>,
     /// Write all samples and the summary as JSON to this file.

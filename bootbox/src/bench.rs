@@ -63,8 +63,32 @@ struct Side {
     wall_ns: Vec<f64>,
     /// Per-phase samples (ns), for runs that reported phases.
     phases: BTreeMap<String, Vec<f64>>,
+    /// Memory samples of runs that reported them: the VMM's own peak RSS and the guest
+    /// memory touched (KiB), and the process's minor and major page faults.
+    memory: BTreeMap<String, Vec<f64>>,
     failures: usize,
 }
+
+/// The memory figures of a run record, by the name the memory table prints.
+fn memory_figures(r: &RunRecord) -> Vec<(&'static str, f64)> {
+    let mut out = Vec::new();
+    if let Some(kib) = r.vmm_peak_rss_kib {
+        out.push((MEM_VMM_RSS, kib as f64));
+    }
+    if let Some(kib) = r.guest_resident_kib {
+        out.push((MEM_GUEST_TOUCHED, kib as f64));
+    }
+    if let Some((minor, major)) = r.page_faults {
+        out.push((MEM_MINOR_FAULTS, minor as f64));
+        out.push((MEM_MAJOR_FAULTS, major as f64));
+    }
+    out
+}
+
+const MEM_VMM_RSS: &str = "VMM peak RSS beyond guest memory (MiB)";
+const MEM_GUEST_TOUCHED: &str = "guest memory touched (MiB)";
+const MEM_MINOR_FAULTS: &str = "minor page faults";
+const MEM_MAJOR_FAULTS: &str = "major page faults";
 
 impl Side {
     fn add_record(&mut self, r: &RunRecord) {
@@ -73,6 +97,42 @@ impl Side {
                 .entry(name.to_string())
                 .or_default()
                 .push(ns as f64);
+        }
+        for (name, v) in memory_figures(r) {
+            self.memory.entry(name.to_string()).or_default().push(v);
+        }
+    }
+}
+
+/// A memory sample (KiB, or a count) as the memory table prints it.
+fn fmt_memory(name: &str, x: f64) -> String {
+    if name.ends_with("(MiB)") {
+        format!("{:.1}", x / 1024.0)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+/// The memory table of one side (KiB figures shown in MiB), if its runs reported memory.
+fn print_memory(side: &Side) {
+    if side.memory.is_empty() {
+        return;
+    }
+    println!(
+        "{:<40} {:>4} {:>11} {:>11} {:>11}",
+        "memory", "n", "min", "median", "p95"
+    );
+    for (name, v) in &side.memory {
+        if let Some(s) = summarize(v) {
+            let f = |x: f64| fmt_memory(name, x);
+            println!(
+                "{:<40} {:>4} {:>11} {:>11} {:>11}",
+                name,
+                s.n,
+                f(s.min),
+                f(s.median),
+                f(s.p95)
+            );
         }
     }
 }
@@ -229,9 +289,11 @@ fn bench_in(a: &BenchArgs, dir: &Path) -> Result<u8, String> {
         &side_a.phases,
         &side_a.wall_ns,
     );
+    print_memory(&side_a);
     let mut ratios = BTreeMap::new();
     if let Some(b) = &side_b {
         print_table(&format!("B: {}", b.command), &b.phases, &b.wall_ns);
+        print_memory(b);
         println!("\nratios A/B of medians (below 1 means A is faster)");
         let mut pairs: Vec<(&str, &[f64], &[f64])> = side_a
             .phases
@@ -248,6 +310,19 @@ fn bench_in(a: &BenchArgs, dir: &Path) -> Result<u8, String> {
                     fmt_ns(sb.median as u64)
                 );
                 ratios.insert(name.to_string(), r);
+            }
+        }
+        for (name, va) in &side_a.memory {
+            let vb = b.memory.get(name).and_then(|v| summarize(v));
+            if let (Some(sa), Some(sb)) = (summarize(va), vb) {
+                if sb.median > 0.0 {
+                    let r = sa.median / sb.median;
+                    println!(
+                        "{name:<40} {r:>8.3}  ({:.0} vs {:.0})",
+                        sa.median, sb.median
+                    );
+                    ratios.insert(name.clone(), r);
+                }
             }
         }
     }
@@ -373,6 +448,24 @@ mod tests {
         let one = summarize(&[3.0]).unwrap();
         assert_eq!((one.stddev, one.median, one.p95), (0.0, 3.0, 3.0));
         assert!(summarize(&[]).is_none());
+    }
+
+    #[test]
+    fn memory_samples_come_from_the_run_record() {
+        let mut side = Side::default();
+        side.add_record(&RunRecord {
+            vmm_peak_rss_kib: Some(2048),
+            guest_resident_kib: Some(10240),
+            page_faults: Some((300, 2)),
+            ..Default::default()
+        });
+        side.add_record(&RunRecord::default());
+        assert_eq!(side.memory[MEM_VMM_RSS], [2048.0]);
+        assert_eq!(side.memory[MEM_GUEST_TOUCHED], [10240.0]);
+        assert_eq!(side.memory[MEM_MINOR_FAULTS], [300.0]);
+        assert_eq!(side.memory[MEM_MAJOR_FAULTS], [2.0]);
+        assert_eq!(fmt_memory(MEM_GUEST_TOUCHED, 10240.0), "10.0");
+        assert_eq!(fmt_memory(MEM_MINOR_FAULTS, 300.0), "300");
     }
 
     #[test]

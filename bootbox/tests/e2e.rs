@@ -1035,7 +1035,8 @@ fn bench_summarises_phases_and_compares_with_another_command() {
     let json = scratch.path().join("bench.json");
     let bin = bootbox_bin();
     // Cold (A, with the kernel's boot phases) against warm (B, the default).
-    let compare = format!("{} run --timeout 600 -- true", bin.display());
+    // B writes its record to bench's `{json}`, so its phases and memory compare too.
+    let compare = format!("{} run --timeout 600 --json {{json}} -- true", bin.display());
     let out = bootbox(&[
         "bench",
         "--runs",
@@ -1071,6 +1072,14 @@ fn bench_summarises_phases_and_compares_with_another_command() {
         assert!(a[phase]["min"].as_f64().unwrap() <= a[phase]["median"].as_f64().unwrap());
     }
     assert_eq!(doc["b"]["summary"]["end-to-end (wall)"]["n"], 2);
+    assert_eq!(doc["b"]["summary"]["launch to job result"]["n"], 2);
+    for side in ["a", "b"] {
+        let touched = &doc[side]["samples"]["memory"]["guest memory touched (MiB)"];
+        assert_eq!(touched.as_array().map(Vec::len), Some(2), "{side}: {doc}");
+        assert!(touched[0].as_f64().unwrap() > 0.0, "{side}: {doc}");
+    }
+    assert!(text.contains("minor page faults"), "{text}");
+    assert!(doc["ratios_a_over_b"]["guest memory touched (MiB)"].as_f64().unwrap() > 0.0);
     assert!(
         doc["ratios_a_over_b"]["end-to-end (wall)"]
             .as_f64()
