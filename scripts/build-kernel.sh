@@ -8,7 +8,11 @@
 # root), where bootbox looks after the user's own cache: one build serves every user of the
 # machine, and using bootbox needs no root.
 #
-# The cache key is the hash of: the config fragment, this script, and the source's identity
+# The patches in kernel-config/patches/*.patch (applied with patch -p1, in name order) go on
+# top of a tarball's unpacked copy. A tree given with --source is never modified: the build
+# stops, naming the patch, unless the tree already carries it.
+#
+# The cache key is the hash of: the config fragment, the patches, this script, and the source's identity
 # (a tarball's name, size, mtime and Debian package version, or a tree's kernel version, git
 # revision and a hash of its uncommitted changes). A second run with the
 # same inputs costs nothing and prints the same path. The last line printed is the path of
@@ -22,6 +26,8 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 fragment="$here/kernel-config/bootbox.config"
+patches=("$here"/kernel-config/patches/*.patch)
+[ -e "${patches[0]}" ] || patches=()
 source="${BOOTBOX_KERNEL_SOURCE:-/usr/src/linux-source-6.12.tar.xz}"
 cache_root="${BOOTBOX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bootbox}/kernel"
 print_path=0
@@ -69,7 +75,7 @@ else
     # Identity of a tarball: size + mtime are cheap; the package version pins it further.
     source_id="tarball:$(basename "$source"):$(stat -c '%s:%Y' "$source"):$(dpkg-query -W -f '${Version}' linux-source-6.12 2>/dev/null || true)"
 fi
-key=$( { cat "$fragment"; cat "$0"; echo "$source_id"; } | sha256sum | cut -c1-20)
+key=$( { cat "$fragment" "${patches[@]}"; cat "$0"; echo "$source_id"; } | sha256sum | cut -c1-20)
 out="$cache_root/$key"
 
 if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
@@ -108,6 +114,18 @@ else
     objdir="$srcdir"
     make_args=(-C "$srcdir")
 fi
+
+for p in "${patches[@]}"; do
+    if [ -d "$source" ]; then
+        patch -p1 -R --dry-run -s -f -d "$srcdir" <"$p" >/dev/null || {
+            echo "build-kernel: $srcdir lacks kernel-config/patches/${p##*/}; apply it (patch -p1 < $p) and rerun" >&2
+            exit 1
+        }
+    else
+        say "patching: ${p##*/}"
+        patch -p1 -s -f -d "$srcdir" <"$p" || { echo "build-kernel: ${p##*/} does not apply to $source" >&2; exit 1; }
+    fi
+done
 
 say "configuring: allnoconfig + $(grep -c '^CONFIG_' "$fragment") options from kernel-config/bootbox.config"
 KCONFIG_ALLCONFIG="$fragment" make "${make_args[@]}" allnoconfig >"$build/config.log" 2>&1 || {

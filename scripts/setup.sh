@@ -11,7 +11,8 @@ set -euo pipefail
 packages=(qemu-system-x86 linux-image-amd64 linux-source-6.12 build-essential bc flex bison
     libelf-dev libssl-dev cpio xz-utils zstd kmod file busybox-static diod python3 findutils
     coreutils grep tar util-linux
-    qemu-utils e2fsprogs dosfstools mtools squashfs-tools xorriso btrfs-progs xfsprogs fdisk)
+    qemu-utils e2fsprogs dosfstools mtools squashfs-tools xorriso btrfs-progs xfsprogs fdisk
+    exfatprogs ntfs-3g lvm2 patch)
 
 find_missing() {
     missing=()
