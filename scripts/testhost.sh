@@ -44,7 +44,7 @@ while [ $# -gt 0 ]; do
             for t in sh bash dash find ls stat cat sha256sum md5sum du grep file tar head tail wc sort \
                      xargs env sleep dd mkdir touch rm cp mv ln readlink true false echo printf yes \
                      cmp diff dmesg uniq cut tr tee sync id uname df awk sed chmod chown basename \
-                     dirname blkid lsblk lvm; do
+                     dirname blkid lsblk lvm mount umount mkfs.ext4 mkfs.xfs mkfs.exfat mkntfs; do
                 p=$(command -v "$t" || true)
                 case "$p" in /*) mirrors+=("$p") ;; esac
             done

@@ -1036,7 +1036,10 @@ fn bench_summarises_phases_and_compares_with_another_command() {
     let bin = bootbox_bin();
     // Cold (A, with the kernel's boot phases) against warm (B, the default).
     // B writes its record to bench's `{json}`, so its phases and memory compare too.
-    let compare = format!("{} run --timeout 600 --json {{json}} -- true", bin.display());
+    let compare = format!(
+        "{} run --timeout 600 --json {{json}} -- true",
+        bin.display()
+    );
     let out = bootbox(&[
         "bench",
         "--runs",
@@ -1079,7 +1082,12 @@ fn bench_summarises_phases_and_compares_with_another_command() {
         assert!(touched[0].as_f64().unwrap() > 0.0, "{side}: {doc}");
     }
     assert!(text.contains("minor page faults"), "{text}");
-    assert!(doc["ratios_a_over_b"]["guest memory touched (MiB)"].as_f64().unwrap() > 0.0);
+    assert!(
+        doc["ratios_a_over_b"]["guest memory touched (MiB)"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
     assert!(
         doc["ratios_a_over_b"]["end-to-end (wall)"]
             .as_f64()

@@ -10,6 +10,11 @@
 //! does not mount is reported as one line on the job's stderr and the job runs anyway; a disk
 //! with nothing recognisable (a blank disk, a partition table without filesystem) is skipped
 //! quietly.
+//!
+//! LVM: when a disk or partition carries an LVM physical volume label and the appliance has
+//! the `lvm` tool, the init activates every volume group read-only (no udev in the guest, so
+//! LVM makes its own device nodes) and mounts each logical volume's filesystem under
+//! `/disk/<vg>-<lv>`, the device-mapper name. Activation writes nothing to the disks.
 
 use guest_abi::jobspec::{disk_device_name, Job};
 
@@ -41,7 +46,8 @@ impl Fs {
             Fs::Exfat => ("exfat", "iocharset=utf8"),
             Fs::Iso9660 => ("iso9660", ""),
             Fs::Squashfs => ("squashfs", ""),
-            Fs::Ntfs => ("ntfs3", ""),
+            // ntfs3 shows names in CONFIG_NLS_DEFAULT (iso8859-1) unless told otherwise.
+            Fs::Ntfs => ("ntfs3", "iocharset=utf8"),
         }
     }
 }
@@ -101,6 +107,14 @@ pub fn identify(read: &ReadAt<'_>) -> Option<Fs> {
     None
 }
 
+/// Whether a device carries an LVM2 physical volume label (`LABELONE` in one of its first
+/// four sectors, with the `LVM2 001` type at byte 24 of that sector).
+pub fn is_lvm_pv(read: &ReadAt<'_>) -> bool {
+    (0..4u64).any(|sector| {
+        bytes_at(read, sector * 512, b"LABELONE") && bytes_at(read, sector * 512 + 24, b"LVM2 001")
+    })
+}
+
 /// Reads `len` bytes at `offset` of an open device.
 fn pread_exact(fd: i32, offset: u64, len: usize) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; len];
@@ -120,18 +134,23 @@ fn pread_exact(fd: i32, offset: u64, len: usize) -> Option<Vec<u8>> {
     Some(buf)
 }
 
-/// The filesystem on `/dev/<name>`, if one is recognised.
-fn identify_device(name: &str) -> Option<Fs> {
+/// What `look` finds on `/dev/<name>` (None when it cannot be opened).
+fn sniff_device<T>(name: &str, look: impl FnOnce(&ReadAt<'_>) -> T) -> Option<T> {
     let path = std::ffi::CString::new(format!("/dev/{name}")).ok()?;
     // SAFETY: path is a valid NUL-terminated string.
     let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
     if fd < 0 {
         return None;
     }
-    let found = identify(&|offset, len| pread_exact(fd, offset, len));
+    let found = look(&|offset, len| pread_exact(fd, offset, len));
     // SAFETY: closing the descriptor opened above.
     unsafe { libc::close(fd) };
-    found
+    Some(found)
+}
+
+/// The filesystem on `/dev/<name>`, if one is recognised.
+fn identify_device(name: &str) -> Option<Fs> {
+    sniff_device(name, identify).flatten()
 }
 
 /// The partitions of disk `disk` (`vda1`, `vda2`, ...), as the kernel lists them in sysfs.
@@ -213,31 +232,129 @@ pub fn prepare(job: &Job) {
     }
 }
 
-/// Mounts every recognised filesystem of every virtio disk under `/disk/<device>`.
+/// Mounts every recognised filesystem of every virtio disk under `/disk/<device>`, and of
+/// every LVM logical volume on them under `/disk/<vg>-<lv>`.
 fn mount_all() {
+    let mut physical_volumes = false;
     for disk in virtio_disks() {
         for dev in std::iter::once(disk.clone()).chain(partitions(&disk)) {
-            let Some(fs) = identify_device(&dev) else {
-                continue;
-            };
-            let (fstype, options) = fs.mount_type_and_options();
-            let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
-            if let Err(e) = mount(
-                &format!("/dev/{dev}"),
-                &format!("/disk/{dev}"),
-                fstype,
-                flags,
-                options,
-            ) {
-                say(&format!("disk {dev}: {e}"));
-                // An empty mount point left behind would look like an empty filesystem.
-                if let Ok(dir) = std::ffi::CString::new(format!("/disk/{dev}")) {
-                    // SAFETY: dir is a valid NUL-terminated string.
-                    unsafe { libc::rmdir(dir.as_ptr()) };
-                }
+            match identify_device(&dev) {
+                Some(fs) => mount_read_only(&dev, &dev, fs),
+                None => physical_volumes |= sniff_device(&dev, is_lvm_pv).unwrap_or(false),
             }
         }
     }
+    if physical_volumes {
+        for (dm, name) in activate_volume_groups() {
+            if let Some(fs) = identify_device(&dm) {
+                mount_read_only(&dm, &name, fs);
+            }
+        }
+    }
+}
+
+/// Mounts `/dev/<dev>` (filesystem `fs`) read-only at `/disk/<at>`; a failure is reported.
+fn mount_read_only(dev: &str, at: &str, fs: Fs) {
+    let (fstype, options) = fs.mount_type_and_options();
+    let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+    if let Err(e) = mount(
+        &format!("/dev/{dev}"),
+        &format!("/disk/{at}"),
+        fstype,
+        flags,
+        options,
+    ) {
+        say(&format!("disk {at}: {e}"));
+        // An empty mount point left behind would look like an empty filesystem.
+        if let Ok(dir) = std::ffi::CString::new(format!("/disk/{at}")) {
+            // SAFETY: dir is a valid NUL-terminated string.
+            unsafe { libc::rmdir(dir.as_ptr()) };
+        }
+    }
+}
+
+/// LVM settings for a guest without udev: LVM scans /dev itself and makes its own nodes.
+const LVM_NO_UDEV: &str = "devices { obtain_device_list_from_udev = 0 } \
+     activation { udev_sync = 0 udev_rules = 0 }";
+
+/// The `lvm` tool, if the appliance has it.
+fn lvm_tool() -> Option<std::path::PathBuf> {
+    [
+        "/usr/sbin/lvm",
+        "/sbin/lvm",
+        "/usr/bin/lvm",
+        "/usr/local/sbin/lvm",
+    ]
+    .iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.is_file())
+}
+
+/// Runs `lvm ARGS` with the no-udev settings plus `extra` settings; its stdout, or why not.
+fn lvm(tool: &std::path::Path, extra: &str, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new(tool)
+        .args(args)
+        .arg("--config")
+        .arg(format!("{LVM_NO_UDEV} {extra}"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("{}: {}", out.status, err.trim()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Activates every volume group read-only; returns each active device-mapper device with its
+/// name (`dm-0`, `vg-lv`). Problems are reported; none stops the job.
+fn activate_volume_groups() -> Vec<(String, String)> {
+    let Some(tool) = lvm_tool() else {
+        say("a disk holds LVM volumes, but the appliance has no lvm tool (install lvm2 on the host)");
+        return Vec::new();
+    };
+    let groups = match lvm(&tool, "", &["vgs", "--noheadings", "-o", "vg_name"]) {
+        Ok(out) => out
+            .split_whitespace()
+            .map(|g| format!("\"{g}\""))
+            .collect::<Vec<_>>(),
+        Err(e) => {
+            say(&format!("cannot list LVM volume groups: {e}"));
+            return Vec::new();
+        }
+    };
+    if groups.is_empty() {
+        return Vec::new();
+    }
+    // Every group read-only: device-mapper tables that never write to the disks.
+    let read_only = format!(
+        "activation {{ read_only_volume_list = [ {} ] }}",
+        groups.join(", ")
+    );
+    if let Err(e) = lvm(&tool, &read_only, &["vgchange", "-ay", "--sysinit"]) {
+        say(&format!("cannot activate LVM volume groups: {e}"));
+    }
+    device_mapper_devices()
+}
+
+/// The device-mapper devices the kernel has (`dm-0`) with their names (`vg-lv`).
+fn device_mapper_devices() -> Vec<(String, String)> {
+    let mut found: Vec<(String, String)> = std::fs::read_dir("/sys/block")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with("dm-"))
+                .filter_map(|dm| {
+                    let name = std::fs::read_to_string(format!("/sys/block/{dm}/dm/name")).ok()?;
+                    let name = name.trim().to_string();
+                    (!name.is_empty() && !name.contains('/')).then_some((dm, name))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
 }
 
 #[cfg(test)]
@@ -315,6 +432,32 @@ mod tests {
         d[..512].copy_from_slice(&fat_boot_sector(false));
         d[11..13].copy_from_slice(&100u16.to_le_bytes());
         assert_eq!(sniff(&d), None);
+    }
+
+    #[test]
+    fn an_lvm_label_in_any_of_the_first_four_sectors_is_a_physical_volume() {
+        let pv = |d: &[u8]| {
+            is_lvm_pv(&|off, len| {
+                let (off, end) = (off as usize, off as usize + len);
+                (end <= d.len()).then(|| d[off..end].to_vec())
+            })
+        };
+        // pvcreate writes its label to the second sector.
+        let label = device(4096, &[(512, b"LABELONE"), (512 + 24, b"LVM2 001")]);
+        assert!(pv(&label));
+        assert_eq!(sniff(&label), None, "a PV is not a filesystem");
+        let last = device(4096, &[(1536, b"LABELONE"), (1536 + 24, b"LVM2 001")]);
+        assert!(pv(&last));
+        // The label's type must be LVM2's; the fifth sector is too far; short devices are not.
+        assert!(!pv(&device(
+            4096,
+            &[(512, b"LABELONE"), (512 + 24, b"LVM1 001")]
+        )));
+        assert!(!pv(&device(
+            4096,
+            &[(2048, b"LABELONE"), (2048 + 24, b"LVM2 001")]
+        )));
+        assert!(!pv(&device(520, &[(512, b"LABELONE")])));
     }
 
     #[test]
