@@ -318,8 +318,9 @@ fn bench_in(a: &BenchArgs, dir: &Path) -> Result<u8, String> {
                 if sb.median > 0.0 {
                     let r = sa.median / sb.median;
                     println!(
-                        "{name:<40} {r:>8.3}  ({:.0} vs {:.0})",
-                        sa.median, sb.median
+                        "{name:<40} {r:>8.3}  ({} vs {})",
+                        fmt_memory(name, sa.median),
+                        fmt_memory(name, sb.median)
                     );
                     ratios.insert(name.clone(), r);
                 }
