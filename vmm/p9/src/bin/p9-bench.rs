@@ -5,6 +5,9 @@
 //! * `getattr (root)`: getattr of the attached root, the round-trip floor: one request whose
 //!   server side is one `fstat`, so what is left is transport, client and scheduler;
 //! * `walk+getattr`: walk root -> dir/file, getattr, clunk;
+//! * `walk+getattr (dir fid)`: walk dir -> file from a fid held on each directory, getattr,
+//!   clunk: how a Linux guest looks names up (from the parent's fid), so every walk starts in a
+//!   directory that must be checked to still lie in the share;
 //! * `open+read`: walk, lopen, read the whole file, clunk;
 //! * `seq-read`: read a 64 MiB file (16 MiB in quick mode) front to back with msize-sized
 //!   requests (rate in MB/s, latency per request);
@@ -14,7 +17,8 @@
 //!
 //! Usage: `p9-bench [--quick] [--files 10000,100000] [--size BYTES] [--ops N] [--clients N]
 //!                  [--fids 1000,100000] [--workers N] [--dir DIR] [--no-diod] [--rounds N]
-//!                  [--only rtt,walk,open,seq,readdir,parallel,fids] [--stats] [--msize N]
+//!                  [--only rtt,walk,dirwalk,open,seq,readdir,parallel,fids] [--stats]
+//!                  [--msize N]
 //!                  [--baseline OLD-P9-BENCH]`
 //! With `--rounds N` every workload runs N times, interleaved between the servers (the machine
 //! may be shared and noisy): latencies are pooled over the rounds, the rate is the median
@@ -76,8 +80,9 @@ struct Args {
     /// first); latencies are pooled over the rounds and the rate is the median round's.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
-    /// Only these workloads, comma-separated: rtt, walk, open, seq, readdir, parallel, fids.
-    #[arg(long, value_delimiter = ',', value_parser = ["rtt", "walk", "open", "seq", "readdir", "parallel", "fids"])]
+    /// Only these workloads, comma-separated: rtt, walk, dirwalk, open, seq, readdir, parallel,
+    /// fids.
+    #[arg(long, value_delimiter = ',', value_parser = ["rtt", "walk", "dirwalk", "open", "seq", "readdir", "parallel", "fids"])]
     only: Vec<String>,
     /// Print the bootbox server's own per-request statistics after each tree.
     #[arg(long)]
@@ -391,14 +396,57 @@ fn walk_getattr(
     ops: usize,
     salt: usize,
 ) -> R<(Vec<u64>, Duration)> {
+    walks_with_getattr(c, n_files, ops, salt, |k| {
+        let (d, f) = file_path(k);
+        (root, vec![d, f])
+    })
+}
+
+/// Like [`walk_getattr`], but each walk starts from a fid held on the file's directory (one
+/// per directory, walked before the clock starts and clunked after it stops), as a Linux
+/// guest's lookups do.
+fn dir_walk_getattr(
+    c: &mut Conn,
+    root: u32,
+    n_files: usize,
+    ops: usize,
+) -> R<(Vec<u64>, Duration)> {
+    // Nearly the files `walk_getattr` visits, shifted: the host's caches are as warm.
+    const SALT: usize = 3;
+    let mut dirs = Vec::with_capacity(n_files.div_ceil(FILES_PER_DIR));
+    for i in 0..n_files.div_ceil(FILES_PER_DIR) {
+        let d = c.alloc_fid();
+        c.walk(root, d, &[&format!("d{i:04}")])
+            .map_err(|e| format!("walk d{i:04}: {e}"))?;
+        dirs.push(d);
+    }
+    let timed = walks_with_getattr(c, n_files, ops, SALT, |k| {
+        (dirs[k / FILES_PER_DIR], vec![file_path(k).1])
+    });
+    for d in dirs {
+        c.clunk(d).map_err(|e| format!("clunk: {e}"))?;
+    }
+    timed
+}
+
+/// `ops` times: walk to the file `walk_of` names for a picked index (a starting fid and the
+/// names from there), getattr, clunk; latency per file.
+fn walks_with_getattr(
+    c: &mut Conn,
+    n_files: usize,
+    ops: usize,
+    salt: usize,
+    walk_of: impl Fn(usize) -> (u32, Vec<String>),
+) -> R<(Vec<u64>, Duration)> {
     let mut lat = Vec::with_capacity(ops);
     let t = Instant::now();
     let fid = c.alloc_fid();
     for i in 0..ops {
-        let (d, f) = file_path(pick(i + salt, n_files));
+        let (from, names) = walk_of(pick(i + salt, n_files));
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let s = Instant::now();
-        c.walk(root, fid, &[&d, &f])
-            .map_err(|e| format!("walk {d}/{f}: {e}"))?;
+        c.walk(from, fid, &names)
+            .map_err(|e| format!("walk {}: {e}", names.join("/")))?;
         c.getattr(fid).map_err(|e| format!("getattr: {e}"))?;
         c.clunk(fid).map_err(|e| format!("clunk: {e}"))?;
         lat.push(s.elapsed().as_nanos() as u64);
@@ -608,6 +656,7 @@ fn raise_nofile(want: u64) {
 enum Workload {
     Rtt,
     Walk,
+    DirWalk,
     Open,
     Seq,
     Readdir,
@@ -621,6 +670,7 @@ impl Workload {
         match self {
             Workload::Rtt => "rtt",
             Workload::Walk => "walk",
+            Workload::DirWalk => "dirwalk",
             Workload::Open => "open",
             Workload::Seq => "seq",
             Workload::Readdir => "readdir",
@@ -633,6 +683,7 @@ impl Workload {
         match self {
             Workload::Rtt => "getattr (root)".into(),
             Workload::Walk => "walk+getattr".into(),
+            Workload::DirWalk => "walk+getattr (dir fid)".into(),
             Workload::Open => "open+read".into(),
             Workload::Seq => "seq-read".into(),
             Workload::Readdir => "readdir-tree (per dir)".into(),
@@ -680,6 +731,10 @@ fn measure(w: Workload, t: &Target, c: &mut (Conn, u32), n: usize, o: &Opts) -> 
         }
         Workload::Walk => {
             let (lat, wall) = walk_getattr(c, root, n, o.ops, 0)?;
+            (lat, rate(o.ops, wall))
+        }
+        Workload::DirWalk => {
+            let (lat, wall) = dir_walk_getattr(c, root, n, o.ops)?;
             (lat, rate(o.ops, wall))
         }
         Workload::Open => {
@@ -767,6 +822,7 @@ fn run(o: &Opts) -> R<()> {
     let mut workloads = vec![
         Workload::Rtt,
         Workload::Walk,
+        Workload::DirWalk,
         Workload::Open,
         Workload::Seq,
         Workload::Readdir,

@@ -13,7 +13,9 @@
 //!
 //! Memory and descriptors are bounded: at most [`MAX_KEPT`] descriptors, and no more than a
 //! sixteenth of the share's fid cap (whose descriptors are already held within half the
-//! process's limit), spread over shards; a full shard starts over.
+//! process's limit), spread over shards; a full shard lets one entry go for each new one (a
+//! tree with more directories than that keeps most of what it kept, rather than closing a
+//! whole shard's descriptors at once under its lock and starting over).
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -71,9 +73,52 @@ impl DirFds {
         }
         let key = (parent.0, parent.1, name_hash(name));
         let mut s = self.shard(&key);
-        if s.len() >= self.per_shard && !s.contains_key(&key) {
-            s.clear();
+        let evicted = match s.keys().next() {
+            Some(&other) if s.len() >= self.per_shard && !s.contains_key(&key) => s.remove(&other),
+            _ => None,
+        };
+        let replaced = s.insert(key, (Box::from(name), fd, st.st_dev, st.st_ino));
+        drop(s);
+        // Descriptors are closed (when no fid holds them) outside the lock.
+        drop((evicted, replaced));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::sys::fstat;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn a_full_shard_lets_one_entry_go_per_new_one() {
+        let dir: OwnedFd = std::fs::File::open(std::env::temp_dir()).unwrap().into();
+        let st = fstat(dir.as_fd()).unwrap();
+        let fd = Arc::new(dir);
+        // 256 kept in all, 16 per shard.
+        let kept = DirFds::new(256 * 16);
+        assert_eq!(kept.per_shard, 16);
+        for i in 0..1000u64 {
+            let name = format!("d{i}");
+            kept.put((1, i), name.as_bytes(), fd.clone(), &st);
+            // What was just kept is there, and the bound holds.
+            assert!(kept.get((1, i), name.as_bytes()).is_some());
+            assert!(kept.len() <= 256);
         }
-        s.insert(key, (Box::from(name), fd, st.st_dev, st.st_ino));
+        // Full shards stay full rather than starting over.
+        assert!(kept.len() > 256 - SHARDS, "{} kept", kept.len());
+        // Putting the same entry again replaces it without evicting another.
+        let before = kept.len();
+        kept.put((1, 999), b"d999", fd.clone(), &st);
+        assert_eq!(kept.len(), before);
+        assert_eq!(Arc::strong_count(&fd), before + 1);
     }
 }

@@ -7,7 +7,7 @@ use crate::wire;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 const SHARDS: usize = 64;
@@ -78,6 +78,9 @@ pub(super) struct Fid {
     /// Tremove and Trename find the entry without rebuilding a path (checked against `dev`/`ino`
     /// before use, since either may have been renamed since).
     pub(super) entry: Option<(Arc<OwnedFd>, Box<[u8]>)>,
+    /// How many levels below the share root this was when last seen: a hint for the
+    /// confinement check (see [`crate::confine`]), never trusted on its own.
+    pub(super) depth: AtomicU32,
     /// The guest user this fid was attached as (owner of what is created through it).
     pub(super) uid: u32,
     pub(super) open: OnceLock<OpenFile>,

@@ -10,6 +10,7 @@ use crate::ownership::{self, GuestAttr};
 use crate::wire::{Qid, Rmessage};
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 impl Server {
@@ -51,7 +52,8 @@ impl Server {
             },
         );
         let entry = Some((f.fd.clone(), Box::from(name.bytes())));
-        let nf = Server::new_fid(fid_slot, Arc::new(path), &st, entry, f.uid);
+        let depth = f.depth.load(Ordering::Relaxed).saturating_add(1);
+        let nf = Server::new_fid(fid_slot, Arc::new(path), &st, entry, f.uid, depth);
         let _ = nf.open.set(OpenFile::new(fd, open_slot));
         self.fids.replace(fid, Arc::new(nf));
         Ok(Rmessage::Lcreate {

@@ -38,7 +38,7 @@ impl Server {
         let st = fstat(fd.as_fd())?;
         // n_uname ~0 means "no user given": treat it as root, as the Linux client does.
         let uid = if n_uname == u32::MAX { 0 } else { n_uname };
-        let f = Server::new_fid(slot, Arc::new(fd), &st, None, uid);
+        let f = Server::new_fid(slot, Arc::new(fd), &st, None, uid, 0);
         self.fids.insert_new(fid, Arc::new(f))?;
         Ok(Rmessage::Attach {
             qid: self.share.qid(&st),
@@ -83,6 +83,8 @@ impl Server {
         let mut cur: Arc<OwnedFd> = f.fd.clone();
         let mut cur_st: Option<libc::stat64> = None;
         let mut entry: Option<(Arc<OwnedFd>, &[u8])> = None;
+        // How far below the root the current position is (a hint for the checks).
+        let mut depth = f.depth.load(Ordering::Relaxed);
         let mut walked = 0;
         for (i, raw) in names.iter().enumerate() {
             let (dev, ino) = match &cur_st {
@@ -91,24 +93,28 @@ impl Server {
             };
             let step = (|| {
                 let name = Name::new(raw, true)?;
-                let (fd, st) =
+                let (fd, st, depth) =
                     if name.bytes() == b"." || (name.bytes() == b".." && root.is(dev, ino)) {
                         let fd = dup(cur.as_fd())?;
                         let st = fstat(fd.as_fd())?;
-                        (Arc::new(fd), st)
+                        let depth = if root.is(dev, ino) { 0 } else { depth };
+                        (Arc::new(fd), st, depth)
                     } else if name.bytes() == b".." {
                         let fd = openat(cur.as_fd(), &name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
                         let st = fstat(fd.as_fd())?;
                         // Never stand outside the share, not even for the next step.
-                        root.check_dir(fd.as_fd(), st.st_dev, st.st_ino)?;
-                        (Arc::new(fd), st)
+                        let up = depth.saturating_sub(1);
+                        let depth = root.check_dir_near(fd.as_fd(), st.st_dev, st.st_ino, up)?;
+                        (Arc::new(fd), st, depth)
                     } else {
-                        self.step_into(&cur, (dev, ino), &name)?
+                        let (fd, st) = self.step_into(&cur, (dev, ino), &name)?;
+                        (fd, st, depth.saturating_add(1))
                     };
-                Ok::<_, Errno>((fd, st))
+                Ok::<_, Errno>((fd, st, depth))
             })();
             match step {
-                Ok((fd, st)) => {
+                Ok((fd, st, d)) => {
+                    depth = d;
                     qids[i] = share.qid(&st);
                     let dots = *raw == b"." || *raw == b"..";
                     entry = (!dots).then(|| (cur.clone(), *raw));
@@ -132,7 +138,7 @@ impl Server {
                 None => fstat(cur.as_fd())?,
             };
             // A clone shares the original's O_PATH descriptor: it has no state of its own.
-            let nf = Arc::new(Server::new_fid(slot, cur, &st, entry, f.uid));
+            let nf = Arc::new(Server::new_fid(slot, cur, &st, entry, f.uid, depth));
             if newfid == fid {
                 self.fids.replace(fid, nf);
             } else {

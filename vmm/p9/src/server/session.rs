@@ -232,6 +232,7 @@ impl Server {
         st: &libc::stat64,
         entry: Option<(Arc<OwnedFd>, Box<[u8]>)>,
         uid: u32,
+        depth: u32,
     ) -> Fid {
         Fid {
             fd,
@@ -239,6 +240,7 @@ impl Server {
             dev: st.st_dev,
             ino: st.st_ino,
             entry,
+            depth: AtomicU32::new(depth),
             uid,
             open: OnceLock::new(),
             _count: slot,
@@ -286,9 +288,18 @@ impl Server {
         (count as usize).min(max)
     }
 
-    /// ENOENT unless the directory fid `f` still lies beneath the share root.
+    /// ENOENT unless the directory fid `f` still lies beneath the share root (remembering how
+    /// deep it lies now, for the next check).
     pub(super) fn check_dir(&self, f: &Fid) -> Result<(), Errno> {
-        self.share.root.check_dir(f.fd.as_fd(), f.dev, f.ino)
+        let hint = f.depth.load(Ordering::Relaxed);
+        let depth = self
+            .share
+            .root
+            .check_dir_near(f.fd.as_fd(), f.dev, f.ino, hint)?;
+        if depth != hint {
+            f.depth.store(depth, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// A directory fid that is still beneath the share root, for requests that name something
@@ -311,9 +322,10 @@ impl Server {
         if let Some((dir, name)) = &f.entry {
             let name = Name::new(name, false)?;
             let dst = fstat(dir.as_fd())?;
+            let hint = f.depth.load(Ordering::Relaxed).saturating_sub(1);
             self.share
                 .root
-                .check_dir(dir.as_fd(), dst.st_dev, dst.st_ino)?;
+                .check_dir_near(dir.as_fd(), dst.st_dev, dst.st_ino, hint)?;
             match fstatat(dir.as_fd(), &name) {
                 Ok(st) if (st.st_dev, st.st_ino) == (f.dev, f.ino) => {
                     return Ok((dir.clone(), name))

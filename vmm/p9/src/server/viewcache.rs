@@ -7,19 +7,26 @@
 //! settled files are kept (see [`super::stamp`]), so a change in the same clock tick cannot
 //! hide behind an equal ctime. A view read after the `fstat` it is kept under is safe too: a
 //! change in between moved the ctime past that stamp, so the stamp is never seen again.
-//! Memory is bounded per shard; a full shard starts over.
+//! Memory is bounded per shard; a full shard lets its oldest view go for each new one (a tree
+//! with more files than the cache holds keeps most of what it read, rather than dropping a
+//! whole shard at once and starting over).
 
 use super::stamp::Stamp;
 use crate::ownership::GuestAttr;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 const SHARDS: usize = 16;
-/// Views kept per shard (each about 64 bytes).
+/// Views kept per shard (each about 80 bytes with its place in the eviction order).
 const PER_SHARD: usize = 8192;
 
-/// Views by (dev, ino), with the stamp each was read under.
-type Views = HashMap<(u64, u64), (Stamp, Option<GuestAttr>)>;
+/// Views by (dev, ino), with the stamp each was read under, and the order the files were
+/// first kept in (each kept file once).
+#[derive(Default)]
+struct Views {
+    by_file: HashMap<(u64, u64), (Stamp, Option<GuestAttr>)>,
+    order: VecDeque<(u64, u64)>,
+}
 type Shard = Mutex<Views>;
 
 /// The views of one share, sharded by inode so concurrent getattrs rarely meet.
@@ -51,7 +58,8 @@ impl ViewCache {
         load: impl FnOnce() -> Option<GuestAttr>,
     ) -> Option<GuestAttr> {
         let stamp = Stamp::of(st);
-        if let Some((kept, view)) = self.shard(&stamp).get(&(stamp.dev, stamp.ino)) {
+        let file = (stamp.dev, stamp.ino);
+        if let Some((kept, view)) = self.shard(&stamp).by_file.get(&file) {
             if *kept == stamp {
                 return *view;
             }
@@ -59,10 +67,15 @@ impl ViewCache {
         let view = load();
         if stamp.settled(self.settled_ns) {
             let mut s = self.shard(&stamp);
-            if s.len() >= PER_SHARD {
-                s.clear();
+            if !s.by_file.contains_key(&file) {
+                if s.by_file.len() >= PER_SHARD {
+                    if let Some(oldest) = s.order.pop_front() {
+                        s.by_file.remove(&oldest);
+                    }
+                }
+                s.order.push_back(file);
             }
-            s.insert((stamp.dev, stamp.ino), (stamp, view));
+            s.by_file.insert(file, (stamp, view));
         }
         view
     }
@@ -86,6 +99,40 @@ mod tests {
             v
         });
         (got, loaded.get())
+    }
+
+    #[test]
+    fn a_full_shard_lets_its_oldest_view_go() {
+        let p = std::env::temp_dir().join(format!("p9-viewcache-full-{}", std::process::id()));
+        std::fs::write(&p, b"x").unwrap();
+        let f = std::fs::File::open(&p).unwrap();
+        use std::os::fd::AsFd;
+        let mut st = fstat(f.as_fd()).unwrap();
+        let cache = ViewCache::new(0);
+        // Files of one shard (inode numbers SHARDS apart), one more than it holds.
+        let n = PER_SHARD + 1;
+        for i in 0..n {
+            st.st_ino = (i * SHARDS) as u64;
+            cache.view(&st, || None);
+        }
+        let loads = |from: usize, to: usize| {
+            (from..to)
+                .filter(|&i| {
+                    let mut s = st;
+                    s.st_ino = (i * SHARDS) as u64;
+                    let loaded = Cell::new(false);
+                    cache.view(&s, || {
+                        loaded.set(true);
+                        None
+                    });
+                    loaded.get()
+                })
+                .count()
+        };
+        // All but the first are still kept: nothing is loaded again for them.
+        assert_eq!(loads(1, n), 0);
+        assert_eq!(loads(0, 1), 1);
+        let _ = std::fs::remove_file(&p);
     }
 
     #[test]
