@@ -9,8 +9,16 @@
 #                                     # microvm booting, and a 9p hash resumed vs booted vs
 #                                     # QEMU; each with memory: VMM RSS, guest memory
 #                                     # touched, page faults
-#   scripts/bench-vm.sh 9p   [RUNS]   # `find | xargs sha256sum` over a generated tree, over
-#                                     # bootbox's virtio-9p vs QEMU's virtio-9p (-fsdev local)
+#   scripts/bench-vm.sh 9p   [RUNS]   # the share jobs over bootbox's virtio-9p vs QEMU's
+#                                     # virtio-9p (-fsdev local)
+#   scripts/bench-vm.sh virtiofs [RUNS] # the share jobs over bootbox's virtio-9p vs QEMU's
+#                                     # virtio-fs (virtiofsd, vhost-user-fs-device); both
+#                                     # boot a kernel built with FUSE_FS and VIRTIO_FS added
+#
+# The share jobs, each over the same shared tree, each checking its own result: a
+# `find -printf` listing of BENCH_MANY_FILES (default 100000) empty files, `sha256sum` of a
+# 2000-file tree, a sequential read of one 128 MiB file, and the listing twice in one job
+# (what the guest's cache saves).
 #   scripts/bench-vm.sh disk [RUNS]   # virtio-blk against QEMU's virtio-blk-device on the same
 #                                     # images: sequential read of a 64 MiB raw disk (dd),
 #                                     # list-and-hash of a tree on a mounted ext4 image, and
@@ -28,9 +36,9 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 mode="${1:-boot}"
 runs="${2:-10}"
 case "$mode" in
-    boot|warm|9p|disk|analyze|stats|sandbox) ;;
+    boot|warm|9p|virtiofs|disk|analyze|stats|sandbox) ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-    *) echo "bench-vm: unknown mode '$mode': expected boot, warm, 9p, disk, analyze, stats or sandbox (try --help)" >&2; exit 2 ;;
+    *) echo "bench-vm: unknown mode '$mode': expected boot, warm, 9p, virtiofs, disk, analyze, stats or sandbox (try --help)" >&2; exit 2 ;;
 esac
 case "$runs" in
     ''|*[!0-9]*|0) echo "bench-vm: RUNS must be a positive number, not '$runs'" >&2; exit 2 ;;
@@ -70,17 +78,38 @@ if [ "${BOOTBOX_BENCH_INNER:-}" != 1 ]; then
         export BOOTBOX_BENCH_DISKS="$disks/use"
         disk_mirror=(--mirror "$disks/use")
     fi
+    vfs_kernel=
+    if [ "$mode" = virtiofs ]; then
+        # bootbox's kernel has no virtio-fs; both sides boot one that has it. The fragment's
+        # content is its cache key, so the build happens once.
+        fragment=$(mktemp "${TMPDIR:-/tmp}/bootbox-virtiofs.XXXXXX.config")
+        { cat kernel-config/bootbox.config
+          printf 'CONFIG_FUSE_FS=y\nCONFIG_VIRTIO_FS=y\n'; } >"$fragment"
+        vfs_kernel=$(scripts/build-kernel.sh --fragment "$fragment")
+        rm -f "$fragment"
+        [ -x /usr/lib/qemu/virtiofsd ] || { echo "bench-vm: /usr/lib/qemu/virtiofsd is missing (Debian's qemu-system-common has it)" >&2; exit 1; }
+        disk_mirror+=(--mirror "$vfs_kernel" --mirror /usr/lib/qemu/virtiofsd)
+    fi
     case "$mode" in
-        9p|warm|sandbox)
+        9p|warm|sandbox|virtiofs)
             # The shared tree is made here: thousands of small processes are slow in the
             # emulated test host.
             bench_tree=$(mktemp -d "${TMPDIR:-/tmp}/bootbox-bench-tree.XXXXXX")
             trap 'rm -rf "$bench_tree" "${disks:-}"' EXIT
-            make_tree "$bench_tree"
+            if [ "$mode" = 9p ] || [ "$mode" = virtiofs ]; then
+                make_tree "$bench_tree/small"
+                mkdir -p "$bench_tree/many"
+                (cd "$bench_tree/many" && for d in $(seq 1 $(( ${BENCH_MANY_FILES:-100000} / 1000 ))); do
+                    mkdir "d$d" && (cd "d$d" && touch $(seq -f 'f%g' 1 1000)); done)
+                head -c 128M /dev/urandom >"$bench_tree/big.bin"
+            else
+                make_tree "$bench_tree"
+            fi
             export BOOTBOX_BENCH_TREE="$bench_tree"
             disk_mirror+=(--mirror "$bench_tree")
             ;;
     esac
+    export BOOTBOX_BENCH_VIRTIOFS_KERNEL="$vfs_kernel"
     if grep -qwE 'vmx|svm' /proc/cpuinfo; then
         "$0" "$mode" "$runs"
         exit
@@ -91,7 +120,7 @@ if [ "${BOOTBOX_BENCH_INNER:-}" != 1 ]; then
         --mirror "$kernel" --mirror "$repo/scripts/bench-vm.sh" \
         --mirror /usr/bin/qemu-system-x86_64 --mirror /usr/share/qemu --mirror /usr/share/seabios \
         -- env BOOTBOX_KERNEL="$kernel" BOOTBOX_BENCH_INNER=1 BOOTBOX_BENCH_DISKS="${BOOTBOX_BENCH_DISKS:-}" \
-        BOOTBOX_BENCH_TREE="${BOOTBOX_BENCH_TREE:-}" \
+        BOOTBOX_BENCH_TREE="${BOOTBOX_BENCH_TREE:-}" BOOTBOX_BENCH_VIRTIOFS_KERNEL="$vfs_kernel" \
         "$repo/scripts/bench-vm.sh" "$mode" "$runs"
     exit
 fi
@@ -150,17 +179,50 @@ case "$mode" in
  -device virtio-9p-device,fsdev=fs0,mount_tag=data -initrd $work/app9p.cpio -append '$cmdline'")" \
             -- run --share "$tree:data" -- sh -c "$hash"
         ;;
-    9p)
-        tree="$BOOTBOX_BENCH_TREE"
-        digest='find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum'
-        expected=$(cd "$tree" && sh -c "$digest")
-        job=(sh -c "test \"\$($digest)\" = '$expected' && exit 5")
-        share_line=$("$bootbox" initrd -o "$work/app.cpio" --share "$tree:data" -- "${job[@]}")
-        echo "bench-vm: $(find "$tree" -type f | wc -l) files; $share_line" >&2
-        "$bootbox" bench --runs "$runs" --warmup 1 --expect-status 5 \
-            --compare "$(qemu_check "-fsdev local,id=fs0,path=$tree,security_model=none,readonly=on \
- -device virtio-9p-device,fsdev=fs0,mount_tag=data -initrd $work/app.cpio -append '$cmdline'")" \
-            -- run --cold --share "$tree:data" -- "${job[@]}"
+    9p|virtiofs)
+        share="$BOOTBOX_BENCH_TREE"
+        list_cmd="find . -printf '%P %s\\n' | LC_ALL=C sort | sha256sum"
+        hash_cmd="find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum"
+        list=$(cd "$share/many" && sh -c "$list_cmd")
+        hash=$(cd "$share/small" && sh -c "$hash_cmd")
+        size=$(stat -c %s "$share/big.bin")
+        names=("find -printf listing of $(find "$share/many" -type f | wc -l) files"
+            "sha256sum of $(find "$share/small" -type f | wc -l) files"
+            "sequential read of one $(( size >> 20 )) MiB file"
+            "the listing twice in one job")
+        scripts=("test \"\$(cd many && $list_cmd)\" = '$list' && exit 5"
+            "test \"\$(cd small && $hash_cmd)\" = '$hash' && exit 5"
+            "test \"\$(cat big.bin | wc -c)\" = $size && exit 5"
+            "a=\$(cd many && $list_cmd); b=\$(cd many && $list_cmd); test \"\$a\" = '$list' && test \"\$b\" = '$list' && exit 5")
+        if [ "$mode" = 9p ]; then
+            vkernel="$kernel"
+            peer="QEMU virtio-9p, -fsdev local"
+        else
+            vkernel="$BOOTBOX_BENCH_VIRTIOFS_KERNEL"
+            peer="QEMU virtio-fs, virtiofsd cache=auto"
+            sock="$work/virtiofs.sock"
+            # virtiofsd serves one VM and exits when it disconnects: one per run.
+            start_virtiofsd="rm -f $sock; /usr/lib/qemu/virtiofsd --socket-path=$sock -o source=$share \
+ -o cache=auto >$work/virtiofsd.log 2>&1 & i=0; while [ ! -S $sock ] && [ \$i -lt 500 ]; do sleep 0.01; i=\$((i+1)); done;"
+        fi
+        for i in "${!names[@]}"; do
+            echo "bench-vm: $mode: ${names[$i]}: bootbox virtio-9p (A) against $peer (B), same kernel" >&2
+            if [ "$mode" = 9p ]; then
+                "$bootbox" initrd -o "$work/app.cpio" --share "$share:data" -- sh -c "${scripts[$i]}" >/dev/null
+                peer_cmd=$(qemu_check "-fsdev local,id=fs0,path=$share,security_model=none,readonly=on \
+ -device virtio-9p-device,fsdev=fs0,mount_tag=data -initrd $work/app.cpio -append '$cmdline'")
+            else
+                # QEMU's guest mounts the virtio-fs export itself; bootbox's init mounts the share.
+                "$bootbox" initrd -o "$work/app.cpio" --with mount -- \
+                    sh -c "mount -t virtiofs data /mnt && cd /mnt && ${scripts[$i]}" >/dev/null
+                peer_cmd="$start_virtiofsd $(qemu_check "-object memory-backend-memfd,id=mem,size=256M,share=on \
+ -machine memory-backend=mem -chardev socket,id=vfs,path=$sock -device vhost-user-fs-device,chardev=vfs,tag=data \
+ -initrd $work/app.cpio -append '$cmdline'"); wait"
+                peer_cmd=${peer_cmd//-kernel $kernel/-kernel $vkernel}
+            fi
+            "$bootbox" bench --runs "$runs" --warmup 1 --expect-status 5 --compare "$peer_cmd" \
+                -- run --cold --kernel "$vkernel" --share "$share:data" -- sh -c "${scripts[$i]}"
+        done
         ;;
     disk)
         disks="$BOOTBOX_BENCH_DISKS"
@@ -204,5 +266,5 @@ case "$mode" in
             --compare "$bootbox run --no-sandbox --share $tree:data -- sh -c '$job'; test \$? = 5" \
             -- run --share "$tree:data" -- sh -c "$job"
         ;;
-    *) echo "bench-vm: mode must be boot, warm, 9p, disk, analyze, stats or sandbox" >&2; exit 2 ;;
+    *) echo "bench-vm: mode must be boot, warm, 9p, virtiofs, disk, analyze, stats or sandbox" >&2; exit 2 ;;
 esac

@@ -2,8 +2,12 @@
 # Builds bootbox's guest kernel (uncompressed vmlinux with a PVH entry, plus bzImage) from
 # kernel-config/bootbox.config on top of allnoconfig, and caches it outside the work tree.
 #
-#   scripts/build-kernel.sh [--source DIR|TARBALL] [--print-path] [--quiet] [--install]
+#   scripts/build-kernel.sh [--source DIR|TARBALL] [--fragment FILE] [--print-path] [--quiet]
+#                           [--install]
 #
+# --fragment FILE builds from another config fragment instead of kernel-config/bootbox.config:
+# to measure what a set of options costs, or to give a peer VMM options bootbox does not use
+# (scripts/bench-vm.sh virtiofs). The result is cached under its own key.
 # --install also copies the kernel, world-readable, to /var/cache/bootbox/kernel/<key>/ (run as
 # root), where bootbox looks after the user's own cache: one build serves every user of the
 # machine, and using bootbox needs no root.
@@ -38,6 +42,7 @@ system_root=/var/cache/bootbox/kernel
 while [ $# -gt 0 ]; do
     case "$1" in
         --source) source="$2"; shift 2 ;;
+        --fragment) fragment="$2"; shift 2 ;;
         --print-path) print_path=1; shift ;;
         --quiet) quiet=1; shift ;;
         --install) install=1; shift ;;
@@ -127,7 +132,7 @@ for p in "${patches[@]}"; do
     fi
 done
 
-say "configuring: allnoconfig + $(grep -c '^CONFIG_' "$fragment") options from kernel-config/bootbox.config"
+say "configuring: allnoconfig + $(grep -c '^CONFIG_' "$fragment") options from ${fragment#"$here"/}"
 KCONFIG_ALLCONFIG="$fragment" make "${make_args[@]}" allnoconfig >"$build/config.log" 2>&1 || {
     cat "$build/config.log" >&2
     exit 1
@@ -138,7 +143,7 @@ while IFS= read -r line; do
     case "$line" in CONFIG_*) ;; *) continue ;; esac
     grep -qx "$line" "$objdir/.config" || { echo "build-kernel: option not applied: $line" >&2; missing=1; }
 done <"$fragment"
-[ "$missing" = 0 ] || { echo "build-kernel: fix kernel-config/bootbox.config (a dependency is missing)" >&2; exit 1; }
+[ "$missing" = 0 ] || { echo "build-kernel: fix ${fragment#"$here"/} (a dependency is missing)" >&2; exit 1; }
 
 jobs=$(nproc)
 # Progress is counted in kbuild's steps: the lines like "  CC      kernel/fork.o" it prints

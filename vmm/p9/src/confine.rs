@@ -27,8 +27,13 @@
 //! `..` up to the root instead: correct at any depth, only slower.
 //!
 //! A check and the request that follows are two system calls; a move between them lands the
-//! request on a directory that was inside a moment before. The sandbox (Landlock rules, which the
-//! kernel evaluates on the real tree at access time) closes that window; see the README.
+//! request on a directory that was inside a moment before. The ancestor check has a window of
+//! the same kind inside it: the kernel resolves each `..` in turn, and unlike the path read
+//! (taken under the kernel's rename lock) the chain is not one snapshot, so two host renames
+//! timed between its steps could pass a directory that was never inside at one instant. Both
+//! windows need the host itself to move directories at the right microsecond; the guest's own
+//! renames stay inside the share. The sandbox (Landlock rules, which the kernel evaluates on the
+//! real tree at access time) closes them; see the README.
 
 use std::ffi::CStr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
