@@ -427,6 +427,14 @@ fn damaged_headers_and_tables_are_refused() {
                 put32(b, 16, 10);
             }),
         ),
+        (
+            "backing-newline",
+            header("backing-nl.qcow2", &|b| {
+                put64(b, 8, 512);
+                put32(b, 16, 5);
+                b[512..517].copy_from_slice(b"a\nb.x");
+            }),
+        ),
         ("version", header("version.qcow2", &|b| put32(b, 4, 1))),
         ("header_length", header("hlen.qcow2", &|b| put32(b, 100, 3))),
     ];

@@ -273,8 +273,12 @@ pub fn parse(first: &[u8], file_len: u64, path: &Path) -> Result<Header> {
         let raw = &first[backing_offset as usize..end as usize];
         let name =
             std::str::from_utf8(raw).map_err(|_| bad("backing file name is not UTF-8".into()))?;
-        if name.contains('\0') {
-            return Err(bad("backing file name contains a NUL byte".into()));
+        // NUL cannot be in a path, and a newline or other control character would break the
+        // one-line messages that name the file.
+        if name.contains(char::is_control) {
+            return Err(bad(format!(
+                "backing file name {name:?} contains a control character"
+            )));
         }
         Some(name.to_string())
     } else {
