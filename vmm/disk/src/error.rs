@@ -34,12 +34,7 @@ pub enum DiskError {
     ExtendedL2 { path: PathBuf },
     #[error("{path}: qcow2 image uses unknown incompatible features {bits:#x}")]
     UnknownFeatures { path: PathBuf, bits: u64 },
-    #[error(
-        "{path}: zstd-compressed qcow2 images are not supported; convert it with \
-         `qemu-img convert -O qcow2 -o compression_type=zlib`"
-    )]
-    Zstd { path: PathBuf },
-    #[error("{path}: unknown qcow2 compression type {kind}")]
+    #[error("{path}: qcow2 compression type {kind} is not supported (only 0, zlib, and 1, zstd)")]
     UnknownCompression { path: PathBuf, kind: u8 },
     #[error("{path}: backing file {backing:?} cannot be used: {reason}")]
     Backing {

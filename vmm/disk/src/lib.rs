@@ -1,6 +1,7 @@
 //! Disk images for bootbox's virtio-blk device: raw files and read-only qcow2 (v2 and v3, with
-//! backing chains, compressed and zero clusters), behind one [`Image`] interface that reads
-//! (and, for raw images opened writable, writes) at byte offsets from any thread.
+//! backing chains, zero clusters and compressed clusters, zlib or zstd), behind one [`Image`]
+//! interface that reads (and, for raw images opened writable, writes) at byte offsets from any
+//! thread.
 //!
 //! The format is found from the content ([`detect`]: the qcow2 magic, else raw), never from the
 //! file name; a format the caller names wins, except that naming qcow2 for a file without the
@@ -9,7 +10,8 @@
 //! allocation.
 //!
 //! Modules: [`raw`] (plain files, `pread`/`preadv`), [`qcow2`] (header validation, L1/L2
-//! lookup with a bounded L2 cache, backing files, deflate decompression) and [`error`].
+//! lookup with a bounded L2 cache, backing files, deflate and zstd decompression) and
+//! [`error`].
 
 pub mod error;
 pub mod qcow2;

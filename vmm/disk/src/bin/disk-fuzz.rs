@@ -1,11 +1,12 @@
 //! Bounded, stable-toolchain fuzz loop for the image readers: builds small valid qcow2 images
-//! (v2/v3, 512 B to 64 KiB clusters, data, zero, compressed and unallocated clusters, some over
-//! a raw backing file, some naming themselves as backing), mutates their headers and tables,
-//! opens them and reads random ranges.
+//! (v2/v3, 512 B to 64 KiB clusters, data, zero, compressed and unallocated clusters; v3 ones
+//! compressed with zlib or zstd, some zstd clusters as two frames or with a skippable frame;
+//! some over a raw backing file, some naming themselves as backing), mutates their headers,
+//! tables and compressed data, opens them and reads random ranges.
 //!
 //! Invariants: nothing panics (the panic hook aborts), every read inside the image either
-//! fills the buffer or returns an error, every read outside it is `OutOfRange`, and an
-//! unmutated image reads back exactly the data it was built from.
+//! fills the buffer or returns an error, every read outside it is `OutOfRange`, every error
+//! message is one line, and an unmutated image reads back exactly the data it was built from.
 //!
 //! Usage: `disk-fuzz [--secs N] [--iters N] [--seed N] [--dir DIR]` (defaults: 30 s,
 //! unlimited iterations, seed from the clock, a directory under $TMPDIR). Exits non-zero on
@@ -49,6 +50,10 @@ struct Generated {
     expected: Vec<u8>,
     /// Offsets of the fields and tables worth mutating.
     tables: Vec<(usize, usize)>,
+    /// Where the compressed clusters' data lies.
+    payloads: Vec<(usize, usize)>,
+    /// Whether they are zstd (else deflate).
+    zstd: bool,
 }
 
 fn put32(b: &mut [u8], at: usize, v: u32) {
@@ -64,6 +69,7 @@ fn generate(rng: &mut Rng, backing: Option<&[u8]>, self_backed: bool) -> Generat
     let cluster_bits = [9u32, 10, 12, 16][rng.below(4) as usize];
     let cs = 1usize << cluster_bits;
     let version = if rng.chance(50) { 3 } else { 2 };
+    let zstd = version == 3 && rng.chance(70);
     let clusters = 1 + rng.below(40) as usize;
     let size = clusters * cs - 512 * rng.below((cs / 512) as u64) as usize;
     let l2_entries = cs / 8;
@@ -71,7 +77,12 @@ fn generate(rng: &mut Rng, backing: Option<&[u8]>, self_backed: bool) -> Generat
     // Clusters: 0 header, 1 L1, 2 refcount table, then the L2 tables, then data.
     let l2_start = 3 * cs;
     let mut file = vec![0u8; (3 + l1_entries) * cs];
-    let header_len = if version == 3 { 104 } else { 72 };
+    // A compression type needs the 112-byte header that holds it.
+    let header_len = match (version, zstd) {
+        (3, true) => 112,
+        (3, false) => 104,
+        _ => 72,
+    };
     file[..4].copy_from_slice(b"QFI\xfb");
     put32(&mut file, 4, version);
     put32(&mut file, 20, cluster_bits);
@@ -83,6 +94,10 @@ fn generate(rng: &mut Rng, backing: Option<&[u8]>, self_backed: bool) -> Generat
     if version == 3 {
         put32(&mut file, 96, 4);
         put32(&mut file, 100, header_len as u32);
+    }
+    if zstd {
+        put64(&mut file, 72, 1 << 3); // the compression type feature bit
+        file[104] = 1;
     }
     let backing_name = match (backing, self_backed) {
         (_, true) => Some(IMAGE_NAME),
@@ -101,6 +116,7 @@ fn generate(rng: &mut Rng, backing: Option<&[u8]>, self_backed: bool) -> Generat
     }
 
     let mut expected = vec![0u8; clusters * cs];
+    let mut payloads = Vec::new();
     for c in 0..clusters {
         let content = &mut expected[c * cs..(c + 1) * cs];
         let entry_at = l2_start + (c / l2_entries) * cs + 8 * (c % l2_entries);
@@ -122,18 +138,23 @@ fn generate(rng: &mut Rng, backing: Option<&[u8]>, self_backed: bool) -> Generat
                 }
             }
             1 => put64(&mut file, entry_at, 1), // zero flag
-            2 | 3 => {
-                // Data clusters are cluster-aligned (compressed ones need not be).
-                let at = file.len().div_ceil(cs) * cs;
-                file.resize(at, 0);
-                file.extend_from_slice(content);
-                put64(&mut file, entry_at, at as u64 | 1 << 63);
-            }
+            2 | 3 => put_data(&mut file, entry_at, content, cs),
             _ => {
-                let packed = miniz_oxide::deflate::compress_to_vec(content, 6);
+                let packed = if zstd {
+                    zstd_frames(rng, content)
+                } else {
+                    miniz_oxide::deflate::compress_to_vec(content, 6)
+                };
+                // Like QEMU, keep a cluster compressed only if that makes it smaller (so its
+                // sector count fits the descriptor).
+                if packed.len() >= cs {
+                    put_data(&mut file, entry_at, content, cs);
+                    continue;
+                }
                 let at = file.len() + rng.below(512) as usize;
                 file.resize(at, 0xa5);
                 file.extend_from_slice(&packed);
+                payloads.push((at, packed.len()));
                 let sectors = ((at % 512 + packed.len()).div_ceil(512) - 1) as u64;
                 let shift = 62 - (cluster_bits - 8);
                 put64(&mut file, entry_at, 1 << 62 | sectors << shift | at as u64);
@@ -151,7 +172,46 @@ fn generate(rng: &mut Rng, backing: Option<&[u8]>, self_backed: bool) -> Generat
         file,
         expected,
         tables,
+        payloads,
+        zstd,
     }
+}
+
+/// Appends `content` as a data cluster (cluster-aligned, unlike compressed ones) and points
+/// the L2 entry at `entry_at` to it.
+fn put_data(file: &mut Vec<u8>, entry_at: usize, content: &[u8], cs: usize) {
+    let at = file.len().div_ceil(cs) * cs;
+    file.resize(at, 0);
+    file.extend_from_slice(content);
+    put64(file, entry_at, at as u64 | 1 << 63);
+}
+
+/// `content` as zstd data the way QEMU reads it: usually one frame, sometimes two, sometimes
+/// after a skippable frame.
+fn zstd_frames(rng: &mut Rng, content: &[u8]) -> Vec<u8> {
+    use ruzstd::encoding::{compress_to_vec, CompressionLevel};
+    let mut packed = Vec::new();
+    match rng.below(10) {
+        0 => {
+            packed.extend_from_slice(&0x184d_2a5du32.to_le_bytes());
+            packed.extend_from_slice(&3u32.to_le_bytes());
+            packed.extend_from_slice(b"pad");
+            packed.extend(compress_to_vec(content, CompressionLevel::Fastest));
+        }
+        1 => {
+            let split = rng.below(content.len() as u64 + 1) as usize;
+            packed.extend(compress_to_vec(
+                &content[..split],
+                CompressionLevel::Fastest,
+            ));
+            packed.extend(compress_to_vec(
+                &content[split..],
+                CompressionLevel::Fastest,
+            ));
+        }
+        _ => packed.extend(compress_to_vec(content, CompressionLevel::Fastest)),
+    }
+    packed
 }
 
 /// Values that tend to break offset arithmetic.
@@ -174,7 +234,11 @@ fn interesting(rng: &mut Rng, file_len: u64) -> u64 {
 fn mutate(rng: &mut Rng, g: &mut Generated) {
     let len = g.file.len() as u64;
     for _ in 0..1 + rng.below(4) {
-        let (start, span) = g.tables[rng.below(g.tables.len() as u64) as usize];
+        let (start, span) = if !g.payloads.is_empty() && rng.chance(30) {
+            g.payloads[rng.below(g.payloads.len() as u64) as usize]
+        } else {
+            g.tables[rng.below(g.tables.len() as u64) as usize]
+        };
         let at = start + rng.below(span.max(1) as u64) as usize;
         match rng.below(5) {
             0 | 1 if at + 8 <= g.file.len() => {
@@ -199,19 +263,22 @@ fn mutate(rng: &mut Rng, g: &mut Generated) {
     }
 }
 
+/// Error messages are one line, not empty.
+fn one_line(e: &DiskError) -> Result<(), String> {
+    let message = e.to_string();
+    if message.is_empty() || message.contains('\n') {
+        return Err(format!("error message is not one line: {message:?}"));
+    }
+    Ok(())
+}
+
 /// One image: open it, read random ranges, check the invariants.
 fn check(rng: &mut Rng, dir: &Path, g: &Generated, mutated: bool) -> Result<(), String> {
     let path = dir.join(IMAGE_NAME);
     std::fs::write(&path, &g.file).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     let image = match disk::open(&path, OpenOptions::default()) {
         Ok(image) => image,
-        Err(e) if mutated => {
-            let message = e.to_string();
-            if message.is_empty() || message.contains('\n') {
-                return Err(format!("error message is not one line: {message:?}"));
-            }
-            return Ok(());
-        }
+        Err(e) if mutated => return one_line(&e),
         Err(DiskError::BackingLoop { .. }) => return Ok(()),
         Err(e) => return Err(format!("a valid image was refused: {e}")),
     };
@@ -239,7 +306,7 @@ fn check(rng: &mut Rng, dir: &Path, g: &Generated, mutated: bool) -> Result<(), 
                 ))
             }
             Err(e) if !mutated => return Err(format!("read of a valid image failed: {e}")),
-            Err(_) => {}
+            Err(e) => one_line(&e)?,
         }
     }
     let mut past = [0u8; 1];
@@ -249,14 +316,24 @@ fn check(rng: &mut Rng, dir: &Path, g: &Generated, mutated: bool) -> Result<(), 
     }
 }
 
-/// Runs the loop; returns the iterations done.
-fn run(seed: u64, iters: u64, secs: f64, dir: &Path) -> Result<u64, String> {
+/// What a run did.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Counts {
+    images: u64,
+    /// Images with compressed clusters, by compression.
+    zlib: u64,
+    zstd: u64,
+}
+
+/// Runs the loop.
+fn run(seed: u64, iters: u64, secs: f64, dir: &Path) -> Result<Counts, String> {
     let mut rng = Rng(seed | 1);
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let backing: Vec<u8> = (0..300_000u32).map(|i| (i * 13 % 253) as u8).collect();
     std::fs::write(dir.join(BACKING_NAME), &backing).map_err(|e| e.to_string())?;
-    let mut n = 0;
-    while n < iters && Instant::now() < deadline {
+    let mut counts = Counts::default();
+    while counts.images < iters && Instant::now() < deadline {
+        let n = counts.images;
         let with_backing = rng.chance(40);
         let self_backed = rng.chance(5);
         let mut g = generate(&mut rng, with_backing.then_some(&backing[..]), self_backed);
@@ -265,9 +342,16 @@ fn run(seed: u64, iters: u64, secs: f64, dir: &Path) -> Result<u64, String> {
             mutate(&mut rng, &mut g);
         }
         check(&mut rng, dir, &g, mutated).map_err(|e| format!("iteration {n}: {e}"))?;
-        n += 1;
+        counts.images += 1;
+        if !g.payloads.is_empty() {
+            *if g.zstd {
+                &mut counts.zstd
+            } else {
+                &mut counts.zlib
+            } += 1;
+        }
     }
-    Ok(n)
+    Ok(counts)
 }
 
 /// `--name value` pairs from the command line.
@@ -322,8 +406,11 @@ fn main() -> ExitCode {
     let result = run(seed, iters, secs, &dir);
     let _ = std::fs::remove_dir_all(&dir);
     match result {
-        Ok(n) => {
-            println!("disk-fuzz: {n} images, no violation");
+        Ok(counts) => {
+            println!(
+                "disk-fuzz: {} images ({} with zlib and {} with zstd clusters), no violation",
+                counts.images, counts.zlib, counts.zstd
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -340,7 +427,9 @@ mod tests {
     #[test]
     fn valid_generated_images_read_back_and_mutants_do_not_panic() {
         let dir = tempfile::tempdir().unwrap();
-        let result = run(0x5eed, 400, 120.0, dir.path());
-        assert_eq!(result, Ok(400));
+        let counts = run(0x5eed, 400, 120.0, dir.path()).unwrap();
+        assert_eq!(counts.images, 400);
+        // Both compressions were exercised.
+        assert!(counts.zlib > 20 && counts.zstd > 20, "{counts:?}");
     }
 }

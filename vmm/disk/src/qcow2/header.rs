@@ -47,6 +47,28 @@ pub struct Header {
     /// The backing format from the header extension, when given.
     pub backing_format: Option<Format>,
     pub incompatible: u64,
+    /// How its compressed clusters are compressed.
+    pub compression: Compression,
+}
+
+/// The compression of an image's compressed clusters: the v3 header's compression type byte
+/// (offset 104), zlib when the header is too short to hold it and in every v2 image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Type 0, QEMU's "zlib": a raw deflate stream (no zlib header or checksum).
+    Zlib,
+    /// Type 1: zstd frames.
+    Zstd,
+}
+
+impl Compression {
+    /// The name `qemu-img` uses for it (`-o compression_type=NAME`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::Zlib => "zlib",
+            Compression::Zstd => "zstd",
+        }
+    }
 }
 
 impl Header {
@@ -163,21 +185,25 @@ pub fn parse(first: &[u8], file_len: u64, path: &Path) -> Result<Header> {
             bits: incompatible & !INCOMPAT_KNOWN,
         });
     }
-    if incompatible & INCOMPAT_COMPRESSION != 0 || compression != 0 {
-        match compression {
-            0 => {}
-            1 => {
-                return Err(DiskError::Zstd {
-                    path: path.to_path_buf(),
-                })
-            }
-            kind => {
-                return Err(DiskError::UnknownCompression {
-                    path: path.to_path_buf(),
-                    kind,
-                })
-            }
+    // QEMU's rule: a compression type other than zlib is announced by the incompatible
+    // feature bit (so that readers without it refuse the image), and only then.
+    let compression = match compression {
+        0 => Compression::Zlib,
+        1 => Compression::Zstd,
+        kind => {
+            return Err(DiskError::UnknownCompression {
+                path: path.to_path_buf(),
+                kind,
+            })
         }
+    };
+    let flagged = incompatible & INCOMPAT_COMPRESSION != 0;
+    if flagged != (compression != Compression::Zlib) {
+        return Err(bad(format!(
+            "the compression type is {} but the compression type feature bit is {}",
+            compression.name(),
+            if flagged { "set" } else { "clear" }
+        )));
     }
 
     // Sizes: the virtual size, and an L1 table big enough for it and inside the file.
@@ -247,8 +273,12 @@ pub fn parse(first: &[u8], file_len: u64, path: &Path) -> Result<Header> {
         let raw = &first[backing_offset as usize..end as usize];
         let name =
             std::str::from_utf8(raw).map_err(|_| bad("backing file name is not UTF-8".into()))?;
-        if name.contains('\0') {
-            return Err(bad("backing file name contains a NUL byte".into()));
+        // NUL cannot be in a path, and a newline or other control character would break the
+        // one-line messages that name the file.
+        if name.contains(char::is_control) {
+            return Err(bad(format!(
+                "backing file name {name:?} contains a control character"
+            )));
         }
         Some(name.to_string())
     } else {
@@ -264,6 +294,7 @@ pub fn parse(first: &[u8], file_len: u64, path: &Path) -> Result<Header> {
         backing_name,
         backing_format: None,
         incompatible,
+        compression,
     };
     parse_extensions(first, header_len, cluster_size, &mut header, path)?;
     Ok(header)
