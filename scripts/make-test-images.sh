@@ -8,7 +8,8 @@
 # --rootdir), xfs.img (mkfs.xfs -p with a generated protofile; skipped, with the reason, when
 # SRCDIR has names with white space, which protofiles cannot express), gpt.img (a GPT disk
 # whose partition 1 is ext4.img), and qcow2 versions of the ext4 image: ext4.qcow2,
-# ext4-compressed.qcow2 and ext4-overlay.qcow2 (an empty overlay backed by ext4.qcow2).
+# ext4-compressed.qcow2 (zlib), ext4-zstd.qcow2 and ext4-overlay.qcow2 (an empty overlay backed
+# by ext4.qcow2).
 # Every filesystem is labelled BOOTBOX. scripts/setup.sh installs the tools.
 set -euo pipefail
 
@@ -113,10 +114,11 @@ printf 'label: gpt\nstart=2048, size=%d, type=linux, name=bootbox\n' $(( size_mi
     sfdisk -q "$out/gpt.img"
 dd if="$out/ext4.img" of="$out/gpt.img" bs=1M seek=1 conv=notrunc,sparse status=none
 
-say "qcow2 (plain, compressed, overlay)"
-rm -f "$out/ext4.qcow2" "$out/ext4-compressed.qcow2" "$out/ext4-overlay.qcow2"
+say "qcow2 (plain, zlib- and zstd-compressed, overlay)"
+rm -f "$out/ext4.qcow2" "$out/ext4-compressed.qcow2" "$out/ext4-zstd.qcow2" "$out/ext4-overlay.qcow2"
 qemu-img convert -O qcow2 "$out/ext4.img" "$out/ext4.qcow2"
 qemu-img convert -c -O qcow2 "$out/ext4.img" "$out/ext4-compressed.qcow2"
+qemu-img convert -c -O qcow2 -o compression_type=zstd "$out/ext4.img" "$out/ext4-zstd.qcow2"
 qemu-img create -q -f qcow2 -b ext4.qcow2 -F qcow2 "$out/ext4-overlay.qcow2"
 
 ls -ls "$out" >&2

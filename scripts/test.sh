@@ -28,10 +28,11 @@ cargo test --workspace --release
 step "the monitor's tests again with its extra internal assertions (feature internal-checks)"
 cargo test --release -p vmm --features internal-checks
 
-step "fuzzing the 9p decoder and server (${fuzz_secs}s writable, $(( fuzz_secs / 2 ))s read-only)"
+step "fuzzing the 9p decoder and server (${fuzz_secs}s writable, $(( fuzz_secs / 2 ))s read-only), virtio queues and the qcow2 reader"
 target/release/p9-fuzz --secs "$fuzz_secs"
 target/release/p9-fuzz --secs "$(( fuzz_secs / 2 ))" --read-only
 target/release/virtio-fuzz --secs "$(( fuzz_secs / 2 ))"
+target/release/disk-fuzz --secs "$(( fuzz_secs / 2 ))"
 
 step "guest kernel (cached outside the work tree)"
 kernel=$(scripts/build-kernel.sh)

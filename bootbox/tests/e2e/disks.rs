@@ -1,9 +1,9 @@
-//! `--disk` and `--mount-disks` end to end, in one boot: every filesystem image
-//! `scripts/make-test-images.sh` builds (ext4 raw, ext4 in a GPT partition, qcow2 overlay on a
-//! qcow2 backing file, compressed qcow2, squashfs, iso9660, vfat, btrfs, xfs, exfat, NTFS
-//! (ntfs3) and ext4 on an LVM logical volume) is
-//! attached at once, mounted by the init, listed and hashed in the guest, and compared with the
-//! same listing of the source tree on the host. The same boot checks that a read-only disk
+//! `--disk` and `--mount-disks` end to end, in one boot (after one that makes some of the
+//! images): every filesystem image `scripts/make-test-images.sh` builds (ext4 raw, ext4 in a
+//! GPT partition, qcow2 overlay on a qcow2 backing file, zlib- and zstd-compressed qcow2,
+//! squashfs, iso9660, vfat, btrfs), plus xfs, exfat, NTFS (ntfs3) and ext4 on an LVM logical
+//! volume, is attached at once, mounted by the init, listed and hashed in the guest, and
+//! compared with the same listing of the source tree on the host. The same boot checks that a read-only disk
 //! refuses writes (and its image is unchanged afterwards) and that an `:rw` raw disk keeps
 //! what the guest wrote.
 //!
@@ -206,6 +206,11 @@ fn disks_of_every_filesystem_mount_read_only_and_match_the_host() {
         (ntfs, "vdk", Keeps::All),
         // The disk (vdl) holds an LVM physical volume: its logical volume is mounted by name.
         (lvm, "bbvg-data", Keeps::AllWithLostFound),
+        (
+            images.join("ext4-zstd.qcow2"),
+            "vdm",
+            Keeps::AllWithLostFound,
+        ),
     ]);
     let ro_blank_dev = guest_abi::jobspec::disk_device_name(attached.len());
     let rw_dev = guest_abi::jobspec::disk_device_name(attached.len() + 1);
