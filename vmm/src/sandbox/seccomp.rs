@@ -18,6 +18,7 @@
 //!   `fdatasync` for writable disks; nothing that opens or changes a file's name or attributes.
 //!   The write calls are in the one list for every disk: a read-only image is opened
 //!   `O_RDONLY`, so the kernel refuses a write to it (EBADF) whatever the filter says.
+//! - loader: `pread` on the kernel and initrd files it was handed, into guest memory.
 //! - main: opening files for the report (`/proc/self/*`, the JSON file; Landlock bounds the
 //!   paths) and the terminal ioctls that restore stdin's mode.
 //!
@@ -356,6 +357,10 @@ fn block_worker(list: &mut Allowlist) {
     ]);
 }
 
+fn loader(list: &mut Allowlist) {
+    list.allow(&[libc::SYS_pread64]);
+}
+
 fn main_thread(list: &mut Allowlist) {
     use libc::*;
     // The report: /proc/self/{smaps,status}, /proc/cpuinfo and the JSON file.
@@ -394,6 +399,7 @@ pub(super) fn allowlist(role: ThreadRole, pid: u32, grants: Grants) -> Allowlist
         ThreadRole::SignalWaiter => signal_waiter(&mut list),
         ThreadRole::P9Worker => p9_worker(&mut list, grants),
         ThreadRole::BlockWorker => block_worker(&mut list),
+        ThreadRole::Loader => loader(&mut list),
     }
     if !matches!(role, ThreadRole::Main | ThreadRole::P9Worker) {
         // glibc's malloc may probe /proc/sys/vm/overcommit_memory from any thread.
@@ -641,6 +647,7 @@ mod tests {
             ThreadRole::SignalWaiter,
             ThreadRole::P9Worker,
             ThreadRole::BlockWorker,
+            ThreadRole::Loader,
         ] {
             assert!(requests(role).is_empty(), "{role:?}");
         }
@@ -695,6 +702,7 @@ mod tests {
             ThreadRole::EventLoop,
             ThreadRole::SignalWaiter,
             ThreadRole::BlockWorker,
+            ThreadRole::Loader,
         ] {
             let list = list(role);
             assert!(!list.contains(SYS_openat), "{role:?} opens files");
@@ -702,6 +710,15 @@ mod tests {
         }
         for role in [ThreadRole::Main, ThreadRole::P9Worker] {
             assert!(list(role).contains(SYS_openat) && list(role).1.is_empty());
+        }
+    }
+
+    #[test]
+    fn the_loader_only_reads_what_it_holds() {
+        let loader = list(ThreadRole::Loader);
+        assert!(loader.contains(SYS_pread64));
+        for nr in [SYS_pwrite64, SYS_openat, SYS_ioctl, SYS_clone, SYS_fsync] {
+            assert!(!loader.contains(nr), "the loader may make system call {nr}");
         }
     }
 

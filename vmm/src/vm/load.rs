@@ -11,16 +11,28 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 
 impl Vm {
     /// Loads kernel, initrd and command line, builds the boot structures and creates the
-    /// vCPUs in their boot state. Nothing runs yet.
-    pub fn load(self) -> Result<ReadyVm, VmError> {
-        let kernel = loader::load_kernel(&self.mem, &self.config.kernel)?;
-        self.phases.record("kernel loaded");
-        let initrd = loader::load_initrd(
-            &self.mem,
-            &self.config.initrd,
-            kernel.end,
-            kernel.initrd_ceiling,
-        )?;
+    /// vCPUs in their boot state. Nothing runs yet. Copies that [`Vm::new`] started are
+    /// finished here (this thread helps); otherwise the kernel and initrd are loaded now.
+    pub fn load(mut self) -> Result<ReadyVm, VmError> {
+        let (kernel, initrd) = match self.preload.take() {
+            // Started with the VM: both are loaded together, so both phases end here.
+            Some(preload) => {
+                let (kernel, initrd) = preload.finish(&self.config.initrd)?;
+                self.phases.record("kernel loaded");
+                (kernel, initrd)
+            }
+            None => {
+                let kernel = loader::load_kernel(&self.mem, &self.config.kernel)?;
+                self.phases.record("kernel loaded");
+                let initrd = loader::load_initrd(
+                    &self.mem,
+                    &self.config.initrd,
+                    kernel.end,
+                    kernel.initrd_ceiling,
+                )?;
+                (kernel, initrd)
+            }
+        };
         if initrd.is_some() {
             self.phases.record("initrd loaded");
         }
