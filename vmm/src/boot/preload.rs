@@ -82,6 +82,8 @@ struct Shared {
     work: Vec<Work>,
     next: AtomicUsize,
     stop: AtomicBool,
+    /// Set by [`Preload::release`]: the loader waits for it before its first piece.
+    go: AtomicBool,
     failed: Mutex<Option<VmError>>,
 }
 
@@ -232,6 +234,7 @@ impl Preload {
             work,
             next: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
+            go: AtomicBool::new(false),
             failed: Mutex::new(None),
         });
         let for_worker = shared.clone();
@@ -240,6 +243,9 @@ impl Preload {
             .name("loader".into())
             .spawn(move || {
                 sandbox::enter_thread(ThreadRole::Loader);
+                while !for_worker.go.load(Ordering::Acquire) {
+                    std::thread::park();
+                }
                 for_worker.run();
             })
             .ok();
@@ -252,12 +258,23 @@ impl Preload {
         })
     }
 
+    /// Lets the loader start copying. Until then it only waits: the caller releases it once
+    /// the VM's KVM objects exist, because KVM's memory-slot and irqchip calls wait several
+    /// milliseconds while another thread of the process faults in guest memory.
+    pub fn release(&self) {
+        self.shared.go.store(true, Ordering::Release);
+        if let Some(worker) = &self.worker {
+            worker.thread().unpark();
+        }
+    }
+
     /// Does the work that is left on the calling thread, waits for the loader, and writes the
     /// in-memory initrd parts (`parts` is the list given to [`Preload::start`]).
     pub fn finish(
         mut self,
         parts: &[InitrdPart],
     ) -> Result<(LoadedKernel, Option<InitrdInfo>), VmError> {
+        self.release();
         self.shared.run();
         if let Some(worker) = self.worker.take() {
             worker
@@ -291,6 +308,7 @@ impl Drop for Preload {
     /// A VM dropped before it was loaded: the loader stops after its current piece.
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
+        self.release();
         if let Some(worker) = self.worker.take() {
             let _ = worker.join();
         }
@@ -588,6 +606,31 @@ mod tests {
         }
     }
 
+    /// The loader copies nothing before it is released, and a preload dropped unreleased
+    /// (a VM that failed before loading) ends without copying anything.
+    #[test]
+    fn nothing_is_copied_before_the_release() {
+        let kernel = temp(&elf_image(
+            0x10_0000,
+            &[(0x10_0000, pattern(8192, 9), 0)],
+            None,
+        ));
+        let appliance = temp(&pattern(4096, 10));
+        let parts = [InitrdPart::File(appliance.path().to_path_buf())];
+        let mem = guest_memory();
+        let preload = Preload::start(&mem, kernel.path(), &parts).unwrap();
+        assert!(preload.worker.is_some(), "a loader thread was started");
+        drop(preload);
+        assert!(
+            contents(&mem).iter().all(|&b| b == 0),
+            "something was copied"
+        );
+        let preload = Preload::start(&mem, kernel.path(), &parts).unwrap();
+        preload.release();
+        preload.finish(&parts).unwrap();
+        assert!(contents(&mem).iter().any(|&b| b != 0));
+    }
+
     #[test]
     fn what_the_parallel_loader_does_not_take_goes_to_the_serial_loader() {
         let mem = guest_memory();
@@ -636,6 +679,7 @@ mod tests {
             work: Vec::new(),
             next: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
+            go: AtomicBool::new(true),
             failed: Mutex::new(None),
         };
         let piece = Work::Copy {

@@ -149,6 +149,9 @@ impl Vm {
         };
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         phases.record("kvm devices created");
+        if let Some(preload) = &preload {
+            preload.release();
+        }
 
         let control = RunControl::new()?;
         let console = Console::new(config.console, phases.clone());
