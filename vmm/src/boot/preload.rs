@@ -65,7 +65,12 @@ impl Origin {
         match self {
             Origin::Kernel(path) => VmError::BadKernel {
                 path: path.clone(),
-                reason: format!("cannot read it: {e}"),
+                reason: if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    "it ends before the segments its program headers list (a cut-short copy?)"
+                        .to_string()
+                } else {
+                    format!("cannot read it: {e}")
+                },
             },
             Origin::Initrd { path, len } => VmError::Initrd {
                 path: path.clone(),
@@ -665,41 +670,50 @@ mod tests {
     }
 
     #[test]
-    fn a_file_shorter_than_planned_is_an_initrd_error() {
+    fn a_file_shorter_than_planned_is_a_clear_error() {
         let short = temp(b"four");
         let shared = Shared {
             mem: guest_memory(),
-            files: vec![(
-                File::open(short.path()).unwrap(),
-                Origin::Initrd {
-                    path: short.path().to_path_buf(),
-                    len: 8,
-                },
-            )],
+            files: vec![
+                (
+                    File::open(short.path()).unwrap(),
+                    Origin::Initrd {
+                        path: short.path().to_path_buf(),
+                        len: 8,
+                    },
+                ),
+                (
+                    File::open(short.path()).unwrap(),
+                    Origin::Kernel(short.path().to_path_buf()),
+                ),
+            ],
             work: Vec::new(),
             next: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             go: AtomicBool::new(true),
             failed: Mutex::new(None),
         };
-        let piece = Work::Copy {
-            file: 0,
-            offset: 0,
-            addr: 0x20_0000,
-            len: 8,
+        let copy = |file, offset, addr, len| {
+            shared.execute(Work::Copy {
+                file,
+                offset,
+                addr,
+                len,
+            })
         };
-        let err = shared.execute(piece).unwrap_err();
+        // Eight bytes asked of a four-byte initrd part; four from offset 2 of the kernel.
+        let err = copy(0, 0, 0x20_0000, 8).unwrap_err();
         assert!(
             matches!(&err, VmError::Initrd { reason, .. } if reason.contains("did it change")),
             "{err}"
         );
-        let beyond = Work::Copy {
-            file: 0,
-            offset: 0,
-            addr: 64 << 20,
-            len: 4,
-        };
-        assert!(matches!(shared.execute(beyond), Err(VmError::Memory(_))));
+        let err = copy(1, 2, 0x20_0000, 4).unwrap_err();
+        assert!(
+            matches!(&err, VmError::BadKernel { reason, .. } if reason.contains("cut-short")),
+            "{err}"
+        );
+        assert!(matches!(copy(0, 0, 64 << 20, 4), Err(VmError::Memory(_))));
+        copy(0, 0, 0x20_0000, 4).unwrap();
     }
 
     #[test]

@@ -257,7 +257,8 @@ struct Installed {
 static INSTALLED: OnceLock<Installed> = OnceLock::new();
 
 /// Confines the process: sets no_new_privs, applies `policy` with Landlock, installs the
-/// SIGSYS report handler and prepares every role's seccomp filter for [`enter_thread`].
+/// SIGSYS report handler and the process-wide seccomp filter, and prepares the role filters for
+/// [`enter_thread`] (each is compiled by the first thread that takes its role).
 ///
 /// Call it once, on the thread that creates all other threads, before it creates any. What the
 /// kernel lacks is left out and said in the [`Report`]; errors are for things that should work

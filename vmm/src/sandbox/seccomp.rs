@@ -1,5 +1,5 @@
 //! The seccomp half of the sandbox: one system call allowlist per [`ThreadRole`], compiled to
-//! BPF once by [`Filters::compile`] and loaded by each thread for itself.
+//! BPF once, by the first thread that takes the role, and loaded by each thread for itself.
 //!
 //! Shape of the lists: a common base every thread needs (memory, futexes, time, its own exit,
 //! writes to descriptors it already holds), plus what the role does:
@@ -42,6 +42,7 @@ use seccompiler::{
 };
 use std::collections::BTreeMap;
 use std::io;
+use std::sync::OnceLock;
 
 /// One argument check (`arg` is the argument's index).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -449,23 +450,29 @@ pub(super) fn trap_filters_supported() -> bool {
     r == 0
 }
 
-/// Every role's compiled filters (its allowlist, and its quiet refusals if any), and the
-/// process-wide `clone3` filter.
+/// One role's compiled filters: its allowlist, and its quiet refusals if any.
+type RoleFilters = (BpfProgram, Option<BpfProgram>);
+
+/// Compiles `role`'s filters for the process `pid`.
+fn compile_role(role: ThreadRole, pid: u32, grants: Grants) -> Result<RoleFilters, SandboxError> {
+    let list = allowlist(role, pid, grants);
+    Ok((list.to_filter(role)?, list.to_refusal_filter(role)?))
+}
+
+/// The process-wide `clone3` filter, and every role's filters, each compiled the first time a
+/// thread takes the role: on that thread, so most of the compiling runs beside the thread that
+/// sets the VM up instead of before it. Compiling depends only on the fixed lists (every role
+/// compiles, see the tests), so a failure would be a bootbox bug, reported when the role is
+/// taken.
 pub(super) struct Filters {
-    roles: Vec<(BpfProgram, Option<BpfProgram>)>,
+    pid: u32,
+    grants: Grants,
+    roles: [OnceLock<Result<RoleFilters, String>>; ThreadRole::ALL.len()],
     no_clone3: BpfProgram,
 }
 
 impl Filters {
     pub(super) fn compile(grants: Grants) -> Result<Filters, SandboxError> {
-        let pid = std::process::id();
-        let roles = ThreadRole::ALL
-            .iter()
-            .map(|&role| {
-                let list = allowlist(role, pid, grants);
-                Ok((list.to_filter(role)?, list.to_refusal_filter(role)?))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         let role = ThreadRole::Main;
         let no_clone3 = SeccompFilter::new(
             BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
@@ -478,7 +485,12 @@ impl Filters {
             role: "process-wide clone3",
             reason: e.to_string(),
         })?;
-        Ok(Filters { roles, no_clone3 })
+        Ok(Filters {
+            pid: std::process::id(),
+            grants,
+            roles: std::array::from_fn(|_| OnceLock::new()),
+            no_clone3,
+        })
     }
 
     /// Loads the `clone3` filter on the calling thread; threads it creates inherit it.
@@ -486,9 +498,14 @@ impl Filters {
         load(&self.no_clone3)
     }
 
-    /// Loads `role`'s filters on the calling thread.
+    /// Loads `role`'s filters on the calling thread (compiling them first if no thread took
+    /// the role before).
     pub(super) fn apply(&self, role: ThreadRole) -> io::Result<()> {
-        let (allowlist, refusals) = &self.roles[role.index()];
+        let compiled = self.roles[role.index()]
+            .get_or_init(|| compile_role(role, self.pid, self.grants).map_err(|e| e.to_string()));
+        let (allowlist, refusals) = compiled
+            .as_ref()
+            .map_err(|reason| io::Error::other(reason.clone()))?;
         // The refusals first: once the allowlist is in place, `seccomp` itself is forbidden.
         refusals.as_ref().map_or(Ok(()), load)?;
         load(allowlist)
@@ -509,7 +526,13 @@ mod tests {
     #[test]
     fn every_role_compiles() {
         Filters::compile(Grants::default()).unwrap();
-        Filters::compile(Grants { chown: true }).unwrap();
+        for grants in [Grants::default(), Grants { chown: true }] {
+            for role in ThreadRole::ALL {
+                let (allowlist, refusals) = compile_role(role, PID, grants).unwrap();
+                assert!(!allowlist.is_empty(), "{role:?}");
+                assert_eq!(refusals.is_some(), !list(role).1.is_empty(), "{role:?}");
+            }
+        }
     }
 
     #[test]
