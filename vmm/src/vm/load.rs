@@ -4,7 +4,7 @@
 //! snapshot) would replace this step and share the rest.
 
 use super::machine::Vm;
-use super::run::{ReadyVm, RunOutcome};
+use super::run::{ReadyVm, RunOutcome, VcpuThreads};
 use crate::boot::{self, loader};
 use crate::error::VmError;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -14,6 +14,7 @@ impl Vm {
     /// vCPUs in their boot state. Nothing runs yet. Copies that [`Vm::new`] started are
     /// finished here (this thread helps); otherwise the kernel and initrd are loaded now.
     pub fn load(mut self) -> Result<ReadyVm, VmError> {
+        let threads = VcpuThreads::start(self.config.vcpus);
         let (kernel, initrd) = match self.preload.take() {
             // Started with the VM: both are loaded together, so both phases end here.
             Some(preload) => {
@@ -53,7 +54,7 @@ impl Vm {
         for (id, vcpu) in (0..vcpus).zip(&vcpu_fds) {
             boot::configure_vcpu(vcpu, id, vcpus, &boot_info, &supported)?;
         }
-        Ok(ReadyVm::new(self, vcpu_fds))
+        Ok(ReadyVm::new(self, vcpu_fds, threads))
     }
 
     /// [`Vm::load`] then [`ReadyVm::run`]: boots the kernel and runs the vCPUs until the guest
