@@ -1,6 +1,6 @@
 //! Running a VM whose vCPUs have their initial state: [`ReadyVm::run`] starts the event loop,
 //! hands each vCPU to its thread (started, and waiting, since the vCPUs were set up: see
-//! [`VcpuThreads`]), waits for the first outcome, stops every thread and device, and reports
+//! `VcpuThreads`), waits for the first outcome, stops every thread and device, and reports
 //! the [`RunOutcome`]. It does not care how the vCPUs got their state (booting a kernel with
 //! [`Vm::load`], or restoring a snapshot with [`Vm::restore`]).
 
