@@ -169,11 +169,6 @@ pub(super) fn run_vcpus(
     };
 
     let _terminal = vm.config.stdin.then(TerminalGuard::new).flatten();
-    let event_loop = spawn_event_loop(
-        vm.control.clone(),
-        vm.config.stdin.then(|| vm.serial.clone()),
-        vm.config.timeout,
-    )?;
     let mut handles: Vec<JoinHandle<Option<VcpuFd>>> = Vec::with_capacity(vcpu_count);
     for (id, (vcpu, thread)) in vcpus.into_iter().zip(threads.0).enumerate() {
         let started = thread.and_then(|(work, handle)| {
@@ -193,11 +188,25 @@ pub(super) fn run_vcpus(
         }
     }
 
+    // The event loop (stop requests, the timeout, stdin) after the vCPUs are on their way: it
+    // is not needed for the guest to start, and a guest that finishes before it exists only
+    // makes it end at once. Without it the run cannot be stopped, so failing to start it ends
+    // the run with that error.
+    let event_loop = spawn_event_loop(
+        vm.control.clone(),
+        vm.config.stdin.then(|| vm.serial.clone()),
+        vm.config.timeout,
+    )
+    .map_err(|e| vm.control.finish(Err(e)))
+    .ok();
+
     // Set up: from here on this thread waits, stops the others and reports.
     sandbox::enter_thread(ThreadRole::Main);
     let outcome = vm.control.wait();
     let vcpus = vcpu::kick_and_join(handles).into_iter().flatten().collect();
-    let _ = event_loop.join();
+    if let Some(event_loop) = event_loop {
+        let _ = event_loop.join();
+    }
     Ok((outcome, vcpus, stats))
 }
 
