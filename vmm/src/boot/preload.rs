@@ -1,7 +1,9 @@
 //! Copying an ELF kernel and the initrd into guest memory on two threads, started before the VM
 //! exists: [`Preload::start`] reads the kernel's ELF headers, places the initrd, opens the
-//! files and starts a loader thread on the copies; [`Preload::finish`] lends the calling thread
-//! to what is left, waits for the loader and says where everything went.
+//! files and starts a loader thread on the copies (which waits for [`Preload::release`]);
+//! [`Preload::planned`] says where everything goes before it is there, so the boot structures
+//! and vCPUs can be set up meanwhile; [`Preload::finish`] lends the calling thread to what is
+//! left and waits for the loader.
 //!
 //! Guest RAM asks for transparent huge pages, so much of a copy's cost is the host kernel
 //! zeroing each 2 MiB page on its first touch, then the copy itself (13 MB of kernel segments
@@ -263,6 +265,11 @@ impl Preload {
         })
     }
 
+    /// Where the kernel and initrd go (known before they are copied).
+    pub fn planned(&self) -> (LoadedKernel, Option<InitrdInfo>) {
+        (self.kernel, self.initrd)
+    }
+
     /// Lets the loader start copying. Until then it only waits: the caller releases it once
     /// the VM's KVM objects exist, because KVM's memory-slot and irqchip calls wait several
     /// milliseconds while another thread of the process faults in guest memory.
@@ -275,10 +282,7 @@ impl Preload {
 
     /// Does the work that is left on the calling thread, waits for the loader, and writes the
     /// in-memory initrd parts (`parts` is the list given to [`Preload::start`]).
-    pub fn finish(
-        mut self,
-        parts: &[InitrdPart],
-    ) -> Result<(LoadedKernel, Option<InitrdInfo>), VmError> {
+    pub fn finish(mut self, parts: &[InitrdPart]) -> Result<(), VmError> {
         self.release();
         self.shared.run();
         if let Some(worker) = self.worker.take() {
@@ -305,7 +309,7 @@ impl Preload {
                     })?;
             }
         }
-        Ok((self.kernel, self.initrd))
+        Ok(())
     }
 }
 
@@ -400,7 +404,11 @@ fn read_elf(file: &File, mem: &GuestMemoryMmap) -> Option<ElfKernel> {
         if kind != PT_LOAD || filesz == 0 {
             continue;
         }
-        // The segment's file bytes must lie in one region of guest RAM.
+        // The segment's file bytes must lie in one region of guest RAM, at or above 1 MiB:
+        // the boot structures below are written while the copies run.
+        if addr < layout::HIMEM_START {
+            return None;
+        }
         let len = usize::try_from(filesz).ok()?;
         mem.get_slice(GuestAddress(addr), len).ok()?;
         end = end.max(addr.checked_add(memsz)?);
@@ -581,7 +589,8 @@ mod tests {
 
             let parallel = guest_memory();
             let preload = Preload::start(&parallel, kernel.path(), &parts).expect("an ELF kernel");
-            let (k, initrd) = preload.finish(&parts).unwrap();
+            let (k, initrd) = preload.planned();
+            preload.finish(&parts).unwrap();
 
             let serial = guest_memory();
             let expected = super::super::loader::load_kernel(&serial, kernel.path()).unwrap();
@@ -641,7 +650,7 @@ mod tests {
         let mem = guest_memory();
         let segment = [(0x10_0000, pattern(4096, 5), 0)];
         // Not an ELF file; missing files; a segment beyond guest memory; overlapping segments;
-        // an initrd that does not fit.
+        // a segment below 1 MiB (among the boot structures); an initrd that does not fit.
         let not_elf = temp(&[0x55; 4096]);
         assert!(Preload::start(&mem, not_elf.path(), &[]).is_none());
         assert!(Preload::start(&mem, Path::new("/nonexistent/vmlinux"), &[]).is_none());
@@ -660,6 +669,12 @@ mod tests {
             None,
         ));
         assert!(Preload::start(&mem, overlapping.path(), &[]).is_none());
+        let low = temp(&elf_image(
+            0x10_0000,
+            &[(0x8_0000, pattern(4096, 11), 0)],
+            None,
+        ));
+        assert!(Preload::start(&mem, low.path(), &[]).is_none());
         let kernel = temp(&elf_image(0x10_0000, &segment, None));
         let missing = [InitrdPart::File("/nonexistent/initrd".into())];
         assert!(Preload::start(&mem, kernel.path(), &missing).is_none());
