@@ -7,10 +7,11 @@
 //!
 //! Guest RAM asks for transparent huge pages, so much of a copy's cost is the host kernel
 //! zeroing each 2 MiB page on its first touch, then the copy itself (13 MB of kernel segments
-//! and a 21 MB appliance). The work is cut into 2 MiB pieces that both threads take in turn,
-//! and the loader starts while the calling thread creates the VM, its irqchip and devices. The
-//! first 2 MiB of RAM (boot structures, command line) is faulted in as well, so writing them
-//! later costs nothing.
+//! and a 20-30 MB appliance). The work is cut into 2 MiB pieces that both threads take in
+//! turn. The loader thread is started and confined while the VM is created, and released once
+//! the VM's KVM objects exist (KVM's memory-slot and irqchip calls wait while the process
+//! faults memory in). The first 2 MiB of RAM (boot structures, command line) is faulted in as
+//! well, so writing them costs nothing.
 //!
 //! Only what the parallel copy needs is checked here. Anything it does not take (a bzImage, an
 //! ELF file this reader refuses, an initrd part that cannot be opened or does not fit) makes
