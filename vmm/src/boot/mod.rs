@@ -1,4 +1,5 @@
-//! Direct Linux boot on x86-64: the memory layout, kernel/initrd/command-line loading, the
+//! Direct Linux boot on x86-64: the memory layout, kernel/initrd/command-line loading (serial in
+//! [`loader`], or for an ELF kernel on two threads in [`preload`]), the
 //! boot-information blocks (zero page, PVH start info, e820, MP table) and the initial vCPU
 //! state (registers, GDT, page tables, FPU, MSRs, CPUID, LAPIC).
 
@@ -11,6 +12,7 @@ pub mod mptable;
 pub mod msr;
 pub mod paging;
 pub mod params;
+pub mod preload;
 pub mod regs;
 
 use crate::error::VmError;

@@ -56,11 +56,14 @@ pub enum ThreadRole {
     /// through descriptors opened before the sandbox; it opens nothing. Its own role rather
     /// than the 9p worker's, so a fooled block worker cannot open, create or rename files.
     BlockWorker,
+    /// The kernel loader: copies the kernel and initrd files, opened before it starts, into
+    /// guest memory while the VM is being created (`pread` on those descriptors only).
+    Loader,
 }
 
 impl ThreadRole {
     /// Every role, in a fixed order.
-    pub const ALL: [ThreadRole; 7] = [
+    pub const ALL: [ThreadRole; 8] = [
         ThreadRole::Main,
         ThreadRole::Vcpu,
         ThreadRole::Device,
@@ -68,6 +71,7 @@ impl ThreadRole {
         ThreadRole::SignalWaiter,
         ThreadRole::P9Worker,
         ThreadRole::BlockWorker,
+        ThreadRole::Loader,
     ];
 
     fn index(self) -> usize {
@@ -84,6 +88,7 @@ impl ThreadRole {
             ThreadRole::SignalWaiter => "signal-waiter",
             ThreadRole::P9Worker => "p9-worker",
             ThreadRole::BlockWorker => "block-worker",
+            ThreadRole::Loader => "loader",
         }
     }
 }
@@ -252,7 +257,8 @@ struct Installed {
 static INSTALLED: OnceLock<Installed> = OnceLock::new();
 
 /// Confines the process: sets no_new_privs, applies `policy` with Landlock, installs the
-/// SIGSYS report handler and prepares every role's seccomp filter for [`enter_thread`].
+/// SIGSYS report handler and the process-wide seccomp filter, and prepares the role filters for
+/// [`enter_thread`] (each is compiled by the first thread that takes its role).
 ///
 /// Call it once, on the thread that creates all other threads, before it creates any. What the
 /// kernel lacks is left out and said in the [`Report`]; errors are for things that should work

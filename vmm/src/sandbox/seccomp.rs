@@ -1,5 +1,5 @@
 //! The seccomp half of the sandbox: one system call allowlist per [`ThreadRole`], compiled to
-//! BPF once by [`Filters::compile`] and loaded by each thread for itself.
+//! BPF once, by the first thread that takes the role, and loaded by each thread for itself.
 //!
 //! Shape of the lists: a common base every thread needs (memory, futexes, time, its own exit,
 //! writes to descriptors it already holds), plus what the role does:
@@ -18,6 +18,7 @@
 //!   `fdatasync` for writable disks; nothing that opens or changes a file's name or attributes.
 //!   The write calls are in the one list for every disk: a read-only image is opened
 //!   `O_RDONLY`, so the kernel refuses a write to it (EBADF) whatever the filter says.
+//! - loader: `pread` on the kernel and initrd files it was handed, into guest memory.
 //! - main: opening files for the report (`/proc/self/*`, the JSON file; Landlock bounds the
 //!   paths) and the terminal ioctls that restore stdin's mode.
 //!
@@ -41,6 +42,7 @@ use seccompiler::{
 };
 use std::collections::BTreeMap;
 use std::io;
+use std::sync::OnceLock;
 
 /// One argument check (`arg` is the argument's index).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -356,6 +358,10 @@ fn block_worker(list: &mut Allowlist) {
     ]);
 }
 
+fn loader(list: &mut Allowlist) {
+    list.allow(&[libc::SYS_pread64]);
+}
+
 fn main_thread(list: &mut Allowlist) {
     use libc::*;
     // The report: /proc/self/{smaps,status}, /proc/cpuinfo and the JSON file.
@@ -394,6 +400,7 @@ pub(super) fn allowlist(role: ThreadRole, pid: u32, grants: Grants) -> Allowlist
         ThreadRole::SignalWaiter => signal_waiter(&mut list),
         ThreadRole::P9Worker => p9_worker(&mut list, grants),
         ThreadRole::BlockWorker => block_worker(&mut list),
+        ThreadRole::Loader => loader(&mut list),
     }
     if !matches!(role, ThreadRole::Main | ThreadRole::P9Worker) {
         // glibc's malloc may probe /proc/sys/vm/overcommit_memory from any thread.
@@ -443,23 +450,29 @@ pub(super) fn trap_filters_supported() -> bool {
     r == 0
 }
 
-/// Every role's compiled filters (its allowlist, and its quiet refusals if any), and the
-/// process-wide `clone3` filter.
+/// One role's compiled filters: its allowlist, and its quiet refusals if any.
+type RoleFilters = (BpfProgram, Option<BpfProgram>);
+
+/// Compiles `role`'s filters for the process `pid`.
+fn compile_role(role: ThreadRole, pid: u32, grants: Grants) -> Result<RoleFilters, SandboxError> {
+    let list = allowlist(role, pid, grants);
+    Ok((list.to_filter(role)?, list.to_refusal_filter(role)?))
+}
+
+/// The process-wide `clone3` filter, and every role's filters, each compiled the first time a
+/// thread takes the role: on that thread, so most of the compiling runs beside the thread that
+/// sets the VM up instead of before it. Compiling depends only on the fixed lists (every role
+/// compiles, see the tests), so a failure would be a bootbox bug, reported when the role is
+/// taken.
 pub(super) struct Filters {
-    roles: Vec<(BpfProgram, Option<BpfProgram>)>,
+    pid: u32,
+    grants: Grants,
+    roles: [OnceLock<Result<RoleFilters, String>>; ThreadRole::ALL.len()],
     no_clone3: BpfProgram,
 }
 
 impl Filters {
     pub(super) fn compile(grants: Grants) -> Result<Filters, SandboxError> {
-        let pid = std::process::id();
-        let roles = ThreadRole::ALL
-            .iter()
-            .map(|&role| {
-                let list = allowlist(role, pid, grants);
-                Ok((list.to_filter(role)?, list.to_refusal_filter(role)?))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         let role = ThreadRole::Main;
         let no_clone3 = SeccompFilter::new(
             BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
@@ -472,7 +485,12 @@ impl Filters {
             role: "process-wide clone3",
             reason: e.to_string(),
         })?;
-        Ok(Filters { roles, no_clone3 })
+        Ok(Filters {
+            pid: std::process::id(),
+            grants,
+            roles: std::array::from_fn(|_| OnceLock::new()),
+            no_clone3,
+        })
     }
 
     /// Loads the `clone3` filter on the calling thread; threads it creates inherit it.
@@ -480,9 +498,14 @@ impl Filters {
         load(&self.no_clone3)
     }
 
-    /// Loads `role`'s filters on the calling thread.
+    /// Loads `role`'s filters on the calling thread (compiling them first if no thread took
+    /// the role before).
     pub(super) fn apply(&self, role: ThreadRole) -> io::Result<()> {
-        let (allowlist, refusals) = &self.roles[role.index()];
+        let compiled = self.roles[role.index()]
+            .get_or_init(|| compile_role(role, self.pid, self.grants).map_err(|e| e.to_string()));
+        let (allowlist, refusals) = compiled
+            .as_ref()
+            .map_err(|reason| io::Error::other(reason.clone()))?;
         // The refusals first: once the allowlist is in place, `seccomp` itself is forbidden.
         refusals.as_ref().map_or(Ok(()), load)?;
         load(allowlist)
@@ -503,7 +526,13 @@ mod tests {
     #[test]
     fn every_role_compiles() {
         Filters::compile(Grants::default()).unwrap();
-        Filters::compile(Grants { chown: true }).unwrap();
+        for grants in [Grants::default(), Grants { chown: true }] {
+            for role in ThreadRole::ALL {
+                let (allowlist, refusals) = compile_role(role, PID, grants).unwrap();
+                assert!(!allowlist.is_empty(), "{role:?}");
+                assert_eq!(refusals.is_some(), !list(role).1.is_empty(), "{role:?}");
+            }
+        }
     }
 
     #[test]
@@ -641,6 +670,7 @@ mod tests {
             ThreadRole::SignalWaiter,
             ThreadRole::P9Worker,
             ThreadRole::BlockWorker,
+            ThreadRole::Loader,
         ] {
             assert!(requests(role).is_empty(), "{role:?}");
         }
@@ -695,6 +725,7 @@ mod tests {
             ThreadRole::EventLoop,
             ThreadRole::SignalWaiter,
             ThreadRole::BlockWorker,
+            ThreadRole::Loader,
         ] {
             let list = list(role);
             assert!(!list.contains(SYS_openat), "{role:?} opens files");
@@ -702,6 +733,15 @@ mod tests {
         }
         for role in [ThreadRole::Main, ThreadRole::P9Worker] {
             assert!(list(role).contains(SYS_openat) && list(role).1.is_empty());
+        }
+    }
+
+    #[test]
+    fn the_loader_only_reads_what_it_holds() {
+        let loader = list(ThreadRole::Loader);
+        assert!(loader.contains(SYS_pread64));
+        for nr in [SYS_pwrite64, SYS_openat, SYS_ioctl, SYS_clone, SYS_fsync] {
+            assert!(!loader.contains(nr), "the loader may make system call {nr}");
         }
     }
 

@@ -1,5 +1,6 @@
 //! The created VM before it runs: [`Vm::new`] opens KVM and builds the VM with its memory,
-//! irqchip, PIT and legacy devices (serial, i8042, exit and phase ports);
+//! irqchip, PIT and legacy devices (serial, i8042, exit and phase ports), and starts copying an
+//! ELF kernel and the initrd into its memory on a loader thread ([`crate::boot::preload`]);
 //! [`Vm::add_virtio_device`] maps virtio-mmio devices and announces them on the command line;
 //! the handles ([`StopHandle`], [`ConsoleHandle`]) reach into a VM from other threads. What to
 //! put in the VM's memory and vCPUs is the next step's business ([`Vm::load`]).
@@ -7,6 +8,7 @@
 use super::config::VmConfig;
 use super::host::open_kvm;
 use crate::boot::layout;
+use crate::boot::preload::Preload;
 use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::exit_port::ExitPort;
 use crate::devices::i8042::{I8042, I8042_LEN};
@@ -67,6 +69,9 @@ pub struct Vm {
     pub(super) virtio_count: u32,
     /// The virtio transports, kept to stop their devices and read their stats after the run.
     pub(super) virtio: Vec<Arc<MmioTransport>>,
+    /// The kernel and initrd copies started with the VM ([`Vm::load`] finishes them); `None`
+    /// when the serial loader does them (or nothing is to be loaded: a restored snapshot).
+    pub(super) preload: Option<Preload>,
 }
 
 fn join_cmdline(base: &str, extras: &[String]) -> String {
@@ -108,6 +113,16 @@ impl Vm {
                 layout::MAX_VCPUS
             )));
         }
+        // A booting VM's memory comes first, so that copying the kernel and initrd into it
+        // (on a loader thread, see `boot::preload`) overlaps with creating the VM below.
+        let (mem, preload) = match mem {
+            Some(mem) => (mem, None),
+            None => {
+                let mem = memory::create_guest_memory(config.mem_mib)?;
+                let preload = Preload::start(&mem, &config.kernel, &config.initrd);
+                (mem, preload)
+            }
+        };
         let kvm = open_kvm()?;
         // The phases around the two KVM calls that take time on some hosts (KVM_CREATE_VM and
         // registering guest memory) tell the host's share from the monitor's.
@@ -123,10 +138,6 @@ impl Vm {
         // Guest memory before the in-kernel irqchip: once the irqchip exists, registering a
         // memory slot waits several milliseconds in KVM (measured: 5-10 ms after
         // KVM_CREATE_IRQCHIP, 0.1-2 ms before it), and nothing needs the irqchip first.
-        let mem = match mem {
-            Some(mem) => mem,
-            None => memory::create_guest_memory(config.mem_mib)?,
-        };
         memory::register_with_kvm(&fd, &mem)?;
         phases.record("memory ready");
 
@@ -138,6 +149,9 @@ impl Vm {
         };
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         phases.record("kvm devices created");
+        if let Some(preload) = &preload {
+            preload.release();
+        }
 
         let control = RunControl::new()?;
         let console = Console::new(config.console, phases.clone());
@@ -195,6 +209,7 @@ impl Vm {
             virtio_cmdline: Vec::new(),
             virtio_count: 0,
             virtio: Vec::new(),
+            preload,
         })
     }
 

@@ -10,7 +10,7 @@
 //!   state into the devices, the VM and fresh vCPUs and yields a [`ReadyVm`] to run.
 
 use super::machine::Vm;
-use super::run::{run_vcpus, ReadyVm};
+use super::run::{run_vcpus, ReadyVm, VcpuThreads};
 use crate::devices::job_port::JobPort;
 use crate::error::VmError;
 use crate::snapshot::{
@@ -108,6 +108,7 @@ impl Vm {
                 self.config.vcpus
             )));
         }
+        let threads = VcpuThreads::start(self.config.vcpus);
         let mut blobs = state.devices.iter().map(|(_, b)| b);
         if let Some(serial) = blobs.next() {
             self.serial
@@ -133,7 +134,7 @@ impl Vm {
                 .map_err(|e| snapshot_err(format!("vCPU {id}: {e}")))?;
         }
         self.phases.record("state restored");
-        Ok(ReadyVm::new(self, vcpus))
+        Ok(ReadyVm::new(self, vcpus, threads))
     }
 }
 
@@ -147,8 +148,8 @@ impl ReadyVm {
         path: &Path,
         key: &SnapshotKey,
     ) -> Result<(), VmError> {
-        let (vm, vcpus) = self.into_parts();
-        let (outcome, mut vcpus, _stats) = run_vcpus(&vm, vcpus)?;
+        let (vm, vcpus, threads) = self.into_parts();
+        let (outcome, mut vcpus, _stats) = run_vcpus(&vm, vcpus, threads)?;
         let result = (|| {
             if !point.0.load(Ordering::SeqCst) {
                 let ended = match outcome {

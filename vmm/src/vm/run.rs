@@ -1,7 +1,8 @@
-//! Running a VM whose vCPUs have their initial state: [`ReadyVm::run`] starts the event loop and
-//! one thread per vCPU, waits for the first outcome, stops every thread and device, and
-//! reports the [`RunOutcome`]. It does not care how the vCPUs got their state (booting a
-//! kernel with [`Vm::load`] today).
+//! Running a VM whose vCPUs have their initial state: [`ReadyVm::run`] starts the event loop,
+//! hands each vCPU to its thread (started, and waiting, since the vCPUs were set up: see
+//! `VcpuThreads`), waits for the first outcome, stops every thread and device, and reports
+//! the [`RunOutcome`]. It does not care how the vCPUs got their state (booting a kernel with
+//! [`Vm::load`], or restoring a snapshot with [`Vm::restore`]).
 
 use super::events::{spawn_event_loop, TerminalGuard};
 use super::host::kvm_is_hardware_accelerated;
@@ -16,6 +17,7 @@ use crate::stats::{self, Stats};
 use crate::vcpu::{self, VcpuContext};
 use kvm_ioctls::VcpuFd;
 use std::sync::atomic::AtomicUsize;
+use std::sync::mpsc::{self, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -40,17 +42,52 @@ pub struct RunOutcome {
     pub kvm_hardware: bool,
 }
 
+/// What a vCPU thread is handed when the run starts.
+type VcpuWork = (VcpuFd, VcpuContext);
+/// A started vCPU thread (where to hand it its work, and its handle), or why it did not start.
+type WaitingThread = Result<(SyncSender<VcpuWork>, JoinHandle<Option<VcpuFd>>), String>;
+
+/// vCPU threads started before their vCPUs are set up ([`VcpuThreads::start`], at the
+/// beginning of [`Vm::load`] and [`Vm::restore`]): a thread's start-up and its seccomp filter
+/// happen beside the rest of the set-up instead of between it and the first KVM_RUN. Each
+/// thread waits for its vCPU and context; dropped unused, they end without running anything.
+pub(super) struct VcpuThreads(Vec<WaitingThread>);
+
+impl VcpuThreads {
+    /// Starts one waiting thread per vCPU id below `count`.
+    pub(super) fn start(count: u8) -> Self {
+        VcpuThreads(
+            (0..count)
+                .map(|id| {
+                    let (work, waiting) = mpsc::sync_channel::<VcpuWork>(1);
+                    std::thread::Builder::new()
+                        .name(format!("vcpu{id}"))
+                        .spawn(move || {
+                            sandbox::enter_thread(ThreadRole::Vcpu);
+                            let (mut vcpu, ctx) = waiting.recv().ok()?;
+                            vcpu::run_loop(&mut vcpu, id, &ctx);
+                            Some(vcpu)
+                        })
+                        .map(|handle| (work, handle))
+                        .map_err(|e| e.to_string())
+                })
+                .collect(),
+        )
+    }
+}
+
 /// A VM with its devices and vCPUs in their initial state, ready to run.
 pub struct ReadyVm {
     vm: Vm,
     vcpus: Vec<VcpuFd>,
+    threads: VcpuThreads,
 }
 
 impl ReadyVm {
     /// Pairs a VM with its vCPUs, one per configured vCPU, in id order, each already given
-    /// the state it starts from.
-    pub(super) fn new(vm: Vm, vcpus: Vec<VcpuFd>) -> Self {
-        ReadyVm { vm, vcpus }
+    /// the state it starts from, and the threads that will run them.
+    pub(super) fn new(vm: Vm, vcpus: Vec<VcpuFd>, threads: VcpuThreads) -> Self {
+        ReadyVm { vm, vcpus, threads }
     }
 
     /// The VM, for its handles ([`Vm::stop_handle`], [`Vm::console_handle`]).
@@ -66,8 +103,8 @@ impl ReadyVm {
     /// after `run` it may still read `/proc`, write files the policy allows and write to its
     /// open descriptors, but not start threads or processes.
     pub fn run(self) -> Result<RunOutcome, VmError> {
-        let ReadyVm { vm, vcpus } = self;
-        let (outcome, _vcpus, stats) = run_vcpus(&vm, vcpus)?;
+        let ReadyVm { vm, vcpus, threads } = self;
+        let (outcome, _vcpus, stats) = run_vcpus(&vm, vcpus, threads)?;
         // Stop the devices: in-flight requests finish and console output is flushed before
         // the caller reports the outcome.
         for t in &vm.virtio {
@@ -92,9 +129,10 @@ impl ReadyVm {
         })
     }
 
-    /// Splits into the VM and its vCPUs (for a run that ends somewhere else than `run`).
-    pub(super) fn into_parts(self) -> (Vm, Vec<VcpuFd>) {
-        (self.vm, self.vcpus)
+    /// Splits into the VM, its vCPUs and their threads (for a run that ends somewhere else
+    /// than `run`).
+    pub(super) fn into_parts(self) -> (Vm, Vec<VcpuFd>, VcpuThreads) {
+        (self.vm, self.vcpus, self.threads)
     }
 }
 
@@ -106,7 +144,11 @@ pub(super) type VcpuRun = (Result<GuestExit, VmError>, Vec<VcpuFd>, Arc<Stats>);
 ///
 /// With the sandbox installed ([`crate::sandbox::install`]), every thread started here takes
 /// its role, and once the vCPUs run the calling thread takes the main role for good.
-pub(super) fn run_vcpus(vm: &Vm, vcpus: Vec<VcpuFd>) -> Result<VcpuRun, VmError> {
+pub(super) fn run_vcpus(
+    vm: &Vm,
+    vcpus: Vec<VcpuFd>,
+    threads: VcpuThreads,
+) -> Result<VcpuRun, VmError> {
     let vcpu_count = vcpus.len();
     vcpu::install_kick_handler()?;
 
@@ -127,22 +169,16 @@ pub(super) fn run_vcpus(vm: &Vm, vcpus: Vec<VcpuFd>) -> Result<VcpuRun, VmError>
     };
 
     let _terminal = vm.config.stdin.then(TerminalGuard::new).flatten();
-    let event_loop = spawn_event_loop(
-        vm.control.clone(),
-        vm.config.stdin.then(|| vm.serial.clone()),
-        vm.config.timeout,
-    )?;
-    let mut handles: Vec<JoinHandle<VcpuFd>> = Vec::with_capacity(vcpu_count);
-    for (id, mut vcpu) in vcpus.into_iter().enumerate() {
-        let ctx = ctx.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || {
-                sandbox::enter_thread(ThreadRole::Vcpu);
-                vcpu::run_loop(&mut vcpu, id as u8, &ctx);
-                vcpu
-            });
-        match spawned {
+    let mut handles: Vec<JoinHandle<Option<VcpuFd>>> = Vec::with_capacity(vcpu_count);
+    for (id, (vcpu, thread)) in vcpus.into_iter().zip(threads.0).enumerate() {
+        let started = thread.and_then(|(work, handle)| {
+            // A thread that ended early (it could not take its role) dropped its receiver.
+            match work.send((vcpu, ctx.clone())) {
+                Ok(()) => Ok(handle),
+                Err(_) => Err("its thread ended before it was given its vCPU".to_string()),
+            }
+        });
+        match started {
             Ok(h) => handles.push(h),
             Err(e) => {
                 vm.control
@@ -152,11 +188,25 @@ pub(super) fn run_vcpus(vm: &Vm, vcpus: Vec<VcpuFd>) -> Result<VcpuRun, VmError>
         }
     }
 
+    // The event loop (stop requests, the timeout, stdin) after the vCPUs are on their way: it
+    // is not needed for the guest to start, and a guest that finishes before it exists only
+    // makes it end at once. Without it the run cannot be stopped, so failing to start it ends
+    // the run with that error.
+    let event_loop = spawn_event_loop(
+        vm.control.clone(),
+        vm.config.stdin.then(|| vm.serial.clone()),
+        vm.config.timeout,
+    )
+    .map_err(|e| vm.control.finish(Err(e)))
+    .ok();
+
     // Set up: from here on this thread waits, stops the others and reports.
     sandbox::enter_thread(ThreadRole::Main);
     let outcome = vm.control.wait();
-    let vcpus = vcpu::kick_and_join(handles);
-    let _ = event_loop.join();
+    let vcpus = vcpu::kick_and_join(handles).into_iter().flatten().collect();
+    if let Some(event_loop) = event_loop {
+        let _ = event_loop.join();
+    }
     Ok((outcome, vcpus, stats))
 }
 
@@ -164,6 +214,17 @@ pub(super) fn run_vcpus(vm: &Vm, vcpus: Vec<VcpuFd>) -> Result<VcpuRun, VmError>
 mod tests {
     use super::*;
     use crate::vm::{ConsoleHandle, StopHandle};
+
+    #[test]
+    fn waiting_vcpu_threads_end_unused_when_their_work_never_comes() {
+        let VcpuThreads(threads) = VcpuThreads::start(2);
+        assert_eq!(threads.len(), 2);
+        for thread in threads {
+            let (work, handle) = thread.unwrap();
+            drop(work);
+            assert!(handle.join().unwrap().is_none(), "no vCPU came back");
+        }
+    }
 
     #[test]
     fn api_types_cross_threads() {
