@@ -84,6 +84,7 @@ if [ "${BOOTBOX_BENCH_INNER:-}" != 1 ]; then
         # content is its cache key, so the build happens once.
         fragment=$(mktemp "${TMPDIR:-/tmp}/bootbox-virtiofs.XXXXXX.config")
         { cat kernel-config/bootbox.config
+          printf '\n# virtio-fs, for scripts/bench-vm.sh virtiofs only (QEMU + virtiofsd as the peer)\n'
           printf 'CONFIG_FUSE_FS=y\nCONFIG_VIRTIO_FS=y\n'; } >"$fragment"
         vfs_kernel=$(scripts/build-kernel.sh --fragment "$fragment")
         rm -f "$fragment"
@@ -215,9 +216,12 @@ case "$mode" in
                 # QEMU's guest mounts the virtio-fs export itself; bootbox's init mounts the share.
                 "$bootbox" initrd -o "$work/app.cpio" --with mount -- \
                     sh -c "mount -t virtiofs data /mnt && cd /mnt && ${scripts[$i]}" >/dev/null
-                peer_cmd="$start_virtiofsd $(qemu_check "-object memory-backend-memfd,id=mem,size=256M,share=on \
- -machine memory-backend=mem -chardev socket,id=vfs,path=$sock -device vhost-user-fs-device,chardev=vfs,tag=data \
- -initrd $work/app.cpio -append '$cmdline'"); wait"
+                # vhost-user devices need modern virtio-mmio (microvm defaults to legacy); the
+                # run's status is QEMU's check, not virtiofsd's.
+                peer_cmd="$start_virtiofsd $(qemu_check "-global virtio-mmio.force-legacy=false \
+ -object memory-backend-memfd,id=mem,size=256M,share=on -machine memory-backend=mem \
+ -chardev socket,id=vfs,path=$sock -device vhost-user-fs-device,chardev=vfs,tag=data \
+ -initrd $work/app.cpio -append '$cmdline'"); r=\$?; wait; test \$r = 0"
                 peer_cmd=${peer_cmd//-kernel $kernel/-kernel $vkernel}
             fi
             "$bootbox" bench --runs "$runs" --warmup 1 --expect-status 5 --compare "$peer_cmd" \
