@@ -202,9 +202,10 @@ case "$mode" in
             vkernel="$BOOTBOX_BENCH_VIRTIOFS_KERNEL"
             peer="QEMU virtio-fs, virtiofsd cache=auto"
             sock="$work/virtiofs.sock"
-            # virtiofsd serves one VM and exits when it disconnects: one per run.
+            # virtiofsd serves one VM and exits when it disconnects: one per run. Its namespace
+            # sandbox needs pivot_root, which an initramfs root (the nested test host's) refuses.
             start_virtiofsd="rm -f $sock; /usr/lib/qemu/virtiofsd --socket-path=$sock -o source=$share \
- -o cache=auto >$work/virtiofsd.log 2>&1 & i=0; while [ ! -S $sock ] && [ \$i -lt 500 ]; do sleep 0.01; i=\$((i+1)); done;"
+ -o cache=auto -o sandbox=chroot >$work/virtiofsd.log 2>&1 & i=0; while [ ! -S $sock ] && [ \$i -lt 500 ]; do sleep 0.01; i=\$((i+1)); done;"
         fi
         for i in "${!names[@]}"; do
             echo "bench-vm: $mode: ${names[$i]}: bootbox virtio-9p (A) against $peer (B), same kernel" >&2
@@ -221,7 +222,7 @@ case "$mode" in
                 peer_cmd="$start_virtiofsd $(qemu_check "-global virtio-mmio.force-legacy=false \
  -object memory-backend-memfd,id=mem,size=256M,share=on -machine memory-backend=mem \
  -chardev socket,id=vfs,path=$sock -device vhost-user-fs-device,chardev=vfs,tag=data \
- -initrd $work/app.cpio -append '$cmdline'"); r=\$?; wait; test \$r = 0"
+ -initrd $work/app.cpio -append '$cmdline'"); r=\$?; wait; test \$r = 0 || { cat $work/virtiofsd.log >&2; false; }"
                 peer_cmd=${peer_cmd//-kernel $kernel/-kernel $vkernel}
             fi
             "$bootbox" bench --runs "$runs" --warmup 1 --expect-status 5 --compare "$peer_cmd" \

@@ -80,12 +80,14 @@ pub const DEFAULT_TOOLS: &[&str] = &[
     "tr",
     "uniq",
     "tee",
-    // Disk inspection (`--disk`): what is on a disk, and its partitions; the LVM tool to
-    // activate volume groups when the host has it.
+    // Disk inspection (`--disk`): what is on a disk, and its partitions.
     "blkid",
     "lsblk",
-    "lvm",
 ];
+
+/// Tools only an appliance for disks takes (when the host has them): the LVM tool that
+/// activates volume groups (about 7 MB with its libraries, which no other job should carry).
+pub const DISK_ONLY_TOOLS: &[&str] = &["lvm"];
 
 /// The disk inspection tools a `--disk` job expects; `bootbox doctor` says when the host lacks
 /// one (the appliance is built without it, like any default tool the host lacks).
@@ -117,6 +119,8 @@ pub struct ApplianceSpec {
     pub init: PathBuf,
     /// Extra programs (`--with`): names looked up in PATH, or paths.
     pub extra_programs: Vec<String>,
+    /// Whether the job has disks: then [`DISK_ONLY_TOOLS`] the host has go in too.
+    pub disk_tools: bool,
     /// The bootbox cache root; appliances live in `<cache_dir>/appliance/` (see
     /// [`default_cache_dir`]).
     pub cache_dir: PathBuf,
@@ -319,6 +323,11 @@ fn spec_hasher(domain: &[u8], spec: &ApplianceSpec) -> Sha256 {
     for t in DEFAULT_TOOLS {
         h.field(t.as_bytes());
     }
+    if spec.disk_tools {
+        for t in DISK_ONLY_TOOLS {
+            h.field(t.as_bytes());
+        }
+    }
     h.field(b"--with");
     for t in &spec.extra_programs {
         h.field(t.as_bytes());
@@ -381,7 +390,12 @@ fn walk(
 
     // Programs: defaults only if present, --with programs must exist.
     let mut programs: Vec<(String, PathBuf)> = Vec::new();
-    for name in DEFAULT_TOOLS {
+    let disk_only: &[&str] = if spec.disk_tools {
+        DISK_ONLY_TOOLS
+    } else {
+        &[]
+    };
+    for name in DEFAULT_TOOLS.iter().chain(disk_only) {
         if let Ok(p) = elf::find_program_probing(name, &mut passed_over) {
             programs.push((name.to_string(), p));
         }

@@ -23,7 +23,7 @@ pub use guest_abi::jobspec;
 
 pub use cache::{
     default_cache_dir, find_init, initramfs, prepare, read_archive, ApplianceError, ApplianceSpec,
-    Prepared, DEFAULT_TOOLS, DISK_TOOLS,
+    Prepared, DEFAULT_TOOLS, DISK_ONLY_TOOLS, DISK_TOOLS,
 };
 pub use job::{
     default_mount_point, disk_device_name, job_cpio, DiskAttachment, Job, JobSpecError, ShareMount,

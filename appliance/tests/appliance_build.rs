@@ -176,6 +176,7 @@ fn spec(dir: &Path, init: &Path, extra: &[&str]) -> ApplianceSpec {
     ApplianceSpec {
         init: init.to_path_buf(),
         extra_programs: extra.iter().map(|s| s.to_string()).collect(),
+        disk_tools: false,
         cache_dir: dir.join("cache"),
     }
 }
@@ -241,6 +242,39 @@ fn appliance_contains_tools_and_keeps_symlinks() {
     }
     if find_program("file").is_ok() && Path::new("/usr/lib/file/magic.mgc").exists() {
         assert!(tree.get("/usr/lib/file/magic.mgc").is_some());
+    }
+}
+
+#[test]
+fn only_an_appliance_for_disks_takes_the_disk_only_tools() {
+    let d = scratch("disk-tools");
+    let init = fake_init(d.path());
+    let plain = spec(d.path(), &init, &[]);
+    let for_disks = ApplianceSpec {
+        disk_tools: true,
+        ..plain.clone()
+    };
+    let (tree, key) = assemble(&plain).unwrap();
+    let (disk_tree, disk_key) = assemble(&for_disks).unwrap();
+    assert_ne!(key, disk_key, "the disk tools must be part of the key");
+    for tool in appliance::DISK_ONLY_TOOLS {
+        let host = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .unwrap();
+        let path = String::from_utf8_lossy(&host.stdout).trim().to_string();
+        let canonical = std::fs::canonicalize(&path).ok();
+        let has = |t: &Tree| {
+            canonical
+                .as_ref()
+                .is_some_and(|c| t.get(c.to_str().unwrap()).is_some())
+        };
+        assert!(!has(&tree), "{tool} in an appliance without disks");
+        if path.is_empty() {
+            eprintln!("{tool} is not on this host: only its absence is checked");
+        } else {
+            assert!(has(&disk_tree), "{tool} ({path}) missing for disks");
+        }
     }
 }
 

@@ -86,6 +86,7 @@ fn boot_with(job: &Job, alter: impl FnOnce(&Path)) -> Booted {
         let p = prepare(&ApplianceSpec {
             init: init_binary(),
             extra_programs: vec![],
+            disk_tools: false,
             cache_dir: cache,
         })
         .unwrap();

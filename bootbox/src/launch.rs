@@ -361,6 +361,7 @@ fn appliance_and_job(
     let spec = ApplianceSpec {
         init: appliance::find_init()?,
         extra_programs: j.with.clone(),
+        disk_tools: !j.disks.is_empty(),
         cache_dir: appliance::default_cache_dir()?,
     };
     let prepared = appliance::prepare(&spec)?;

@@ -158,6 +158,7 @@ fn bare_boot_reaches_init_and_returns_the_chosen_status() {
     let spec = appliance::ApplianceSpec {
         init: appliance::find_init().expect("guest init"),
         extra_programs: vec![],
+        disk_tools: false,
         cache_dir: appliance::default_cache_dir().unwrap(),
     };
     let base = appliance::prepare(&spec).expect("appliance");
