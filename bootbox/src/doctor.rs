@@ -153,6 +153,7 @@ fn check_appliance() -> Vec<Check> {
 fn check_disk_tools() -> Vec<Check> {
     appliance::DISK_TOOLS
         .iter()
+        .chain(appliance::DISK_ONLY_TOOLS)
         .map(|tool| match appliance::elf::find_program(tool) {
             Ok(path) => Check {
                 ok: true,
@@ -164,7 +165,14 @@ fn check_disk_tools() -> Vec<Check> {
                 what: format!(
                     "appliance: no {tool} on this host, so --disk jobs cannot use it in the guest"
                 ),
-                fix: Some("install util-linux (apt-get install util-linux)".into()),
+                fix: Some(
+                    if *tool == "lvm" {
+                        "for LVM volumes: apt-get install lvm2"
+                    } else {
+                        "install util-linux (apt-get install util-linux)"
+                    }
+                    .into(),
+                ),
             },
         })
         .collect()
