@@ -113,6 +113,22 @@ fn fmt_memory(name: &str, x: f64) -> String {
     }
 }
 
+/// Prints the ratio of the medians of `a` and `b` (each median shown with `show`) and
+/// returns it; nothing when either side has no samples or B's median is zero.
+fn ratio_line(name: &str, a: &[f64], b: &[f64], show: impl Fn(f64) -> String) -> Option<f64> {
+    let (sa, sb) = (summarize(a)?, summarize(b)?);
+    if sb.median <= 0.0 {
+        return None;
+    }
+    let r = sa.median / sb.median;
+    println!(
+        "{name:<40} {r:>8.3}  ({} vs {})",
+        show(sa.median),
+        show(sb.median)
+    );
+    Some(r)
+}
+
 /// The memory table of one side (KiB figures shown in MiB), if its runs reported memory.
 fn print_memory(side: &Side) {
     if side.memory.is_empty() {
@@ -302,28 +318,14 @@ fn bench_in(a: &BenchArgs, dir: &Path) -> Result<u8, String> {
             .collect();
         pairs.push(("end-to-end (wall)", &side_a.wall_ns, &b.wall_ns));
         for (name, va, vb) in pairs {
-            if let (Some(sa), Some(sb)) = (summarize(va), summarize(vb)) {
-                let r = sa.median / sb.median;
-                println!(
-                    "{name:<40} {r:>8.3}  ({} vs {})",
-                    fmt_ns(sa.median as u64),
-                    fmt_ns(sb.median as u64)
-                );
+            if let Some(r) = ratio_line(name, va, vb, |x| fmt_ns(x as u64)) {
                 ratios.insert(name.to_string(), r);
             }
         }
         for (name, va) in &side_a.memory {
-            let vb = b.memory.get(name).and_then(|v| summarize(v));
-            if let (Some(sa), Some(sb)) = (summarize(va), vb) {
-                if sb.median > 0.0 {
-                    let r = sa.median / sb.median;
-                    println!(
-                        "{name:<40} {r:>8.3}  ({} vs {})",
-                        fmt_memory(name, sa.median),
-                        fmt_memory(name, sb.median)
-                    );
-                    ratios.insert(name.clone(), r);
-                }
+            let vb = b.memory.get(name).map_or(&[][..], Vec::as_slice);
+            if let Some(r) = ratio_line(name, va, vb, |x| fmt_memory(name, x)) {
+                ratios.insert(name.clone(), r);
             }
         }
     }

@@ -151,10 +151,13 @@ fn check_appliance() -> Vec<Check> {
 /// The disk inspection tools the appliance takes from the host. A missing one does not fail
 /// doctor: the appliance is built without it.
 fn check_disk_tools() -> Vec<Check> {
-    appliance::DISK_TOOLS
+    // Each tool with the package that brings it (Debian's names).
+    let tools = appliance::DISK_TOOLS
         .iter()
-        .chain(appliance::DISK_ONLY_TOOLS)
-        .map(|tool| match appliance::elf::find_program(tool) {
+        .map(|t| (t, "util-linux"))
+        .chain(appliance::DISK_ONLY_TOOLS.iter().map(|t| (t, "lvm2")));
+    tools
+        .map(|(tool, package)| match appliance::elf::find_program(tool) {
             Ok(path) => Check {
                 ok: true,
                 what: format!("appliance: {tool} ({})", path.display()),
@@ -165,14 +168,7 @@ fn check_disk_tools() -> Vec<Check> {
                 what: format!(
                     "appliance: no {tool} on this host, so --disk jobs cannot use it in the guest"
                 ),
-                fix: Some(
-                    if *tool == "lvm" {
-                        "for LVM volumes: apt-get install lvm2"
-                    } else {
-                        "install util-linux (apt-get install util-linux)"
-                    }
-                    .into(),
-                ),
+                fix: Some(format!("install {package} (apt-get install {package})")),
             },
         })
         .collect()
