@@ -273,9 +273,15 @@ fn mount_read_only(dev: &str, at: &str, fs: Fs) {
     }
 }
 
-/// LVM settings for a guest without udev: LVM scans /dev itself and makes its own nodes.
-const LVM_NO_UDEV: &str = "devices { obtain_device_list_from_udev = 0 } \
-     activation { udev_sync = 0 udev_rules = 0 }";
+/// LVM settings for a guest without udev (LVM scans /dev itself and makes its own nodes),
+/// with `activation` settings added to that section (one section, so no setting depends on
+/// how LVM combines a section given twice).
+fn lvm_config(activation: &str) -> String {
+    format!(
+        "devices {{ obtain_device_list_from_udev = 0 }} \
+         activation {{ udev_sync = 0 udev_rules = 0 {activation} }}"
+    )
+}
 
 /// The `lvm` tool, if the appliance has it.
 fn lvm_tool() -> Option<std::path::PathBuf> {
@@ -290,12 +296,13 @@ fn lvm_tool() -> Option<std::path::PathBuf> {
     .find(|p| p.is_file())
 }
 
-/// Runs `lvm ARGS` with the no-udev settings plus `extra` settings; its stdout, or why not.
-fn lvm(tool: &std::path::Path, extra: &str, args: &[&str]) -> Result<String, String> {
+/// Runs `lvm ARGS` with the no-udev settings plus `activation` settings; its stdout, or why
+/// not.
+fn lvm(tool: &std::path::Path, activation: &str, args: &[&str]) -> Result<String, String> {
     let out = std::process::Command::new(tool)
         .args(args)
         .arg("--config")
-        .arg(format!("{LVM_NO_UDEV} {extra}"))
+        .arg(lvm_config(activation))
         .stdin(std::process::Stdio::null())
         .output()
         .map_err(|e| e.to_string())?;
@@ -327,10 +334,7 @@ fn activate_volume_groups() -> Vec<(String, String)> {
         return Vec::new();
     }
     // Every group read-only: device-mapper tables that never write to the disks.
-    let read_only = format!(
-        "activation {{ read_only_volume_list = [ {} ] }}",
-        groups.join(", ")
-    );
+    let read_only = format!("read_only_volume_list = [ {} ]", groups.join(", "));
     if let Err(e) = lvm(&tool, &read_only, &["vgchange", "-ay", "--sysinit"]) {
         say(&format!("cannot activate LVM volume groups: {e}"));
     }

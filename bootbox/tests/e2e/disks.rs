@@ -228,6 +228,8 @@ echo "== ro-device"
 dd if=/dev/zero of=/dev/{ro_blank_dev} bs=512 count=1 conv=notrunc,fsync 2>&1 && echo dd-succeeded
 echo "== rw"
 printf bootbox-wrote-this | dd of=/dev/{rw_dev} bs=1 seek=4096 conv=notrunc,fsync 2>/dev/null && echo written
+echo "== lvm-read-only"
+cat /sys/block/dm-*/ro
 echo "== tools"
 blkid -o value -s TYPE /dev/vdb1
 lsblk -rno NAME /dev/vdb
@@ -326,4 +328,6 @@ lsblk -rno NAME /dev/vdb
     assert!(bytes[..4096].iter().all(|&b| b == 0) && bytes[4096 + 18..].iter().all(|&b| b == 0));
 
     assert_eq!(got["tools"], "ext4\nvdb\nvdb1\n");
+    // The logical volume's device-mapper table is read-only, as every activated one must be.
+    assert_eq!(got["lvm-read-only"], "1\n");
 }
