@@ -6,7 +6,7 @@
 //! * [`ReplyBuf`]/[`VecReply`]: where replies go (guest memory for virtio, a Vec otherwise).
 //! * [`WorkerPool`]: runs requests concurrently; [`FlushTracker`]: the Tflush bookkeeping a
 //!   transport running requests concurrently needs.
-//! * [`socket`]: a unix/TCP stream transport; [`client`]: a small synchronous client used by
+//! * [`socket`]: a unix/TCP stream transport (its readers poll adaptively, `busy_poll`); [`client`]: a small synchronous client used by
 //!   tests and the `p9-bench` benchmark.
 
 //!
@@ -28,6 +28,7 @@
 //! assert!(matches!(Rmessage::decode(&reply.as_slice()[..n]), Ok((1, Rmessage::Attach { .. }))));
 //! ```
 
+mod busy_poll;
 pub mod client;
 mod confine;
 pub mod flush;

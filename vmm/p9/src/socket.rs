@@ -19,6 +19,12 @@
 //! * Requests: per connection, a reader thread reads requests and runs them concurrently on a
 //!   shared [`WorkerPool`]; replies go out as they complete, out of order, matched by tag. A
 //!   synchronous client (nothing in flight, nothing more to read) is served inline by its reader.
+//! * Polling: with nothing left to read, a reader polls its socket for a short, adaptive window
+//!   ([`crate::busy_poll`], at most [`SocketOptions::busy_poll`]) before sleeping in `read`, so
+//!   a synchronous client's next request does not wait for the reader to be woken. A reader
+//!   polls only while its connection has nothing being served elsewhere and few readers of the
+//!   listener are awake (one per two CPUs), so polling never takes CPU that clients or workers
+//!   need.
 //! * Replies: a pool worker never blocks on a socket. It writes its reply with a non-blocking
 //!   send when nothing is queued before it, and otherwise (or for what did not fit) appends it to
 //!   the connection's ordered reply queue, which a per-connection writer thread (started with the
@@ -37,6 +43,7 @@
 //!   requires: a finishing request takes its tag out of the [`FlushTracker`] and puts its reply
 //!   into the ordered stream in one step, and Rflushes waiting on it follow it.
 
+use crate::busy_poll::{AwakeReaders, BusyPoll, Readiness};
 use crate::flush::{flushed_tag, FlushTracker};
 use crate::pool::WorkerPool;
 use crate::server::Server;
@@ -52,7 +59,11 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// The default [`SocketOptions::busy_poll`]: about the time a synchronous client takes to
+/// read a reply and send its next request, plus slack.
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
 
 /// Receives the accept errors the accept loop survives.
 pub type AcceptErrorHook = Arc<dyn Fn(&io::Error) + Send + Sync>;
@@ -66,17 +77,21 @@ pub struct SocketOptions {
     /// Replies one connection may owe at once (at least 1): requests running, Rflushes waiting
     /// and replies not yet written. At the limit the connection's reader stops reading.
     pub max_queued_replies: usize,
+    /// The longest a connection's reader polls for the next request before sleeping (the
+    /// window adapts below it; zero never polls). See [`crate::busy_poll`].
+    pub busy_poll: Duration,
     /// Called with each accept (or connection start) error the accept loop survives, e.g. to
     /// log it; the loop then carries on.
     pub on_accept_error: Option<AcceptErrorHook>,
 }
 
 impl Default for SocketOptions {
-    /// 64 connections owing at most 64 replies each, errors not reported.
+    /// 64 connections owing at most 64 replies each, polling up to 50 µs, errors not reported.
     fn default() -> Self {
         SocketOptions {
             max_connections: 64,
             max_queued_replies: 64,
+            busy_poll: DEFAULT_BUSY_POLL,
             on_accept_error: None,
         }
     }
@@ -87,6 +102,7 @@ impl fmt::Debug for SocketOptions {
         f.debug_struct("SocketOptions")
             .field("max_connections", &self.max_connections)
             .field("max_queued_replies", &self.max_queued_replies)
+            .field("busy_poll", &self.busy_poll)
             .field("on_accept_error", &self.on_accept_error.is_some())
             .finish()
     }
@@ -192,14 +208,18 @@ fn accept_loop<C: Conn>(
 ) -> io::Result<()> {
     let active = Arc::new(AtomicUsize::new(0));
     let max = opts.max_connections.max(1);
-    let queued = opts.max_queued_replies.max(1);
+    let limits = ConnLimits {
+        max_queued: opts.max_queued_replies.max(1),
+        busy_poll: opts.busy_poll,
+        awake_readers: AwakeReaders::for_this_host(),
+    };
     let mut delay = BACKOFF_MIN;
     loop {
         let (e, failure) = match accept() {
             Ok(s) => match Slot::take(&active, max) {
                 // Over the cap: dropping the stream closes the connection at once.
                 None => continue,
-                Some(slot) => match spawn_connection(s, &server, &pool, queued, slot) {
+                Some(slot) => match spawn_connection(s, &server, &pool, limits.clone(), slot) {
                     Ok(()) => {
                         delay = BACKOFF_MIN;
                         continue;
@@ -246,11 +266,20 @@ impl Drop for Slot {
     }
 }
 
+/// One connection's limits, from [`SocketOptions`].
+#[derive(Clone)]
+struct ConnLimits {
+    max_queued: usize,
+    busy_poll: Duration,
+    /// Shared by every connection of one listener.
+    awake_readers: Arc<AwakeReaders>,
+}
+
 fn spawn_connection<C: Conn>(
     s: C,
     server: &Arc<Server>,
     pool: &Arc<WorkerPool>,
-    max_queued: usize,
+    limits: ConnLimits,
     slot: Slot,
 ) -> io::Result<()> {
     let session = server.new_session();
@@ -258,7 +287,7 @@ fn spawn_connection<C: Conn>(
     std::thread::Builder::new()
         .name("p9-conn".into())
         .spawn(move || {
-            let _ = run_connection(s, session, pool, max_queued, Some(slot));
+            let _ = run_connection(s, session, pool, limits, Some(slot));
         })?;
     Ok(())
 }
@@ -477,28 +506,34 @@ pub fn serve_connection<C: Conn>(
     server: Arc<Server>,
     pool: Arc<WorkerPool>,
 ) -> io::Result<()> {
-    let max_queued = SocketOptions::default().max_queued_replies;
-    run_connection(stream, server, pool, max_queued, None)
+    let o = SocketOptions::default();
+    let limits = ConnLimits {
+        max_queued: o.max_queued_replies,
+        busy_poll: o.busy_poll,
+        awake_readers: AwakeReaders::for_this_host(),
+    };
+    run_connection(stream, server, pool, limits, None)
 }
 
 fn run_connection<C: Conn>(
     mut stream: C,
     server: Arc<Server>,
     pool: Arc<WorkerPool>,
-    max_queued: usize,
+    limits: ConnLimits,
     slot: Option<Slot>,
 ) -> io::Result<()> {
     let sock = stream.try_clone_conn()?;
     let state = Arc::new(ConnState {
         fd: sock.as_raw_fd(),
         _sock: sock,
-        max_queued,
+        max_queued: limits.max_queued,
         inner: Mutex::new(Inner::default()),
         wake_writer: Condvar::new(),
         wake_reader: Condvar::new(),
     });
     let mut writer = None;
-    let result = read_loop(&mut stream, &state, &server, &pool, &mut writer);
+    let mut poll = BusyPoll::new(limits.busy_poll, limits.awake_readers);
+    let result = read_loop(&mut stream, &state, &server, &pool, &mut writer, &mut poll);
     state.reading_done(result.is_err());
     if let Some(w) = writer {
         let _ = w.join();
@@ -517,17 +552,30 @@ fn read_loop<C: Conn>(
     server: &Arc<Server>,
     pool: &Arc<WorkerPool>,
     writer: &mut Option<JoinHandle<()>>,
+    poll: &mut BusyPoll,
 ) -> io::Result<()> {
     // Buffered reads: one syscall usually brings in a whole request (often several).
     let mut stream = BufReader::with_capacity(1 << 16, stream);
     // The request being read, reused while requests are served inline.
     let mut req = Vec::new();
     loop {
+        let readiness = if stream.buffer().is_empty() {
+            let quiet = {
+                let i = state.lock();
+                i.owed == 0 && !i.writing && i.queue.is_empty()
+            };
+            poll.before_read(state.fd, quiet)
+        } else {
+            Readiness::Ready
+        };
         let mut size = [0u8; 4];
         match stream.read_exact(&mut size) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
+        }
+        if let Readiness::MaySleep(since) = readiness {
+            poll.slept(since, Instant::now());
         }
         let n = u32::from_le_bytes(size) as usize;
         // The negotiated msize, or the configured maximum before any Tversion.
