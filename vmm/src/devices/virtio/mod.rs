@@ -73,6 +73,11 @@ pub struct DeviceStats {
     chains: AtomicU64,
     bytes: AtomicU64,
     service_ns: AtomicU64,
+    /// Requests handed to workers, and the sum and peak over them of the requests in flight
+    /// (itself included) when each was handed over: the concurrency the driver achieved.
+    started: AtomicU64,
+    in_flight_sum: AtomicU64,
+    in_flight_peak: AtomicU64,
 }
 
 /// A started service-time measurement (a no-op when stats are off).
@@ -107,6 +112,16 @@ impl DeviceStats {
         }
     }
 
+    /// Counts a request handed to a worker while `in_flight` requests (itself included) are
+    /// being served.
+    pub fn started(&self, in_flight: u64) {
+        if self.enabled {
+            self.started.fetch_add(1, Ordering::Relaxed);
+            self.in_flight_sum.fetch_add(in_flight, Ordering::Relaxed);
+            self.in_flight_peak.fetch_max(in_flight, Ordering::Relaxed);
+        }
+    }
+
     /// Starts timing a piece of device work.
     pub fn start(&self) -> ServiceTimer {
         ServiceTimer(self.enabled.then(Instant::now))
@@ -128,6 +143,9 @@ impl DeviceStats {
             chains: self.chains.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
             service_time: Duration::from_nanos(self.service_ns.load(Ordering::Relaxed)),
+            requests: self.started.load(Ordering::Relaxed),
+            in_flight_sum: self.in_flight_sum.load(Ordering::Relaxed),
+            in_flight_peak: self.in_flight_peak.load(Ordering::Relaxed),
         }
     }
 }
@@ -145,6 +163,20 @@ pub struct VirtioStats {
     pub bytes: u64,
     /// Time spent serving chains (summed over worker threads for 9p).
     pub service_time: Duration,
+    /// Requests handed to workers (request devices only: 9p, block).
+    pub requests: u64,
+    /// Over those requests, the sum of the requests in flight when each started.
+    pub in_flight_sum: u64,
+    /// The most requests in flight at once.
+    pub in_flight_peak: u64,
+}
+
+impl VirtioStats {
+    /// The mean number of requests in flight as each request started (1.0: the driver never
+    /// had two at once), or None for a device without requests.
+    pub fn mean_in_flight(&self) -> Option<f64> {
+        (self.requests > 0).then(|| self.in_flight_sum as f64 / self.requests as f64)
+    }
 }
 
 impl fmt::Display for VirtioStats {
@@ -157,7 +189,15 @@ impl fmt::Display for VirtioStats {
             self.chains,
             self.bytes as f64 / (1024.0 * 1024.0),
             self.service_time.as_secs_f64() * 1000.0
-        )
+        )?;
+        if let Some(mean) = self.mean_in_flight() {
+            write!(
+                f,
+                ", in flight: mean {mean:.2}, peak {}",
+                self.in_flight_peak
+            )?;
+        }
+        Ok(())
     }
 }
 

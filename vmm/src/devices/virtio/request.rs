@@ -76,7 +76,9 @@ impl RequestQueue {
     /// Counts a request about to be handed to a worker, on the event thread (so that a reset
     /// right after it waits for it); the worker holds [`Self::serving`] while it serves it.
     pub fn started(&self) {
-        *self.inflight.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        let mut n = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        *n += 1;
+        self.stats.started(*n as u64);
     }
 
     /// Held by the worker serving a [started](Self::started) request.

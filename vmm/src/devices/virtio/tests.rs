@@ -1097,10 +1097,17 @@ fn ninep_device_and_pool_count_only_with_the_stats_switch() {
         d.t.shutdown();
         let jobs = pool.stats().jobs;
         let chains = d.t.stats().chains;
+        let stats = d.t.stats();
         if on {
             assert_eq!((jobs, chains), (1, 1));
+            // One request alone: one in flight.
+            assert_eq!((stats.requests, stats.in_flight_peak), (1, 1));
+            assert_eq!(stats.mean_in_flight(), Some(1.0));
+            assert!(stats.to_string().ends_with("in flight: mean 1.00, peak 1"));
         } else {
             assert_eq!((jobs, chains), (0, 0));
+            assert_eq!((stats.requests, stats.in_flight_peak), (0, 0));
+            assert_eq!(stats.mean_in_flight(), None);
         }
     }
 }
@@ -1114,7 +1121,11 @@ fn ninep_completes_out_of_order() {
     };
     let pool = Arc::new(WorkerPool::new(2, "t9p"));
     let dev = Virtio9p::with_handler("share", Arc::new(gate), pool).unwrap();
-    let t = Arc::new(MmioTransport::new(Box::new(dev), mem.clone()).unwrap());
+    let t = Arc::new(
+        MmioTransport::new(Box::new(dev), mem.clone())
+            .unwrap()
+            .with_stats(true),
+    );
     let mut d = Driver {
         t,
         mem,
@@ -1133,6 +1144,10 @@ fn ninep_completes_out_of_order() {
     assert_eq!(d.used_elem(0, 1).0, u32::from(slow));
     assert_eq!(d.read(DATA + 0x1000, 4), b"slow");
     assert_eq!(d.read(DATA + 0x2000, 4), b"fast");
+    // "slow" started alone and was still running when "fast" started beside it.
+    let stats = d.t.stats();
+    assert_eq!((stats.requests, stats.in_flight_peak), (2, 2));
+    assert_eq!(stats.mean_in_flight(), Some(1.5));
 }
 
 #[test]
