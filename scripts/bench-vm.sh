@@ -18,7 +18,10 @@
 # The share jobs, each over the same shared tree, each checking its own result: a
 # `find -printf` listing of BENCH_MANY_FILES (default 100000) empty files, `sha256sum` of a
 # 2000-file tree, a sequential read of one 128 MiB file, and the listing twice in one job
-# (what the guest's cache saves).
+# (what the guest's cache saves). End to end by default, so each side's boot is included;
+# with BENCH_GUEST_TIME=1 each job times itself inside the guest instead (from the share
+# mounted to the result checked, /proc/uptime, 10 ms steps), both sides interleaved, and the
+# script prints min / median / p95 per side and the ratio of medians: the share alone.
 #   scripts/bench-vm.sh disk [RUNS]   # virtio-blk against QEMU's virtio-blk-device on the same
 #                                     # images: sequential read of a 64 MiB raw disk (dd),
 #                                     # list-and-hash of a tree on a mounted ext4 image, and
@@ -121,6 +124,7 @@ if [ "${BOOTBOX_BENCH_INNER:-}" != 1 ]; then
         --mirror "$kernel" --mirror "$repo/scripts/bench-vm.sh" \
         --mirror /usr/bin/qemu-system-x86_64 --mirror /usr/share/qemu --mirror /usr/share/seabios \
         -- env BOOTBOX_KERNEL="$kernel" BOOTBOX_BENCH_INNER=1 BOOTBOX_BENCH_DISKS="${BOOTBOX_BENCH_DISKS:-}" \
+        BENCH_GUEST_TIME="${BENCH_GUEST_TIME:-}" \
         BOOTBOX_BENCH_TREE="${BOOTBOX_BENCH_TREE:-}" BOOTBOX_BENCH_VIRTIOFS_KERNEL="$vfs_kernel" \
         "$repo/scripts/bench-vm.sh" "$mode" "$runs"
     exit
@@ -142,6 +146,43 @@ qemu_base="qemu-system-x86_64 -M microvm,acpi=off,rtc=off -enable-kvm -cpu host 
  -chardev null,id=o -device virtio-serial-device -device virtconsole,chardev=o \
  -chardev null,id=e -device virtio-serial-device -device virtconsole,chardev=e \
  -kernel $kernel"
+# Prints "min / median / p95" of the numbers on stdin (one per line).
+summary() {
+    sort -n | awk '{ v[NR] = $1 } END {
+        if (NR == 0) { print "no samples"; exit }
+        p = int(NR * 0.95 + 0.999); if (p > NR) p = NR
+        m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+        printf "%d / %d / %d ms (%d runs)", v[1], m, v[p], NR }'
+}
+median() {
+    sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+# Runs `bootbox_cmd` and `peer_cmd` (whose guest writes its console to $work/out) RUNS times
+# each, interleaved after one warm-up each, collecting the job_ms=N line each job prints.
+guest_times() {
+    local label=$1 n a b
+    : >"$work/a.ms"; : >"$work/b.ms"
+    for n in $(seq 0 "$runs"); do
+        a=$(eval "$bootbox_cmd" 2>/dev/null | sed -n 's/^job_ms=//p') || true
+        rm -f "$work/out"
+        eval "$peer_cmd" >/dev/null 2>&1 || true
+        b=$(tr -d '\r' <"$work/out" 2>/dev/null | sed -n 's/^job_ms=//p') || true
+        if [ -z "$a" ] || [ -z "$b" ]; then
+            echo "bench-vm: $label: run $n gave no time (bootbox '${a}', peer '${b}')" >&2
+            continue
+        fi
+        [ "$n" = 0 ] && continue
+        echo "$a" >>"$work/a.ms"; echo "$b" >>"$work/b.ms"
+    done
+    echo "  bootbox: $(summary <"$work/a.ms")"
+    echo "  peer:    $(summary <"$work/b.ms")"
+    echo "  ratio of medians: $(awk -v a="$(median <"$work/a.ms")" -v b="$(median <"$work/b.ms")" \
+        'BEGIN { if (b > 0) printf "%.3f", a / b; else print "n/a" }')"
+}
+# A job script that times itself: $1 ends in `&& exit 5`.
+timed_job() {
+    echo "t() { read u _ </proc/uptime; echo \$(( \${u%.*}\${u#*.} * 10 )); }; s=\$(t); ($1); r=\$?; e=\$(t); echo job_ms=\$((e-s)); exit \$r"
+}
 qemu_check() {
     echo "$qemu_base $1 >/dev/null 2>$work/qemu.log; st=\$?;" \
         "test \$st = 11 || { echo \"qemu exit \$st\"; cat $work/qemu.log; false; } >&2"
@@ -207,6 +248,10 @@ case "$mode" in
             start_virtiofsd="rm -f $sock; /usr/lib/qemu/virtiofsd --socket-path=$sock -o source=$share \
  -o cache=auto -o sandbox=chroot >$work/virtiofsd.log 2>&1 & i=0; while [ ! -S $sock ] && [ \$i -lt 500 ]; do sleep 0.01; i=\$((i+1)); done;"
         fi
+        if [ -n "${BENCH_GUEST_TIME:-}" ]; then
+            for i in "${!scripts[@]}"; do scripts[i]=$(timed_job "${scripts[$i]}"); done
+            qemu_base=${qemu_base/-chardev null,id=o/-chardev file,id=o,path=$work/out}
+        fi
         for i in "${!names[@]}"; do
             echo "bench-vm: $mode: ${names[$i]}: bootbox virtio-9p (A) against $peer (B), same kernel" >&2
             if [ "$mode" = 9p ]; then
@@ -224,6 +269,12 @@ case "$mode" in
  -chardev socket,id=vfs,path=$sock -device vhost-user-fs-device,chardev=vfs,tag=data \
  -initrd $work/app.cpio -append '$cmdline'"); r=\$?; wait; test \$r = 0 || { cat $work/virtiofsd.log >&2; false; }"
                 peer_cmd=${peer_cmd//-kernel $kernel/-kernel $vkernel}
+            fi
+            if [ -n "${BENCH_GUEST_TIME:-}" ]; then
+                bootbox_cmd="$(printf '%q ' "$bootbox" run --cold --kernel "$vkernel" --share "$share:data" -- sh -c "${scripts[$i]}")"
+                echo "${names[$i]}, timed in the guest: bootbox virtio-9p against $peer"
+                guest_times "${names[$i]}"
+                continue
             fi
             "$bootbox" bench --runs "$runs" --warmup 1 --expect-status 5 --compare "$peer_cmd" \
                 -- run --cold --kernel "$vkernel" --share "$share:data" -- sh -c "${scripts[$i]}"
