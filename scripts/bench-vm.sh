@@ -146,16 +146,13 @@ qemu_base="qemu-system-x86_64 -M microvm,acpi=off,rtc=off -enable-kvm -cpu host 
  -chardev null,id=o -device virtio-serial-device -device virtconsole,chardev=o \
  -chardev null,id=e -device virtio-serial-device -device virtconsole,chardev=e \
  -kernel $kernel"
-# Prints "min / median / p95" of the numbers on stdin (one per line).
-summary() {
+# Prints "min median p95 count" of the numbers on stdin (one per line; "0 0 0 0" for none).
+quantiles() {
     sort -n | awk '{ v[NR] = $1 } END {
-        if (NR == 0) { print "no samples"; exit }
+        if (NR == 0) { print "0 0 0 0"; exit }
         p = int(NR * 0.95 + 0.999); if (p > NR) p = NR
         m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
-        printf "%d / %d / %d ms (%d runs)", v[1], m, v[p], NR }'
-}
-median() {
-    sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+        print v[1], m, v[p], NR }'
 }
 # Runs `bootbox_cmd` and `peer_cmd` (whose guest writes its console to $work/out) RUNS times
 # each, interleaved after one warm-up each, collecting the job_ms=N line each job prints.
@@ -174,10 +171,11 @@ guest_times() {
         [ "$n" = 0 ] && continue
         echo "$a" >>"$work/a.ms"; echo "$b" >>"$work/b.ms"
     done
-    echo "  bootbox: $(summary <"$work/a.ms")"
-    echo "  peer:    $(summary <"$work/b.ms")"
-    echo "  ratio of medians: $(awk -v a="$(median <"$work/a.ms")" -v b="$(median <"$work/b.ms")" \
-        'BEGIN { if (b > 0) printf "%.3f", a / b; else print "n/a" }')"
+    local qa qb
+    qa=$(quantiles <"$work/a.ms"); qb=$(quantiles <"$work/b.ms")
+    echo "$qa" | awk '{ printf "  bootbox: %d / %d / %d ms (%d runs)\n", $1, $2, $3, $4 }'
+    echo "$qb" | awk '{ printf "  peer:    %d / %d / %d ms (%d runs)\n", $1, $2, $3, $4 }'
+    echo "$qa $qb" | awk '{ if ($6 > 0) printf "  ratio of medians: %.3f\n", $2 / $6; else print "  ratio of medians: n/a" }'
 }
 # A job script that times itself: $1 ends in `&& exit 5`.
 timed_job() {

@@ -98,14 +98,15 @@ impl BusyPoll {
         self.window
     }
 
-    /// Polls `fd` for readable bytes for up to the current window. `quiet`: nothing of this
-    /// connection is being served elsewhere (a busy worker needs the CPU more than a poller).
-    pub fn before_read(&mut self, fd: RawFd, quiet: bool) -> Readiness {
+    /// Polls `fd` for readable bytes for up to the current window. `quiet` says whether
+    /// nothing of this connection is being served elsewhere (a busy worker needs the CPU more
+    /// than a poller); it is asked only when the window and the awake count would allow polling.
+    pub fn before_read(&mut self, fd: RawFd, quiet: impl FnOnce() -> bool) -> Readiness {
         if self.max.is_zero() {
             return Readiness::Off;
         }
         let start = Instant::now();
-        if quiet && !self.window.is_zero() && self.readers.allow_polling() {
+        if !self.window.is_zero() && self.readers.allow_polling() && quiet() {
             let mut byte = 0u8;
             loop {
                 // SAFETY: recv writes at most one byte into `byte`, which lives across the call;
@@ -187,14 +188,14 @@ mod tests {
     fn bytes_already_there_are_ready_and_an_empty_socket_may_sleep() {
         let (mut a, b) = UnixStream::pair().unwrap();
         let mut p = BusyPoll::new(Duration::from_micros(20), AwakeReaders::new(1));
-        assert!(may_sleep(p.before_read(b.as_raw_fd(), true)));
+        assert!(may_sleep(p.before_read(b.as_raw_fd(), || true)));
         p.slept(Instant::now(), Instant::now());
         a.write_all(b"x").unwrap();
-        assert_eq!(p.before_read(b.as_raw_fd(), true), Readiness::Ready);
+        assert_eq!(p.before_read(b.as_raw_fd(), || true), Readiness::Ready);
         // The end of the stream is ready too: the read returns at once.
         drop(a);
         let mut p = BusyPoll::new(Duration::from_micros(20), AwakeReaders::new(1));
-        assert_eq!(p.before_read(b.as_raw_fd(), true), Readiness::Ready);
+        assert_eq!(p.before_read(b.as_raw_fd(), || true), Readiness::Ready);
     }
 
     #[test]
@@ -204,17 +205,17 @@ mod tests {
         let readers = AwakeReaders::new(1);
         let mut first = BusyPoll::new(Duration::from_secs(5), readers.clone());
         // Alone, a reader polls and sees the byte.
-        assert_eq!(first.before_read(b.as_raw_fd(), true), Readiness::Ready);
+        assert_eq!(first.before_read(b.as_raw_fd(), || true), Readiness::Ready);
         // With requests of its connection still being served, it does not look.
-        assert!(may_sleep(first.before_read(b.as_raw_fd(), false)));
+        assert!(may_sleep(first.before_read(b.as_raw_fd(), || false)));
         first.slept(Instant::now(), Instant::now());
         // With a second reader awake, neither polls, however long its window.
         let mut second = BusyPoll::new(Duration::from_secs(5), readers.clone());
         assert_eq!(readers.awake.load(Ordering::Relaxed), 2);
-        assert!(may_sleep(second.before_read(b.as_raw_fd(), true)));
+        assert!(may_sleep(second.before_read(b.as_raw_fd(), || true)));
         // The second one is asleep now, so the first may poll again.
         assert_eq!(readers.awake.load(Ordering::Relaxed), 1);
-        assert_eq!(first.before_read(b.as_raw_fd(), true), Readiness::Ready);
+        assert_eq!(first.before_read(b.as_raw_fd(), || true), Readiness::Ready);
         drop(first);
         drop(second);
         assert_eq!(readers.awake.load(Ordering::Relaxed), 0);
@@ -225,7 +226,7 @@ mod tests {
         let (_a, b) = UnixStream::pair().unwrap();
         let readers = AwakeReaders::new(1);
         let mut p = BusyPoll::new(Duration::ZERO, readers.clone());
-        assert_eq!(p.before_read(b.as_raw_fd(), true), Readiness::Off);
+        assert_eq!(p.before_read(b.as_raw_fd(), || true), Readiness::Off);
         assert_eq!(readers.awake.load(Ordering::Relaxed), 0);
     }
 

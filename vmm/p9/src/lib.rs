@@ -6,8 +6,8 @@
 //! * [`ReplyBuf`]/[`VecReply`]: where replies go (guest memory for virtio, a Vec otherwise).
 //! * [`WorkerPool`]: runs requests concurrently; [`FlushTracker`]: the Tflush bookkeeping a
 //!   transport running requests concurrently needs.
-//! * [`socket`]: a unix/TCP stream transport (its readers poll adaptively, `busy_poll`); [`client`]: a small synchronous client used by
-//!   tests and the `p9-bench` benchmark.
+//! * [`socket`]: a unix/TCP stream transport (its readers poll adaptively, `busy_poll`);
+//!   [`client`]: a small synchronous client used by tests and the `p9-bench` benchmark.
 
 //!
 //! ```

@@ -208,11 +208,7 @@ fn accept_loop<C: Conn>(
 ) -> io::Result<()> {
     let active = Arc::new(AtomicUsize::new(0));
     let max = opts.max_connections.max(1);
-    let limits = ConnLimits {
-        max_queued: opts.max_queued_replies.max(1),
-        busy_poll: opts.busy_poll,
-        awake_readers: AwakeReaders::for_this_host(),
-    };
+    let limits = ConnLimits::new(&opts);
     let mut delay = BACKOFF_MIN;
     loop {
         let (e, failure) = match accept() {
@@ -273,6 +269,17 @@ struct ConnLimits {
     busy_poll: Duration,
     /// Shared by every connection of one listener.
     awake_readers: Arc<AwakeReaders>,
+}
+
+impl ConnLimits {
+    /// The limits `opts` sets, with a fresh count of awake readers.
+    fn new(opts: &SocketOptions) -> Self {
+        ConnLimits {
+            max_queued: opts.max_queued_replies.max(1),
+            busy_poll: opts.busy_poll,
+            awake_readers: AwakeReaders::for_this_host(),
+        }
+    }
 }
 
 fn spawn_connection<C: Conn>(
@@ -506,12 +513,7 @@ pub fn serve_connection<C: Conn>(
     server: Arc<Server>,
     pool: Arc<WorkerPool>,
 ) -> io::Result<()> {
-    let o = SocketOptions::default();
-    let limits = ConnLimits {
-        max_queued: o.max_queued_replies,
-        busy_poll: o.busy_poll,
-        awake_readers: AwakeReaders::for_this_host(),
-    };
+    let limits = ConnLimits::new(&SocketOptions::default());
     run_connection(stream, server, pool, limits, None)
 }
 
@@ -560,11 +562,10 @@ fn read_loop<C: Conn>(
     let mut req = Vec::new();
     loop {
         let readiness = if stream.buffer().is_empty() {
-            let quiet = {
+            poll.before_read(state.fd, || {
                 let i = state.lock();
                 i.owed == 0 && !i.writing && i.queue.is_empty()
-            };
-            poll.before_read(state.fd, quiet)
+            })
         } else {
             Readiness::Ready
         };

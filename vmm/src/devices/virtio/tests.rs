@@ -1096,8 +1096,8 @@ fn ninep_device_and_pool_count_only_with_the_stats_switch() {
         d.wait_used(0, 1);
         d.t.shutdown();
         let jobs = pool.stats().jobs;
-        let chains = d.t.stats().chains;
         let stats = d.t.stats();
+        let chains = stats.chains;
         if on {
             assert_eq!((jobs, chains), (1, 1));
             // One request alone: one in flight.
