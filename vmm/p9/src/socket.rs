@@ -507,7 +507,9 @@ fn with_reply(
 }
 
 /// Serves one connection until the peer closes it; `server` is the session to use. The
-/// connection may owe [`SocketOptions::default`]'s number of replies at once.
+/// connection may owe [`SocketOptions::default`]'s number of replies at once, and its reader
+/// polls as [`SocketOptions::default`] says, counting only itself as an awake reader (it is
+/// not part of a listener).
 pub fn serve_connection<C: Conn>(
     stream: C,
     server: Arc<Server>,
