@@ -20,7 +20,7 @@
 //!   shared [`WorkerPool`]; replies go out as they complete, out of order, matched by tag. A
 //!   synchronous client (nothing in flight, nothing more to read) is served inline by its reader.
 //! * Polling: with nothing left to read, a reader polls its socket for a short, adaptive window
-//!   ([`crate::busy_poll`], at most [`SocketOptions::busy_poll`]) before sleeping in `read`, so
+//!   (`busy_poll.rs`, at most [`SocketOptions::busy_poll`]) before sleeping in `read`, so
 //!   a synchronous client's next request does not wait for the reader to be woken. A reader
 //!   polls only while its connection has nothing being served elsewhere and few readers of the
 //!   listener are awake (one per two CPUs), so polling never takes CPU that clients or workers
@@ -78,7 +78,7 @@ pub struct SocketOptions {
     /// and replies not yet written. At the limit the connection's reader stops reading.
     pub max_queued_replies: usize,
     /// The longest a connection's reader polls for the next request before sleeping (the
-    /// window adapts below it; zero never polls). See [`crate::busy_poll`].
+    /// window adapts below it; zero never polls); see `busy_poll.rs`.
     pub busy_poll: Duration,
     /// Called with each accept (or connection start) error the accept loop survives, e.g. to
     /// log it; the loop then carries on.
